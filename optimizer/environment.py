@@ -1,0 +1,43 @@
+"""What machine a study ran on: recorded with every study so its numbers can be read in context."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+from pathlib import Path
+from typing import Any
+
+__all__ = ["hardware"]
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _memory_gib() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / (1 << 20), 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def hardware() -> dict[str, Any]:
+    """CPU model, cores, memory, and whether an NVIDIA driver is visible."""
+    return {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "memory_gib": _memory_gib(),
+        "gpu": "nvidia-smi present" if shutil.which("nvidia-smi") else None,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }

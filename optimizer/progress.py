@@ -1,0 +1,83 @@
+"""What the user sees while a study runs: a progress bar, one line per trial, and the final table."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from optimizer.study import StudySummary, TrialReport
+
+__all__ = ["RichReporter", "print_summary"]
+
+
+class RichReporter:
+    """Progress bar with trials done / budget, the current trial's config and the best so far."""
+
+    def __init__(self, console: Console | None = None) -> None:
+        self.console = console or Console(stderr=True)
+        self._progress = Progress(
+            TextColumn("[bold]trials"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.description}"),
+            console=self.console,
+            transient=True,
+        )
+        self._task = None
+        self._best: float | None = None
+
+    def __enter__(self) -> RichReporter:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._progress.stop()
+
+    def note(self, message: str) -> None:
+        self._progress.console.print(f"[dim]{message}[/dim]")
+
+    def trial_started(self, number: int, summary: str, done: int, budget: int) -> None:
+        if self._task is None:
+            self._task = self._progress.add_task("", total=budget)
+        best = f"best {self._best:.1f} inf/s" if self._best is not None else "no feasible trial yet"
+        self._progress.update(self._task, completed=done, total=budget, description=f"#{number} {summary} | {best}")
+
+    def trial_finished(self, report: TrialReport, best_throughput: float | None) -> None:
+        self._best = best_throughput
+        if self._task is not None:
+            self._progress.advance(self._task)
+        self._progress.console.print(format_trial(report))
+
+
+def format_trial(report: TrialReport) -> str:
+    head = f"#{report.number:<3} {report.summary}"
+    if report.state == "complete":
+        return f"{head} -> {report.throughput:.1f} inf/s, p99 {report.p99_ms:.1f} ms at concurrency {report.concurrency}"
+    return f"{head} -> {report.state}: {report.reason}"
+
+
+def print_summary(summary: StudySummary, console: Console | None = None) -> None:
+    """Baseline vs best, counts of pruned and failed trials with reasons, and where the outputs are."""
+    console = console or Console()
+    table = Table(title=f"study {summary.study_name}: {summary.finished}/{summary.budget} trials, "
+                        f"latency budget {summary.latency_budget_ms:g} ms")
+    for column in ("", "throughput (inf/s)", "p99 (ms)", "concurrency", "config"):
+        table.add_column(column)
+    for label, report in (("baseline", summary.baseline), ("best", summary.best)):
+        if report is None:
+            table.add_row(label, "-", "-", "-", "no feasible trial")
+        elif report.throughput is None:
+            table.add_row(label, "-", "-", "-", f"{report.summary} ({report.state}: {report.reason})")
+        else:
+            table.add_row(label, f"{report.throughput:.1f}", f"{report.p99_ms:.1f}", str(report.concurrency), report.summary)
+    console.print(table)
+    if summary.baseline and summary.best and summary.baseline.throughput:
+        console.print(f"speed-up over baseline: {summary.best.throughput / summary.baseline.throughput:.2f}x")
+    console.print(f"pruned: {summary.pruned}, failed: {summary.failed}")
+    for reason in summary.reasons[:20]:
+        console.print(f"  {reason}")
+    if summary.best_repository:
+        console.print(f"best model repository: {summary.best_repository}")
+    console.print(f"study database: {summary.storage_url}")

@@ -1,0 +1,161 @@
+"""Config rendering: a Candidate becomes Triton's own ``ModelConfig`` protobuf.
+
+Pure functions only. ``render_config`` builds the message from small ``_set_*`` steps; ``to_json``
+(for the model-control load request) and ``to_pbtxt`` (for ``config.pbtxt``) serialise it with
+protobuf's own formats, so the file a study exports is exactly what it measured.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from google.protobuf import json_format, text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from optimizer.intake import ModelInfo
+from optimizer.space import Candidate
+
+__all__ = [
+    "MODEL_FILENAMES",
+    "config_from_json",
+    "config_from_pbtxt",
+    "config_key",
+    "render_config",
+    "to_dict",
+    "to_json",
+    "to_pbtxt",
+]
+
+# The file inside the version directory that each precision serves (``default_model_filename``).
+MODEL_FILENAMES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
+
+_TRITON_TYPES = {
+    "bool": mc.TYPE_BOOL,
+    "uint8": mc.TYPE_UINT8,
+    "uint16": mc.TYPE_UINT16,
+    "uint32": mc.TYPE_UINT32,
+    "uint64": mc.TYPE_UINT64,
+    "int8": mc.TYPE_INT8,
+    "int16": mc.TYPE_INT16,
+    "int32": mc.TYPE_INT32,
+    "int64": mc.TYPE_INT64,
+    "float16": mc.TYPE_FP16,
+    "float32": mc.TYPE_FP32,
+    "float64": mc.TYPE_FP64,
+    "object": mc.TYPE_STRING,
+}
+
+# The native onnxruntime backend's optimization.graph.level values.
+_GRAPH_LEVELS = {"basic": -1, "extended": 1, "disabled": 2}
+
+TRT_WORKSPACE_BYTES = 1 << 30
+
+
+def render_config(
+    info: ModelInfo,
+    candidate: Candidate,
+    *,
+    model_name: str,
+    engine_cache_dir: str | None = None,
+) -> mc.ModelConfig:
+    """The Triton model config for serving ``info`` as ``candidate`` says.
+
+    Args:
+        info: The model, from intake.
+        candidate: The point of the search space.
+        model_name: Triton's name for the model.
+        engine_cache_dir: Where TensorRT keeps built engines, so a reloaded trial does not rebuild.
+    """
+    config = mc.ModelConfig(name=model_name, backend="onnxruntime")
+    config.max_batch_size = candidate.max_batch_size if info.batching else 0
+    if candidate.precision != "fp32" and not _precision_is_trt_mode(candidate):
+        config.default_model_filename = MODEL_FILENAMES[candidate.precision]
+    _set_io(config, info)
+    _set_instances(config, candidate)
+    _set_batching(config, candidate)
+    _set_optimization(config, candidate, engine_cache_dir)
+    _set_parameters(config, candidate)
+    return config
+
+
+def _precision_is_trt_mode(candidate: Candidate) -> bool:
+    # TensorRT makes fp16 itself from the fp32 file (precision_mode FP16): no converted file needed.
+    return candidate.provider == "tensorrt" and candidate.precision == "fp16"
+
+
+def _set_io(config: mc.ModelConfig, info: ModelInfo) -> None:
+    for spec, field in [(s, config.input) for s in info.inputs] + [(s, config.output) for s in info.outputs]:
+        tensor = field.add()
+        tensor.name = spec.name
+        tensor.data_type = _TRITON_TYPES[spec.dtype]
+        tensor.dims.extend(d if isinstance(d, int) else -1 for d in info.tensor_dims(spec))
+        if not tensor.dims:  # a scalar per batch item: Triton wants [1] with reshape to []
+            tensor.dims.append(1)
+            tensor.reshape.SetInParent()
+
+
+def _set_instances(config: mc.ModelConfig, candidate: Candidate) -> None:
+    group = config.instance_group.add()
+    group.count = candidate.instance_count
+    group.kind = mc.ModelInstanceGroup.KIND_GPU if candidate.provider in ("cuda", "tensorrt") else mc.ModelInstanceGroup.KIND_CPU
+
+
+def _set_batching(config: mc.ModelConfig, candidate: Candidate) -> None:
+    if not candidate.dynamic_batching or config.max_batch_size <= 1:
+        return
+    batching = config.dynamic_batching
+    batching.SetInParent()  # present even with no preferred sizes and no delay
+    batching.preferred_batch_size.extend(candidate.preferred_batch_sizes)
+    batching.max_queue_delay_microseconds = candidate.max_queue_delay_us
+
+
+def _set_optimization(config: mc.ModelConfig, candidate: Candidate, engine_cache_dir: str | None) -> None:
+    if candidate.graph_level != "default":
+        config.optimization.graph.level = _GRAPH_LEVELS[candidate.graph_level]
+    accelerators = config.optimization.execution_accelerators
+    if candidate.provider == "openvino":
+        accelerators.cpu_execution_accelerator.add(name="openvino")
+    elif candidate.provider == "tensorrt":
+        trt = accelerators.gpu_execution_accelerator.add(name="tensorrt")
+        trt.parameters["precision_mode"] = "FP16" if candidate.precision == "fp16" else "FP32"
+        trt.parameters["max_workspace_size_bytes"] = str(TRT_WORKSPACE_BYTES)
+        if engine_cache_dir:
+            trt.parameters["trt_engine_cache_enable"] = "1"
+            trt.parameters["trt_engine_cache_path"] = engine_cache_dir
+    elif candidate.provider == "cuda":
+        accelerators.gpu_execution_accelerator.add(name="cuda")
+
+
+def _set_parameters(config: mc.ModelConfig, candidate: Candidate) -> None:
+    if candidate.intra_op_threads > 0:
+        config.parameters["intra_op_thread_count"].string_value = str(candidate.intra_op_threads)
+
+
+def to_json(config: mc.ModelConfig) -> str:
+    """The config as JSON for ``load_model(name, config=...)``."""
+    return json_format.MessageToJson(config, preserving_proto_field_name=True, indent=None)
+
+
+def to_dict(config: mc.ModelConfig) -> dict[str, Any]:
+    """The config as a JSON object (for the study database)."""
+    return json.loads(to_json(config))
+
+
+def to_pbtxt(config: mc.ModelConfig) -> str:
+    """The config in protobuf text format: the contents of ``config.pbtxt``."""
+    return text_format.MessageToString(config)
+
+
+def config_from_json(text: str | dict[str, Any]) -> mc.ModelConfig:
+    data = text if isinstance(text, str) else json.dumps(text)
+    return json_format.Parse(data, mc.ModelConfig())
+
+
+def config_from_pbtxt(text: str) -> mc.ModelConfig:
+    return text_format.Parse(text, mc.ModelConfig())
+
+
+def config_key(config: mc.ModelConfig) -> str:
+    """A canonical string of the config: two candidates with the same key serve identically."""
+    return json_format.MessageToJson(config, preserving_proto_field_name=True, indent=None, sort_keys=True)

@@ -1,0 +1,320 @@
+"""Search spaces: validated YAML files under ``spaces/``, and the mapping from an Optuna trial to a Candidate.
+
+A space is data. Loading one checks every key and value and names the field at fault. The space is
+static (every trial suggests the same parameters) because Optuna's multivariate TPE models a static
+space jointly; parameters that do not matter for a candidate (e.g. queue delay when the max batch size
+is 1) are still suggested and simply do not change the rendered config.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from optimizer.errors import SpaceError
+
+__all__ = [
+    "CPU_PROVIDERS",
+    "GPU_PROVIDERS",
+    "Candidate",
+    "SearchSpace",
+    "baseline_params",
+    "load_space",
+    "space_from_dict",
+    "suggest_candidate",
+]
+
+CPU_PROVIDERS = ("cpu", "openvino")
+GPU_PROVIDERS = ("cuda", "tensorrt")
+PRECISIONS = ("fp32", "fp16", "int8")
+GRAPH_LEVELS = ("default", "basic", "extended", "disabled")
+# A sampled queue delay below this many microseconds means "no delay" (0): the log scale cannot hold 0.
+NO_DELAY_BELOW_US = 10
+# Preferred batch sizes are chosen relative to the max batch size: max, max/2, max/4.
+PREFERRED_DIVISORS = (1, 2, 4)
+
+SPACES_DIR = Path(__file__).resolve().parent.parent / "spaces"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One point of the joint space: everything needed to render a Triton model config."""
+
+    provider: str = "cpu"
+    precision: str = "fp32"
+    max_batch_size: int = 1  # 0: the model cannot batch
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_delay_us: int = 0
+    instance_count: int = 1
+    intra_op_threads: int = 0  # 0: ONNX Runtime's default (one per core)
+    graph_level: str = "default"
+
+    @property
+    def dynamic_batching(self) -> bool:
+        return self.max_batch_size > 1
+
+    def summary(self) -> str:
+        """One readable line, e.g. ``cpu fp32 mbs=8 pref=[8,4] delay=500us inst=2 thr=1``."""
+        parts = [self.provider, self.precision, f"mbs={self.max_batch_size}"]
+        if self.dynamic_batching:
+            pref = ",".join(str(size) for size in self.preferred_batch_sizes)
+            parts += [f"pref=[{pref}]", f"delay={self.max_queue_delay_us}us"]
+        parts += [f"inst={self.instance_count}", f"thr={self.intra_op_threads or 'auto'}"]
+        if self.graph_level != "default":
+            parts.append(f"graph={self.graph_level}")
+        return " ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["preferred_batch_sizes"] = list(self.preferred_batch_sizes)
+        return data
+
+
+@dataclass(frozen=True)
+class IntRange:
+    low: int
+    high: int
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """A validated search space."""
+
+    name: str
+    device: str  # "cpu" or "gpu"
+    execution_providers: tuple[str, ...]
+    precisions: tuple[str, ...]
+    max_batch_size: IntRange  # powers of two
+    preferred_batch_sizes: bool
+    max_queue_delay_us: IntRange
+    instance_count: IntRange
+    intra_op_threads: IntRange
+    graph_levels: tuple[str, ...] = ("default",)
+    source: str = field(default="", compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved space, as stored in the study."""
+        return {
+            "name": self.name,
+            "device": self.device,
+            "execution_providers": list(self.execution_providers),
+            "precisions": list(self.precisions),
+            "max_batch_size": [self.max_batch_size.low, self.max_batch_size.high],
+            "preferred_batch_sizes": self.preferred_batch_sizes,
+            "max_queue_delay_us": [self.max_queue_delay_us.low, self.max_queue_delay_us.high],
+            "instance_count": [self.instance_count.low, self.instance_count.high],
+            "intra_op_threads": [self.intra_op_threads.low, self.intra_op_threads.high],
+            "graph_levels": list(self.graph_levels),
+        }
+
+
+_KEYS = {
+    "name",
+    "description",
+    "device",
+    "execution_providers",
+    "precisions",
+    "max_batch_size",
+    "preferred_batch_sizes",
+    "max_queue_delay_us",
+    "instance_count",
+    "intra_op_threads",
+    "graph_levels",
+}
+
+
+def load_space(name_or_path: str) -> SearchSpace:
+    """Load a space by name (``cpu`` -> ``spaces/cpu.yaml``) or by path, validated."""
+    path = _space_path(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise SpaceError(f"space file {str(path)!r} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    except OSError as exc:
+        raise SpaceError(f"space file {str(path)!r} cannot be read: {exc.strerror}") from exc
+    if not isinstance(data, dict):
+        raise SpaceError(f"space file {str(path)!r} must hold a mapping of fields, got {type(data).__name__}")
+    data.setdefault("name", path.stem)
+    return space_from_dict(data, source=str(path))
+
+
+def _space_path(name_or_path: str) -> Path:
+    candidate = Path(name_or_path)
+    looks_like_path = candidate.suffix in (".yaml", ".yml") or "/" in name_or_path or candidate.is_file()
+    if looks_like_path:
+        if candidate.is_dir():
+            raise SpaceError(f"space file {name_or_path!r} is a directory, not a file: give the .yaml file")
+        if not candidate.is_file():
+            raise SpaceError(f"space file {name_or_path!r} does not exist: check the path")
+        return candidate
+    bundled = SPACES_DIR / f"{name_or_path}.yaml"
+    if not bundled.is_file():
+        names = sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
+        raise SpaceError(f"no space named {name_or_path!r}: use one of {', '.join(names)} or a path to a .yaml file")
+    return bundled
+
+
+def space_from_dict(data: dict[str, Any], *, source: str = "") -> SearchSpace:
+    """Validate a space given as a mapping; raise :class:`SpaceError` naming the bad field."""
+    unknown = sorted(set(data) - _KEYS)
+    if unknown:
+        raise SpaceError(f"space has unknown field(s) {', '.join(unknown)}: allowed fields are {', '.join(sorted(_KEYS))}")
+    device = _choice(data, "device", ("cpu", "gpu"), default="cpu")
+    default_provider = "cpu" if device == "cpu" else "cuda"
+    providers = _choices(data, "execution_providers", GPU_PROVIDERS + CPU_PROVIDERS, default=[default_provider])
+    gpu_providers = [p for p in providers if p in GPU_PROVIDERS]
+    if device == "cpu" and gpu_providers:
+        raise SpaceError(
+            f"execution_providers lists the GPU provider {gpu_providers[0]!r} in a cpu space: set device: gpu"
+        )
+    space = SearchSpace(
+        name=str(data.get("name", "custom")),
+        device=device,
+        execution_providers=providers,
+        precisions=_choices(data, "precisions", PRECISIONS, default=["fp32"]),
+        max_batch_size=_power_of_two_range(data, "max_batch_size", default=(1, 16)),
+        preferred_batch_sizes=_bool(data, "preferred_batch_sizes", default=True),
+        max_queue_delay_us=_int_range(data, "max_queue_delay_us", minimum=0, default=(0, 10000)),
+        instance_count=_int_range(data, "instance_count", minimum=1, default=(1, 2)),
+        intra_op_threads=_int_range(data, "intra_op_threads", minimum=0, default=(0, 0)),
+        graph_levels=_choices(data, "graph_levels", GRAPH_LEVELS, default=["default"]),
+        source=source,
+    )
+    _check_holds_baseline(space)
+    return space
+
+
+def _check_holds_baseline(space: SearchSpace) -> None:
+    # Trial 0 is the untuned config; it must be a point of the space so the sampler can learn from it.
+    rules = [
+        (space.max_batch_size.low == 1, f"max_batch_size must start at 1, not {space.max_batch_size.low}"),
+        (space.instance_count.low == 1, f"instance_count must start at 1, not {space.instance_count.low}"),
+        (
+            space.intra_op_threads.low == 0,
+            f"intra_op_threads must start at 0 (ONNX Runtime's default), not {space.intra_op_threads.low}",
+        ),
+        ("fp32" in space.precisions, f"precisions must include fp32, got {list(space.precisions)}"),
+        ("default" in space.graph_levels, f"graph_levels must include default, got {list(space.graph_levels)}"),
+    ]
+    for holds, rule in rules:
+        if not holds:
+            raise SpaceError(f"{rule}, so the baseline (untuned) config is part of the space")
+
+
+def _choice(data: dict[str, Any], key: str, allowed: tuple[str, ...], *, default: str) -> str:
+    value = data.get(key, default)
+    if value not in allowed:
+        raise SpaceError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
+    return str(value)
+
+
+def _choices(data: dict[str, Any], key: str, allowed: tuple[str, ...], *, default: list[str]) -> tuple[str, ...]:
+    value = data.get(key, default)
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise SpaceError(f"{key} must be a non-empty list drawn from {', '.join(allowed)}, got {value!r}")
+    for item in value:
+        if item not in allowed:
+            raise SpaceError(f"{key} has {item!r}, which is not one of {', '.join(allowed)}")
+    if len(set(value)) != len(value):
+        raise SpaceError(f"{key} lists a value twice: {value!r}")
+    return tuple(str(v) for v in value)
+
+
+def _bool(data: dict[str, Any], key: str, *, default: bool) -> bool:
+    value = data.get(key, default)
+    if not isinstance(value, bool):
+        raise SpaceError(f"{key} must be true or false, got {value!r}")
+    return value
+
+
+def _int_range(data: dict[str, Any], key: str, *, minimum: int, default: tuple[int, int]) -> IntRange:
+    value = data.get(key, list(default))
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value, value]
+    if (
+        not isinstance(value, list)
+        or len(value) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
+        raise SpaceError(f"{key} must be a [low, high] pair of whole numbers, got {value!r}")
+    low, high = value
+    if low < minimum:
+        raise SpaceError(f"{key} must not go below {minimum}, got low={low}")
+    if high < low:
+        raise SpaceError(f"{key} is an empty range: high ({high}) is below low ({low})")
+    return IntRange(low, high)
+
+
+def _power_of_two_range(data: dict[str, Any], key: str, *, default: tuple[int, int]) -> IntRange:
+    span = _int_range(data, key, minimum=1, default=default)
+    for bound in (span.low, span.high):
+        if bound & (bound - 1):
+            raise SpaceError(f"{key} bounds must be powers of two, got {bound}")
+    return span
+
+
+# --- from an Optuna trial to a candidate -------------------------------------------------------------
+
+
+def suggest_candidate(trial: Any, space: SearchSpace, *, batching: bool) -> Candidate:
+    """Ask ``trial`` (an ``optuna.Trial``) for every parameter of ``space`` and build the Candidate."""
+    provider = _categorical(trial, "execution_provider", space.execution_providers)
+    precision = _categorical(trial, "precision", space.precisions)
+    log2_low = int(math.log2(space.max_batch_size.low))
+    log2_high = int(math.log2(space.max_batch_size.high))
+    max_batch = 2 ** trial.suggest_int("max_batch_size_log2", log2_low, log2_high)
+    preferred = [
+        trial.suggest_categorical(f"prefer_max_div_{d}", [False, True]) if space.preferred_batch_sizes else False
+        for d in PREFERRED_DIVISORS
+    ]
+    delay = _suggest_delay(trial, space.max_queue_delay_us)
+    instances = trial.suggest_int("instance_count", space.instance_count.low, space.instance_count.high)
+    threads = trial.suggest_int("intra_op_threads", space.intra_op_threads.low, space.intra_op_threads.high)
+    graph_level = _categorical(trial, "graph_level", space.graph_levels)
+    if not batching:
+        max_batch = 0
+    sizes = tuple(sorted({max_batch // d for d, on in zip(PREFERRED_DIVISORS, preferred) if on and max_batch // d > 1}, reverse=True))
+    return Candidate(
+        provider=provider,
+        precision=precision,
+        max_batch_size=max_batch,
+        preferred_batch_sizes=sizes if max_batch > 1 else (),
+        max_queue_delay_us=delay if max_batch > 1 else 0,
+        instance_count=instances,
+        intra_op_threads=threads,
+        graph_level=graph_level,
+    )
+
+
+def _categorical(trial: Any, name: str, choices: tuple[str, ...]) -> str:
+    return choices[0] if len(choices) == 1 else trial.suggest_categorical(name, list(choices))
+
+
+def _suggest_delay(trial: Any, span: IntRange) -> int:
+    if span.high == 0:
+        return 0
+    low = max(span.low, 1)
+    value = trial.suggest_int("max_queue_delay_us", low, span.high, log=True)
+    return 0 if span.low == 0 and value < NO_DELAY_BELOW_US else value
+
+
+def baseline_params(space: SearchSpace) -> dict[str, Any]:
+    """The parameters of the untuned config (1 instance, no dynamic batching, fp32, default provider)."""
+    params: dict[str, Any] = {"max_batch_size_log2": 0, "instance_count": 1, "intra_op_threads": 0}
+    if len(space.execution_providers) > 1:
+        params["execution_provider"] = space.execution_providers[0]
+    if len(space.precisions) > 1:
+        params["precision"] = "fp32"
+    if len(space.graph_levels) > 1:
+        params["graph_level"] = "default"
+    if space.preferred_batch_sizes:
+        params.update({f"prefer_max_div_{d}": False for d in PREFERRED_DIVISORS})
+    if space.max_queue_delay_us.high > 0:
+        params["max_queue_delay_us"] = max(space.max_queue_delay_us.low, 1)
+    return params

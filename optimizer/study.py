@@ -1,0 +1,495 @@
+"""The study: one Optuna study over the joint space, each trial hot-reloaded into Triton and measured.
+
+``run_study`` reads top to bottom as the pipeline: intake, space, storage, server, latency budget,
+baseline, trials, export. A bad trial (a config Triton rejects, a crash, a timeout) is recorded on the
+trial with its reason and the study goes on; bad input stops the run before any trial.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from optimizer.errors import (
+    ConfigRejected,
+    InferenceError,
+    ServerDiedError,
+    StorageError,
+    StudyError,
+)
+from optimizer.intake import ModelInfo, inspect_model, resolve_shapes, synthetic_inputs
+from optimizer.loadgen import GrpcLoadGenerator, LevelResult, MeasureSettings
+from optimizer.measure import DEFAULT_LEVELS, SweepOutcome, best_feasible, next_step
+from optimizer.paths import cache_dir, check_name, studies_dir
+from optimizer.render import config_from_json, render_config, to_dict, to_json
+from optimizer.space import Candidate, SearchSpace, baseline_params, load_space, suggest_candidate
+from optimizer.storage import (
+    count_finished,
+    count_running,
+    default_storage_url,
+    open_storage,
+    recover_dead_local_trials,
+    worker_id,
+)
+from optimizer.variants import model_files
+
+__all__ = ["StudySettings", "StudySummary", "TrialReport", "run_study"]
+
+# Without --latency-budget-ms, the budget is this multiple of the baseline's single-request p99.
+DEFAULT_BUDGET_FACTOR = 10.0
+MIN_DEFAULT_BUDGET_MS = 5.0
+CONSTRAINT = "latency_budget"
+
+
+@dataclass(frozen=True)
+class StudySettings:
+    """Everything ``optimize study`` was asked to do."""
+
+    model_path: Path | None = None  # None: the bundled example model
+    budget: int = 40
+    latency_budget_ms: float | None = None
+    space: str = "cpu"
+    study_name: str | None = None
+    storage: str | None = None
+    shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    concurrency: tuple[int, ...] = DEFAULT_LEVELS
+    seed: int | None = None
+    measure: MeasureSettings = MeasureSettings()
+    output_dir: Path | None = None  # default: studies/
+
+
+@dataclass(frozen=True)
+class TrialReport:
+    """One finished trial, as shown to the user."""
+
+    number: int
+    state: str  # "complete", "pruned", "failed"
+    summary: str
+    throughput: float | None = None
+    p99_ms: float | None = None
+    concurrency: int | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class StudySummary:
+    study_name: str
+    storage_url: str
+    latency_budget_ms: float
+    budget: int
+    finished: int
+    baseline: TrialReport | None
+    best: TrialReport | None
+    pruned: int
+    failed: int
+    reasons: tuple[str, ...]
+    best_repository: Path | None
+
+
+class Reporter(Protocol):
+    def note(self, message: str) -> None: ...
+
+    def trial_started(self, number: int, summary: str, done: int, budget: int) -> None: ...
+
+    def trial_finished(self, report: TrialReport, best_throughput: float | None) -> None: ...
+
+
+class QuietReporter:
+    def note(self, message: str) -> None:
+        pass
+
+    def trial_started(self, number: int, summary: str, done: int, budget: int) -> None:
+        pass
+
+    def trial_finished(self, report: TrialReport, best_throughput: float | None) -> None:
+        pass
+
+
+class TrialFailed(Exception):
+    """A trial-level fault: recorded on the trial with its reason; the study goes on."""
+
+
+def run_study(settings: StudySettings, reporter: Reporter | None = None, *, target=None) -> StudySummary:
+    """Run (or resume) a study to its budget and export the best config. See the module docstring."""
+    from optimizer.serving.embedded import EmbeddedTriton
+
+    reporter = reporter or QuietReporter()
+    _check_settings(settings)
+    model, shapes = _intake(settings)
+    space = load_space(settings.space)
+    study_name = check_name(settings.study_name or model.source_path.stem, "study name")
+    model_name = check_name(_model_name(model), "model name")
+    out_dir = settings.output_dir or studies_dir()
+    storage_url = settings.storage or default_storage_url(out_dir, study_name)
+    study = _open_study(storage_url, study_name, settings.seed)
+    _check_same_study(study, model, settings.latency_budget_ms)
+    for number in recover_dead_local_trials(study):
+        reporter.note(f"trial {number} was left running by a worker that died: it will be retried")
+    if count_finished(study) >= settings.budget:
+        reporter.note(f"study {study_name!r} already has {count_finished(study)} finished trials (budget {settings.budget})")
+    else:
+        server = target or EmbeddedTriton()
+        with server:
+            runner = TrialRunner(server, model, shapes, space, model_name, settings, reporter)
+            runner.latency_budget_ms = _latency_budget(study, runner, settings, reporter)
+            _record_study_attrs(study, model, shapes, space, server, runner.latency_budget_ms, settings)
+            _enqueue_baseline(study, space)
+            _run_trials(study, runner, settings.budget, reporter)
+    return _summarise(study, study_name, storage_url, settings.budget, model, out_dir)
+
+
+# --- set-up --------------------------------------------------------------------------------------------
+
+
+def _check_settings(settings: StudySettings) -> None:
+    from optimizer.errors import UsageError
+
+    if settings.budget < 1:
+        raise UsageError(f"--budget must be at least 1 trial, got {settings.budget}")
+    budget = settings.latency_budget_ms
+    if budget is not None and (math.isnan(budget) or math.isinf(budget) or budget <= 0):
+        raise UsageError(f"--latency-budget-ms must be a positive number of milliseconds, got {budget}")
+
+
+def _intake(settings: StudySettings) -> tuple[ModelInfo, dict[str, tuple[int, ...]]]:
+    from optimizer import examples
+
+    shapes = dict(settings.shapes)
+    if settings.model_path is None:
+        path = examples.example_model(cache_dir() / "examples")
+        shapes = {**examples.EXAMPLE_SHAPES, **shapes}
+    else:
+        path = settings.model_path
+    model = inspect_model(path, cache=cache_dir())
+    return model, resolve_shapes(model, shapes)
+
+
+def _model_name(model: ModelInfo) -> str:
+    stem = "".join(c if c.isalnum() or c in "_-" else "_" for c in model.source_path.stem)
+    return stem.lstrip("_-.") or "model"
+
+
+def _open_study(storage_url: str, study_name: str, seed: int | None):
+    import optuna
+
+    storage = open_storage(storage_url)
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=5, multivariate=True, constant_liar=True)
+    # Big batches and long queue delays start slow and win late: only prune after a few levels.
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2)
+    try:
+        return optuna.create_study(
+            storage=storage, study_name=study_name, direction="maximize",
+            sampler=sampler, pruner=pruner, load_if_exists=True,
+        )
+    except Exception as exc:
+        raise StorageError(f"cannot create or open study {study_name!r}: {exc}") from exc
+
+
+def _check_same_study(study, model: ModelInfo, latency_budget_ms: float | None) -> None:
+    attrs = study.user_attrs
+    if "model_sha256" in attrs and attrs["model_sha256"] != model.sha256:
+        raise StudyError(
+            f"study {study.study_name!r} was made for a different model (sha256 {attrs['model_sha256'][:12]}…, "
+            f"this one {model.sha256[:12]}…): use another --study-name"
+        )
+    stored = attrs.get("latency_budget_ms")
+    if stored is not None and latency_budget_ms is not None and not math.isclose(stored, latency_budget_ms):
+        raise StudyError(
+            f"study {study.study_name!r} uses a latency budget of {stored:g} ms, not {latency_budget_ms:g} ms: "
+            "resume it with the same budget (or no --latency-budget-ms), or use another --study-name"
+        )
+
+
+def _latency_budget(study, runner: TrialRunner, settings: StudySettings, reporter: Reporter) -> float:
+    stored = study.user_attrs.get("latency_budget_ms")
+    if stored is not None:
+        return float(stored)
+    if settings.latency_budget_ms is not None:
+        return settings.latency_budget_ms
+    p99 = runner.probe_baseline_p99()
+    budget = max(MIN_DEFAULT_BUDGET_MS, math.ceil(p99 * DEFAULT_BUDGET_FACTOR))
+    reporter.note(
+        f"latency budget: {budget:g} ms ({DEFAULT_BUDGET_FACTOR:g} x the baseline's single-request p99 of "
+        f"{p99:.1f} ms; set --latency-budget-ms to choose)"
+    )
+    return float(budget)
+
+
+def _record_study_attrs(study, model, shapes, space: SearchSpace, server, budget_ms: float, settings) -> None:
+    from optimizer.environment import hardware
+
+    attrs = {
+        "model_sha256": model.sha256,
+        "model_path": str(model.source_path),
+        "model_name": _model_name(model),
+        "shapes": {name: list(dims) for name, dims in shapes.items()},
+        "latency_budget_ms": budget_ms,
+        "space": space.to_dict(),
+        "server_version": server.server_version(),
+        "target": server.name,
+        "hardware": hardware(),
+        "budget": settings.budget,
+        "concurrency_levels": list(settings.concurrency),
+    }
+    for key, value in attrs.items():
+        if study.user_attrs.get(key) != value:
+            study.set_user_attr(key, value)
+
+
+def _enqueue_baseline(study, space: SearchSpace) -> None:
+    if not study.get_trials(deepcopy=False):
+        study.enqueue_trial(baseline_params(space), user_attrs={"baseline": True})
+
+
+# --- the trials ----------------------------------------------------------------------------------------
+
+
+WAIT_FOR_OTHERS_S = 2.0
+
+
+def _run_trials(study, runner: TrialRunner, budget: int, reporter: Reporter) -> None:
+    """Run trials until the study-wide count of finished trials reaches the budget.
+
+    Trials running elsewhere count toward the budget (so workers never overshoot it); when they are
+    all that is missing, wait for them to finish, or for their heartbeats to go stale (a dead worker),
+    in which case Optuna fails them and re-enqueues their parameters for us to run.
+    """
+    from optuna.storages import fail_stale_trials
+
+    waiting_noted = False
+    while (done := count_finished(study)) < budget:
+        if done + count_running(study) >= budget:
+            if not waiting_noted:
+                reporter.note(f"waiting for {count_running(study)} trial(s) running in other workers")
+                waiting_noted = True
+            time.sleep(WAIT_FOR_OTHERS_S)
+            fail_stale_trials(study)
+            continue
+        runner.progress = (done, budget)
+        study.optimize(runner, n_trials=1, catch=(TrialFailed,))
+        last = max(study.get_trials(deepcopy=False), key=lambda t: t.number)
+        reporter.trial_finished(_report(last), _best_throughput(study))
+
+
+class TrialRunner:
+    """The objective: render, hot-reload, sweep, score one trial."""
+
+    def __init__(self, target, model: ModelInfo, shapes, space, model_name: str, settings: StudySettings, reporter):
+        self.target = target
+        self.model = model
+        self.space = space
+        self.model_name = model_name
+        self.settings = settings
+        self.reporter = reporter
+        self.samples = [synthetic_inputs(model, shapes, 1, seed=seed) for seed in range(16)]
+        self.latency_budget_ms = math.inf
+        self.progress = (0, settings.budget)
+
+    def probe_baseline_p99(self) -> float:
+        """Single-request p99 of the untuned config: the base of the default latency budget."""
+        config = render_config(self.model, Candidate(max_batch_size=1), model_name=self.model_name)
+        self._load(config, "fp32")
+        return self._load_generator().measure(1).p99_ms
+
+    def __call__(self, trial) -> float:
+        import optuna
+
+        candidate = suggest_candidate(trial, self.space, batching=self.model.batching)
+        config = render_config(self.model, candidate, model_name=self.model_name)
+        trial.set_user_attr("worker", worker_id())
+        trial.set_user_attr("candidate", candidate.summary())
+        trial.set_user_attr("config", to_dict(config))
+        self.reporter.trial_started(trial.number, candidate.summary(), *self.progress)
+        started = time.perf_counter()
+        try:
+            trial.set_user_attr("load_s", round(self._load(config, candidate.precision), 3))
+            outcome = self._sweep(trial)
+        except TrialFailed as exc:
+            trial.set_user_attr("reason", str(exc))
+            trial.set_constraint(CONSTRAINT, 1.0)
+            raise
+        finally:
+            trial.set_user_attr("trial_s", round(time.perf_counter() - started, 3))
+        self._record(trial, outcome)
+        if not outcome.feasible:
+            trial.set_user_attr("reason", f"infeasible: {outcome.stop_reason}")
+            raise optuna.TrialPruned(outcome.stop_reason)
+        if outcome.stop_reason.startswith("pruned"):
+            trial.set_user_attr("reason", outcome.stop_reason)
+            raise optuna.TrialPruned(outcome.stop_reason)
+        return round(outcome.best.throughput, 3)  # the same figure as the "throughput" attribute
+
+    def _load(self, config, precision: str) -> float:
+        files = model_files(self.model, precision, cache_dir())
+        try:
+            return self.target.load_model(self.model_name, to_json(config), files)
+        except ConfigRejected as exc:
+            raise TrialFailed(f"Triton rejected the config: {_first_line(exc.message)}") from exc
+        except ServerDiedError as exc:
+            raise self._server_fault("while loading the config", exc) from exc
+
+    def _sweep(self, trial) -> SweepOutcome:
+        levels: list[LevelResult] = []
+        stop: list[str] = []
+        budget = self.latency_budget_ms
+
+        def on_level(index: int, level: LevelResult) -> bool:
+            levels.append(level)
+            best = best_feasible(levels, budget)
+            if best is not None:
+                trial.report(best.throughput, step=index)
+                if trial.should_prune():
+                    stop.append(f"pruned at concurrency {level.concurrency}: behind the median of earlier trials")
+                    return False
+            reason = next_step(levels, budget, remaining=len(self.settings.concurrency) - index - 1)
+            if reason:
+                stop.append(reason)
+            return reason is None
+
+        try:
+            self._load_generator().run_levels(self.settings.concurrency, on_level)
+        except (InferenceError, ServerDiedError) as exc:
+            raise self._server_fault("during measurement", exc) from exc
+        return SweepOutcome(tuple(levels), best_feasible(levels, budget), stop[0] if stop else "")
+
+    def _load_generator(self) -> GrpcLoadGenerator:
+        return GrpcLoadGenerator(self.target.grpc_url, self.model_name, self.samples, self.settings.measure)
+
+    def _server_fault(self, when: str, exc: Exception) -> TrialFailed:
+        """Turn a crash or hang into a failed trial, restarting the server so later trials are unaffected."""
+        alive = _still_alive(self.target)
+        detail = _first_line(getattr(exc, "message", str(exc)))
+        reason = f"the server crashed {when}" if not alive else f"{detail} {when}"
+        if not getattr(self.target, "can_restart", False):
+            raise ServerDiedError(f"{reason}; the {self.target.name} server cannot be restarted by optimize") from exc
+        self.reporter.note(f"{reason}: restarting the server")
+        self.target.restart()
+        return TrialFailed(reason)
+
+    def _record(self, trial, outcome: SweepOutcome) -> None:
+        trial.set_user_attr("sweep", [level.to_dict() for level in outcome.levels])
+        trial.set_user_attr("stop_reason", outcome.stop_reason)
+        trial.set_user_attr("feasible", outcome.feasible)
+        budget = self.latency_budget_ms
+        if outcome.best is not None:
+            best = outcome.best
+            trial.set_user_attr("throughput", round(best.throughput, 3))
+            trial.set_user_attr("p99_ms", round(best.p99_ms, 3))
+            trial.set_user_attr("p50_ms", round(best.p50_ms, 3))
+            trial.set_user_attr("concurrency", best.concurrency)
+            trial.set_constraint(CONSTRAINT, (best.p99_ms - budget) / budget)
+        else:
+            lowest = min(level.p99_ms for level in outcome.levels)
+            trial.set_constraint(CONSTRAINT, (lowest - budget) / budget)
+
+
+def _still_alive(target, settle_s: float = 2.0) -> bool:
+    # A killed server closes its sockets a moment before the kernel reports it dead: look twice.
+    deadline = time.monotonic() + settle_s
+    while time.monotonic() < deadline:
+        if not target.is_alive():
+            return False
+        time.sleep(0.1)
+    return target.is_alive()
+
+
+def _first_line(text: str) -> str:
+    text = (text or "").strip()
+    return text.splitlines()[0][:300] if text else "unknown error"
+
+
+# --- results -------------------------------------------------------------------------------------------
+
+
+def _report(trial) -> TrialReport:
+    from optuna.trial import TrialState
+
+    state = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned"}.get(trial.state, "failed")
+    attrs = trial.user_attrs
+    return TrialReport(
+        number=trial.number,
+        state=state,
+        summary=str(attrs.get("candidate", "")),
+        throughput=attrs.get("throughput"),
+        p99_ms=attrs.get("p99_ms"),
+        concurrency=attrs.get("concurrency"),
+        reason=attrs.get("reason") or (None if state == "complete" else "interrupted"),
+    )
+
+
+def _feasible_complete(study) -> list:
+    from optuna.trial import TrialState
+
+    return [
+        t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.user_attrs.get("feasible")
+    ]
+
+
+def _best_throughput(study) -> float | None:
+    trials = _feasible_complete(study)
+    return max((t.value for t in trials), default=None)
+
+
+def best_trial(study):
+    """The best feasible completed trial, or None."""
+    trials = _feasible_complete(study)
+    return max(trials, key=lambda t: t.value, default=None)
+
+
+def _summarise(study, study_name: str, storage_url: str, budget: int, model: ModelInfo, out_dir: Path) -> StudySummary:
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    reports = [_report(t) for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)]
+    baseline = next((_report(t) for t in trials if t.user_attrs.get("baseline") and t.state.is_finished()), None)
+    best = best_trial(study)
+    repository = export_trial(study, best, out_dir / study_name / "best", model) if best is not None else None
+    return StudySummary(
+        study_name=study_name,
+        storage_url=storage_url,
+        latency_budget_ms=float(study.user_attrs.get("latency_budget_ms", math.nan)),
+        budget=budget,
+        finished=count_finished(study),
+        baseline=baseline,
+        best=_report(best) if best is not None else None,
+        pruned=sum(r.state == "pruned" for r in reports),
+        failed=sum(r.state == "failed" for r in reports),
+        reasons=tuple(f"#{r.number} {r.state}: {r.reason}" for r in reports if r.state != "complete"),
+        best_repository=repository,
+    )
+
+
+def export_trial(study, trial, out_dir: Path, model: ModelInfo | None = None) -> Path:
+    """Write ``trial``'s config and model file as a Triton model repository under ``out_dir``."""
+    from optimizer.export import write_repository
+
+    if model is None:
+        model = _stored_model(study)
+    config = config_from_json(trial.user_attrs["config"])
+    precision = _precision_of(config)
+    return write_repository(out_dir, config, model_files(model, precision, cache_dir()))
+
+
+def _precision_of(config) -> str:
+    from optimizer.render import MODEL_FILENAMES
+
+    by_file = {name: precision for precision, name in MODEL_FILENAMES.items()}
+    return by_file.get(config.default_model_filename or "model.onnx", "fp32")
+
+
+def _stored_model(study) -> ModelInfo:
+    path = study.user_attrs.get("model_path")
+    if not path:
+        raise StudyError(f"study {study.study_name!r} records no model: it has no trials to export")
+    model = inspect_model(Path(path), cache=cache_dir())
+    if model.sha256 != study.user_attrs.get("model_sha256"):
+        raise StudyError(f"the model file {path!r} changed since study {study.study_name!r} ran: it cannot be exported")
+    return model
+
+
+def study_attrs(study) -> dict[str, Any]:
+    return dict(study.user_attrs)

@@ -1,0 +1,246 @@
+"""The study end to end: real embedded Triton, real SQLite, small real models, small budgets."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from optimizer.cli import main
+from optimizer.errors import StudyError
+from optimizer.loadgen import MeasureSettings
+from optimizer.render import config_from_pbtxt, to_json
+from optimizer.serving.embedded import EmbeddedTriton
+from optimizer.storage import count_finished
+from optimizer.study import QuietReporter, StudySettings, run_study
+
+pytestmark = pytest.mark.server
+
+FAST = MeasureSettings(warmup_s=0.1, window_s=0.3, min_requests=10, max_window_s=1.0)
+FAST_CLI = ["--window-s", "0.3", "--warmup-s", "0.1", "--concurrency", "1,2,4"]
+
+
+def _settings(model: Path, tmp_path: Path, **overrides) -> StudySettings:
+    values = dict(
+        model_path=model,
+        budget=4,
+        latency_budget_ms=200.0,
+        study_name="s",
+        output_dir=tmp_path,
+        concurrency=(1, 2, 4),
+        seed=1,
+        measure=FAST,
+    )
+    values.update(overrides)
+    return StudySettings(**values)
+
+
+def _load(tmp_path: Path, name: str = "s") -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / name}.db")
+
+
+def test_study_runs_to_budget_records_everything_and_exports_the_best(models, tmp_path):
+    summary = run_study(_settings(models["mlp"], tmp_path, budget=5))
+    study = _load(tmp_path)
+    assert summary.finished == count_finished(study) == 5
+    assert study.trials[0].user_attrs["baseline"] is True
+    assert summary.baseline is not None and summary.baseline.number == 0
+    for key in ("model_sha256", "latency_budget_ms", "space", "server_version", "target", "hardware"):
+        assert key in study.user_attrs, key
+    assert study.user_attrs["server_version"] == "2.51.0"
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert complete
+    for trial in complete:
+        for key in ("config", "throughput", "p99_ms", "p50_ms", "concurrency", "sweep"):
+            assert key in trial.user_attrs, key
+        assert trial.user_attrs["p99_ms"] <= 200.0
+        assert trial.value == trial.user_attrs["throughput"]
+        assert trial.constraints["latency_budget"] <= 0
+    best = summary.best_repository
+    assert best == tmp_path / "s" / "best" / "mlp"
+    config = config_from_pbtxt((best / "config.pbtxt").read_text())
+    assert config.name == "mlp" and config.backend == "onnxruntime"
+    model_file = config.default_model_filename or "model.onnx"
+    assert (best / "1" / model_file).is_file()
+
+
+def test_exported_repository_loads_in_a_fresh_triton_as_is(models, tmp_path):
+    run_study(_settings(models["mlp"], tmp_path, budget=2))
+    repository = tmp_path / "repo"
+    assert main(["export", "--study-name", "s", "--out", str(repository), "--storage", f"sqlite:///{tmp_path}/s.db"]) == 0
+    with EmbeddedTriton(model_repository=repository) as server:
+        config = config_from_pbtxt((repository / "mlp" / "config.pbtxt").read_text())
+        server.control.load("mlp", to_json(config))  # files come from the exported repository itself
+        assert server.control.is_model_ready("mlp")
+
+
+def test_rerun_resumes_and_a_larger_budget_extends_without_touching_finished_trials(models, tmp_path):
+    run_study(_settings(models["mlp"], tmp_path, budget=3))
+    before = {t.number: (t.state, t.value, t.user_attrs.get("sweep")) for t in _load(tmp_path).trials}
+    summary = run_study(_settings(models["mlp"], tmp_path, budget=3))
+    assert summary.finished == 3 and len(_load(tmp_path).trials) == 3
+    run_study(_settings(models["mlp"], tmp_path, budget=5))
+    study = _load(tmp_path)
+    assert count_finished(study) == 5
+    assert sum(1 for t in study.trials if t.user_attrs.get("baseline")) == 1
+    for number, recorded in before.items():
+        trial = study.trials[number]
+        assert (trial.state, trial.value, trial.user_attrs.get("sweep")) == recorded
+
+
+def test_resuming_with_another_model_or_latency_budget_is_refused(models, tmp_path):
+    run_study(_settings(models["mlp"], tmp_path, budget=1))
+    with pytest.raises(StudyError, match="different model"):
+        run_study(_settings(models["cnn"], tmp_path, budget=2))
+    with pytest.raises(StudyError, match="latency budget of 200 ms"):
+        run_study(_settings(models["mlp"], tmp_path, budget=2, latency_budget_ms=50.0))
+    assert count_finished(_load(tmp_path)) == 1
+
+
+def test_impossible_latency_budget_ends_with_a_clear_error_and_keeps_the_database(models, tmp_path, capsys):
+    code = main(
+        ["study", "--model", str(models["mlp"]), "--budget", "2", "--latency-budget-ms", "0.001",
+         "--study-name", "tight", "--storage", f"sqlite:///{tmp_path}/tight.db", *FAST_CLI]
+    )
+    err = capsys.readouterr().err
+    assert code != 0
+    assert "no configuration met the 0.001 ms latency budget" in err
+    assert "Traceback" not in err
+    study = _load(tmp_path, "tight")
+    assert count_finished(study) == 2
+    assert all(t.state == optuna.trial.TrialState.PRUNED for t in study.trials)
+    assert all(t.user_attrs["feasible"] is False and t.constraints["latency_budget"] > 0 for t in study.trials)
+
+
+class RejectingTriton(EmbeddedTriton):
+    """A real server that receives one deliberately invalid config (the third load)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.loads = 0
+
+    def load_model(self, name, config_json, files):
+        self.loads += 1
+        if self.loads == 3:
+            config_json = config_json.replace('"max_batch_size"', '"max_batch_size": -5, "ignored"', 1)
+        return super().load_model(name, config_json, files)
+
+
+def test_rejected_config_fails_only_its_trial(models, tmp_path):
+    target = RejectingTriton()
+    summary = run_study(_settings(models["mlp"], tmp_path, budget=4), target=target)
+    study = _load(tmp_path)
+    states = [t.state for t in study.trials]
+    assert summary.finished == 4 and states.count(optuna.trial.TrialState.FAIL) == 1
+    failed = next(t for t in study.trials if t.state == optuna.trial.TrialState.FAIL)
+    assert failed.user_attrs["reason"].startswith("Triton rejected the config")
+    later = [t for t in study.trials if t.number > failed.number]
+    assert later and all(t.state != optuna.trial.TrialState.FAIL for t in later)
+
+
+class CrashOnTrial(QuietReporter):
+    """Kills the real server with SIGKILL shortly after trial ``number`` starts measuring."""
+
+    def __init__(self, target: EmbeddedTriton, number: int):
+        self.target, self.number = target, number
+
+    def trial_started(self, number, summary, done, budget):
+        if number == self.number:
+            threading.Timer(2.2, lambda: os.kill(self.target.pid, signal.SIGKILL)).start()
+
+
+def test_server_crash_mid_trial_fails_only_that_trial_and_the_study_goes_on(models, tmp_path):
+    target = EmbeddedTriton()
+    slow = MeasureSettings(warmup_s=0.5, window_s=1.5, min_requests=10, max_window_s=3.0)
+    summary = run_study(_settings(models["mlp"], tmp_path, budget=4, measure=slow), CrashOnTrial(target, 1), target=target)
+    study = _load(tmp_path)
+    crashed = study.trials[1]
+    assert crashed.state == optuna.trial.TrialState.FAIL
+    assert "crashed" in crashed.user_attrs["reason"]
+    assert summary.finished == 4
+    assert all(t.state != optuna.trial.TrialState.FAIL for t in study.trials[2:])
+
+
+def _trial_states(db: Path) -> list[str]:
+    """Trial states, with MEASURING for a running trial that already loaded its config."""
+    if not db.exists():
+        return []
+    query = (
+        "select t.state, exists(select 1 from trial_user_attributes a where a.trial_id = t.trial_id and a.key = 'load_s')"
+        " from trials t order by t.number"
+    )
+    with sqlite3.connect(db, timeout=30) as connection:
+        try:
+            rows = connection.execute(query).fetchall()
+        except sqlite3.OperationalError:
+            return []
+    return ["MEASURING" if state == "RUNNING" and loaded else state for state, loaded in rows]
+
+
+def _tritons_of(pid: int) -> list[int]:
+    """Live tritonserver processes whose parent is ``pid``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            name, rest = stat.split("(", 1)[1].split(")", 1)
+            fields = rest.split()
+            if name == "tritonserver" and int(fields[1]) == pid and fields[0] != "Z":
+                found.append(int(entry.name))
+    return found
+
+
+def test_sigkill_mid_study_then_rerun_finishes_at_exactly_the_budget(models, tmp_path):
+    db = tmp_path / "killed.db"
+    command = [sys.executable, "-m", "optimizer", "study", "--model", str(models["mlp"]), "--budget", "5",
+               "--latency-budget-ms", "200", "--study-name", "killed", "--storage", f"sqlite:///{db}", *FAST_CLI]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        states = _trial_states(db)
+        if states.count("COMPLETE") + states.count("PRUNED") >= 2 and "MEASURING" in states:
+            break
+        time.sleep(0.05)
+    else:
+        process.kill()
+        pytest.fail(f"the study never reached a running third trial: {_trial_states(db)}")
+    server_pids = _tritons_of(process.pid)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    finished_before = {
+        t.number: t.value for t in _load(tmp_path, "killed").trials if t.state.is_finished()
+    }
+    time.sleep(0.5)
+    assert all(not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+               for pid in server_pids)  # the server died with its parent
+    assert main(command[3:]) == 0
+    study = _load(tmp_path, "killed")
+    assert count_finished(study) == 5
+    assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    for number, value in finished_before.items():
+        assert study.trials[number].value == value
+
+
+def test_bad_space_file_and_bad_storage_url_give_one_line_errors(models, tmp_path, capsys):
+    space = tmp_path / "bad.yaml"
+    space.write_text("max_batch_size: [1, 48]\n")
+    common = ["study", "--model", str(models["mlp"]), "--budget", "1"]
+    assert main([*common, "--space", str(space)]) == 4
+    assert main([*common, "--storage", "notaurl"]) == 5
+    assert main([*common, "--storage", "postgresql://nobody@127.0.0.1:1/none"]) == 5
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 3 and all(line.startswith("Error: ") for line in lines)
+    assert "max_batch_size" in lines[0] and "48" in lines[0]
+    assert "malformed" in lines[1]
+    assert "cannot open study storage" in lines[2]
