@@ -38,7 +38,7 @@ ShapeOption = Annotated[
 
 @app.callback()
 def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False) -> None:
-    _state["debug"] = debug
+    _state["debug"] = _state["debug"] or debug
 
 
 @app.command()
@@ -82,6 +82,12 @@ def study(
     study_name: Annotated[Optional[str], typer.Option("--study-name", help="Default: the model's file name.")] = None,
     storage: Annotated[Optional[str], typer.Option(help="Optuna storage URL (default sqlite:///studies/NAME.db).")] = None,
     shape: ShapeOption = None,
+    input_data: Annotated[
+        Optional[Path], typer.Option("--input-data", help=".npz with one array per input (samples on axis 0).")
+    ] = None,
+    accuracy_tolerance: Annotated[
+        float, typer.Option("--accuracy-tolerance", help="Max 1 - cosine similarity of a fp16/int8 variant vs fp32.")
+    ] = 0.01,
     concurrency: Annotated[Optional[str], typer.Option(help="Concurrency levels, e.g. 1,2,4,8,16.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Sampler seed.")] = None,
     window_s: Annotated[float, typer.Option("--window-s", help="Seconds measured per concurrency level.")] = 2.0,
@@ -105,6 +111,8 @@ def study(
         concurrency=parse_levels(concurrency) if concurrency else DEFAULT_LEVELS,
         seed=seed,
         measure=MeasureSettings(warmup_s=warmup_s, window_s=window_s, min_requests=30, max_window_s=4 * window_s),
+        input_data=input_data,
+        accuracy_tolerance=accuracy_tolerance,
     )
     try:
         with RichReporter() as reporter:
@@ -151,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI, turning our errors into one line and an exit code."""
     _install_sigterm_handler()
     args = list(sys.argv[1:] if argv is None else argv)
+    _state["debug"] = False
     if "--debug" in args:  # accepted anywhere on the line, not only before the command
         args.remove("--debug")
         _state["debug"] = True

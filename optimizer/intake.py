@@ -375,3 +375,57 @@ def _random_tensor(rng: np.random.Generator, spec: TensorSpec, shape: tuple[int,
         below_one = np.nextafter(dtype.type(1), dtype.type(0))
         return np.minimum(rng.random(shape).astype(dtype), below_one)
     raise ModelError(f"input {spec.name!r} has dtype {spec.dtype}, which optimize cannot generate data for")
+
+
+def load_input_data(info: ModelInfo, path: Path | str) -> list[dict[str, np.ndarray]]:
+    """Samples from ``--input-data``: a .npz file with one array per input, samples along the first axis.
+
+    Each returned sample holds one request's inputs (batch 1 when the model batches).
+
+    Raises:
+        UsageError: the file is missing, not a .npz, or its arrays do not match the model's inputs.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"--input-data {str(path)!r} does not exist: give a .npz file (numpy.savez)")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {name: archive[name] for name in archive.files}
+    except (ValueError, OSError) as exc:
+        raise UsageError(
+            f"--input-data {str(path)!r} is not a .npz file with one array per input (numpy.savez): {exc}"
+        ) from exc
+    names = [spec.name for spec in info.inputs]
+    if sorted(arrays) != sorted(names):
+        raise UsageError(f"--input-data has arrays {', '.join(sorted(arrays)) or 'none'}; the model's inputs are {', '.join(names)}")
+    counts = {array.shape[0] if array.ndim else 0 for array in arrays.values()}
+    if len(counts) != 1 or 0 in counts:
+        raise UsageError("--input-data arrays must all hold the same number (>= 1) of samples along their first axis")
+    for spec in info.inputs:
+        _check_input_array(info, spec, arrays[spec.name])
+    count = counts.pop()
+    keep_axis = info.batching  # batching models get [1, ...] per request; others the full stored shape
+    return [
+        {name: (array[i : i + 1] if keep_axis else array[i]) for name, array in arrays.items()} for i in range(count)
+    ]
+
+
+def _check_input_array(info: ModelInfo, spec: TensorSpec, array: np.ndarray) -> None:
+    if array.dtype != np.dtype(spec.dtype):
+        raise UsageError(f"--input-data array {spec.name!r} has dtype {array.dtype}, but the model expects {spec.dtype}")
+    dims = info.tensor_dims(spec)
+    sample_shape = array.shape[1:]
+    fits = len(sample_shape) == len(dims) and all(
+        isinstance(d, str) or d == s for d, s in zip(dims, sample_shape)
+    )
+    if not fits:
+        raise UsageError(
+            f"--input-data array {spec.name!r} holds samples of shape {list(sample_shape)}, "
+            f"but the model expects ({_dims_text(dims)}) per request"
+        )
+
+
+def shapes_from_samples(info: ModelInfo, samples: list[dict[str, np.ndarray]]) -> dict[str, tuple[int, ...]]:
+    """Request shapes (without batch when batching) read off the first input-data sample."""
+    first = samples[0]
+    return {name: tuple(first[name].shape[1:] if info.batching else first[name].shape) for name in first}

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from optimizer.accuracy import DEFAULT_TOLERANCE, check_variant
 from optimizer.errors import (
     ConfigRejected,
     InferenceError,
@@ -21,7 +22,14 @@ from optimizer.errors import (
     StorageError,
     StudyError,
 )
-from optimizer.intake import ModelInfo, inspect_model, resolve_shapes, synthetic_inputs
+from optimizer.intake import (
+    ModelInfo,
+    inspect_model,
+    load_input_data,
+    resolve_shapes,
+    shapes_from_samples,
+    synthetic_inputs,
+)
 from optimizer.loadgen import GrpcLoadGenerator, LevelResult, MeasureSettings
 from optimizer.measure import DEFAULT_LEVELS, SweepOutcome, best_feasible, next_step
 from optimizer.paths import cache_dir, check_name, studies_dir
@@ -35,7 +43,8 @@ from optimizer.storage import (
     recover_dead_local_trials,
     worker_id,
 )
-from optimizer.variants import model_files
+from optimizer.providers import check_providers
+from optimizer.variants import model_files, variant_path
 
 __all__ = ["StudySettings", "StudySummary", "TrialReport", "run_study"]
 
@@ -60,6 +69,8 @@ class StudySettings:
     seed: int | None = None
     measure: MeasureSettings = MeasureSettings()
     output_dir: Path | None = None  # default: studies/
+    input_data: Path | None = None  # .npz with one array per input; default: realistic synthetic inputs
+    accuracy_tolerance: float = DEFAULT_TOLERANCE
 
 
 @dataclass(frozen=True)
@@ -119,14 +130,16 @@ def run_study(settings: StudySettings, reporter: Reporter | None = None, *, targ
 
     reporter = reporter or QuietReporter()
     _check_settings(settings)
-    model, shapes = _intake(settings)
+    model, shapes, samples = _intake(settings)
     space = load_space(settings.space)
+    check_providers(space.execution_providers)
     study_name = check_name(settings.study_name or model.source_path.stem, "study name")
     model_name = check_name(_model_name(model), "model name")
     out_dir = settings.output_dir or studies_dir()
     storage_url = settings.storage or default_storage_url(out_dir, study_name)
     study = _open_study(storage_url, study_name, settings.seed)
-    _check_same_study(study, model, settings.latency_budget_ms)
+    _check_same_study(study, model, settings)
+    space = _accurate_precisions(study, model, space, samples, settings.accuracy_tolerance, reporter)
     for number in recover_dead_local_trials(study):
         reporter.note(f"trial {number} was left running by a worker that died: it will be retried")
     if count_finished(study) >= settings.budget:
@@ -134,7 +147,7 @@ def run_study(settings: StudySettings, reporter: Reporter | None = None, *, targ
     else:
         server = target or EmbeddedTriton()
         with server:
-            runner = TrialRunner(server, model, shapes, space, model_name, settings, reporter)
+            runner = TrialRunner(server, model, samples, space, model_name, settings, reporter)
             runner.latency_budget_ms = _latency_budget(study, runner, settings, reporter)
             _record_study_attrs(study, model, shapes, space, server, runner.latency_budget_ms, settings)
             _enqueue_baseline(study, space)
@@ -153,9 +166,16 @@ def _check_settings(settings: StudySettings) -> None:
     budget = settings.latency_budget_ms
     if budget is not None and (math.isnan(budget) or math.isinf(budget) or budget <= 0):
         raise UsageError(f"--latency-budget-ms must be a positive number of milliseconds, got {budget}")
+    tolerance = settings.accuracy_tolerance
+    if math.isnan(tolerance) or not 0 <= tolerance <= 2:
+        raise UsageError(f"--accuracy-tolerance must be between 0 and 2 (1 - cosine similarity), got {tolerance}")
 
 
-def _intake(settings: StudySettings) -> tuple[ModelInfo, dict[str, tuple[int, ...]]]:
+SYNTHETIC_SAMPLES = 32
+
+
+def _intake(settings: StudySettings) -> tuple[ModelInfo, dict[str, tuple[int, ...]], list[dict]]:
+    """The model, the request shapes, and the request samples (the user's data or synthetic)."""
     from optimizer import examples
 
     shapes = dict(settings.shapes)
@@ -165,7 +185,12 @@ def _intake(settings: StudySettings) -> tuple[ModelInfo, dict[str, tuple[int, ..
     else:
         path = settings.model_path
     model = inspect_model(path, cache=cache_dir())
-    return model, resolve_shapes(model, shapes)
+    if settings.input_data is not None:
+        samples = load_input_data(model, settings.input_data)
+        shapes = {**shapes_from_samples(model, samples), **shapes}
+        return model, resolve_shapes(model, shapes), samples
+    shapes = resolve_shapes(model, shapes)
+    return model, shapes, [synthetic_inputs(model, shapes, 1, seed=seed) for seed in range(SYNTHETIC_SAMPLES)]
 
 
 def _model_name(model: ModelInfo) -> str:
@@ -189,7 +214,8 @@ def _open_study(storage_url: str, study_name: str, seed: int | None):
         raise StorageError(f"cannot create or open study {study_name!r}: {exc}") from exc
 
 
-def _check_same_study(study, model: ModelInfo, latency_budget_ms: float | None) -> None:
+def _check_same_study(study, model: ModelInfo, settings: StudySettings) -> None:
+    latency_budget_ms = settings.latency_budget_ms
     attrs = study.user_attrs
     if "model_sha256" in attrs and attrs["model_sha256"] != model.sha256:
         raise StudyError(
@@ -202,7 +228,39 @@ def _check_same_study(study, model: ModelInfo, latency_budget_ms: float | None) 
             f"study {study.study_name!r} uses a latency budget of {stored:g} ms, not {latency_budget_ms:g} ms: "
             "resume it with the same budget (or no --latency-budget-ms), or use another --study-name"
         )
+    tolerance = attrs.get("accuracy_tolerance")
+    if tolerance is not None and not math.isclose(tolerance, settings.accuracy_tolerance):
+        raise StudyError(
+            f"study {study.study_name!r} uses an accuracy tolerance of {tolerance:g}, not "
+            f"{settings.accuracy_tolerance:g}: resume it with the same tolerance, or use another --study-name"
+        )
 
+
+def _accurate_precisions(study, model: ModelInfo, space: SearchSpace, samples, tolerance: float, reporter) -> SearchSpace:
+    """The space without precisions whose variant breaks accuracy: such a variant is never proposed.
+
+    Each variant's figures are recorded in the study (``variants``) once and reused on resume, so the
+    space, and with it every trial's parameter distributions, stays the same across restarts.
+    """
+    from dataclasses import replace
+
+    variants = dict(study.user_attrs.get("variants", {}))
+    kept = []
+    for precision in space.precisions:
+        if precision == "fp32":
+            kept.append(precision)
+            continue
+        if precision not in variants:
+            path = variant_path(model, precision, cache_dir())
+            variants[precision] = check_variant(model.path, path, samples, precision, tolerance).to_dict()
+        record = variants[precision]
+        if record["ok"]:
+            kept.append(precision)
+        else:
+            reporter.note(f"{record['reason']}: it will not be tried")
+    study.set_user_attr("variants", variants)
+    study.set_user_attr("accuracy_tolerance", tolerance)
+    return replace(space, precisions=tuple(kept))
 
 def _latency_budget(study, runner: TrialRunner, settings: StudySettings, reporter: Reporter) -> float:
     stored = study.user_attrs.get("latency_budget_ms")
@@ -278,14 +336,14 @@ def _run_trials(study, runner: TrialRunner, budget: int, reporter: Reporter) -> 
 class TrialRunner:
     """The objective: render, hot-reload, sweep, score one trial."""
 
-    def __init__(self, target, model: ModelInfo, shapes, space, model_name: str, settings: StudySettings, reporter):
+    def __init__(self, target, model: ModelInfo, samples, space, model_name: str, settings: StudySettings, reporter):
         self.target = target
         self.model = model
         self.space = space
         self.model_name = model_name
         self.settings = settings
         self.reporter = reporter
-        self.samples = [synthetic_inputs(model, shapes, 1, seed=seed) for seed in range(16)]
+        self.samples = samples
         self.latency_budget_ms = math.inf
         self.progress = (0, settings.budget)
 

@@ -1,0 +1,86 @@
+"""Benchmark: one study on the bundled example model, with its figures side by side from that one run.
+
+    .venv/bin/python bench/study_example.py [--budget 40] [--seed 0] [--out bench/out]
+
+Prints baseline and best throughput (both within the latency budget), their ratio, trials pruned and
+failed, median seconds per trial, median reload seconds (+ the fixed warm-up), and the best throughput of
+each precision. The study database stays in --out for anyone to inspect or report on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import optuna
+
+from optimizer.loadgen import MeasureSettings
+from optimizer.study import StudySettings, run_study
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget", type=int, default=40)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("bench/out"))
+    args = parser.parse_args()
+    name = f"example-b{args.budget}-s{args.seed}-{int(time.time())}"
+    measure = MeasureSettings(warmup_s=0.5, window_s=2.0, min_requests=30, max_window_s=8.0)
+    started = time.perf_counter()
+    summary = run_study(StudySettings(budget=args.budget, seed=args.seed, study_name=name, output_dir=args.out,
+                                      measure=measure))
+    wall = time.perf_counter() - started
+    study = optuna.load_study(study_name=name, storage=summary.storage_url)
+    print_figures(study, summary, wall, measure)
+
+
+def print_figures(study, summary, wall_s: float, measure: MeasureSettings) -> None:
+    trials = [t for t in study.trials if t.state.is_finished()]
+    trial_seconds = [t.user_attrs["trial_s"] for t in trials if "trial_s" in t.user_attrs]
+    load_seconds = [t.user_attrs["load_s"] for t in trials if "load_s" in t.user_attrs]
+    baseline, best = summary.baseline, summary.best
+    rows = [
+        ("study", summary.study_name),
+        ("latency budget (ms)", f"{summary.latency_budget_ms:g}"),
+        ("trials finished", f"{summary.finished} in {wall_s / 60:.1f} min"),
+        ("baseline throughput (inf/s)", _throughput(baseline)),
+        ("best throughput (inf/s)", _throughput(best)),
+        ("best / baseline", f"{best.throughput / baseline.throughput:.2f}x" if _both(baseline, best) else "-"),
+        ("best config", best.summary if best else "-"),
+        ("trials pruned", str(summary.pruned)),
+        ("trials failed", str(summary.failed)),
+        ("median seconds per trial", f"{statistics.median(trial_seconds):.1f}" if trial_seconds else "-"),
+        ("median reload seconds", f"{statistics.median(load_seconds):.2f} (+ {measure.warmup_s:g} s warm-up)"
+         if load_seconds else "-"),
+    ]
+    for precision, figure in _best_per_precision(study).items():
+        rows.append((f"best {precision} throughput (inf/s)", figure))
+    width = max(len(label) for label, _ in rows)
+    for label, value in rows:
+        print(f"{label:<{width}}  {value}")
+
+
+def _both(baseline, best) -> bool:
+    return bool(baseline and best and baseline.throughput and best.throughput)
+
+
+def _throughput(report) -> str:
+    if report is None or report.throughput is None:
+        return "-"
+    return f"{report.throughput:.1f} (p99 {report.p99_ms:.1f} ms at concurrency {report.concurrency})"
+
+
+def _best_per_precision(study) -> dict[str, str]:
+    best: dict[str, float] = {}
+    for trial in study.trials:
+        if trial.state == optuna.trial.TrialState.COMPLETE and trial.user_attrs.get("feasible"):
+            filename = trial.user_attrs["config"].get("default_model_filename", "model.onnx")
+            precision = {"model.int8.onnx": "int8", "model.fp16.onnx": "fp16"}.get(filename, "fp32")
+            best[precision] = max(best.get(precision, 0.0), trial.value)
+    return {precision: f"{value:.1f}" for precision, value in sorted(best.items())}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""The accuracy guard: a precision variant is served only if its outputs stay close to the fp32 model's.
+
+Both models run on the same inputs (the user's ``--input-data`` or realistic synthetic inputs) with ONNX
+Runtime on the CPU. The gate is cosine similarity, per output and per sample: a variant passes when
+``1 - cosine <= tolerance`` everywhere. Max absolute and relative errors and, for classifier-like outputs
+(``[batch, classes]``), top-1 agreement are recorded beside it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["DEFAULT_TOLERANCE", "AccuracyReport", "check_variant", "compare_outputs"]
+
+DEFAULT_TOLERANCE = 0.01  # 1 - cosine similarity; 0.01 keeps outputs within about 8 degrees
+MAX_SAMPLES = 64
+
+Outputs = Mapping[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class AccuracyReport:
+    precision: str
+    cosine: float  # worst cosine similarity over outputs and samples
+    max_abs: float
+    max_rel: float  # max_abs relative to the largest reference magnitude of that output
+    top1: float | None  # worst top-1 agreement over classifier-like outputs, if any
+    samples: int
+    tolerance: float
+
+    @property
+    def ok(self) -> bool:
+        return 1.0 - self.cosine <= self.tolerance
+
+    def reason(self) -> str:
+        verdict = "within" if self.ok else "outside"
+        top1 = f", top-1 agreement {self.top1:.3f}" if self.top1 is not None else ""
+        return (
+            f"{self.precision} variant {verdict} the accuracy tolerance: 1 - cosine = {1 - self.cosine:.2e} "
+            f"(tolerance {self.tolerance:g}), max abs error {self.max_abs:.3g}, max rel error {self.max_rel:.3g}"
+            f"{top1} over {self.samples} samples"
+        )
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["ok"] = self.ok
+        data["reason"] = self.reason()
+        return data
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a = a.astype(np.float64).ravel()
+    b = b.astype(np.float64).ravel()
+    norms = np.linalg.norm(a) * np.linalg.norm(b)
+    if norms == 0.0:
+        return 1.0 if np.array_equal(a, b) else 0.0
+    return float(np.dot(a, b) / norms)
+
+
+def compare_outputs(
+    precision: str, reference: Sequence[Outputs], candidate: Sequence[Outputs], tolerance: float
+) -> AccuracyReport:
+    """Compare per-sample outputs of the fp32 model (``reference``) and a variant (``candidate``)."""
+    cosine, max_abs, max_rel, agreements = 1.0, 0.0, 0.0, {}
+    for ref, got in zip(reference, candidate):
+        for name, expected in ref.items():
+            actual = got[name]
+            if not np.all(np.isfinite(actual.astype(np.float64))):
+                cosine = -1.0
+                continue
+            cosine = min(cosine, _cosine(expected, actual))
+            error = float(np.max(np.abs(expected.astype(np.float64) - actual.astype(np.float64)), initial=0.0))
+            scale = float(np.max(np.abs(expected.astype(np.float64)), initial=0.0))
+            max_abs = max(max_abs, error)
+            max_rel = max(max_rel, error / scale if scale > 0 else (0.0 if error == 0 else np.inf))
+            if expected.ndim == 2 and expected.shape[1] >= 2 and np.issubdtype(expected.dtype, np.floating):
+                same = np.argmax(expected, axis=1) == np.argmax(actual, axis=1)
+                agreements.setdefault(name, []).extend(same.tolist())
+    top1 = min((float(np.mean(v)) for v in agreements.values()), default=None)
+    return AccuracyReport(precision, cosine, max_abs, max_rel, top1, len(reference), tolerance)
+
+
+def _run(path: Path, samples: Sequence[Outputs]) -> list[dict[str, np.ndarray]]:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [output.name for output in session.get_outputs()]
+    return [dict(zip(names, session.run(names, dict(sample)))) for sample in samples]
+
+
+def check_variant(
+    reference_path: Path, variant_path: Path, samples: Sequence[Outputs], precision: str, tolerance: float
+) -> AccuracyReport:
+    """Run the fp32 model and the variant on ``samples`` and compare their outputs."""
+    chosen = list(samples)[:MAX_SAMPLES]
+    return compare_outputs(precision, _run(reference_path, chosen), _run(variant_path, chosen), tolerance)

@@ -1,0 +1,160 @@
+"""Precision variants and the accuracy guard: fp16/int8 files, cached, checked before they are served."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import optuna
+import pytest
+
+from optimizer.accuracy import compare_outputs
+from optimizer.cli import main
+from optimizer.errors import SpaceError, UsageError
+from optimizer.intake import inspect_model, load_input_data, synthetic_inputs
+from optimizer.paths import cache_dir
+from optimizer.providers import check_providers
+from optimizer.render import render_config, to_json
+from optimizer.space import Candidate
+from optimizer.study import run_study
+from optimizer.variants import model_files, variant_path
+
+from test_study import _load, _settings
+
+
+def _space(tmp_path, precisions):
+    path = tmp_path / "space.yaml"
+    path.write_text(f"precisions: [{', '.join(precisions)}]\nmax_batch_size: [1, 8]\ninstance_count: [1, 2]\n")
+    return str(path)
+
+
+# --- the metric (pure) ---------------------------------------------------------------------------------------
+
+
+def test_identical_outputs_pass_even_a_zero_tolerance():
+    outputs = [{"y": np.array([[1.0, 2.0, 3.0]], np.float32)}]
+    report = compare_outputs("int8", outputs, outputs, 0.0)
+    assert report.ok and report.cosine == pytest.approx(1.0) and report.max_abs == 0.0 and report.top1 == 1.0
+
+
+def test_small_error_fails_a_zero_tolerance_and_passes_the_default():
+    reference = [{"y": np.array([[1.0, 2.0, 3.0]], np.float32)}]
+    noisy = [{"y": np.array([[1.01, 2.0, 2.99]], np.float32)}]
+    assert not compare_outputs("int8", reference, noisy, 0.0).ok
+    report = compare_outputs("int8", reference, noisy, 0.01)
+    assert report.ok and report.max_abs == pytest.approx(0.01, abs=1e-6)
+
+
+def test_top1_agreement_counts_flipped_classes_and_nan_outputs_fail():
+    reference = [{"p": np.array([[0.9, 0.1]], np.float32)}, {"p": np.array([[0.2, 0.8]], np.float32)}]
+    flipped = [{"p": np.array([[0.9, 0.1]], np.float32)}, {"p": np.array([[0.8, 0.2]], np.float32)}]
+    assert compare_outputs("fp16", reference, flipped, 1.0).top1 == 0.5
+    broken = [{"p": np.array([[np.nan, 0.1]], np.float32)}, {"p": np.array([[0.2, 0.8]], np.float32)}]
+    assert not compare_outputs("fp16", reference, broken, 1.0).ok
+
+
+# --- providers ------------------------------------------------------------------------------------------------
+
+
+def test_unavailable_provider_in_a_space_names_what_is_available():
+    with pytest.raises(SpaceError, match="'openvino' does not run on this machine.*available here: cpu"):
+        check_providers(("cpu", "openvino"), runnable=("cpu",))
+
+
+def test_space_file_asking_for_openvino_gives_one_line_error(models, tmp_path, capsys):
+    space = tmp_path / "ov.yaml"
+    space.write_text("execution_providers: [cpu, openvino]\n")
+    assert main(["study", "--model", str(models["mlp"]), "--space", str(space), "--budget", "1"]) == 4
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("Error: execution provider 'openvino' does not run") and "available here: cpu" in err
+
+
+# --- variants ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_served_variant_equals_the_same_variant_run_directly(triton, models, precision):
+    info = inspect_model(models["cnn"])
+    config = render_config(info, Candidate(precision=precision, max_batch_size=4), model_name=f"cnn_{precision}")
+    triton.load_model(f"cnn_{precision}", to_json(config), model_files(info, precision, cache_dir()))
+    feeds = synthetic_inputs(info, {"image": (3, 32, 32)}, 2, seed=3)
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(triton.grpc_url)
+    tensor = grpcclient.InferInput("image", [2, 3, 32, 32], "FP32")
+    tensor.set_data_from_numpy(feeds["image"])
+    served = client.infer(f"cnn_{precision}", [tensor]).as_numpy("logits")
+    client.close()
+    session = ort.InferenceSession(str(variant_path(info, precision, cache_dir())), providers=["CPUExecutionProvider"])
+    assert np.max(np.abs(served - session.run(["logits"], feeds)[0])) <= 1e-5
+
+
+def test_variants_are_cached_by_content_and_never_written_next_to_the_model(models):
+    info = inspect_model(models["mlp"])
+    first = variant_path(info, "int8", cache_dir())
+    stamp = first.stat().st_mtime_ns
+    again = variant_path(inspect_model(models["mlp"]), "int8", cache_dir())
+    assert again == first and again.stat().st_mtime_ns == stamp
+    assert first.is_relative_to(cache_dir()) and not list(models["mlp"].parent.glob("*int8*"))
+
+
+@pytest.mark.server
+def test_variant_outside_tolerance_is_recorded_and_never_served(models, tmp_path):
+    settings = _settings(models["mlp"], tmp_path, budget=3, space=_space(tmp_path, ["fp32", "int8"]),
+                         accuracy_tolerance=0.0)
+    run_study(settings)
+    study = _load(tmp_path)
+    record = study.user_attrs["variants"]["int8"]
+    assert record["ok"] is False and "outside the accuracy tolerance" in record["reason"]
+    assert record["max_abs"] > 0
+    assert all("model.int8.onnx" not in str(t.user_attrs.get("config")) for t in study.trials)
+    assert all("precision" not in t.params for t in study.trials)  # int8 is never proposed
+
+
+@pytest.mark.server
+def test_study_explores_int8_when_it_keeps_accuracy_and_a_rerun_does_not_rebuild_it(models, tmp_path):
+    settings = _settings(models["encoder"], tmp_path, budget=6, space=_space(tmp_path, ["fp32", "int8"]),
+                         shapes={"input_ids": (16,), "attention_mask": (16,)}, seed=3)
+    run_study(settings)
+    study = _load(tmp_path)
+    record = study.user_attrs["variants"]["int8"]
+    assert record["ok"] is True and 0.99 <= record["cosine"] <= 1.0
+    precisions = {t.params.get("precision") for t in study.trials}
+    assert {"fp32", "int8"} <= precisions
+    built = variant_path(inspect_model(models["encoder"]), "int8", cache_dir()).stat().st_mtime_ns
+    run_study(settings.__class__(**{**settings.__dict__, "budget": 7}))
+    assert variant_path(inspect_model(models["encoder"]), "int8", cache_dir()).stat().st_mtime_ns == built
+
+
+# --- input data ----------------------------------------------------------------------------------------------
+
+
+def test_input_data_gives_one_request_per_sample(models, tmp_path):
+    info = inspect_model(models["encoder"])
+    path = tmp_path / "data.npz"
+    np.savez(path, input_ids=np.ones((5, 12), np.int64), attention_mask=np.ones((5, 12), np.int64))
+    samples = load_input_data(info, path)
+    assert len(samples) == 5 and samples[0]["input_ids"].shape == (1, 12)
+
+
+@pytest.mark.parametrize(
+    ("arrays", "fragment"),
+    [
+        ({"input_ids": np.ones((2, 12), np.int64)}, "the model's inputs are"),
+        ({"input_ids": np.ones((2, 12), np.int32), "attention_mask": np.ones((2, 12), np.int64)}, "dtype int32"),
+        ({"input_ids": np.ones((2, 3, 4), np.int64), "attention_mask": np.ones((2, 12), np.int64)}, "shape [3, 4]"),
+        ({"input_ids": np.ones((2, 12), np.int64), "attention_mask": np.ones((3, 12), np.int64)}, "same number"),
+    ],
+)
+def test_bad_input_data_is_refused_with_what_is_wrong(models, tmp_path, arrays, fragment):
+    path = tmp_path / "bad.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(UsageError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
+        load_input_data(inspect_model(models["encoder"]), path)
+
+
+def test_input_data_that_is_not_npz_is_refused(models, tmp_path):
+    path = tmp_path / "data.csv"
+    path.write_text("1,2,3\n")
+    with pytest.raises(UsageError, match="not a .npz file"):
+        load_input_data(inspect_model(models["mlp"]), path)
