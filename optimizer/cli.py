@@ -92,12 +92,18 @@ def study(
     seed: Annotated[Optional[int], typer.Option(help="Sampler seed.")] = None,
     window_s: Annotated[float, typer.Option("--window-s", help="Seconds measured per concurrency level.")] = 2.0,
     warmup_s: Annotated[float, typer.Option("--warmup-s", help="Warm-up seconds per concurrency level.")] = 0.5,
+    allow_shared_host: Annotated[
+        bool, typer.Option("--allow-shared-host", help="Let another worker of this study measure on this machine.")
+    ] = False,
+    cpus: Annotated[Optional[str], typer.Option(help="Pin this worker and its server to cores, e.g. 0-3.")] = None,
+    gpus: Annotated[Optional[str], typer.Option(help="GPUs this worker's server may use, e.g. 0,1.")] = None,
 ) -> None:
     """Run (or resume) the Bayesian study and export the best configuration."""
     from optimizer.intake import parse_shape_args
     from optimizer.loadgen import MeasureSettings
     from optimizer.measure import DEFAULT_LEVELS, parse_levels
     from optimizer.progress import RichReporter, print_summary
+    from optimizer.storage import parse_cpus
     from optimizer.study import StudySettings, run_study
 
     settings = StudySettings(
@@ -113,6 +119,9 @@ def study(
         measure=MeasureSettings(warmup_s=warmup_s, window_s=window_s, min_requests=30, max_window_s=4 * window_s),
         input_data=input_data,
         accuracy_tolerance=accuracy_tolerance,
+        allow_shared_host=allow_shared_host,
+        cpus=parse_cpus(cpus) if cpus else frozenset(),
+        gpus=gpus,
     )
     try:
         with RichReporter() as reporter:
@@ -145,6 +154,29 @@ def export(
 
     path = export_from_storage(study_name, out, trial=trial, storage=storage)
     typer.echo(f"wrote {path}")
+
+
+@app.command()
+def migrate(
+    from_url: Annotated[str, typer.Option("--from", help="Storage URL to copy the study from.")],
+    to_url: Annotated[str, typer.Option("--to", help="Storage URL to copy it into (e.g. postgresql://...).")],
+    study_name: Annotated[Optional[str], typer.Option("--study-name", help="Default: the only study there.")] = None,
+) -> None:
+    """Copy a study between storages, e.g. a laptop's SQLite study into the team's PostgreSQL."""
+    from optimizer.storage import copy_study
+
+    name = copy_study(from_url, to_url, study_name)
+    typer.echo(f"copied study {name!r}")
+
+
+@app.command()
+def doctor() -> None:
+    """Check what this machine can do: targets, execution providers, GPUs, perf_analyzer (with fixes)."""
+    from optimizer.doctor import format_check, run_checks
+
+    for check in run_checks():
+        for line in format_check(check):
+            typer.echo(line)
 
 
 def _install_sigterm_handler() -> None:

@@ -9,7 +9,9 @@ latency budget.
 from __future__ import annotations
 
 import os
+import random
 import socket
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ __all__ = [
 HEARTBEAT_INTERVAL_S = 10
 GRACE_PERIOD_S = 60
 SQLITE_TIMEOUT_S = 60
+SCHEMA_RACE_RETRIES = 4
 
 
 def default_storage_url(studies_dir: Path, study_name: str) -> str:
@@ -38,7 +41,6 @@ def default_storage_url(studies_dir: Path, study_name: str) -> str:
 def open_storage(url: str, *, create_dirs: bool = True):  # -> optuna.storages.RDBStorage
     """An Optuna RDB storage with heartbeats, so a trial whose worker died never stays RUNNING."""
     import optuna
-    from optuna.storages import RDBStorage
 
     engine_kwargs: dict[str, Any] = {}
     if url.startswith("sqlite:///"):
@@ -54,21 +56,41 @@ def open_storage(url: str, *, create_dirs: bool = True):  # -> optuna.storages.R
             f"storage URL {url!r} is malformed: use e.g. sqlite:///studies/name.db or postgresql://user@host/db"
         )
     try:
-        with warnings.catch_warnings():
-            # Heartbeats are "experimental" in Optuna 5.0 yet documented as the way to recover trials.
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return RDBStorage(
-                url,
-                engine_kwargs=engine_kwargs,
-                heartbeat_interval=HEARTBEAT_INTERVAL_S,
-                grace_period=GRACE_PERIOD_S,
-                heartbeat_stale_trial_callback=_retry_callback(),
-            )
+        for attempt in range(SCHEMA_RACE_RETRIES):
+            try:
+                return _rdb_storage(url, engine_kwargs)
+            except Exception as exc:
+                # Workers starting together on a fresh database race to create Optuna's tables; the
+                # losers see a duplicate-key error and find the tables made on a second look.
+                if attempt == SCHEMA_RACE_RETRIES - 1 or not _is_schema_race(exc):
+                    raise
+                time.sleep(0.5 + random.random())
     except Exception as exc:  # sqlalchemy ArgumentError / OperationalError / missing driver
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise StorageError(f"cannot open study storage {_redact(url)!r}: {detail[:300]}") from exc
     finally:
         optuna.logging.set_verbosity(optuna.logging.ERROR)
+
+
+def _rdb_storage(url: str, engine_kwargs: dict[str, Any]):
+    import optuna
+    from optuna.storages import RDBStorage
+
+    with warnings.catch_warnings():
+        # Heartbeats are "experimental" in Optuna 5.0 yet documented as the way to recover trials.
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return RDBStorage(
+            url,
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=HEARTBEAT_INTERVAL_S,
+            grace_period=GRACE_PERIOD_S,
+            heartbeat_stale_trial_callback=_retry_callback(),
+        )
+
+
+def _is_schema_race(exc: Exception) -> bool:
+    text = str(exc).lower()
+    return "duplicate key" in text or "already exists" in text or "uniqueviolation" in text
 
 
 def _retry_callback():
@@ -101,14 +123,17 @@ def _finished_states():
 
 
 def count_finished(study) -> int:
-    """Trials that count toward the budget: completed, pruned, or failed with a recorded reason.
+    """Measured trials, which count toward the budget: completed, pruned, or failed with a reason.
 
-    A trial that failed because its worker died (no reason recorded) is retried, so it does not count.
+    A trial that failed because its worker died (no reason recorded) is retried, so it does not count;
+    nor does a proposal of a config that was already measured (it reused that measurement).
     """
     from optuna.trial import TrialState
 
     count = 0
     for trial in study.get_trials(deepcopy=False, states=_finished_states()):
+        if "same_config_as" in trial.user_attrs or "surplus" in trial.user_attrs:
+            continue
         if trial.state != TrialState.FAIL or "reason" in trial.user_attrs:
             count += 1
     return count
@@ -149,3 +174,81 @@ def recover_dead_local_trials(study) -> list[int]:
             _retry_callback()(study, study._storage.get_trial(trial._trial_id))
             recovered.append(trial.number)
     return recovered
+
+
+def register_worker(study, settings) -> bool:
+    """Record this worker in the study; return True when it joins a study other workers have run.
+
+    Workers that share a machine disturb each other's measurements, so a second live worker on this host
+    is refused unless both are pinned to disjoint CPU sets (or GPU sets) or ``allow_shared_host`` is set.
+    """
+    from optimizer.errors import StudyError
+
+    host, me = socket.gethostname(), worker_id()
+    workers = dict(study.user_attrs.get("workers", {}))
+    mine = {"host": host, "pid": os.getpid(), "cpus": sorted(settings.cpus), "gpus": settings.gpus}
+    for name, other in workers.items():
+        if name == me or other.get("host") != host or not _pid_alive(int(other.get("pid", 0))):
+            continue
+        if not (settings.allow_shared_host or _pinned_apart(mine, other)):
+            raise StudyError(
+                f"another worker of study {study.study_name!r} runs on this host (pid {other['pid']}): workers "
+                "sharing a machine disturb each other's measurements; pin each to separate cores with --cpus "
+                "(or GPUs with --gpus), or pass --allow-shared-host"
+            )
+    joined = any(name != me for name in workers)
+    workers[me] = mine
+    study.set_user_attr("workers", workers)
+    return joined
+
+
+def _pinned_apart(mine: dict, other: dict) -> bool:
+    cpus_apart = bool(mine["cpus"]) and bool(other.get("cpus")) and not set(mine["cpus"]) & set(other["cpus"])
+    gpus_apart = bool(mine["gpus"]) and bool(other.get("gpus")) and not (
+        set(str(mine["gpus"]).split(",")) & set(str(other["gpus"]).split(","))
+    )
+    return cpus_apart or gpus_apart
+
+
+def parse_cpus(text: str) -> frozenset[int]:
+    """``"0-3,6"`` -> {0, 1, 2, 3, 6}, checked against the cores this process may use."""
+    from optimizer.errors import UsageError
+
+    cpus: set[int] = set()
+    try:
+        for part in text.split(","):
+            low, _, high = part.partition("-")
+            cpus.update(range(int(low), int(high or low) + 1))
+    except ValueError:
+        raise UsageError(f"--cpus {text!r} must list cores like 0-3,6") from None
+    usable = os.sched_getaffinity(0)
+    if not cpus or not cpus <= usable:
+        raise UsageError(f"--cpus {text!r} names cores this machine does not offer (usable: {sorted(usable)})")
+    return frozenset(cpus)
+
+
+def copy_study(from_url: str, to_url: str, study_name: str | None = None) -> str:
+    """Copy a study between storages (e.g. a laptop's SQLite into the team's PostgreSQL); return its name."""
+    import optuna
+
+    source = open_storage(from_url, create_dirs=False)
+    try:
+        names = [s.study_name for s in optuna.get_all_study_summaries(source, include_best_trial=False)]
+        if study_name is None:
+            if len(names) != 1:
+                raise StorageError(
+                    f"{_redact(from_url)!r} holds {len(names)} studies ({', '.join(names)}): choose one with --study-name"
+                )
+            study_name = names[0]
+        elif study_name not in names:
+            raise StorageError(f"no study {study_name!r} in {_redact(from_url)!r} (it holds: {', '.join(names) or 'none'})")
+        target = open_storage(to_url)
+        try:
+            optuna.copy_study(from_study_name=study_name, from_storage=source, to_storage=target)
+        except optuna.exceptions.DuplicatedStudyError as exc:
+            raise StorageError(f"{_redact(to_url)!r} already has a study named {study_name!r}: nothing was copied") from exc
+        finally:
+            target.engine.dispose()
+    finally:
+        source.engine.dispose()
+    return study_name

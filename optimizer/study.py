@@ -7,7 +7,9 @@ trial with its reason and the study goes on; bad input stops the run before any 
 
 from __future__ import annotations
 
+import hashlib
 import math
+import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -33,7 +35,7 @@ from optimizer.intake import (
 from optimizer.loadgen import GrpcLoadGenerator, LevelResult, MeasureSettings
 from optimizer.measure import DEFAULT_LEVELS, SweepOutcome, best_feasible, next_step
 from optimizer.paths import cache_dir, check_name, studies_dir
-from optimizer.render import config_from_json, render_config, to_dict, to_json
+from optimizer.render import config_from_json, config_key, render_config, to_dict, to_json
 from optimizer.space import Candidate, SearchSpace, baseline_params, load_space, suggest_candidate
 from optimizer.storage import (
     count_finished,
@@ -41,6 +43,7 @@ from optimizer.storage import (
     default_storage_url,
     open_storage,
     recover_dead_local_trials,
+    register_worker,
     worker_id,
 )
 from optimizer.providers import check_providers
@@ -71,6 +74,9 @@ class StudySettings:
     output_dir: Path | None = None  # default: studies/
     input_data: Path | None = None  # .npz with one array per input; default: realistic synthetic inputs
     accuracy_tolerance: float = DEFAULT_TOLERANCE
+    allow_shared_host: bool = False  # let several workers of one study measure on the same machine
+    cpus: frozenset[int] = frozenset()  # pin this worker (and its server) to these CPU cores
+    gpus: str | None = None  # CUDA_VISIBLE_DEVICES for this worker's server
 
 
 @dataclass(frozen=True)
@@ -126,36 +132,92 @@ class TrialFailed(Exception):
 
 def run_study(settings: StudySettings, reporter: Reporter | None = None, *, target=None) -> StudySummary:
     """Run (or resume) a study to its budget and export the best config. See the module docstring."""
-    from optimizer.serving.embedded import EmbeddedTriton
-
     reporter = reporter or QuietReporter()
+    plan = _plan(settings)
+    storage = open_storage(plan.storage_url)
+    try:
+        study, created = _open_study(storage, plan.study_name)
+        if created:  # first thing, so workers joining a moment later find it and do not enqueue another
+            _enqueue_baseline(study, plan.space)
+        space = _join(study, plan, settings, reporter)
+        if count_finished(study) >= settings.budget:
+            reporter.note(f"study {plan.study_name!r} already has {count_finished(study)} finished trials")
+        else:
+            _measure(study, plan, space, settings, reporter, target)
+        return _summarise(study, plan, settings.budget)
+    finally:
+        storage.engine.dispose()  # close the database connections now, not at garbage collection
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What the run is about, settled before the database is touched."""
+
+    model: ModelInfo
+    shapes: dict[str, tuple[int, ...]]
+    samples: list
+    space: SearchSpace
+    study_name: str
+    model_name: str
+    out_dir: Path
+    storage_url: str
+
+
+def _plan(settings: StudySettings) -> _Plan:
     _check_settings(settings)
     model, shapes, samples = _intake(settings)
     space = load_space(settings.space)
     check_providers(space.execution_providers)
     study_name = check_name(settings.study_name or model.source_path.stem, "study name")
-    model_name = check_name(_model_name(model), "model name")
     out_dir = settings.output_dir or studies_dir()
-    storage_url = settings.storage or default_storage_url(out_dir, study_name)
-    study = _open_study(storage_url, study_name, settings.seed)
-    _check_same_study(study, model, settings)
-    space = _accurate_precisions(study, model, space, samples, settings.accuracy_tolerance, reporter)
+    return _Plan(
+        model=model,
+        shapes=shapes,
+        samples=samples,
+        space=space,
+        study_name=study_name,
+        model_name=check_name(_model_name(model), "model name"),
+        out_dir=out_dir,
+        storage_url=settings.storage or default_storage_url(out_dir, study_name),
+    )
+
+
+def _join(study, plan: _Plan, settings: StudySettings, reporter: Reporter) -> SearchSpace:
+    """Check the study is this one, register this worker, and settle the space it searches."""
+    _check_same_study(study, plan.model, settings)
+    joined = register_worker(study, settings)
+    study.sampler = _sampler(settings.seed, per_worker=joined)
+    space = _accurate_precisions(study, plan.model, plan.space, plan.samples, settings.accuracy_tolerance, reporter)
     for number in recover_dead_local_trials(study):
         reporter.note(f"trial {number} was left running by a worker that died: it will be retried")
-    if count_finished(study) >= settings.budget:
-        reporter.note(f"study {study_name!r} already has {count_finished(study)} finished trials (budget {settings.budget})")
-    else:
-        server = target or EmbeddedTriton()
-        with server:
-            runner = TrialRunner(server, model, samples, space, model_name, settings, reporter)
-            runner.latency_budget_ms = _latency_budget(study, runner, settings, reporter)
-            _record_study_attrs(study, model, shapes, space, server, runner.latency_budget_ms, settings)
+    return space
+
+
+def _measure(study, plan: _Plan, space: SearchSpace, settings: StudySettings, reporter: Reporter, target) -> None:
+    """Start the server and run trials until the study reaches its budget."""
+    from optimizer.serving.embedded import EmbeddedTriton
+
+    _pin_worker(settings)
+    with target or EmbeddedTriton() as server:
+        runner = TrialRunner(server, plan.model, plan.samples, space, plan.model_name, settings, reporter)
+        runner.latency_budget_ms = _latency_budget(study, runner, settings, reporter)
+        _record_study_attrs(study, plan.model, plan.shapes, space, server, runner.latency_budget_ms, settings)
+        if not study.get_trials(deepcopy=False):  # a crash between creating the study and enqueuing
             _enqueue_baseline(study, space)
-            _run_trials(study, runner, settings.budget, reporter)
-    return _summarise(study, study_name, storage_url, settings.budget, model, out_dir)
+        _run_trials(study, runner, settings.budget, reporter)
 
 
 # --- set-up --------------------------------------------------------------------------------------------
+
+
+def _pin_worker(settings: StudySettings) -> None:
+    # The server is our child: it inherits the CPU affinity and the visible GPUs.
+    import os
+
+    if settings.cpus:
+        os.sched_setaffinity(0, settings.cpus)
+    if settings.gpus is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = settings.gpus
 
 
 def _check_settings(settings: StudySettings) -> None:
@@ -198,20 +260,30 @@ def _model_name(model: ModelInfo) -> str:
     return stem.lstrip("_-.") or "model"
 
 
-def _open_study(storage_url: str, study_name: str, seed: int | None):
+def _open_study(storage, study_name: str):
+    """Create the study, or join it; also say whether this worker created it (it enqueues the baseline)."""
     import optuna
 
-    storage = open_storage(storage_url)
-    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=5, multivariate=True, constant_liar=True)
     # Big batches and long queue delays start slow and win late: only prune after a few levels.
     pruner = optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2)
     try:
-        return optuna.create_study(
-            storage=storage, study_name=study_name, direction="maximize",
-            sampler=sampler, pruner=pruner, load_if_exists=True,
-        )
+        study = optuna.create_study(storage=storage, study_name=study_name, direction="maximize", pruner=pruner)
+        return study, True
+    except optuna.exceptions.DuplicatedStudyError:
+        return optuna.load_study(study_name=study_name, storage=storage, pruner=pruner), False
     except Exception as exc:
-        raise StorageError(f"cannot create or open study {study_name!r}: {exc}") from exc
+        raise StorageError(f"cannot create or open study {study_name!r}: {_first_line(str(exc))}") from exc
+
+
+def _sampler(seed: int | None, *, per_worker: bool):
+    import zlib
+
+    import optuna
+
+    if seed is not None and per_worker:
+        # Workers joining one study must not replay each other's proposals: derive a seed of their own.
+        seed = (seed + zlib.crc32(worker_id().encode())) % 2**31
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=5, multivariate=True, constant_liar=True)
 
 
 def _check_same_study(study, model: ModelInfo, settings: StudySettings) -> None:
@@ -299,14 +371,17 @@ def _record_study_attrs(study, model, shapes, space: SearchSpace, server, budget
 
 
 def _enqueue_baseline(study, space: SearchSpace) -> None:
-    if not study.get_trials(deepcopy=False):
-        study.enqueue_trial(baseline_params(space), user_attrs={"baseline": True})
+    # skip_if_exists: two workers finding one empty study at the same moment enqueue it once.
+    study.enqueue_trial(baseline_params(space), user_attrs={"baseline": True}, skip_if_exists=True)
 
 
 # --- the trials ----------------------------------------------------------------------------------------
 
 
 WAIT_FOR_OTHERS_S = 2.0
+# Proposals of already-measured configs cost nothing and do not count toward the budget; this many in
+# a row means the sampler has nothing new to try.
+MAX_REPEATED_CONFIGS = 25
 
 
 def _run_trials(study, runner: TrialRunner, budget: int, reporter: Reporter) -> None:
@@ -318,8 +393,11 @@ def _run_trials(study, runner: TrialRunner, budget: int, reporter: Reporter) -> 
     """
     from optuna.storages import fail_stale_trials
 
-    waiting_noted = False
+    waiting_noted, repeats = False, 0
     while (done := count_finished(study)) < budget:
+        if repeats >= MAX_REPEATED_CONFIGS:
+            reporter.note(f"the last {repeats} proposals repeated measured configs: the space looks exhausted")
+            return
         if done + count_running(study) >= budget:
             if not waiting_noted:
                 reporter.note(f"waiting for {count_running(study)} trial(s) running in other workers")
@@ -328,8 +406,10 @@ def _run_trials(study, runner: TrialRunner, budget: int, reporter: Reporter) -> 
             fail_stale_trials(study)
             continue
         runner.progress = (done, budget)
+        recover_dead_local_trials(study)  # a worker on this host died: retry its trial now, not after the grace period
         study.optimize(runner, n_trials=1, catch=(TrialFailed,))
         last = max(study.get_trials(deepcopy=False), key=lambda t: t.number)
+        repeats = repeats + 1 if "same_config_as" in last.user_attrs else 0
         reporter.trial_finished(_report(last), _best_throughput(study))
 
 
@@ -356,12 +436,21 @@ class TrialRunner:
     def __call__(self, trial) -> float:
         import optuna
 
+        if _is_surplus(trial, self.settings.budget):
+            trial.set_user_attr("surplus", True)
+            raise TrialFailed("surplus: other workers' trials already fill the budget")
         candidate = suggest_candidate(trial, self.space, batching=self.model.batching)
         config = render_config(self.model, candidate, model_name=self.model_name)
         trial.set_user_attr("worker", worker_id())
+        trial.set_user_attr("host", socket.gethostname())
         trial.set_user_attr("candidate", candidate.summary())
         trial.set_user_attr("config", to_dict(config))
+        key = hashlib.sha256(config_key(config).encode()).hexdigest()[:16]
+        trial.set_user_attr("config_key", key)
         self.reporter.trial_started(trial.number, candidate.summary(), *self.progress)
+        earlier = _measured_config(trial.study, key)
+        if earlier is not None:
+            return _reuse_measurement(trial, earlier)
         started = time.perf_counter()
         try:
             trial.set_user_attr("load_s", round(self._load(config, candidate.precision), 3))
@@ -445,6 +534,54 @@ class TrialRunner:
             trial.set_constraint(CONSTRAINT, (lowest - budget) / budget)
 
 
+def _is_surplus(trial, budget: int) -> bool:
+    """True when earlier trials (finished, or running in other workers) already fill the budget.
+
+    Two workers can pass the budget check in _run_trials at the same moment; the later-numbered trial
+    steps back, so the study ends at exactly its budget.
+    """
+    from optuna.trial import TrialState
+
+    earlier_running = [
+        t for t in trial.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if t.number < trial.number
+    ]
+    return count_finished(trial.study) + len(earlier_running) >= budget
+
+
+_COPIED_ATTRS = ("sweep", "stop_reason", "feasible", "throughput", "p99_ms", "p50_ms", "concurrency", "reason")
+
+
+def _measured_config(study, key: str):
+    """The trial that already measured the config with this key (canonicalisation), or None."""
+    from optuna.trial import TrialState
+
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)):
+        if trial.user_attrs.get("config_key") == key and "same_config_as" not in trial.user_attrs:
+            if trial.state != TrialState.FAIL or "reason" in trial.user_attrs:
+                return trial
+    return None
+
+
+def _reuse_measurement(trial, earlier) -> float:
+    """Record ``earlier``'s result on ``trial`` without measuring: two parameter sets, one config."""
+    import optuna
+    from optuna.trial import TrialState
+
+    trial.set_user_attr("same_config_as", earlier.number)
+    for key in _COPIED_ATTRS:
+        if key in earlier.user_attrs:
+            trial.set_user_attr(key, earlier.user_attrs[key])
+    for name, value in earlier.constraints.items():
+        trial.set_constraint(name, value)
+    for step, value in earlier.intermediate_values.items():
+        trial.report(value, step)
+    if earlier.state == TrialState.COMPLETE:
+        return earlier.value
+    if earlier.state == TrialState.PRUNED:
+        raise optuna.TrialPruned(f"same config as trial {earlier.number}")
+    raise TrialFailed(earlier.user_attrs.get("reason", f"same config as failed trial {earlier.number}"))
+
+
 def _still_alive(target, settle_s: float = 2.0) -> bool:
     # A killed server closes its sockets a moment before the kernel reports it dead: look twice.
     deadline = time.monotonic() + settle_s
@@ -498,17 +635,18 @@ def best_trial(study):
     return max(trials, key=lambda t: t.value, default=None)
 
 
-def _summarise(study, study_name: str, storage_url: str, budget: int, model: ModelInfo, out_dir: Path) -> StudySummary:
+def _summarise(study, plan: _Plan, budget: int) -> StudySummary:
     from optuna.trial import TrialState
 
     trials = study.get_trials(deepcopy=False)
     reports = [_report(t) for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)]
     baseline = next((_report(t) for t in trials if t.user_attrs.get("baseline") and t.state.is_finished()), None)
     best = best_trial(study)
-    repository = export_trial(study, best, out_dir / study_name / "best", model) if best is not None else None
+    best_dir = plan.out_dir / plan.study_name / "best"
+    repository = export_trial(study, best, best_dir, plan.model) if best is not None else None
     return StudySummary(
-        study_name=study_name,
-        storage_url=storage_url,
+        study_name=plan.study_name,
+        storage_url=plan.storage_url,
         latency_budget_ms=float(study.user_attrs.get("latency_budget_ms", math.nan)),
         budget=budget,
         finished=count_finished(study),

@@ -1,0 +1,143 @@
+"""Several workers on one study through a real PostgreSQL, and crash recovery.
+
+The workers here share this 2-core machine (with --allow-shared-host): these tests prove correctness
+(budget, baseline once, retries, refusals), not speed.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import optuna
+import pytest
+
+from optimizer.errors import StudyError
+from optimizer.storage import count_finished
+from optimizer.study import run_study
+
+from postgres import postgres_server
+from test_study import FAST_CLI, _settings
+
+pytestmark = pytest.mark.server
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    with postgres_server() as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def pg(postgres_url):
+    """One storage for the test's own reads, closed at the end (unclosed connections warn)."""
+    from optimizer.storage import open_storage
+
+    storage = open_storage(postgres_url)
+    yield storage
+    storage.engine.dispose()
+
+
+def _worker(model, url, name, *extra):
+    command = [sys.executable, "-m", "optimizer", "study", "--model", str(model), "--storage", url,
+               "--study-name", name, "--latency-budget-ms", "200", *FAST_CLI, *extra]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _measured(study):
+    return [t for t in study.trials if t.state.is_finished() and "same_config_as" not in t.user_attrs
+            and "surplus" not in t.user_attrs and (t.state != optuna.trial.TrialState.FAIL or "reason" in t.user_attrs)]
+
+
+def test_two_workers_share_one_study_to_exactly_its_budget(models, postgres_url, pg):
+    workers = [_worker(models["mlp"], postgres_url, "shared", "--budget", "8", "--seed", "1", "--allow-shared-host")
+               for _ in range(2)]
+    for worker in workers:
+        _, err = worker.communicate(timeout=600)
+        assert worker.returncode == 0, err
+    study = optuna.load_study(study_name="shared", storage=pg)
+    measured = _measured(study)
+    assert count_finished(study) == len(measured) == 8
+    assert sum(1 for t in study.trials if t.user_attrs.get("baseline")) == 1
+    keys = Counter(t.user_attrs["config_key"] for t in measured)
+    assert max(keys.values()) == 1  # no config measured twice
+    assert len({t.user_attrs["worker"] for t in measured}) == 2  # both workers ran trials
+    assert all(t.user_attrs["host"] for t in measured)
+    assert len(study.user_attrs["workers"]) == 2
+
+
+def test_a_second_worker_on_the_same_host_is_refused_without_pinning(models, postgres_url, pg):
+    first = _worker(models["mlp"], postgres_url, "lonely", "--budget", "30")
+    try:
+        deadline = time.monotonic() + 60
+        study = None
+        while time.monotonic() < deadline:
+            try:
+                study = optuna.load_study(study_name="lonely", storage=pg)
+                if study.user_attrs.get("workers"):
+                    break
+            except KeyError:
+                pass
+            time.sleep(0.2)
+        second = _worker(models["mlp"], postgres_url, "lonely", "--budget", "30")
+        _, err = second.communicate(timeout=120)
+        assert second.returncode != 0
+        assert "another worker of study 'lonely' runs on this host" in err and "--cpus" in err
+    finally:
+        first.send_signal(signal.SIGINT)
+        first.communicate(timeout=60)
+
+
+def test_worker_killed_mid_trial_has_its_trial_retried_by_the_other(models, postgres_url, pg):
+    slow = ["--budget", "7", "--allow-shared-host", "--window-s", "1"]
+    victim = _worker(models["mlp"], postgres_url, "retry", *slow)
+    deadline = time.monotonic() + 120
+    killed = None
+    while time.monotonic() < deadline and killed is None:
+        time.sleep(0.2)
+        try:
+            study = optuna.load_study(study_name="retry", storage=pg)
+        except KeyError:
+            continue
+        for trial in study.get_trials(states=(optuna.trial.TrialState.RUNNING,)):
+            if "load_s" in trial.user_attrs and trial.number >= 1:
+                victim.send_signal(signal.SIGKILL)
+                victim.communicate()
+                killed = trial
+                break
+    assert killed is not None, "the victim never got to measure a trial"
+    survivor = _worker(models["mlp"], postgres_url, "retry", *slow)
+    _, err = survivor.communicate(timeout=600)
+    assert survivor.returncode == 0, err
+    study = optuna.load_study(study_name="retry", storage=pg)
+    assert study.trials[killed.number].state == optuna.trial.TrialState.FAIL
+    retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed.number]
+    assert len(retries) == 1 and retries[0].state.is_finished() and retries[0].params == killed.params
+    assert count_finished(study) == 7
+    assert not study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+
+
+def test_a_worker_with_another_model_or_latency_budget_is_refused(models, postgres_url, tmp_path):
+    run_study(_settings(models["mlp"], tmp_path, budget=1, storage=postgres_url, study_name="strict"))
+    with pytest.raises(StudyError, match="different model"):
+        run_study(_settings(models["cnn"], tmp_path, budget=2, storage=postgres_url, study_name="strict"))
+    with pytest.raises(StudyError, match="latency budget"):
+        run_study(_settings(models["mlp"], tmp_path, budget=2, storage=postgres_url, study_name="strict",
+                            latency_budget_ms=10.0))
+
+
+def test_migrate_copies_a_sqlite_study_into_postgresql(models, postgres_url, pg, tmp_path, capsys):
+    from optimizer.cli import main
+
+    run_study(_settings(models["mlp"], tmp_path, budget=2, study_name="laptop"))
+    source = f"sqlite:///{tmp_path}/laptop.db"
+    assert main(["migrate", "--from", source, "--to", postgres_url]) == 0
+    copied = optuna.load_study(study_name="laptop", storage=pg)
+    original = optuna.load_study(study_name="laptop", storage=source)
+    assert [t.value for t in copied.trials] == [t.value for t in original.trials]
+    assert copied.user_attrs["model_sha256"] == original.user_attrs["model_sha256"]
+    assert main(["migrate", "--from", source, "--to", postgres_url]) == 5
+    assert "already has a study named 'laptop'" in capsys.readouterr().err
