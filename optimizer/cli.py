@@ -97,15 +97,51 @@ def study(
     ] = False,
     cpus: Annotated[Optional[str], typer.Option(help="Pin this worker and its server to cores, e.g. 0-3.")] = None,
     gpus: Annotated[Optional[str], typer.Option(help="GPUs this worker's server may use, e.g. 0,1.")] = None,
+    target: Annotated[
+        str, typer.Option(help="Triton to tune: embedded (bundled), local (--triton-binary), docker, remote (--url).")
+    ] = "embedded",
+    triton_binary: Annotated[
+        Optional[Path], typer.Option("--triton-binary", help="local: tritonserver to run (default: the one on PATH).")
+    ] = None,
+    backend_directory: Annotated[
+        Optional[Path], typer.Option("--backend-directory", help="local: its backends (default: next to its bin/).")
+    ] = None,
+    docker_image_tag: Annotated[
+        Optional[str], typer.Option("--docker-image-tag", help="docker: nvcr.io/nvidia/tritonserver:TAG-py3 (24.10).")
+    ] = None,
+    url: Annotated[Optional[str], typer.Option(help="remote: HOST:PORT of the server's gRPC endpoint.")] = None,
+    metrics_url: Annotated[
+        Optional[str], typer.Option("--metrics-url", help="remote: its /metrics URL, to see its GPUs.")
+    ] = None,
+    ssl_root_cert: Annotated[
+        Optional[Path], typer.Option("--ssl-root-cert", help="remote: PEM of the CA of the server's TLS certificate.")
+    ] = None,
+    ssl_client_cert: Annotated[
+        Optional[Path], typer.Option("--ssl-client-cert", help="remote: PEM client certificate (mutual TLS).")
+    ] = None,
+    ssl_client_key: Annotated[
+        Optional[Path], typer.Option("--ssl-client-key", help="remote: PEM key of --ssl-client-cert.")
+    ] = None,
+    header: Annotated[
+        Optional[list[str]], typer.Option("--header", help="remote: KEY:VALUE sent with every call (repeatable).")
+    ] = None,
 ) -> None:
     """Run (or resume) the Bayesian study and export the best configuration."""
     from optimizer.intake import parse_shape_args
     from optimizer.loadgen import MeasureSettings
     from optimizer.measure import DEFAULT_LEVELS, parse_levels
     from optimizer.progress import RichReporter, print_summary
+    from optimizer.serving.targets import check_target_options, make_target, parse_headers
+    from optimizer.space import load_space
     from optimizer.storage import parse_cpus
     from optimizer.study import StudySettings, run_study
 
+    target_options = dict(
+        triton_binary=triton_binary, backend_directory=backend_directory, docker_image_tag=docker_image_tag,
+        url=url, metrics_url=metrics_url, ssl_root_cert=ssl_root_cert, ssl_client_cert=ssl_client_cert,
+        ssl_client_key=ssl_client_key, headers=parse_headers(header or []),
+    )
+    check_target_options(target, **target_options)  # before any work: a stray --url is an error
     settings = StudySettings(
         model_path=model,
         budget=budget,
@@ -123,12 +159,18 @@ def study(
         cpus=parse_cpus(cpus) if cpus else frozenset(),
         gpus=gpus,
     )
+    server = None  # embedded: run_study's default
+    if target != "embedded":
+        gpu_space = target == "docker" and load_space(space).device == "gpu"
+        server = make_target(target, gpu_space=gpu_space, gpu_devices=gpus if target == "docker" else None,
+                             **target_options)
     try:
         with RichReporter() as reporter:
-            summary = run_study(settings, reporter)
+            summary = run_study(settings, reporter, target=server)
     except KeyboardInterrupt:
         raise Interrupted("interrupted: finished trials are kept; rerun the same command to resume") from None
     print_summary(summary)
+    _write_study_report(summary)
     if summary.best is None:
         raise _no_feasible(summary)
 
@@ -148,12 +190,120 @@ def export(
     out: Annotated[Path, typer.Option("--out", help="Directory of the model repository to write.")],
     trial: Annotated[Optional[int], typer.Option(help="Trial number (default: the best feasible).")] = None,
     storage: Annotated[Optional[str], typer.Option(help="Optuna storage URL.")] = None,
+    fmt: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="triton: the model repository; azureml / kserve: the repository under OUT/models "
+            "plus deployment manifests.",
+        ),
+    ] = "triton",
 ) -> None:
-    """Write a trial's config and model file as a Triton model repository."""
-    from optimizer.export import export_from_storage
+    """Write a trial's config and model file as a Triton model repository (and deployment manifests)."""
+    from optimizer.deploy import export_deployment
 
-    path = export_from_storage(study_name, out, trial=trial, storage=storage)
-    typer.echo(f"wrote {path}")
+    deployment = export_deployment(study_name, out, fmt=fmt, trial=trial, storage=storage)
+    typer.echo(f"wrote {deployment.model_dir}")
+    for manifest in deployment.manifests:
+        typer.echo(f"wrote {manifest}")
+
+
+@app.command()
+def serve(
+    repo: Annotated[
+        Optional[Path],
+        typer.Argument(help="A model repository (e.g. studies/NAME/best) or one model's directory."),
+    ] = None,
+    study_name: Annotated[
+        Optional[str], typer.Option("--study-name", help="Serve a trial of this study.")
+    ] = None,
+    trial: Annotated[Optional[int], typer.Option(help="Trial number (default: the best feasible).")] = None,
+    storage: Annotated[Optional[str], typer.Option(help="Optuna storage URL of the study.")] = None,
+    model: Annotated[
+        Optional[list[str]], typer.Option("--model", help="Model to load (repeatable; default: all).")
+    ] = None,
+    http_port: Annotated[int, typer.Option("--http-port", min=1, max=65535, help="HTTP port.")] = 8000,
+    grpc_port: Annotated[int, typer.Option("--grpc-port", min=1, max=65535, help="gRPC port.")] = 8001,
+    metrics_port: Annotated[
+        int, typer.Option("--metrics-port", min=1, max=65535, help="Metrics port.")
+    ] = 8002,
+    host: Annotated[
+        str, typer.Option(help="Address to listen on; beyond loopback, any client can load models.")
+    ] = "127.0.0.1",
+    shape: ShapeOption = None,
+) -> None:
+    """Serve a model repository (or a study's trial) on the embedded Triton until Ctrl-C."""
+    from optimizer.errors import UsageError
+    from optimizer.intake import parse_shape_args
+    from optimizer.serve import serve_repository, serve_study
+
+    if (repo is None) == (study_name is None):
+        raise UsageError("give a model repository REPO or --study-name NAME (one of them)")
+    if study_name is None and (trial is not None or storage is not None):
+        raise UsageError("--trial and --storage choose a trial of a study: use them with --study-name")
+    shapes = parse_shape_args(shape or [])
+    if study_name is not None:
+        serve_study(study_name, trial=trial, storage=storage, models=model, host=host, http_port=http_port,
+                    grpc_port=grpc_port, metrics_port=metrics_port, shapes=shapes, announce=typer.echo)
+    elif repo is not None:
+        serve_repository(repo, models=model, host=host, http_port=http_port, grpc_port=grpc_port,
+                         metrics_port=metrics_port, shapes=shapes, announce=typer.echo)
+
+
+def _write_study_report(summary) -> None:
+    """Write the study's report; a failure here is a warning, never a lost study."""
+    try:
+        import optuna
+
+        from optimizer.paths import studies_dir
+        from optimizer.report import write_report
+        from optimizer.storage import open_storage
+
+        study = optuna.load_study(study_name=summary.study_name, storage=open_storage(summary.storage_url))
+        out = studies_dir() / summary.study_name / "report"
+        paths = write_report(study, out, repository=summary.best_repository)
+        typer.echo(f"report: {paths.html} (every trial: {paths.csv})")
+    except Exception as exc:  # the study is safe in its database: say so and go on
+        typer.echo(f"warning: could not write the report ({type(exc).__name__}: {exc}); "
+                   f"run optimize report --study-name {summary.study_name} later", err=True)
+
+
+@app.command()
+def report(
+    study_name: Annotated[str, typer.Option("--study-name", help="The study to report on.")],
+    storage: Annotated[Optional[str], typer.Option(help="Optuna storage URL (default sqlite:///studies/NAME.db).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Report directory (default studies/NAME/report).")] = None,
+) -> None:
+    """Write the HTML report (opens offline) and the CSV of every trial of a study."""
+    from optimizer.errors import StudyError
+    from optimizer.paths import studies_dir
+    from optimizer.report import write_report
+    from optimizer.report.source import load_stored_study
+    from optimizer.storage import count_finished
+
+    study = load_stored_study(study_name, storage)
+    if count_finished(study) == 0:
+        raise StudyError(f"study {study_name!r} has no finished trial yet: run optimize study --study-name {study_name}")
+    paths = write_report(study, out or studies_dir() / study_name / "report")
+    typer.echo(f"wrote {paths.html}")
+    typer.echo(f"wrote {paths.csv}")
+
+
+@app.command()
+def dashboard(
+    study_name: Annotated[Optional[str], typer.Option("--study-name", help="Open this study (studies/NAME.db).")] = None,
+    storage: Annotated[Optional[str], typer.Option(help="Optuna storage URL (all of its studies).")] = None,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8080,
+    host: Annotated[str, typer.Option(help="Address to listen on; other than loopback, anyone can reach it.")] = "127.0.0.1",
+) -> None:
+    """Start optuna-dashboard on a study's storage and print its URL; Ctrl-C stops it."""
+    from optimizer.dashboard import serve_dashboard
+    from optimizer.report.source import storage_url_for
+
+    url = storage_url_for(study_name, storage)
+    serve_dashboard(url, host=host, port=port, study_name=study_name,
+                    announce=lambda link: typer.echo(f"optuna-dashboard: {link} (Ctrl-C to stop)"))
+    typer.echo("dashboard stopped")
 
 
 @app.command()

@@ -10,11 +10,12 @@ translated into these at the boundary of the stage that calls the third party (`
     ├── SpaceError            search space file: unknown keys, wrong types, empty ranges
     ├── StorageError          study database: bad URL, unreachable, mismatched study
     ├── StudyError            the study as a whole: no feasible trial, impossible latency budget
-    └── ServerError           the serving target
-        ├── ServerStartError  the server did not become ready
-        ├── ServerDiedError   the server process died (a trial-level fault when it can be restarted)
-        ├── ConfigRejected    the server refused a model configuration (a trial-level fault)
-        └── InferenceError    a request failed or timed out (a trial-level fault)
+    ├── ServerError           the serving target
+    │   ├── ServerStartError  the server did not become ready
+    │   ├── ServerDiedError   the server process died (a trial-level fault when it can be restarted)
+    │   ├── ConfigRejected    the server refused a model configuration (a trial-level fault)
+    │   └── InferenceError    a request failed or timed out (a trial-level fault)
+    └── PerfAnalyzerError     perf_analyzer (the reference load generator) missing, failing or unreadable
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ __all__ = [
     "InferenceError",
     "ModelError",
     "OptimizeError",
+    "PerfAnalyzerError",
     "ServerDiedError",
     "ServerError",
     "ServerStartError",
@@ -82,3 +84,7 @@ class ConfigRejected(ServerError):
 
 class InferenceError(ServerError):
     pass
+
+
+class PerfAnalyzerError(OptimizeError):
+    exit_code = 8

@@ -16,7 +16,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from optimizer.render import to_pbtxt
 
-__all__ = ["write_repository"]
+__all__ = ["choose_trial", "export_from_storage", "load_stored_study", "write_repository"]
 
 
 def write_repository(out_dir: Path, config: mc.ModelConfig, files: Mapping[str, Path]) -> Path:
@@ -42,25 +42,39 @@ def write_repository(out_dir: Path, config: mc.ModelConfig, files: Mapping[str, 
 
 def export_from_storage(study_name: str, out_dir: Path, *, trial: int | None = None, storage: str | None = None) -> Path:
     """Export trial ``trial`` (default: the best feasible) of a stored study; return the model directory."""
+    from optimizer.study import export_trial
+
+    study = load_stored_study(study_name, storage)
+    return export_trial(study, choose_trial(study, trial), out_dir)
+
+
+def load_stored_study(study_name: str, storage: str | None = None):
+    """Open an existing study (default storage: ``studies/NAME.db``); a StudyError names what is missing."""
     import optuna
 
     from optimizer.errors import StudyError
     from optimizer.paths import check_name, studies_dir
     from optimizer.storage import default_storage_url, open_storage
-    from optimizer.study import best_trial, export_trial
 
     check_name(study_name, "study name")
     url = storage or default_storage_url(studies_dir(), study_name)
     if storage is None and not (studies_dir() / f"{study_name}.db").exists():
         raise StudyError(f"no study {study_name!r} in {studies_dir()}/: check --study-name or give --storage")
     try:
-        study = optuna.load_study(study_name=study_name, storage=open_storage(url, create_dirs=False))
+        return optuna.load_study(study_name=study_name, storage=open_storage(url, create_dirs=False))
     except KeyError as exc:
         raise StudyError(f"no study named {study_name!r} in {url}: check --study-name") from exc
-    chosen = best_trial(study) if trial is None else _trial_by_number(study, trial)
+
+
+def choose_trial(study, number: int | None = None):
+    """Trial ``number`` if it was measured, or (None) the best feasible trial; StudyError otherwise."""
+    from optimizer.errors import StudyError
+    from optimizer.study import best_trial
+
+    chosen = best_trial(study) if number is None else _trial_by_number(study, number)
     if chosen is None:
-        raise StudyError(f"study {study_name!r} has no feasible completed trial to export")
-    return export_trial(study, chosen, out_dir)
+        raise StudyError(f"study {study.study_name!r} has no feasible completed trial to export")
+    return chosen
 
 
 def _trial_by_number(study, number: int):

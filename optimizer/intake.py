@@ -429,3 +429,22 @@ def shapes_from_samples(info: ModelInfo, samples: list[dict[str, np.ndarray]]) -
     """Request shapes (without batch when batching) read off the first input-data sample."""
     first = samples[0]
     return {name: tuple(first[name].shape[1:] if info.batching else first[name].shape) for name in first}
+
+
+def check_model_runs(info: ModelInfo, sample: Mapping[str, np.ndarray]) -> None:
+    """Run one request through ONNX Runtime on the CPU, so a model it cannot load stops the run early.
+
+    Raises:
+        ModelError: the session cannot be created (unsupported opset or operator) or the run fails.
+    """
+    import onnxruntime as ort
+
+    try:
+        session = ort.InferenceSession(str(info.path), providers=["CPUExecutionProvider"])
+        session.run(None, dict(sample))
+    except Exception as exc:  # onnxruntime raises its own exception types for load and run failures
+        detail = " ".join(str(exc).split())[:300]
+        raise ModelError(
+            f"ONNX Runtime cannot run {str(info.source_path)!r} ({detail}): check the model's opset and "
+            "operators are supported by onnxruntime, or export it again"
+        ) from exc

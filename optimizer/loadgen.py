@@ -176,5 +176,5 @@ def _describe_failure(exc: Exception, timeout_s: float) -> str:
     message = exc.message() if hasattr(exc, "message") and callable(exc.message) else str(exc)
     message = (message or type(exc).__name__).strip().splitlines()[0]
     if "deadline" in message.lower():
-        return f"a request timed out after {timeout_s:.0f} s (server hung or overloaded)"
+        return f"a request timed out after {timeout_s:g} s (server hung or overloaded)"
     return f"a request failed: {message}"

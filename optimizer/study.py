@@ -26,6 +26,7 @@ from optimizer.errors import (
 )
 from optimizer.intake import (
     ModelInfo,
+    check_model_runs,
     inspect_model,
     load_input_data,
     resolve_shapes,
@@ -127,7 +128,15 @@ class QuietReporter:
 
 
 class TrialFailed(Exception):
-    """A trial-level fault: recorded on the trial with its reason; the study goes on."""
+    """A trial-level fault: recorded on the trial with its reason; the study goes on.
+
+    ``transient`` marks faults of the moment (a crash, a hang) rather than of the config: another
+    proposal of the same config is measured again instead of inheriting the failure.
+    """
+
+    def __init__(self, reason: str, *, transient: bool = False) -> None:
+        super().__init__(reason)
+        self.transient = transient
 
 
 def run_study(settings: StudySettings, reporter: Reporter | None = None, *, target=None) -> StudySummary:
@@ -145,8 +154,29 @@ def run_study(settings: StudySettings, reporter: Reporter | None = None, *, targ
         else:
             _measure(study, plan, space, settings, reporter, target)
         return _summarise(study, plan, settings.budget)
+    except Exception as exc:
+        database_error = _database_error_in(exc)
+        if database_error is None:
+            raise
+        raise StorageError(
+            f"the study database stopped accepting reads or writes ({_first_line(str(database_error))[:160]}): "
+            "finished trials are kept; fix the storage (disk full? read-only? server down?) and rerun the same command"
+        ) from exc
     finally:
         storage.engine.dispose()  # close the database connections now, not at garbage collection
+
+
+def _database_error_in(exc: BaseException) -> BaseException | None:
+    """The database error behind ``exc``, if any (Optuna can mask it while reporting the trial)."""
+    from optuna.exceptions import StorageInternalError
+    from sqlalchemy.exc import SQLAlchemyError
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, (StorageInternalError, SQLAlchemyError)):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 @dataclass(frozen=True)
@@ -249,10 +279,12 @@ def _intake(settings: StudySettings) -> tuple[ModelInfo, dict[str, tuple[int, ..
     model = inspect_model(path, cache=cache_dir())
     if settings.input_data is not None:
         samples = load_input_data(model, settings.input_data)
-        shapes = {**shapes_from_samples(model, samples), **shapes}
-        return model, resolve_shapes(model, shapes), samples
-    shapes = resolve_shapes(model, shapes)
-    return model, shapes, [synthetic_inputs(model, shapes, 1, seed=seed) for seed in range(SYNTHETIC_SAMPLES)]
+        shapes = resolve_shapes(model, {**shapes_from_samples(model, samples), **shapes})
+    else:
+        shapes = resolve_shapes(model, shapes)
+        samples = [synthetic_inputs(model, shapes, 1, seed=seed) for seed in range(SYNTHETIC_SAMPLES)]
+    check_model_runs(model, samples[0])
+    return model, shapes, samples
 
 
 def _model_name(model: ModelInfo) -> str:
@@ -457,6 +489,8 @@ class TrialRunner:
             outcome = self._sweep(trial)
         except TrialFailed as exc:
             trial.set_user_attr("reason", str(exc))
+            if exc.transient:
+                trial.set_user_attr("transient_fault", True)
             trial.set_constraint(CONSTRAINT, 1.0)
             raise
         finally:
@@ -515,7 +549,7 @@ class TrialRunner:
             raise ServerDiedError(f"{reason}; the {self.target.name} server cannot be restarted by optimize") from exc
         self.reporter.note(f"{reason}: restarting the server")
         self.target.restart()
-        return TrialFailed(reason)
+        return TrialFailed(reason, transient=True)
 
     def _record(self, trial, outcome: SweepOutcome) -> None:
         trial.set_user_attr("sweep", [level.to_dict() for level in outcome.levels])
@@ -556,9 +590,11 @@ def _measured_config(study, key: str):
     from optuna.trial import TrialState
 
     for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)):
-        if trial.user_attrs.get("config_key") == key and "same_config_as" not in trial.user_attrs:
-            if trial.state != TrialState.FAIL or "reason" in trial.user_attrs:
-                return trial
+        attrs = trial.user_attrs
+        if attrs.get("config_key") != key or "same_config_as" in attrs or attrs.get("transient_fault"):
+            continue
+        if trial.state != TrialState.FAIL or "reason" in attrs:
+            return trial
     return None
 
 

@@ -86,7 +86,7 @@ def test_rerun_resumes_and_a_larger_budget_extends_without_touching_finished_tri
     run_study(_settings(models["mlp"], tmp_path, budget=3))
     before = {t.number: (t.state, t.value, t.user_attrs.get("sweep")) for t in _load(tmp_path).trials}
     summary = run_study(_settings(models["mlp"], tmp_path, budget=3))
-    assert summary.finished == 3 and len(_load(tmp_path).trials) == 3
+    assert summary.finished == count_finished(_load(tmp_path)) == 3  # the rerun measured nothing more
     run_study(_settings(models["mlp"], tmp_path, budget=5))
     study = _load(tmp_path)
     assert count_finished(study) == 5
@@ -201,6 +201,26 @@ def _tritons_of(pid: int) -> list[int]:
     return found
 
 
+def _group_of(pgid: int) -> list[int]:
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid:
+                members.append(int(entry.name))
+    return members
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def test_sigkill_mid_study_then_rerun_finishes_at_exactly_the_budget(models, tmp_path):
     db = tmp_path / "killed.db"
     command = [sys.executable, "-m", "optimizer", "study", "--model", str(models["mlp"]), "--budget", "5",
@@ -216,6 +236,8 @@ def test_sigkill_mid_study_then_rerun_finishes_at_exactly_the_budget(models, tmp
         process.kill()
         pytest.fail(f"the study never reached a running third trial: {_trial_states(db)}")
     server_pids = _tritons_of(process.pid)
+    stub_pids = [pid for server in server_pids for pid in _group_of(server) if pid != server]
+    assert stub_pids  # the backend stubs, children of the server: they outlive it unless reaped
     process.send_signal(signal.SIGKILL)
     process.wait()
     finished_before = {
@@ -225,6 +247,7 @@ def test_sigkill_mid_study_then_rerun_finishes_at_exactly_the_budget(models, tmp
     assert all(not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
                for pid in server_pids)  # the server died with its parent
     assert main(command[3:]) == 0
+    assert not [pid for pid in stub_pids if _alive(pid)]  # the rerun reaped the orphaned stubs
     study = _load(tmp_path, "killed")
     assert count_finished(study) == 5
     assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]

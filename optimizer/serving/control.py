@@ -6,6 +6,7 @@ with Triton's own message; a dead or unreachable server is ``ServerDiedError``.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -15,6 +16,8 @@ from optimizer.errors import ConfigRejected, ServerDiedError
 __all__ = ["ModelControl", "load_files"]
 
 LOAD_TIMEOUT_S = 600.0  # a TensorRT engine build on a big model can take minutes
+WATCH_INTERVAL_S = 2.0
+HUNG_AFTER_S = 10.0  # no liveness answer for this long while a load runs: the server is hung
 
 
 def load_files(files: Mapping[str, Path]) -> dict[str, bytes]:
@@ -25,18 +28,29 @@ def load_files(files: Mapping[str, Path]) -> dict[str, bytes]:
 class ModelControl:
     """A synchronous gRPC client for Triton's model-control and metadata APIs."""
 
-    def __init__(self, grpc_url: str, *, is_alive: Callable[[], bool] = lambda: True, **client_options) -> None:
+    def __init__(
+        self,
+        grpc_url: str,
+        *,
+        is_alive: Callable[[], bool] = lambda: True,
+        headers: Mapping[str, str] | None = None,
+        **client_options,
+    ) -> None:
+        """``headers`` go with every call (e.g. auth); ``client_options`` (TLS) to tritonclient's client."""
         import tritonclient.grpc as grpcclient
 
         self._client = grpcclient.InferenceServerClient(grpc_url, **client_options)
         self._is_alive = is_alive
+        self._headers = dict(headers) if headers else None
         self.url = grpc_url
 
     def close(self) -> None:
         self._client.close()
 
-    def load(self, name: str, config_json: str, *, files: Mapping[str, bytes] | None = None) -> float:
+    def load(self, name: str, config_json: str | None, *, files: Mapping[str, bytes] | None = None) -> float:
         """Load (or hot-reload) ``name`` with ``config_json``; return the seconds it took.
+
+        With ``config_json`` None, Triton loads the model's own ``config.pbtxt`` from its repository.
 
         Raises:
             ConfigRejected: Triton refused the config or the model failed to initialise with it.
@@ -45,18 +59,43 @@ class ModelControl:
         from tritonclient.utils import InferenceServerException
 
         started = time.perf_counter()
-        try:
-            self._client.load_model(name, config=config_json, files=dict(files) if files else None,
-                                    client_timeout=LOAD_TIMEOUT_S)
-        except InferenceServerException as exc:
-            self._raise_for(exc, f"loading model {name!r}")
+        outcome: dict[str, BaseException | None] = {}
+
+        def request() -> None:
+            try:
+                self._client.load_model(name, headers=self._headers, config=config_json,
+                                        files=dict(files) if files else None, client_timeout=LOAD_TIMEOUT_S)
+                outcome["error"] = None
+            except BaseException as exc:  # handed to the caller's thread below
+                outcome["error"] = exc
+
+        # A load may rightly take minutes (TensorRT engines), but a hung server never answers its
+        # liveness call: watch that instead of waiting out the load's own deadline.
+        worker = threading.Thread(target=request, name=f"load-{name}", daemon=True)
+        worker.start()
+        silent_since: float | None = None
+        while worker.is_alive():
+            worker.join(timeout=WATCH_INTERVAL_S)
+            if not worker.is_alive():
+                break
+            if self.is_live(timeout=WATCH_INTERVAL_S):
+                silent_since = None
+            elif silent_since is None:
+                silent_since = time.perf_counter()
+            elif time.perf_counter() - silent_since > HUNG_AFTER_S:
+                raise ServerDiedError(f"the Triton server stopped answering (hung?) while loading model {name!r}")
+        error = outcome.get("error")
+        if isinstance(error, InferenceServerException):
+            self._raise_for(error, f"loading model {name!r}")
+        elif error is not None:
+            raise error
         return time.perf_counter() - started
 
-    def unload(self, name: str) -> None:
+    def unload(self, name: str, *, timeout: float | None = None) -> None:
         from tritonclient.utils import InferenceServerException
 
         try:
-            self._client.unload_model(name)
+            self._client.unload_model(name, headers=self._headers, client_timeout=timeout)
         except InferenceServerException as exc:
             self._raise_for(exc, f"unloading model {name!r}")
 
@@ -64,24 +103,33 @@ class ModelControl:
         from tritonclient.utils import InferenceServerException
 
         try:
-            return bool(self._client.is_model_ready(name))
+            return bool(self._client.is_model_ready(name, headers=self._headers))
         except InferenceServerException:
             return False
 
-    def server_metadata(self) -> dict:
+    def server_metadata(self, *, timeout: float | None = None) -> dict:
         from tritonclient.utils import InferenceServerException
 
         try:
-            metadata = self._client.get_server_metadata(as_json=True)
+            metadata = self._client.get_server_metadata(headers=self._headers, as_json=True, client_timeout=timeout)
         except InferenceServerException as exc:
             self._raise_for(exc, "reading server metadata")
         return metadata
 
     def model_config(self, name: str) -> dict:
-        return self._client.get_model_config(name, as_json=True)["config"]
+        return self._client.get_model_config(name, headers=self._headers, as_json=True)["config"]
 
     def statistics(self, name: str) -> dict:
-        return self._client.get_inference_statistics(name, as_json=True)
+        return self._client.get_inference_statistics(name, headers=self._headers, as_json=True)
+
+    def is_live(self, *, timeout: float = 5.0) -> bool:
+        """Whether the server answers its liveness call within ``timeout`` seconds."""
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            return bool(self._client.is_server_live(headers=self._headers, client_timeout=timeout))
+        except InferenceServerException:
+            return False
 
     def _raise_for(self, exc: Exception, doing: str) -> None:
         message = _clean_message(exc.message() if hasattr(exc, "message") else str(exc))
@@ -89,7 +137,7 @@ class ModelControl:
         if not self._is_alive() or status.endswith("UNAVAILABLE"):
             raise ServerDiedError(f"the Triton server stopped answering while {doing}: {message}") from exc
         if status.endswith("DEADLINE_EXCEEDED"):
-            raise ServerDiedError(f"the Triton server did not answer in time while {doing}") from exc
+            raise ServerDiedError(f"the Triton server did not answer in time (hung?) while {doing}") from exc
         raise ConfigRejected(message) from exc
 
 

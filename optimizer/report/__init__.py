@@ -1,0 +1,71 @@
+"""Reports people read and share, rebuilt from the study database alone.
+
+``build_report_data`` turns a study into small records (:mod:`optimizer.report.data`),
+:mod:`optimizer.report.html` draws them into one self-contained HTML page, and
+:mod:`optimizer.report.csv` lays every trial out as a row. ``write_report`` writes both files.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from optimizer.report.data import ReportData, build_report_data
+
+__all__ = [
+    "CSV_NAME",
+    "HTML_NAME",
+    "ReportData",
+    "ReportPaths",
+    "build_report_data",
+    "write_report",
+]
+
+HTML_NAME = "report.html"
+CSV_NAME = "trials.csv"
+
+
+@dataclass(frozen=True)
+class ReportPaths:
+    html: Path
+    csv: Path
+
+
+def write_report(study: Any, out_dir: Path, *, repository: Path | None = None) -> ReportPaths:
+    """Write ``report.html`` and ``trials.csv`` for ``study`` into ``out_dir`` (created if missing).
+
+    Each file is written to a temporary name and moved into place, so a crash never leaves half a report.
+
+    Args:
+        study: An ``optuna.Study`` written by ``optimize study`` (an empty one gives an empty report).
+        out_dir: The report's directory.
+        repository: Where the best trial's model repository was exported (shown in the headline);
+            default ``studies/<study>/best/<model>``.
+
+    Returns:
+        The paths of the two files.
+    """
+    from optimizer.report.csv import trials_frame
+    from optimizer.report.html import render_html
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = ReportPaths(html=out_dir / HTML_NAME, csv=out_dir / CSV_NAME)
+    page = render_html(build_report_data(study, repository=repository))
+    _write_atomically(paths.html, page)
+    _write_atomically(paths.csv, trials_frame(study).to_csv(index=False))
+    return paths
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -1,0 +1,104 @@
+"""The CSV of a study: one row per trial, its measurements and its config fields as columns."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import pandas as pd
+
+__all__ = ["MEASUREMENTS", "flatten_config", "trials_frame"]
+
+# Trial user attributes copied as columns, in this order.
+MEASUREMENTS = (
+    "baseline",
+    "feasible",
+    "candidate",
+    "throughput",
+    "p99_ms",
+    "p50_ms",
+    "concurrency",
+    "reason",
+    "load_s",
+    "trial_s",
+)
+# Inputs and outputs are the model's, the same on every trial: they would only widen the table.
+_SKIPPED_CONFIG_FIELDS = ("input", "output")
+
+
+def trials_frame(study: Any) -> pd.DataFrame:
+    """Every trial of ``study`` as one row.
+
+    Columns: ``number``, ``state``, the measurements (``throughput``, ``p99_ms``, ...), ``sweep`` (JSON),
+    ``constraint.<name>``, ``param.<name>`` and ``config.<field>`` for every config field, nested
+    fields joined with dots (``config.dynamic_batching.max_queue_delay_microseconds``).
+
+    Args:
+        study: An ``optuna.Study``.
+
+    Returns:
+        A DataFrame with one row per trial, ordered by trial number (empty, with the fixed columns,
+        for a study without trials).
+    """
+    rows = [
+        _row(trial) for trial in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+    ]
+    fixed = [
+        "number",
+        "state",
+        "value",
+        *MEASUREMENTS,
+        "sweep",
+        "datetime_start",
+        "datetime_complete",
+    ]
+    frame = pd.DataFrame(rows)
+    for column in fixed:
+        if column not in frame.columns:
+            frame[column] = pd.Series(dtype="object")
+    return frame[fixed + sorted(c for c in frame.columns if c not in fixed)]
+
+
+def _row(trial: Any) -> dict[str, Any]:
+    attrs = trial.user_attrs
+    row: dict[str, Any] = {
+        "number": trial.number,
+        "state": trial.state.name.lower(),
+        "value": trial.value,
+        **{key: attrs.get(key) for key in MEASUREMENTS},
+        "sweep": json.dumps(attrs["sweep"]) if "sweep" in attrs else None,
+        "datetime_start": trial.datetime_start,
+        "datetime_complete": trial.datetime_complete,
+    }
+    row.update(
+        {f"constraint.{k}": v for k, v in (getattr(trial, "constraints", None) or {}).items()}
+    )
+    row.update({f"param.{k}": v for k, v in trial.params.items()})
+    config = {
+        k: v for k, v in (attrs.get("config") or {}).items() if k not in _SKIPPED_CONFIG_FIELDS
+    }
+    row.update(dict(flatten_config(config, "config")))
+    return row
+
+
+def flatten_config(value: Any, prefix: str) -> Iterator[tuple[str, Any]]:
+    """Flatten a JSON config: dicts and lists of dicts by key or index, lists of scalars as ``a;b``.
+
+    An empty dict (e.g. dynamic batching with every field at its default) stays a ``{}`` cell.
+
+    >>> dict(flatten_config({"instance_group": [{"count": 2}], "batching": {"sizes": [8, 4]}}, "c"))
+    {'c.instance_group.0.count': 2, 'c.batching.sizes': '8;4'}
+    """
+    if isinstance(value, Mapping) and not value:
+        yield prefix, "{}"
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            yield from flatten_config(item, f"{prefix}.{key}")
+    elif isinstance(value, list) and any(isinstance(item, (Mapping, list)) for item in value):
+        for index, item in enumerate(value):
+            yield from flatten_config(item, f"{prefix}.{index}")
+    elif isinstance(value, list):
+        yield prefix, ";".join(str(item) for item in value)
+    else:
+        yield prefix, value

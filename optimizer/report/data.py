@@ -1,0 +1,588 @@
+"""The report's data: pure functions from a study (read from its database alone) to small records.
+
+Each figure of the report has its own record (``CurvesData``, ``ScatterData``, ``HistoryData``,
+``ImportanceData``), built here and rendered by :mod:`optimizer.report.html`, so every number is tested
+without drawing anything. Only attributes stored in the study database are read: trial user attributes
+(``config``, ``throughput``, ``p99_ms``, ``sweep``, ``feasible``, ``reason``, ...) and study user
+attributes (``model_name``, ``latency_budget_ms``, ``hardware``, optional ``variants``, ...).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "Curve",
+    "CurvesData",
+    "FailureRow",
+    "Headline",
+    "HistoryData",
+    "ImportanceData",
+    "Level",
+    "PrecisionRow",
+    "ReportData",
+    "ScatterData",
+    "ScatterPoint",
+    "StudyInfo",
+    "TrialRecord",
+    "build_report_data",
+    "changes_only_runtime",
+    "curves_data",
+    "failure_rows",
+    "headline",
+    "history_data",
+    "importance_data",
+    "pareto_front",
+    "precision_of",
+    "precision_rows",
+    "provider_of",
+    "scatter_data",
+    "study_info",
+    "top_trials",
+    "trial_records",
+]
+
+TOP_N = 10
+# PED-ANOVA compares the top trials with the rest: below this many completed trials it says nothing.
+MIN_IMPORTANCE_TRIALS = 4
+ORT_TUNED = "ONNX Runtime tuned"
+
+
+# --- records -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Level:
+    """One concurrency level of a trial's sweep."""
+
+    concurrency: int
+    throughput: float
+    p50_ms: float | None
+    p95_ms: float | None
+    p99_ms: float
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """One trial as the report shows it.
+
+    ``status`` is ``feasible`` (completed within the latency budget), ``infeasible`` (no level met the
+    budget), ``pruned`` (stopped behind earlier trials), ``failed``, ``running`` or ``waiting``.
+    """
+
+    number: int
+    state: str
+    status: str
+    baseline: bool
+    candidate: str
+    precision: str
+    provider: str
+    throughput: float | None
+    p99_ms: float | None
+    p50_ms: float | None
+    concurrency: int | None
+    reason: str | None
+    sweep: tuple[Level, ...]
+    config: Mapping[str, Any]
+    load_s: float | None
+    trial_s: float | None
+
+    @property
+    def finished(self) -> bool:
+        return self.status not in ("running", "waiting")
+
+
+@dataclass(frozen=True)
+class StudyInfo:
+    name: str
+    model_name: str
+    model_sha256: str
+    latency_budget_ms: float | None
+    server_version: str
+    target: str
+    hardware: tuple[tuple[str, str], ...]
+    space: tuple[tuple[str, str], ...]
+    counts: tuple[tuple[str, int], ...]  # status -> number of trials, in a fixed order
+
+
+@dataclass(frozen=True)
+class Headline:
+    baseline: TrialRecord | None
+    best: TrialRecord | None
+    ratio: float | None  # best / baseline throughput
+    best_config: str  # config.pbtxt of the best trial, "" without one
+    repository: str  # where the best trial's model repository is exported
+
+
+@dataclass(frozen=True)
+class Curve:
+    label: str
+    trial: int
+    candidate: str
+    levels: tuple[Level, ...]
+
+
+@dataclass(frozen=True)
+class CurvesData:
+    curves: tuple[Curve, ...]
+    latency_budget_ms: float | None
+    missing: tuple[str, ...]  # labels that have no trial, with why
+
+
+@dataclass(frozen=True)
+class ScatterPoint:
+    trial: int
+    throughput: float
+    p99_ms: float
+    status: str
+    candidate: str
+
+
+@dataclass(frozen=True)
+class ScatterData:
+    points: tuple[ScatterPoint, ...]
+    pareto: tuple[int, ...]  # trial numbers on the front, by ascending p99
+    latency_budget_ms: float | None
+    unmeasured: tuple[int, ...]  # finished trials with no measurement (e.g. failed to load)
+
+
+@dataclass(frozen=True)
+class HistoryData:
+    trials: tuple[int, ...]
+    statuses: tuple[str, ...]
+    values: tuple[float | None, ...]  # throughput of feasible trials, None otherwise
+    best_so_far: tuple[float | None, ...]
+
+
+@dataclass(frozen=True)
+class ImportanceData:
+    params: tuple[str, ...]  # most important first
+    importances: tuple[float, ...]
+    note: str  # why there are none, or how to read them
+
+
+@dataclass(frozen=True)
+class PrecisionRow:
+    precision: str
+    trials: int
+    best_trial: int | None
+    best_throughput: float | None
+    p99_ms: float | None
+    accuracy: tuple[tuple[str, str], ...]
+    accuracy_ok: bool | None  # None: no accuracy figures recorded
+    accuracy_note: str  # the accuracy check's own verdict, "" without one
+
+
+@dataclass(frozen=True)
+class FailureRow:
+    trial: int
+    status: str
+    candidate: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ReportData:
+    info: StudyInfo
+    headline: Headline
+    trials: tuple[TrialRecord, ...]
+    curves: CurvesData
+    scatter: ScatterData
+    history: HistoryData
+    importances: ImportanceData
+    top: tuple[TrialRecord, ...]
+    precisions: tuple[PrecisionRow, ...]
+    failures: tuple[FailureRow, ...]
+
+
+# --- the whole report ----------------------------------------------------------------------------------
+
+
+def build_report_data(study: Any, *, repository: Path | None = None) -> ReportData:
+    """Turn a study into the records of its report.
+
+    Args:
+        study: An ``optuna.Study`` written by ``optimize study`` (any state, even without trials).
+        repository: Where the best trial's model repository was exported; default
+            ``studies/<study>/best/<model>``.
+
+    Returns:
+        The report's records; figures without data hold empty tuples.
+    """
+    trials = trial_records(study.get_trials(deepcopy=False))
+    attrs = dict(study.user_attrs)
+    budget = _float_or_none(attrs.get("latency_budget_ms"))
+    info = study_info(study.study_name, attrs, trials)
+    if repository is None:
+        from optimizer.paths import studies_dir
+
+        repository = studies_dir() / study.study_name / "best" / info.model_name
+    return ReportData(
+        info=info,
+        headline=headline(trials, str(repository)),
+        trials=trials,
+        curves=curves_data(trials, budget),
+        scatter=scatter_data(trials, budget),
+        history=history_data(trials),
+        importances=importance_data(study),
+        top=top_trials(trials),
+        precisions=precision_rows(trials, attrs.get("variants"), _space_precisions(attrs)),
+        failures=failure_rows(trials),
+    )
+
+
+# --- trials --------------------------------------------------------------------------------------------
+
+
+def trial_records(trials: Iterable[Any]) -> tuple[TrialRecord, ...]:
+    """One record per trial (``optuna.trial.FrozenTrial``), by trial number."""
+    return tuple(_record(trial) for trial in sorted(trials, key=lambda t: t.number))
+
+
+def _record(trial: Any) -> TrialRecord:
+    attrs = trial.user_attrs
+    config = attrs.get("config") or {}
+    state = trial.state.name.lower()
+    return TrialRecord(
+        number=trial.number,
+        state=state,
+        status=_status(state, attrs),
+        baseline=bool(attrs.get("baseline", False)),
+        candidate=str(attrs.get("candidate", "")),
+        precision=precision_of(config),
+        provider=provider_of(config),
+        throughput=_float_or_none(attrs.get("throughput")),
+        p99_ms=_float_or_none(attrs.get("p99_ms")),
+        p50_ms=_float_or_none(attrs.get("p50_ms")),
+        concurrency=attrs.get("concurrency"),
+        reason=attrs.get("reason"),
+        sweep=tuple(_level(level) for level in attrs.get("sweep") or ()),
+        config=config,
+        load_s=_float_or_none(attrs.get("load_s")),
+        trial_s=_float_or_none(attrs.get("trial_s")),
+    )
+
+
+def _status(state: str, attrs: Mapping[str, Any]) -> str:
+    if state == "fail":
+        return "failed"
+    if state in ("running", "waiting"):
+        return state
+    if not attrs.get("feasible", False):
+        return "infeasible"
+    return "feasible" if state == "complete" else "pruned"
+
+
+def _level(data: Mapping[str, Any]) -> Level:
+    return Level(
+        concurrency=int(data["concurrency"]),
+        throughput=float(data["throughput"]),
+        p50_ms=_float_or_none(data.get("p50_ms")),
+        p95_ms=_float_or_none(data.get("p95_ms")),
+        p99_ms=float(data["p99_ms"]),
+    )
+
+
+def _float_or_none(value: Any) -> float | None:
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def precision_of(config: Mapping[str, Any]) -> str:
+    """The precision a rendered config serves: from its model file, or TensorRT's precision mode."""
+    from optimizer.render import MODEL_FILENAMES
+
+    by_file = {name: precision for precision, name in MODEL_FILENAMES.items()}
+    precision = by_file.get(config.get("default_model_filename") or "model.onnx", "fp32")
+    for accelerator in _accelerators(config, "gpu_execution_accelerator"):
+        if (
+            accelerator.get("name") == "tensorrt"
+            and accelerator.get("parameters", {}).get("precision_mode") == "FP16"
+        ):
+            return "fp16"
+    return precision
+
+
+def provider_of(config: Mapping[str, Any]) -> str:
+    """The execution provider a rendered config asks for: an accelerator's name, else cpu."""
+    for kind in ("gpu_execution_accelerator", "cpu_execution_accelerator"):
+        for accelerator in _accelerators(config, kind):
+            return str(accelerator.get("name", "cpu"))
+    return "cpu"
+
+
+def _accelerators(config: Mapping[str, Any], kind: str) -> list[Mapping[str, Any]]:
+    return list(config.get("optimization", {}).get("execution_accelerators", {}).get(kind, []))
+
+
+def changes_only_runtime(config: Mapping[str, Any]) -> bool:
+    """True when a config leaves every Triton knob at the baseline (only ONNX Runtime's changed).
+
+    That is: max batch size at most 1, no dynamic batching, one instance, no thread count parameter.
+    """
+    instances = sum(int(group.get("count", 1)) for group in config.get("instance_group") or [{}])
+    return (
+        int(config.get("max_batch_size", 0)) <= 1
+        and "dynamic_batching" not in config
+        and instances == 1
+        and "intra_op_thread_count" not in (config.get("parameters") or {})
+    )
+
+
+# --- headline and study --------------------------------------------------------------------------------
+
+
+def _feasible(trials: Sequence[TrialRecord]) -> list[TrialRecord]:
+    return [t for t in trials if t.status == "feasible" and t.throughput is not None]
+
+
+def _best(trials: Sequence[TrialRecord]) -> TrialRecord | None:
+    # The first of equals wins, as in optimizer.study.best_trial (the exported trial).
+    return max(_feasible(trials), key=lambda t: t.throughput or 0.0, default=None)
+
+
+def headline(trials: Sequence[TrialRecord], repository: str) -> Headline:
+    """Baseline vs best feasible trial, their ratio and the best config in readable form."""
+    baseline = next((t for t in trials if t.baseline), None)
+    best = _best(trials)
+    ratio = None
+    if best is not None and baseline is not None and baseline.throughput:
+        ratio = (best.throughput or 0.0) / baseline.throughput
+    return Headline(
+        baseline, best, ratio, _pbtxt(best.config) if best else "", repository if best else ""
+    )
+
+
+def _pbtxt(config: Mapping[str, Any]) -> str:
+    import json
+
+    from google.protobuf.json_format import ParseError
+
+    from optimizer.render import config_from_json, to_pbtxt
+
+    try:
+        return to_pbtxt(config_from_json(dict(config)))
+    except ParseError:  # a config this version cannot parse: show the stored JSON instead
+        return json.dumps(config, indent=2, sort_keys=True)
+
+
+STATUS_ORDER = ("feasible", "infeasible", "pruned", "failed", "running", "waiting")
+
+
+def study_info(name: str, attrs: Mapping[str, Any], trials: Sequence[TrialRecord]) -> StudyInfo:
+    """The study's identity and environment, with trial counts by status."""
+    return StudyInfo(
+        name=name,
+        model_name=str(attrs.get("model_name", "model")),
+        model_sha256=str(attrs.get("model_sha256", "")),
+        latency_budget_ms=_float_or_none(attrs.get("latency_budget_ms")),
+        server_version=str(attrs.get("server_version", "")),
+        target=str(attrs.get("target", "")),
+        hardware=_pairs(attrs.get("hardware")),
+        space=_pairs(attrs.get("space")),
+        counts=tuple((status, sum(t.status == status for t in trials)) for status in STATUS_ORDER),
+    )
+
+
+def _pairs(value: Any) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, Mapping):
+        return ()
+    return tuple((str(key), _text(item)) for key, item in value.items())
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_text(item) for item in value) + "]"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "-" if value is None else str(value)
+
+
+# --- figures -------------------------------------------------------------------------------------------
+
+
+def curves_data(trials: Sequence[TrialRecord], latency_budget_ms: float | None) -> CurvesData:
+    """Throughput vs concurrency of the baseline, the ONNX-Runtime-tuned and the best trial."""
+    baseline = next((t for t in trials if t.baseline and t.sweep), None)
+    runtime_only = [
+        t for t in _feasible(trials) if not t.baseline and changes_only_runtime(t.config)
+    ]
+    chosen = [
+        ("baseline", baseline, "the baseline has no measured sweep"),
+        (
+            ORT_TUNED,
+            _best(runtime_only),
+            "no feasible trial changed only the provider or precision",
+        ),
+        ("best overall", _best(trials), "no trial met the latency budget"),
+    ]
+    curves = tuple(
+        Curve(label, t.number, t.candidate, t.sweep) for label, t, _ in chosen if t is not None
+    )
+    missing = tuple(f"{label}: {why}" for label, t, why in chosen if t is None)
+    return CurvesData(curves, latency_budget_ms, missing)
+
+
+def _scatter_point(trial: TrialRecord) -> ScatterPoint | None:
+    if trial.throughput is not None and trial.p99_ms is not None:
+        return ScatterPoint(
+            trial.number, trial.throughput, trial.p99_ms, trial.status, trial.candidate
+        )
+    if not trial.sweep:
+        return None
+    # No level met the budget: show the level closest to meeting it.
+    level = min(trial.sweep, key=lambda lv: lv.p99_ms)
+    return ScatterPoint(trial.number, level.throughput, level.p99_ms, trial.status, trial.candidate)
+
+
+def scatter_data(trials: Sequence[TrialRecord], latency_budget_ms: float | None) -> ScatterData:
+    """Throughput vs p99 of every measured trial, with the Pareto front (high throughput, low p99)."""
+    finished = [t for t in trials if t.finished]
+    points = tuple(p for p in (_scatter_point(t) for t in finished) if p is not None)
+    measured = {p.trial for p in points}
+    unmeasured = tuple(t.number for t in finished if t.number not in measured)
+    return ScatterData(points, pareto_front(points), latency_budget_ms, unmeasured)
+
+
+def pareto_front(points: Sequence[ScatterPoint]) -> tuple[int, ...]:
+    """Trials no other trial beats on both throughput (higher) and p99 (lower), by ascending p99."""
+    front: list[int] = []
+    best = -math.inf
+    for point in sorted(points, key=lambda p: (p.p99_ms, -p.throughput, p.trial)):
+        if point.throughput > best:
+            front.append(point.trial)
+            best = point.throughput
+    return tuple(front)
+
+
+def history_data(trials: Sequence[TrialRecord]) -> HistoryData:
+    """Each finished trial's feasible throughput and the best so far, by trial number."""
+    finished = [t for t in trials if t.finished]
+    values = [t.throughput if t.status == "feasible" else None for t in finished]
+    best: list[float | None] = []
+    for value in values:
+        previous = best[-1] if best else None
+        best.append(
+            value if previous is None or (value is not None and value > previous) else previous
+        )
+    return HistoryData(
+        tuple(t.number for t in finished),
+        tuple(t.status for t in finished),
+        tuple(values),
+        tuple(best),
+    )
+
+
+def importance_data(study: Any) -> ImportanceData:
+    """Parameter importances for reaching the highest throughput (PED-ANOVA over completed trials).
+
+    The study maximises throughput and the evaluator gets no ``target``, so it follows the study's
+    direction: a high importance means the parameter matters for reaching the top throughputs.
+    With too few completed trials, or when the evaluator fails, the record holds a note and no values.
+    """
+    import optuna
+    from optuna.trial import TrialState
+
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if len(complete) < MIN_IMPORTANCE_TRIALS:
+        return ImportanceData(
+            (), (), f"needs at least {MIN_IMPORTANCE_TRIALS} completed trials, has {len(complete)}"
+        )
+    if study.direction != optuna.study.StudyDirection.MAXIMIZE:
+        return ImportanceData((), (), "the study does not maximise throughput")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "too few trials" and experimental-feature warnings
+            evaluator = optuna.importance.PedAnovaImportanceEvaluator()
+            found = optuna.importance.get_param_importances(study, evaluator=evaluator)
+    except (
+        Exception
+    ) as exc:  # optuna refuses some studies (e.g. no parameters): report, do not fail
+        return ImportanceData((), (), f"not available: {exc}")
+    ranked = sorted(found.items(), key=lambda item: (-item[1], item[0]))
+    if not ranked or all(value == 0 for _, value in ranked):
+        return ImportanceData(
+            (), (), f"no parameter stands out yet in {len(complete)} completed trials"
+        )
+    note = f"PED-ANOVA over {len(complete)} completed trials: share of what sets the top throughputs apart"
+    return ImportanceData(tuple(k for k, _ in ranked), tuple(float(v) for _, v in ranked), note)
+
+
+# --- tables --------------------------------------------------------------------------------------------
+
+
+def top_trials(trials: Sequence[TrialRecord], n: int = TOP_N) -> tuple[TrialRecord, ...]:
+    """The ``n`` feasible trials with the highest throughput, best first (ties: lower number first)."""
+    return tuple(sorted(_feasible(trials), key=lambda t: (-(t.throughput or 0.0), t.number))[:n])
+
+
+def _space_precisions(attrs: Mapping[str, Any]) -> tuple[str, ...]:
+    space = attrs.get("space")
+    if isinstance(space, Mapping) and isinstance(space.get("precisions"), list):
+        return tuple(str(p) for p in space["precisions"])
+    return ()
+
+
+# Keys of a variant's accuracy record that are not figures: the verdict, its sentence, the precision again.
+_NOT_FIGURES = ("ok", "reason", "precision")
+
+
+def precision_rows(
+    trials: Sequence[TrialRecord], variants: Any, space_precisions: Sequence[str] = ()
+) -> tuple[PrecisionRow, ...]:
+    """Best feasible throughput of each precision, with its accuracy figures when the study has them.
+
+    Args:
+        trials: The study's trial records.
+        variants: The study attribute ``variants`` ({precision: {figure: value, ..., "ok": bool}}), or None.
+        space_precisions: Precisions of the search space, listed even when no trial used them.
+    """
+    variants = variants if isinstance(variants, Mapping) else {}
+    names = list(
+        dict.fromkeys([*space_precisions, *(t.precision for t in trials if t.finished), *variants])
+    )
+    rows = []
+    for precision in names:
+        measured = [t for t in trials if t.finished and t.precision == precision]
+        best = _best(measured)
+        figures = variants.get(precision)
+        figures = figures if isinstance(figures, Mapping) else {}
+        ok = figures.get("ok")
+        shown = {k: v for k, v in figures.items() if k not in _NOT_FIGURES}
+        rows.append(
+            PrecisionRow(
+                precision=precision,
+                trials=len(measured),
+                best_trial=best.number if best else None,
+                best_throughput=best.throughput if best else None,
+                p99_ms=best.p99_ms if best else None,
+                accuracy=tuple((str(k), _text(v)) for k, v in shown.items()),
+                accuracy_ok=ok if isinstance(ok, bool) else None,
+                accuracy_note=str(figures.get("reason", "")),
+            )
+        )
+    return tuple(rows)
+
+
+def failure_rows(trials: Sequence[TrialRecord]) -> tuple[FailureRow, ...]:
+    """Every finished trial that did not complete within the budget, with its reason."""
+    return tuple(
+        FailureRow(
+            t.number,
+            t.status,
+            t.candidate,
+            t.reason or ("interrupted" if t.status == "failed" else "-"),
+        )
+        for t in trials
+        if t.finished and t.status != "feasible"
+    )

@@ -1,0 +1,148 @@
+"""Fault injection against the real embedded Triton and real SQLite: hangs, broken variants, read-only
+storage, an export cut short. Each fault fails only what it touches and a rerun completes the study."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import optuna
+import pytest
+
+from optimizer import export as export_module
+from optimizer.loadgen import MeasureSettings
+from optimizer.paths import cache_dir
+from optimizer.intake import inspect_model
+from optimizer.render import render_config
+from optimizer.serving.embedded import EmbeddedTriton
+from optimizer.space import Candidate
+from optimizer.storage import count_finished
+from optimizer.study import QuietReporter, run_study
+from optimizer.variants import variant_path
+
+from test_study import FAST_CLI, _load, _settings, _trial_states, _tritons_of
+
+pytestmark = pytest.mark.server
+
+
+class HangOnTrial(QuietReporter):
+    """Stops the real server with SIGSTOP shortly after trial ``number`` starts: requests hang."""
+
+    def __init__(self, target: EmbeddedTriton, number: int):
+        self.target, self.number, self.stopped_pid = target, number, None
+
+    def trial_started(self, number, summary, done, budget):
+        if number == self.number:
+            self.stopped_pid = self.target.pid
+            threading.Timer(2.0, os.kill, (self.stopped_pid, signal.SIGSTOP)).start()
+
+
+def test_hung_server_fails_its_trial_by_timeout_and_a_fresh_server_takes_over(models, tmp_path):
+    target = EmbeddedTriton()
+    measure = MeasureSettings(warmup_s=0.5, window_s=1.5, min_requests=10, max_window_s=3.0, request_timeout_s=2.0)
+    reporter = HangOnTrial(target, 1)
+    summary = run_study(_settings(models["mlp"], tmp_path, budget=4, measure=measure), reporter, target=target)
+    study = _load(tmp_path)
+    hung = study.trials[1]
+    assert hung.state == optuna.trial.TrialState.FAIL
+    assert "hung" in hung.user_attrs["reason"]
+    assert summary.finished == 4
+    assert [t.number for t in study.trials if t.state == optuna.trial.TrialState.FAIL] == [1]
+    assert hung.user_attrs["transient_fault"] is True  # a repeat of its config is measured, not inherited
+    assert not Path(f"/proc/{reporter.stopped_pid}").exists() or "Z" in Path(f"/proc/{reporter.stopped_pid}/stat").read_text().split()[2]
+
+
+def test_variant_that_fails_to_initialise_fails_only_its_trials(models, tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text("precisions: [fp32, int8]\nmax_batch_size: [1, 4]\ninstance_count: [1, 2]\n")
+    settings = _settings(models["cnn"], tmp_path, budget=1, space=str(space), seed=11)
+    run_study(settings)  # the accuracy check passes and is recorded
+    broken = variant_path(inspect_model(models["cnn"]), "int8", cache_dir())
+    original = broken.read_bytes()
+    broken.write_bytes(original[: len(original) // 4])  # the cached int8 file no longer loads
+    try:
+        run_study(settings.__class__(**{**settings.__dict__, "budget": 8}))
+    finally:
+        broken.write_bytes(original)
+    study = _load(tmp_path)
+    int8 = [t for t in study.trials if t.params.get("precision") == "int8"]
+    fp32 = [t for t in study.trials[1:] if t.params.get("precision") == "fp32"]
+    assert int8 and fp32, [t.params for t in study.trials]
+    for trial in int8:
+        assert trial.state == optuna.trial.TrialState.FAIL
+        assert trial.user_attrs["reason"].startswith("Triton rejected the config")
+    assert all(t.state != optuna.trial.TrialState.FAIL for t in fp32)
+    assert count_finished(study) == 8
+
+
+@contextmanager
+def _immutable(directory: Path):
+    subprocess.run(["chattr", "+i", str(directory)], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(directory)], check=True)
+
+
+def test_read_only_study_directory_is_a_clear_error_before_any_trial(models, tmp_path, capsys):
+    from optimizer.cli import main
+
+    frozen = tmp_path / "frozen"
+    frozen.mkdir()
+    with _immutable(frozen):
+        code = main(["study", "--model", str(models["mlp"]), "--budget", "1", "--storage", f"sqlite:///{frozen}/s.db"])
+    err = capsys.readouterr().err.strip()
+    assert code == 5 and err.startswith("Error: cannot open study storage") and "\n" not in err
+
+
+def test_storage_turning_read_only_mid_study_stops_cleanly_and_a_rerun_completes(models, tmp_path):
+    directory = tmp_path / "db"
+    directory.mkdir()
+    db = directory / "ro.db"
+    command = [sys.executable, "-m", "optimizer", "study", "--model", str(models["mlp"]), "--budget", "5",
+               "--latency-budget-ms", "200", "--study-name", "ro", "--storage", f"sqlite:///{db}", *FAST_CLI]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        states = _trial_states(db)  # plain sqlite3: optuna would race the worker creating its tables
+        if states.count("COMPLETE") + states.count("PRUNED") >= 2:
+            break
+        time.sleep(0.2)
+    servers = _tritons_of(process.pid)
+    with _immutable(directory):
+        _, err = process.communicate(timeout=120)
+    assert process.returncode == 5, err
+    assert "the study database stopped accepting reads or writes" in err and "Traceback" not in err
+    time.sleep(0.5)
+    assert all(not Path(f"/proc/{pid}").exists() for pid in servers)
+    kept = {t.number: t.value for t in optuna.load_study(study_name="ro", storage=f"sqlite:///{db}").trials
+            if t.state == optuna.trial.TrialState.COMPLETE}
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    study = optuna.load_study(study_name="ro", storage=f"sqlite:///{db}")
+    assert count_finished(study) == 5
+    assert all(study.trials[n].value == v for n, v in kept.items())
+
+
+def test_export_cut_short_leaves_the_previous_repository_intact(models, tmp_path, monkeypatch):
+    info = inspect_model(models["mlp"])
+    config = render_config(info, Candidate(), model_name="mlp")
+    first = export_module.write_repository(tmp_path, config, {"1/model.onnx": info.path})
+    before = (first / "config.pbtxt").read_text()
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # as if the process were interrupted halfway through the copy
+
+    monkeypatch.setattr(export_module.shutil, "copy2", crash)
+    changed = render_config(info, Candidate(max_batch_size=8, instance_count=2), model_name="mlp")
+    with pytest.raises(KeyboardInterrupt):
+        export_module.write_repository(tmp_path, changed, {"1/model.onnx": info.path})
+    assert (first / "config.pbtxt").read_text() == before
+    assert (first / "1" / "model.onnx").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp"]  # no half-written staging directory left
