@@ -40,15 +40,11 @@ def main() -> None:
     parser.add_argument("--study-name")
     parser.add_argument("--storage")
     parser.add_argument("--trial", type=int)
-    parser.add_argument(
-        "--budget", type=int, default=8, help="trials of the study run when no --study-name"
-    )
+    parser.add_argument("--budget", type=int, default=8, help="trials of the study run when no --study-name")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("bench/out"))
     parser.add_argument("--measurement-interval-ms", type=int, default=5000)
-    parser.add_argument(
-        "--stability", default="10,25,50", help="stability percentages to try in turn"
-    )
+    parser.add_argument("--stability", default="10,25,50", help="stability percentages to try in turn")
     args = parser.parse_args()
 
     name, storage = args.study_name, args.storage
@@ -70,9 +66,7 @@ def main() -> None:
     try:
         binary = perf_analyzer.find_perf_analyzer()
     except PerfAnalyzerError:
-        print(
-            f"perf_analyzer missing: installing {perf_analyzer.TRITONCLIENT_WITH_BINARY} into the cache"
-        )
+        print(f"perf_analyzer missing: installing {perf_analyzer.TRITONCLIENT_WITH_BINARY} into the cache")
         binary = perf_analyzer.install_perf_analyzer()
 
     with tempfile.TemporaryDirectory(prefix="remeasure-") as tmp:
@@ -177,9 +171,7 @@ def _measure(model: str, grpc_url: str, concurrency: int, shapes, data: Path, ar
         except PerfAnalyzerError as exc:
             if "no stable measurement" not in exc.message or percentage == percentages[-1]:
                 raise
-            print(
-                f"perf_analyzer did not settle within {percentage:g}%: retrying with a wider percentage"
-            )
+            print(f"perf_analyzer did not settle within {percentage:g}%: retrying with a wider percentage")
     raise AssertionError("unreachable")
 
 

@@ -25,12 +25,18 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("bench/out"))
+    parser.add_argument(
+        "--study-name", help="print the figures of (or resume) this study instead of a new one"
+    )
     args = parser.parse_args()
-    name = f"example-b{args.budget}-s{args.seed}-{int(time.time())}"
+    name = args.study_name or f"example-b{args.budget}-s{args.seed}-{int(time.time())}"
     measure = MeasureSettings(warmup_s=0.5, window_s=2.0, min_requests=30, max_window_s=8.0)
     started = time.perf_counter()
-    summary = run_study(StudySettings(budget=args.budget, seed=args.seed, study_name=name, output_dir=args.out,
-                                      measure=measure))
+    summary = run_study(
+        StudySettings(
+            budget=args.budget, seed=args.seed, study_name=name, output_dir=args.out, measure=measure
+        )
+    )
     wall = time.perf_counter() - started
     study = optuna.load_study(study_name=name, storage=summary.storage_url)
     print_figures(study, summary, wall, measure)
@@ -47,16 +53,33 @@ def print_figures(study, summary, wall_s: float, measure: MeasureSettings) -> No
         ("trials finished", f"{summary.finished} in {wall_s / 60:.1f} min"),
         ("baseline throughput (inf/s)", _throughput(baseline)),
         ("best throughput (inf/s)", _throughput(best)),
-        ("best / baseline", f"{best.throughput / baseline.throughput:.2f}x" if _both(baseline, best) else "-"),
+        (
+            "best / baseline",
+            f"{best.throughput / baseline.throughput:.2f}x" if _both(baseline, best) else "-",
+        ),
         ("best config", best.summary if best else "-"),
         ("trials pruned", str(summary.pruned)),
         ("trials failed", str(summary.failed)),
         ("median seconds per trial", f"{statistics.median(trial_seconds):.1f}" if trial_seconds else "-"),
-        ("median reload seconds", f"{statistics.median(load_seconds):.2f} (+ {measure.warmup_s:g} s warm-up)"
-         if load_seconds else "-"),
+        (
+            "median reload seconds",
+            f"{statistics.median(load_seconds):.2f} (+ {measure.warmup_s:g} s warm-up)"
+            if load_seconds
+            else "-",
+        ),
     ]
     for precision, figure in _best_per_precision(study).items():
         rows.append((f"best {precision} throughput (inf/s)", figure))
+    for precision, record in study.user_attrs.get("variants", {}).items():
+        top1 = f", top-1 {record['top1']:.3f}" if record.get("top1") is not None else ""
+        verdict = "kept" if record["ok"] else "rejected"
+        rows.append(
+            (
+                f"{precision} accuracy vs fp32",
+                f"cosine {record['cosine']:.5f}, max abs {record['max_abs']:.3g}, "
+                f"max rel {record['max_rel']:.3g}{top1} ({verdict})",
+            )
+        )
     width = max(len(label) for label, _ in rows)
     for label, value in rows:
         print(f"{label:<{width}}  {value}")

@@ -28,8 +28,13 @@ from optimizer.space import Candidate
 
 CONFIGS = {
     "untuned": Candidate(),
-    "batched": Candidate(max_batch_size=8, preferred_batch_sizes=(8, 4), max_queue_delay_us=1000,
-                         instance_count=2, intra_op_threads=1),
+    "batched": Candidate(
+        max_batch_size=8,
+        preferred_batch_sizes=(8, 4),
+        max_queue_delay_us=1000,
+        instance_count=2,
+        intra_op_threads=1,
+    ),
 }
 
 
@@ -41,7 +46,10 @@ def served_outputs(server: EmbeddedTriton, name: str, feeds: dict[str, np.ndarra
         tensor.set_data_from_numpy(array)
         inputs.append(tensor)
     result = client.infer(name, inputs)
-    outputs = {output["name"]: result.as_numpy(output["name"]) for output in result.get_response(as_json=True)["outputs"]}
+    outputs = {
+        output["name"]: result.as_numpy(output["name"])
+        for output in result.get_response(as_json=True)["outputs"]
+    }
     client.close()
     return outputs
 
@@ -60,7 +68,9 @@ def main() -> None:
     session = ort.InferenceSession(str(info.path), providers=["CPUExecutionProvider"])
     started = time.perf_counter()
     with EmbeddedTriton() as server:
-        print(f"Triton {server.server_version()} ready on {server.grpc_url} in {time.perf_counter() - started:.1f} s")
+        print(
+            f"Triton {server.server_version()} ready on {server.grpc_url} in {time.perf_counter() - started:.1f} s"
+        )
         for label, candidate in CONFIGS.items():
             config = render_config(info, candidate, model_name="model")
             seconds = server.load_model("model", to_json(config), {"1/model.onnx": info.path})
@@ -70,7 +80,9 @@ def main() -> None:
                 direct = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
                 served = served_outputs(server, "model", feeds)
                 worst = max(worst, *(float(np.max(np.abs(served[n] - direct[n]))) for n in direct))
-            print(f"{label:8} {candidate.summary():55} load {seconds:.2f} s, served vs direct max |diff| {worst:.3g}")
+            print(
+                f"{label:8} {candidate.summary():55} load {seconds:.2f} s, served vs direct max |diff| {worst:.3g}"
+            )
 
 
 if __name__ == "__main__":

@@ -65,7 +65,8 @@ def compare_outputs(
     precision: str, reference: Sequence[Outputs], candidate: Sequence[Outputs], tolerance: float
 ) -> AccuracyReport:
     """Compare per-sample outputs of the fp32 model (``reference``) and a variant (``candidate``)."""
-    cosine, max_abs, max_rel, agreements = 1.0, 0.0, 0.0, {}
+    cosine, max_abs, max_rel = 1.0, 0.0, 0.0
+    agreements: dict[str, list[bool]] = {}
     for ref, got in zip(reference, candidate):
         for name, expected in ref.items():
             actual = got[name]
@@ -73,7 +74,9 @@ def compare_outputs(
                 cosine = -1.0
                 continue
             cosine = min(cosine, _cosine(expected, actual))
-            error = float(np.max(np.abs(expected.astype(np.float64) - actual.astype(np.float64)), initial=0.0))
+            error = float(
+                np.max(np.abs(expected.astype(np.float64) - actual.astype(np.float64)), initial=0.0)
+            )
             scale = float(np.max(np.abs(expected.astype(np.float64)), initial=0.0))
             max_abs = max(max_abs, error)
             max_rel = max(max_rel, error / scale if scale > 0 else (0.0 if error == 0 else np.inf))

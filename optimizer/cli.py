@@ -7,9 +7,9 @@ happen inside the commands, so ``optimize --help`` stays fast.
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -20,6 +20,7 @@ from optimizer.errors import OptimizeError
 
 class Interrupted(OptimizeError):
     exit_code = 130
+
 
 app = typer.Typer(
     add_completion=False,
@@ -62,7 +63,9 @@ def inspect(
         table.add_column(column)
     for kind, specs in (("input", info.inputs), ("output", info.outputs)):
         for spec in specs:
-            table.add_row(kind, escape(spec.name), spec.dtype, escape("[" + ", ".join(str(d) for d in spec.dims) + "]"))
+            table.add_row(
+                kind, escape(spec.name), spec.dtype, escape("[" + ", ".join(str(d) for d in spec.dims) + "]")
+            )
     console.print(table)
     console.print(f"batch dimension: {'dynamic (first axis)' if info.batching else 'none: max_batch_size 0'}")
     for note in info.notes:
@@ -73,48 +76,75 @@ def inspect(
 
 @app.command()
 def study(
-    model: Annotated[Optional[Path], typer.Option("--model", help="ONNX model (default: the bundled example).")] = None,
+    model: Annotated[
+        Optional[Path], typer.Option("--model", help="ONNX model (default: the bundled example).")
+    ] = None,
     budget: Annotated[int, typer.Option(help="Total number of trials in the study.")] = 40,
     latency_budget_ms: Annotated[
-        Optional[float], typer.Option("--latency-budget-ms", help="p99 latency budget (default: 10x baseline p99).")
+        Optional[float],
+        typer.Option("--latency-budget-ms", help="p99 latency budget (default: 10x baseline p99)."),
     ] = None,
     space: Annotated[str, typer.Option(help="Search space: a name under spaces/ or a YAML path.")] = "cpu",
-    study_name: Annotated[Optional[str], typer.Option("--study-name", help="Default: the model's file name.")] = None,
-    storage: Annotated[Optional[str], typer.Option(help="Optuna storage URL (default sqlite:///studies/NAME.db).")] = None,
+    study_name: Annotated[
+        Optional[str], typer.Option("--study-name", help="Default: the model's file name.")
+    ] = None,
+    storage: Annotated[
+        Optional[str], typer.Option(help="Optuna storage URL (default sqlite:///studies/NAME.db).")
+    ] = None,
     shape: ShapeOption = None,
     input_data: Annotated[
-        Optional[Path], typer.Option("--input-data", help=".npz with one array per input (samples on axis 0).")
+        Optional[Path],
+        typer.Option("--input-data", help=".npz with one array per input (samples on axis 0)."),
     ] = None,
     accuracy_tolerance: Annotated[
-        float, typer.Option("--accuracy-tolerance", help="Max 1 - cosine similarity of a fp16/int8 variant vs fp32.")
+        float,
+        typer.Option(
+            "--accuracy-tolerance", help="Max 1 - cosine similarity of a fp16/int8 variant vs fp32."
+        ),
     ] = 0.01,
     concurrency: Annotated[Optional[str], typer.Option(help="Concurrency levels, e.g. 1,2,4,8,16.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Sampler seed.")] = None,
-    window_s: Annotated[float, typer.Option("--window-s", help="Seconds measured per concurrency level.")] = 2.0,
-    warmup_s: Annotated[float, typer.Option("--warmup-s", help="Warm-up seconds per concurrency level.")] = 0.5,
+    window_s: Annotated[
+        float, typer.Option("--window-s", help="Seconds measured per concurrency level.")
+    ] = 2.0,
+    warmup_s: Annotated[
+        float, typer.Option("--warmup-s", help="Warm-up seconds per concurrency level.")
+    ] = 0.5,
     allow_shared_host: Annotated[
-        bool, typer.Option("--allow-shared-host", help="Let another worker of this study measure on this machine.")
+        bool,
+        typer.Option("--allow-shared-host", help="Let another worker of this study measure on this machine."),
     ] = False,
-    cpus: Annotated[Optional[str], typer.Option(help="Pin this worker and its server to cores, e.g. 0-3.")] = None,
+    cpus: Annotated[
+        Optional[str], typer.Option(help="Pin this worker and its server to cores, e.g. 0-3.")
+    ] = None,
     gpus: Annotated[Optional[str], typer.Option(help="GPUs this worker's server may use, e.g. 0,1.")] = None,
     target: Annotated[
-        str, typer.Option(help="Triton to tune: embedded (bundled), local (--triton-binary), docker, remote (--url).")
+        str,
+        typer.Option(
+            help="Triton to tune: embedded (bundled), local (--triton-binary), docker, remote (--url)."
+        ),
     ] = "embedded",
     triton_binary: Annotated[
-        Optional[Path], typer.Option("--triton-binary", help="local: tritonserver to run (default: the one on PATH).")
+        Optional[Path],
+        typer.Option("--triton-binary", help="local: tritonserver to run (default: the one on PATH)."),
     ] = None,
     backend_directory: Annotated[
-        Optional[Path], typer.Option("--backend-directory", help="local: its backends (default: next to its bin/).")
+        Optional[Path],
+        typer.Option("--backend-directory", help="local: its backends (default: next to its bin/)."),
     ] = None,
     docker_image_tag: Annotated[
-        Optional[str], typer.Option("--docker-image-tag", help="docker: nvcr.io/nvidia/tritonserver:TAG-py3 (24.10).")
+        Optional[str],
+        typer.Option("--docker-image-tag", help="docker: nvcr.io/nvidia/tritonserver:TAG-py3 (24.10)."),
     ] = None,
-    url: Annotated[Optional[str], typer.Option(help="remote: HOST:PORT of the server's gRPC endpoint.")] = None,
+    url: Annotated[
+        Optional[str], typer.Option(help="remote: HOST:PORT of the server's gRPC endpoint.")
+    ] = None,
     metrics_url: Annotated[
         Optional[str], typer.Option("--metrics-url", help="remote: its /metrics URL, to see its GPUs.")
     ] = None,
     ssl_root_cert: Annotated[
-        Optional[Path], typer.Option("--ssl-root-cert", help="remote: PEM of the CA of the server's TLS certificate.")
+        Optional[Path],
+        typer.Option("--ssl-root-cert", help="remote: PEM of the CA of the server's TLS certificate."),
     ] = None,
     ssl_client_cert: Annotated[
         Optional[Path], typer.Option("--ssl-client-cert", help="remote: PEM client certificate (mutual TLS).")
@@ -123,7 +153,8 @@ def study(
         Optional[Path], typer.Option("--ssl-client-key", help="remote: PEM key of --ssl-client-cert.")
     ] = None,
     header: Annotated[
-        Optional[list[str]], typer.Option("--header", help="remote: KEY:VALUE sent with every call (repeatable).")
+        Optional[list[str]],
+        typer.Option("--header", help="remote: KEY:VALUE sent with every call (repeatable)."),
     ] = None,
 ) -> None:
     """Run (or resume) the Bayesian study and export the best configuration."""
@@ -137,9 +168,15 @@ def study(
     from optimizer.study import StudySettings, run_study
 
     target_options = dict(
-        triton_binary=triton_binary, backend_directory=backend_directory, docker_image_tag=docker_image_tag,
-        url=url, metrics_url=metrics_url, ssl_root_cert=ssl_root_cert, ssl_client_cert=ssl_client_cert,
-        ssl_client_key=ssl_client_key, headers=parse_headers(header or []),
+        triton_binary=triton_binary,
+        backend_directory=backend_directory,
+        docker_image_tag=docker_image_tag,
+        url=url,
+        metrics_url=metrics_url,
+        ssl_root_cert=ssl_root_cert,
+        ssl_client_cert=ssl_client_cert,
+        ssl_client_key=ssl_client_key,
+        headers=parse_headers(header or []),
     )
     check_target_options(target, **target_options)  # before any work: a stray --url is an error
     settings = StudySettings(
@@ -152,7 +189,9 @@ def study(
         shapes=parse_shape_args(shape or []),
         concurrency=parse_levels(concurrency) if concurrency else DEFAULT_LEVELS,
         seed=seed,
-        measure=MeasureSettings(warmup_s=warmup_s, window_s=window_s, min_requests=30, max_window_s=4 * window_s),
+        measure=MeasureSettings(
+            warmup_s=warmup_s, window_s=window_s, min_requests=30, max_window_s=4 * window_s
+        ),
         input_data=input_data,
         accuracy_tolerance=accuracy_tolerance,
         allow_shared_host=allow_shared_host,
@@ -162,8 +201,9 @@ def study(
     server = None  # embedded: run_study's default
     if target != "embedded":
         gpu_space = target == "docker" and load_space(space).device == "gpu"
-        server = make_target(target, gpu_space=gpu_space, gpu_devices=gpus if target == "docker" else None,
-                             **target_options)
+        server = make_target(
+            target, gpu_space=gpu_space, gpu_devices=gpus if target == "docker" else None, **target_options
+        )
     try:
         with RichReporter() as reporter:
             summary = run_study(settings, reporter, target=server)
@@ -243,11 +283,29 @@ def serve(
         raise UsageError("--trial and --storage choose a trial of a study: use them with --study-name")
     shapes = parse_shape_args(shape or [])
     if study_name is not None:
-        serve_study(study_name, trial=trial, storage=storage, models=model, host=host, http_port=http_port,
-                    grpc_port=grpc_port, metrics_port=metrics_port, shapes=shapes, announce=typer.echo)
+        serve_study(
+            study_name,
+            trial=trial,
+            storage=storage,
+            models=model,
+            host=host,
+            http_port=http_port,
+            grpc_port=grpc_port,
+            metrics_port=metrics_port,
+            shapes=shapes,
+            announce=typer.echo,
+        )
     elif repo is not None:
-        serve_repository(repo, models=model, host=host, http_port=http_port, grpc_port=grpc_port,
-                         metrics_port=metrics_port, shapes=shapes, announce=typer.echo)
+        serve_repository(
+            repo,
+            models=model,
+            host=host,
+            http_port=http_port,
+            grpc_port=grpc_port,
+            metrics_port=metrics_port,
+            shapes=shapes,
+            announce=typer.echo,
+        )
 
 
 def _write_study_report(summary) -> None:
@@ -264,15 +322,22 @@ def _write_study_report(summary) -> None:
         paths = write_report(study, out, repository=summary.best_repository)
         typer.echo(f"report: {paths.html} (every trial: {paths.csv})")
     except Exception as exc:  # the study is safe in its database: say so and go on
-        typer.echo(f"warning: could not write the report ({type(exc).__name__}: {exc}); "
-                   f"run optimize report --study-name {summary.study_name} later", err=True)
+        typer.echo(
+            f"warning: could not write the report ({type(exc).__name__}: {exc}); "
+            f"run optimize report --study-name {summary.study_name} later",
+            err=True,
+        )
 
 
 @app.command()
 def report(
     study_name: Annotated[str, typer.Option("--study-name", help="The study to report on.")],
-    storage: Annotated[Optional[str], typer.Option(help="Optuna storage URL (default sqlite:///studies/NAME.db).")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Report directory (default studies/NAME/report).")] = None,
+    storage: Annotated[
+        Optional[str], typer.Option(help="Optuna storage URL (default sqlite:///studies/NAME.db).")
+    ] = None,
+    out: Annotated[
+        Optional[Path], typer.Option("--out", help="Report directory (default studies/NAME/report).")
+    ] = None,
 ) -> None:
     """Write the HTML report (opens offline) and the CSV of every trial of a study."""
     from optimizer.errors import StudyError
@@ -283,7 +348,9 @@ def report(
 
     study = load_stored_study(study_name, storage)
     if count_finished(study) == 0:
-        raise StudyError(f"study {study_name!r} has no finished trial yet: run optimize study --study-name {study_name}")
+        raise StudyError(
+            f"study {study_name!r} has no finished trial yet: run optimize study --study-name {study_name}"
+        )
     paths = write_report(study, out or studies_dir() / study_name / "report")
     typer.echo(f"wrote {paths.html}")
     typer.echo(f"wrote {paths.csv}")
@@ -291,18 +358,27 @@ def report(
 
 @app.command()
 def dashboard(
-    study_name: Annotated[Optional[str], typer.Option("--study-name", help="Open this study (studies/NAME.db).")] = None,
+    study_name: Annotated[
+        Optional[str], typer.Option("--study-name", help="Open this study (studies/NAME.db).")
+    ] = None,
     storage: Annotated[Optional[str], typer.Option(help="Optuna storage URL (all of its studies).")] = None,
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8080,
-    host: Annotated[str, typer.Option(help="Address to listen on; other than loopback, anyone can reach it.")] = "127.0.0.1",
+    host: Annotated[
+        str, typer.Option(help="Address to listen on; other than loopback, anyone can reach it.")
+    ] = "127.0.0.1",
 ) -> None:
     """Start optuna-dashboard on a study's storage and print its URL; Ctrl-C stops it."""
     from optimizer.dashboard import serve_dashboard
     from optimizer.report.source import storage_url_for
 
     url = storage_url_for(study_name, storage)
-    serve_dashboard(url, host=host, port=port, study_name=study_name,
-                    announce=lambda link: typer.echo(f"optuna-dashboard: {link} (Ctrl-C to stop)"))
+    serve_dashboard(
+        url,
+        host=host,
+        port=port,
+        study_name=study_name,
+        announce=lambda link: typer.echo(f"optuna-dashboard: {link} (Ctrl-C to stop)"),
+    )
     typer.echo("dashboard stopped")
 
 
@@ -310,7 +386,9 @@ def dashboard(
 def migrate(
     from_url: Annotated[str, typer.Option("--from", help="Storage URL to copy the study from.")],
     to_url: Annotated[str, typer.Option("--to", help="Storage URL to copy it into (e.g. postgresql://...).")],
-    study_name: Annotated[Optional[str], typer.Option("--study-name", help="Default: the only study there.")] = None,
+    study_name: Annotated[
+        Optional[str], typer.Option("--study-name", help="Default: the only study there.")
+    ] = None,
 ) -> None:
     """Copy a study between storages, e.g. a laptop's SQLite study into the team's PostgreSQL."""
     from optimizer.storage import copy_study
@@ -337,9 +415,24 @@ def _install_sigterm_handler() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def _install_thread_excepthook() -> None:
+    # A background thread's failure (e.g. Optuna's heartbeat when the database goes away) is reported
+    # by the main thread in its own words; without --debug, keep the thread's traceback off the screen.
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if _state["debug"]:
+            threading.__excepthook__(args)
+            return
+        first = (str(args.exc_value).strip().splitlines() or [""])[0][:200]
+        thread = args.thread.name if args.thread else "a background thread"
+        typer.echo(f"warning: {thread} failed: {args.exc_type.__name__}: {first}", err=True)
+
+    threading.excepthook = hook
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI, turning our errors into one line and an exit code."""
     _install_sigterm_handler()
+    _install_thread_excepthook()
     args = list(sys.argv[1:] if argv is None else argv)
     _state["debug"] = False
     if "--debug" in args:  # accepted anywhere on the line, not only before the command
@@ -357,7 +450,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug or an unexpected environment: still one line unless --debug
         if _state["debug"]:
             raise
-        typer.echo(f"Error: unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", err=True)
+        typer.echo(
+            f"Error: unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", err=True
+        )
         return 1
     return 0
 

@@ -48,9 +48,7 @@ class _Server6(WSGIServer):
 def _bind(host: str, port: int, app: Any) -> WSGIServer:
     server_class = _Server6 if ":" in host else _Server4
     try:
-        server = make_server(
-            host, port, app, server_class=server_class, handler_class=_QuietHandler
-        )
+        server = make_server(host, port, app, server_class=server_class, handler_class=_QuietHandler)
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise UsageError(
@@ -104,9 +102,7 @@ def serve_dashboard(
         try:
             study_id = storage.get_study_id_from_name(study_name)
         except KeyError as exc:
-            raise StudyError(
-                f"no study named {study_name!r} in that storage: check --study-name"
-            ) from exc
+            raise StudyError(f"no study named {study_name!r} in that storage: check --study-name") from exc
     with _stop_requested() as stop, _bind(host, port, optuna_dashboard.wsgi(storage)) as server:
         announce(dashboard_url(host, port, study_id))
         while not stop.is_set():

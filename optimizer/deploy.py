@@ -41,12 +41,8 @@ __all__ = [
 
 FORMATS = ("triton", "azureml", "kserve")
 REPOSITORY_DIR = "models"
-AZUREML_ENDPOINT_SCHEMA = (
-    "https://azuremlschemas.azureedge.net/latest/managedOnlineEndpoint.schema.json"
-)
-AZUREML_DEPLOYMENT_SCHEMA = (
-    "https://azuremlschemas.azureedge.net/latest/managedOnlineDeployment.schema.json"
-)
+AZUREML_ENDPOINT_SCHEMA = "https://azuremlschemas.azureedge.net/latest/managedOnlineEndpoint.schema.json"
+AZUREML_DEPLOYMENT_SCHEMA = "https://azuremlschemas.azureedge.net/latest/managedOnlineDeployment.schema.json"
 AZUREML_CPU_INSTANCE = "Standard_F4s_v2"
 AZUREML_GPU_INSTANCE = "Standard_NC6s_v3"
 # The NGC Triton container release that carries Triton 2.51, the server the study measured with.
@@ -195,9 +191,7 @@ def write_manifest(
         raise OptimizeError(f"the manifest {str(path)!r} does not read back as written")
     missing = [key for key in required if _lookup(parsed, key) in (None, "", {}, [])]
     if missing:
-        raise OptimizeError(
-            f"the manifest {str(path)!r} lacks required key(s) {', '.join(missing)}"
-        )
+        raise OptimizeError(f"the manifest {str(path)!r} lacks required key(s) {', '.join(missing)}")
     return path
 
 
@@ -227,7 +221,9 @@ def write_manifests(fmt: str, out_dir: Path, config: Any, *, origin: str = "") -
             ),
         )
     if fmt == "kserve":
-        note = f"{header}\nUpload {REPOSITORY_DIR}/ (the Triton model repository) and set storageUri to its URI."
+        note = (
+            f"{header}\nUpload {REPOSITORY_DIR}/ (the Triton model repository) and set storageUri to its URI."
+        )
         service = kserve_inference_service(resource_name(config.name, 45), gpu=gpu)
         return (write_manifest(out_dir / "inferenceservice.yaml", service, KSERVE_KEYS, note),)
     return ()

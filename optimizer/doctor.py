@@ -33,8 +33,12 @@ def check_embedded() -> Check:
         with EmbeddedTriton(startup_timeout=60.0) as server:
             version = server.server_version()
     except OptimizeError as exc:
-        return Check("target embedded", False, exc.message.splitlines()[0],
-                     "pip install nvidia-pytriton==0.7.0 into this environment (Linux x86_64, Python 3.10-3.13)")
+        return Check(
+            "target embedded",
+            False,
+            exc.message.splitlines()[0],
+            "pip install nvidia-pytriton==0.7.0 into this environment (Linux x86_64, Python 3.10-3.13)",
+        )
     return Check("target embedded", True, f"bundled Triton {version} started and stopped on 127.0.0.1")
 
 
@@ -42,8 +46,10 @@ def check_local() -> Check:
     from optimizer.errors import OptimizeError
     from optimizer.serving.local import find_backend_directory, find_binary
 
-    fix = ("install Triton Inference Server (or run inside nvcr.io/nvidia/tritonserver:<tag>-py3) and put "
-           "tritonserver on PATH, or pass --triton-binary PATH")
+    fix = (
+        "install Triton Inference Server (or run inside nvcr.io/nvidia/tritonserver:<tag>-py3) and put "
+        "tritonserver on PATH, or pass --triton-binary PATH"
+    )
     try:
         binary = find_binary()
     except OptimizeError:
@@ -61,7 +67,9 @@ def check_docker() -> Check:
     try:
         client = connect()
     except DockerUnreachable as exc:
-        return Check("target docker", False, exc.problem, f"{exc.fix}; GPUs also need the NVIDIA Container Toolkit")
+        return Check(
+            "target docker", False, exc.problem, f"{exc.fix}; GPUs also need the NVIDIA Container Toolkit"
+        )
     try:
         version = client.version().get("Version", "unknown")
     finally:
@@ -70,8 +78,11 @@ def check_docker() -> Check:
 
 
 def check_remote() -> Check:
-    return Check("target remote", True,
-                 "any Triton reachable over gRPC with --model-control-mode=explicit (checked when a study starts)")
+    return Check(
+        "target remote",
+        True,
+        "any Triton reachable over gRPC with --model-control-mode=explicit (checked when a study starts)",
+    )
 
 
 _PROVIDER_FIXES = {
@@ -116,7 +127,9 @@ def check_perf_analyzer() -> Check:
         found = shutil.which("perf_analyzer")
         if found:
             return Check("perf_analyzer", True, found)
-        return Check("perf_analyzer", False, "not found", "pip install tritonclient==2.51.0 --no-deps (its binary)")
+        return Check(
+            "perf_analyzer", False, "not found", "pip install tritonclient==2.51.0 --no-deps (its binary)"
+        )
     from optimizer.errors import OptimizeError
 
     try:

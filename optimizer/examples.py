@@ -135,17 +135,13 @@ def _dense(g: _GraphBuilder, x: str, prefix: str, fan_in: int, fan_out: int) -> 
     return g.op("Add", [g.op("MatMul", [x, w]), b])
 
 
-def _gemm(
-    g: _GraphBuilder, x: str, prefix: str, fan_in: int, fan_out: int, output: str | None = None
-) -> str:
+def _gemm(g: _GraphBuilder, x: str, prefix: str, fan_in: int, fan_out: int, output: str | None = None) -> str:
     w = g.weight(f"{prefix}.weight", (fan_in, fan_out), fan_in)
     b = g.bias(f"{prefix}.bias", fan_out)
     return g.op("Gemm", [x, w, b], output=output)
 
 
-def _mlp(
-    path: Path, seed: int, batch: _Dim, in_features: int, hidden: int, out_features: int
-) -> Path:
+def _mlp(path: Path, seed: int, batch: _Dim, in_features: int, hidden: int, out_features: int) -> Path:
     g = _GraphBuilder(seed)
     h = g.op("Relu", [_gemm(g, "x", "fc1", in_features, hidden)])
     h = g.op("Relu", [_gemm(g, h, "fc2", hidden, hidden)])
@@ -268,9 +264,7 @@ def _additive_mask(g: _GraphBuilder, mask: str) -> str:
     return g.op("Unsqueeze", [bias, g.ints("mask_axes", [1, 2])])
 
 
-def _attention(
-    g: _GraphBuilder, x: str, mask_bias: str, prefix: str, hidden: int, heads: int
-) -> str:
+def _attention(g: _GraphBuilder, x: str, mask_bias: str, prefix: str, hidden: int, heads: int) -> str:
     head_dim = hidden // heads
     # 0 copies the input dim, so batch and sequence stay dynamic through the reshapes.
     split_shape = g.ints(f"{prefix}.split_shape", [0, 0, heads, head_dim])

@@ -40,7 +40,9 @@ def write_repository(out_dir: Path, config: mc.ModelConfig, files: Mapping[str, 
     return target
 
 
-def export_from_storage(study_name: str, out_dir: Path, *, trial: int | None = None, storage: str | None = None) -> Path:
+def export_from_storage(
+    study_name: str, out_dir: Path, *, trial: int | None = None, storage: str | None = None
+) -> Path:
     """Export trial ``trial`` (default: the best feasible) of a stored study; return the model directory."""
     from optimizer.study import export_trial
 

@@ -202,9 +202,7 @@ def _try_dynamic_batch(info: ModelInfo, model, cache: Path) -> ModelInfo:
     return replace(
         info,
         path=target,
-        inputs=tuple(
-            replace(spec, dims=("batch",) + spec.dims[1:]) for spec in info.inputs
-        ),
+        inputs=tuple(replace(spec, dims=("batch",) + spec.dims[1:]) for spec in info.inputs),
         outputs=tuple(_tensor_spec(value) for value in converted.graph.output),
         batching=True,
         notes=(
@@ -303,7 +301,9 @@ def resolve_shapes(info: ModelInfo, given: Mapping[str, tuple[int, ...]]) -> dic
     names = [spec.name for spec in info.inputs]
     for name in given:
         if name not in names:
-            raise UsageError(f"--shape names unknown input {name!r}: the model's inputs are {', '.join(names)}")
+            raise UsageError(
+                f"--shape names unknown input {name!r}: the model's inputs are {', '.join(names)}"
+            )
     shapes: dict[str, tuple[int, ...]] = {}
     missing = []
     for spec in info.inputs:
@@ -324,7 +324,9 @@ def resolve_shapes(info: ModelInfo, given: Mapping[str, tuple[int, ...]]) -> dic
     return shapes
 
 
-def _check_given_shape(name: str, dims: tuple[Dim, ...], shape: tuple[int, ...], batching: bool) -> tuple[int, ...]:
+def _check_given_shape(
+    name: str, dims: tuple[Dim, ...], shape: tuple[int, ...], batching: bool
+) -> tuple[int, ...]:
     if len(shape) != len(dims):
         where = "without the batch dimension " if batching else ""
         raise UsageError(
@@ -342,7 +344,9 @@ def _check_given_shape(name: str, dims: tuple[Dim, ...], shape: tuple[int, ...],
 def _shape_hint(name: str, dims: tuple[Dim, ...]) -> str:
     example = ",".join(str(d) if isinstance(d, int) else "N" for d in dims)
     dynamic = ", ".join(str(d) for d in dims if isinstance(d, str))
-    return f"input {name!r} has dims ({_dims_text(dims)}), {dynamic} unresolved: pass --shape {name}:{example}"
+    return (
+        f"input {name!r} has dims ({_dims_text(dims)}), {dynamic} unresolved: pass --shape {name}:{example}"
+    )
 
 
 def _dims_text(dims: tuple[Dim, ...]) -> str:
@@ -397,22 +401,29 @@ def load_input_data(info: ModelInfo, path: Path | str) -> list[dict[str, np.ndar
         ) from exc
     names = [spec.name for spec in info.inputs]
     if sorted(arrays) != sorted(names):
-        raise UsageError(f"--input-data has arrays {', '.join(sorted(arrays)) or 'none'}; the model's inputs are {', '.join(names)}")
+        raise UsageError(
+            f"--input-data has arrays {', '.join(sorted(arrays)) or 'none'}; the model's inputs are {', '.join(names)}"
+        )
     counts = {array.shape[0] if array.ndim else 0 for array in arrays.values()}
     if len(counts) != 1 or 0 in counts:
-        raise UsageError("--input-data arrays must all hold the same number (>= 1) of samples along their first axis")
+        raise UsageError(
+            "--input-data arrays must all hold the same number (>= 1) of samples along their first axis"
+        )
     for spec in info.inputs:
         _check_input_array(info, spec, arrays[spec.name])
     count = counts.pop()
     keep_axis = info.batching  # batching models get [1, ...] per request; others the full stored shape
     return [
-        {name: (array[i : i + 1] if keep_axis else array[i]) for name, array in arrays.items()} for i in range(count)
+        {name: (array[i : i + 1] if keep_axis else array[i]) for name, array in arrays.items()}
+        for i in range(count)
     ]
 
 
 def _check_input_array(info: ModelInfo, spec: TensorSpec, array: np.ndarray) -> None:
     if array.dtype != np.dtype(spec.dtype):
-        raise UsageError(f"--input-data array {spec.name!r} has dtype {array.dtype}, but the model expects {spec.dtype}")
+        raise UsageError(
+            f"--input-data array {spec.name!r} has dtype {array.dtype}, but the model expects {spec.dtype}"
+        )
     dims = info.tensor_dims(spec)
     sample_shape = array.shape[1:]
     fits = len(sample_shape) == len(dims) and all(

@@ -11,6 +11,7 @@ import asyncio
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -54,7 +55,9 @@ class LevelResult:
         }
 
 
-def summarise_level(concurrency: int, latencies_s: Sequence[float], duration_s: float, batch: int = 1) -> LevelResult:
+def summarise_level(
+    concurrency: int, latencies_s: Sequence[float], duration_s: float, batch: int = 1
+) -> LevelResult:
     """Throughput and percentiles from the latencies of the requests completed in a window."""
     if not latencies_s or duration_s <= 0:
         raise InferenceError(f"no request completed in the measurement window at concurrency {concurrency}")
@@ -80,13 +83,19 @@ class GrpcLoadGenerator:
         model_name: str,
         samples: Sequence[Mapping[str, np.ndarray]],
         settings: MeasureSettings = MeasureSettings(),
+        *,
+        client_options: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
+        """``client_options`` (TLS) go to tritonclient's client, ``headers`` (auth) with every request."""
         if not samples:
             raise ValueError("the load generator needs at least one input sample")
         self.grpc_url = grpc_url
         self.model_name = model_name
         self.samples = list(samples)
         self.settings = settings
+        self.client_options = dict(client_options or {})
+        self.headers = dict(headers) if headers else None
 
     def _infer_inputs(self):
         from tritonclient.grpc import InferInput
@@ -109,7 +118,7 @@ class GrpcLoadGenerator:
     async def _run_levels(self, levels: Sequence[int], on_level) -> list[LevelResult]:
         from tritonclient.grpc.aio import InferenceServerClient
 
-        client = InferenceServerClient(self.grpc_url)
+        client = InferenceServerClient(self.grpc_url, **self.client_options)
         results: list[LevelResult] = []
         try:
             prepared = self._infer_inputs()
@@ -139,7 +148,12 @@ class GrpcLoadGenerator:
                 index += 1
                 started = time.perf_counter()
                 try:
-                    await client.infer(self.model_name, inputs, client_timeout=settings.request_timeout_s)
+                    await client.infer(
+                        self.model_name,
+                        inputs,
+                        headers=self.headers,
+                        client_timeout=settings.request_timeout_s,
+                    )
                 except Exception as exc:
                     stop.set()
                     raise InferenceError(_describe_failure(exc, settings.request_timeout_s)) from exc
@@ -152,7 +166,10 @@ class GrpcLoadGenerator:
             await self._sleep_or_fail(settings.warmup_s, tasks)
             window["start"] = time.perf_counter()
             await self._sleep_or_fail(settings.window_s, tasks)
-            while len(latencies) < settings.min_requests and time.perf_counter() - window["start"] < settings.max_window_s:
+            while (
+                len(latencies) < settings.min_requests
+                and time.perf_counter() - window["start"] < settings.max_window_s
+            ):
                 await self._sleep_or_fail(0.05, tasks)
             window["end"] = time.perf_counter()
         finally:

@@ -80,9 +80,7 @@ def perf_analyzer_args(
     return args
 
 
-def write_input_data(
-    path: Path, samples: Sequence[Mapping[str, np.ndarray]], *, batched: bool
-) -> Path:
+def write_input_data(path: Path, samples: Sequence[Mapping[str, np.ndarray]], *, batched: bool) -> Path:
     """Write ``samples`` (one request each, batch of 1 when ``batched``) as perf_analyzer's --input-data JSON.
 
     perf_analyzer then sends exactly the requests a study sends, in turn, instead of random data.
@@ -157,9 +155,7 @@ def perf_analyzer_environment(base: Mapping[str, str] | None = None) -> dict[str
     """``base`` (default: ours) with the directories holding libcudart.so.12 and libb64.so.0d first."""
     env = dict(os.environ if base is None else base)
     dirs = [str(d) for d in (_cuda_runtime_dir(), _shim_dir()) if d is not None]
-    env["LD_LIBRARY_PATH"] = os.pathsep.join(
-        [*dirs, *filter(None, [env.get("LD_LIBRARY_PATH", "")])]
-    )
+    env["LD_LIBRARY_PATH"] = os.pathsep.join([*dirs, *filter(None, [env.get("LD_LIBRARY_PATH", "")])])
     return env
 
 
@@ -256,9 +252,7 @@ def run_perf_analyzer(
 
 def _failure_message(code: int, output: str) -> str:
     if "error while loading shared libraries" in output:
-        missing = (
-            output.split("error while loading shared libraries:", 1)[1].split(":", 1)[0].strip()
-        )
+        missing = output.split("error while loading shared libraries:", 1)[1].split(":", 1)[0].strip()
         return (
             f"perf_analyzer cannot start: {missing} is missing (install nvidia-cuda-runtime-cu12 for "
             "libcudart.so.12, or Debian's libb64-0d for libb64.so.0d)"

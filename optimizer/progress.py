@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from optimizer.study import StudySummary, TrialReport
@@ -25,7 +25,7 @@ class RichReporter:
             console=self.console,
             transient=True,
         )
-        self._task = None
+        self._task: TaskID | None = None
         self._best: float | None = None
 
     def __enter__(self) -> RichReporter:
@@ -42,7 +42,9 @@ class RichReporter:
         if self._task is None:
             self._task = self._progress.add_task("", total=budget)
         best = f"best {self._best:.1f} inf/s" if self._best is not None else "no feasible trial yet"
-        self._progress.update(self._task, completed=done, total=budget, description=f"#{number} {summary} | {best}")
+        self._progress.update(
+            self._task, completed=done, total=budget, description=f"#{number} {summary} | {best}"
+        )
 
     def trial_finished(self, report: TrialReport, best_throughput: float | None) -> None:
         self._best = best_throughput
@@ -61,8 +63,10 @@ def format_trial(report: TrialReport) -> str:
 def print_summary(summary: StudySummary, console: Console | None = None) -> None:
     """Baseline vs best, counts of pruned and failed trials with reasons, and where the outputs are."""
     console = console or Console()
-    table = Table(title=f"study {summary.study_name}: {summary.finished}/{summary.budget} trials, "
-                        f"latency budget {summary.latency_budget_ms:g} ms")
+    table = Table(
+        title=f"study {summary.study_name}: {summary.finished}/{summary.budget} trials, "
+        f"latency budget {summary.latency_budget_ms:g} ms"
+    )
     for column in ("", "throughput (inf/s)", "p99 (ms)", "concurrency", "config"):
         table.add_column(column)
     for label, report in (("baseline", summary.baseline), ("best", summary.best)):
@@ -71,9 +75,15 @@ def print_summary(summary: StudySummary, console: Console | None = None) -> None
         elif report.throughput is None:
             table.add_row(label, "-", "-", "-", f"{report.summary} ({report.state}: {report.reason})")
         else:
-            table.add_row(label, f"{report.throughput:.1f}", f"{report.p99_ms:.1f}", str(report.concurrency), report.summary)
+            table.add_row(
+                label,
+                f"{report.throughput:.1f}",
+                f"{report.p99_ms:.1f}",
+                str(report.concurrency),
+                report.summary,
+            )
     console.print(table)
-    if summary.baseline and summary.best and summary.baseline.throughput:
+    if summary.baseline and summary.best and summary.baseline.throughput and summary.best.throughput:
         console.print(f"speed-up over baseline: {summary.best.throughput / summary.baseline.throughput:.2f}x")
     console.print(f"pruned: {summary.pruned}, failed: {summary.failed}")
     for reason in summary.reasons[:20]:

@@ -64,7 +64,10 @@ def runnable_providers() -> tuple[str, ...]:
     """
     result = subprocess.run(  # noqa: S603 - argument list, never a shell
         [sys.executable, "-c", _PROBE, json.dumps(list(ORT_NAMES.values()))],
-        capture_output=True, text=True, timeout=300, check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     try:
         loaded = set(json.loads(result.stdout.strip().splitlines()[-1]))

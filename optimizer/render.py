@@ -98,7 +98,11 @@ def _set_io(config: mc.ModelConfig, info: ModelInfo) -> None:
 def _set_instances(config: mc.ModelConfig, candidate: Candidate) -> None:
     group = config.instance_group.add()
     group.count = candidate.instance_count
-    group.kind = mc.ModelInstanceGroup.KIND_GPU if candidate.provider in ("cuda", "tensorrt") else mc.ModelInstanceGroup.KIND_CPU
+    group.kind = (
+        mc.ModelInstanceGroup.KIND_GPU
+        if candidate.provider in ("cuda", "tensorrt")
+        else mc.ModelInstanceGroup.KIND_CPU
+    )
 
 
 def _set_batching(config: mc.ModelConfig, candidate: Candidate) -> None:

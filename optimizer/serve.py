@@ -98,9 +98,7 @@ def check_repository(
         repo, models = repo.parent, [repo.name]
     available = sorted(p.name for p in repo.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not available:
-        raise ModelError(
-            f"model repository {str(repo)!r} holds no model directory (<model>/config.pbtxt)"
-        )
+        raise ModelError(f"model repository {str(repo)!r} holds no model directory (<model>/config.pbtxt)")
     chosen = list(dict.fromkeys(models)) if models else available
     unknown = [name for name in chosen if name not in available]
     if unknown:
@@ -113,17 +111,13 @@ def check_repository(
 def _check_model(directory: Path) -> RepositoryModel:
     config_path = directory / "config.pbtxt"
     if not config_path.is_file():
-        raise ModelError(
-            f"{config_path} is missing: every model directory needs a Triton config.pbtxt"
-        )
+        raise ModelError(f"{config_path} is missing: every model directory needs a Triton config.pbtxt")
     try:
         config = config_from_pbtxt(config_path.read_text())
     except (text_format.ParseError, UnicodeDecodeError) as exc:
         raise ModelError(f"{config_path} is not a valid Triton model config: {exc}") from exc
     if config.name and config.name != directory.name:
-        raise ModelError(
-            f"{config_path} names model {config.name!r} but its directory is {directory.name!r}"
-        )
+        raise ModelError(f"{config_path} names model {config.name!r} but its directory is {directory.name!r}")
     backend = config.backend or _PLATFORM_BACKENDS.get(config.platform, "")
     if backend not in DEFAULT_MODEL_FILES:
         raise ModelError(
@@ -134,9 +128,7 @@ def _check_model(directory: Path) -> RepositoryModel:
     present = sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
     versions = _served_versions(config, present)
     if not versions:
-        raise ModelError(
-            f"{directory} has no version directory for its version policy (e.g. {directory}/1/)"
-        )
+        raise ModelError(f"{directory} has no version directory for its version policy (e.g. {directory}/1/)")
     missing = [v for v in versions if not (directory / str(v) / filename).exists()]
     if missing:
         raise ModelError(
@@ -198,9 +190,7 @@ def perf_analyzer_command(
     bounds for token ids and other indices.
     """
     given, missing = dynamic_shapes(model.config, shapes or {})
-    integers = any(
-        mc.DataType.Name(tensor.data_type) in _INTEGER_TYPES for tensor in model.config.input
-    )
+    integers = any(mc.DataType.Name(tensor.data_type) in _INTEGER_TYPES for tensor in model.config.input)
     args = perf_analyzer_args(
         model.name,
         grpc_url,
@@ -223,15 +213,11 @@ def _client_host(address: str) -> str:
     return "127.0.0.1" if address == "0.0.0.0" else address  # noqa: S104 - we only print, never bind here
 
 
-def _announce_endpoints(
-    served: Served, address: str, concurrency: int, shapes, announce: Announce
-) -> None:
+def _announce_endpoints(served: Served, address: str, concurrency: int, shapes, announce: Announce) -> None:
     server = served.server
     host = _client_host(address)
     names = ", ".join(model.name for model in served.models)
-    announce(
-        f"serving {names} from {served.repository} (Triton {server.server_version()}, embedded)"
-    )
+    announce(f"serving {names} from {served.repository} (Triton {server.server_version()}, embedded)")
     where = " (all interfaces)" if address == "0.0.0.0" else ""  # noqa: S104
     announce(f"  HTTP     http://{host}:{server.ports['http']}{where}")
     announce(f"  gRPC     {host}:{server.ports['grpc']}{where}")

@@ -154,7 +154,9 @@ def _space_path(name_or_path: str) -> Path:
     bundled = SPACES_DIR / f"{name_or_path}.yaml"
     if not bundled.is_file():
         names = sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
-        raise SpaceError(f"no space named {name_or_path!r}: use one of {', '.join(names)} or a path to a .yaml file")
+        raise SpaceError(
+            f"no space named {name_or_path!r}: use one of {', '.join(names)} or a path to a .yaml file"
+        )
     return bundled
 
 
@@ -162,10 +164,14 @@ def space_from_dict(data: dict[str, Any], *, source: str = "") -> SearchSpace:
     """Validate a space given as a mapping; raise :class:`SpaceError` naming the bad field."""
     unknown = sorted(set(data) - _KEYS)
     if unknown:
-        raise SpaceError(f"space has unknown field(s) {', '.join(unknown)}: allowed fields are {', '.join(sorted(_KEYS))}")
+        raise SpaceError(
+            f"space has unknown field(s) {', '.join(unknown)}: allowed fields are {', '.join(sorted(_KEYS))}"
+        )
     device = _choice(data, "device", ("cpu", "gpu"), default="cpu")
     default_provider = "cpu" if device == "cpu" else "cuda"
-    providers = _choices(data, "execution_providers", GPU_PROVIDERS + CPU_PROVIDERS, default=[default_provider])
+    providers = _choices(
+        data, "execution_providers", GPU_PROVIDERS + CPU_PROVIDERS, default=[default_provider]
+    )
     gpu_providers = [p for p in providers if p in GPU_PROVIDERS]
     if device == "cpu" and gpu_providers:
         raise SpaceError(
@@ -198,7 +204,10 @@ def _check_holds_baseline(space: SearchSpace) -> None:
             f"intra_op_threads must start at 0 (ONNX Runtime's default), not {space.intra_op_threads.low}",
         ),
         ("fp32" in space.precisions, f"precisions must include fp32, got {list(space.precisions)}"),
-        ("default" in space.graph_levels, f"graph_levels must include default, got {list(space.graph_levels)}"),
+        (
+            "default" in space.graph_levels,
+            f"graph_levels must include default, got {list(space.graph_levels)}",
+        ),
     ]
     for holds, rule in rules:
         if not holds:
@@ -212,7 +221,9 @@ def _choice(data: dict[str, Any], key: str, allowed: tuple[str, ...], *, default
     return str(value)
 
 
-def _choices(data: dict[str, Any], key: str, allowed: tuple[str, ...], *, default: list[str]) -> tuple[str, ...]:
+def _choices(
+    data: dict[str, Any], key: str, allowed: tuple[str, ...], *, default: list[str]
+) -> tuple[str, ...]:
     value = data.get(key, default)
     if isinstance(value, str):
         value = [value]
@@ -270,7 +281,9 @@ def suggest_candidate(trial: Any, space: SearchSpace, *, batching: bool) -> Cand
     log2_high = int(math.log2(space.max_batch_size.high))
     max_batch = 2 ** trial.suggest_int("max_batch_size_log2", log2_low, log2_high)
     preferred = [
-        trial.suggest_categorical(f"prefer_max_div_{d}", [False, True]) if space.preferred_batch_sizes else False
+        trial.suggest_categorical(f"prefer_max_div_{d}", [False, True])
+        if space.preferred_batch_sizes
+        else False
         for d in PREFERRED_DIVISORS
     ]
     delay = _suggest_delay(trial, space.max_queue_delay_us)
@@ -279,7 +292,12 @@ def suggest_candidate(trial: Any, space: SearchSpace, *, batching: bool) -> Cand
     graph_level = _categorical(trial, "graph_level", space.graph_levels)
     if not batching:
         max_batch = 0
-    sizes = tuple(sorted({max_batch // d for d, on in zip(PREFERRED_DIVISORS, preferred) if on and max_batch // d > 1}, reverse=True))
+    sizes = tuple(
+        sorted(
+            {max_batch // d for d, on in zip(PREFERRED_DIVISORS, preferred) if on and max_batch // d > 1},
+            reverse=True,
+        )
+    )
     return Candidate(
         provider=provider,
         precision=precision,

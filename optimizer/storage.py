@@ -49,7 +49,9 @@ def open_storage(url: str, *, create_dirs: bool = True):  # -> optuna.storages.R
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
-                raise StorageError(f"cannot create the study directory {str(path.parent)!r}: {exc.strerror}") from exc
+                raise StorageError(
+                    f"cannot create the study directory {str(path.parent)!r}: {exc.strerror}"
+                ) from exc
         engine_kwargs["connect_args"] = {"timeout": SQLITE_TIMEOUT_S}
     elif "://" not in url:
         raise StorageError(
@@ -204,8 +206,10 @@ def register_worker(study, settings) -> bool:
 
 def _pinned_apart(mine: dict, other: dict) -> bool:
     cpus_apart = bool(mine["cpus"]) and bool(other.get("cpus")) and not set(mine["cpus"]) & set(other["cpus"])
-    gpus_apart = bool(mine["gpus"]) and bool(other.get("gpus")) and not (
-        set(str(mine["gpus"]).split(",")) & set(str(other["gpus"]).split(","))
+    gpus_apart = (
+        bool(mine["gpus"])
+        and bool(other.get("gpus"))
+        and not (set(str(mine["gpus"]).split(",")) & set(str(other["gpus"]).split(",")))
     )
     return cpus_apart or gpus_apart
 
@@ -223,7 +227,9 @@ def parse_cpus(text: str) -> frozenset[int]:
         raise UsageError(f"--cpus {text!r} must list cores like 0-3,6") from None
     usable = os.sched_getaffinity(0)
     if not cpus or not cpus <= usable:
-        raise UsageError(f"--cpus {text!r} names cores this machine does not offer (usable: {sorted(usable)})")
+        raise UsageError(
+            f"--cpus {text!r} names cores this machine does not offer (usable: {sorted(usable)})"
+        )
     return frozenset(cpus)
 
 
@@ -241,12 +247,16 @@ def copy_study(from_url: str, to_url: str, study_name: str | None = None) -> str
                 )
             study_name = names[0]
         elif study_name not in names:
-            raise StorageError(f"no study {study_name!r} in {_redact(from_url)!r} (it holds: {', '.join(names) or 'none'})")
+            raise StorageError(
+                f"no study {study_name!r} in {_redact(from_url)!r} (it holds: {', '.join(names) or 'none'})"
+            )
         target = open_storage(to_url)
         try:
             optuna.copy_study(from_study_name=study_name, from_storage=source, to_storage=target)
         except optuna.exceptions.DuplicatedStudyError as exc:
-            raise StorageError(f"{_redact(to_url)!r} already has a study named {study_name!r}: nothing was copied") from exc
+            raise StorageError(
+                f"{_redact(to_url)!r} already has a study named {study_name!r}: nothing was copied"
+            ) from exc
         finally:
             target.engine.dispose()
     finally:

@@ -36,6 +36,7 @@ from optimizer.intake import (
 from optimizer.loadgen import GrpcLoadGenerator, LevelResult, MeasureSettings
 from optimizer.measure import DEFAULT_LEVELS, SweepOutcome, best_feasible, next_step
 from optimizer.paths import cache_dir, check_name, studies_dir
+from optimizer.providers import check_providers
 from optimizer.render import config_from_json, config_key, render_config, to_dict, to_json
 from optimizer.space import Candidate, SearchSpace, baseline_params, load_space, suggest_candidate
 from optimizer.storage import (
@@ -47,7 +48,6 @@ from optimizer.storage import (
     register_worker,
     worker_id,
 )
-from optimizer.providers import check_providers
 from optimizer.variants import model_files, variant_path
 
 __all__ = ["StudySettings", "StudySummary", "TrialReport", "run_study"]
@@ -217,13 +217,17 @@ def _join(study, plan: _Plan, settings: StudySettings, reporter: Reporter) -> Se
     _check_same_study(study, plan.model, settings)
     joined = register_worker(study, settings)
     study.sampler = _sampler(settings.seed, per_worker=joined)
-    space = _accurate_precisions(study, plan.model, plan.space, plan.samples, settings.accuracy_tolerance, reporter)
+    space = _accurate_precisions(
+        study, plan.model, plan.space, plan.samples, settings.accuracy_tolerance, reporter
+    )
     for number in recover_dead_local_trials(study):
         reporter.note(f"trial {number} was left running by a worker that died: it will be retried")
     return space
 
 
-def _measure(study, plan: _Plan, space: SearchSpace, settings: StudySettings, reporter: Reporter, target) -> None:
+def _measure(
+    study, plan: _Plan, space: SearchSpace, settings: StudySettings, reporter: Reporter, target
+) -> None:
     """Start the server and run trials until the study reaches its budget."""
     from optimizer.serving.embedded import EmbeddedTriton
 
@@ -260,7 +264,9 @@ def _check_settings(settings: StudySettings) -> None:
         raise UsageError(f"--latency-budget-ms must be a positive number of milliseconds, got {budget}")
     tolerance = settings.accuracy_tolerance
     if math.isnan(tolerance) or not 0 <= tolerance <= 2:
-        raise UsageError(f"--accuracy-tolerance must be between 0 and 2 (1 - cosine similarity), got {tolerance}")
+        raise UsageError(
+            f"--accuracy-tolerance must be between 0 and 2 (1 - cosine similarity), got {tolerance}"
+        )
 
 
 SYNTHETIC_SAMPLES = 32
@@ -299,7 +305,9 @@ def _open_study(storage, study_name: str):
     # Big batches and long queue delays start slow and win late: only prune after a few levels.
     pruner = optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2)
     try:
-        study = optuna.create_study(storage=storage, study_name=study_name, direction="maximize", pruner=pruner)
+        study = optuna.create_study(
+            storage=storage, study_name=study_name, direction="maximize", pruner=pruner
+        )
         return study, True
     except optuna.exceptions.DuplicatedStudyError:
         return optuna.load_study(study_name=study_name, storage=storage, pruner=pruner), False
@@ -340,7 +348,9 @@ def _check_same_study(study, model: ModelInfo, settings: StudySettings) -> None:
         )
 
 
-def _accurate_precisions(study, model: ModelInfo, space: SearchSpace, samples, tolerance: float, reporter) -> SearchSpace:
+def _accurate_precisions(
+    study, model: ModelInfo, space: SearchSpace, samples, tolerance: float, reporter
+) -> SearchSpace:
     """The space without precisions whose variant breaks accuracy: such a variant is never proposed.
 
     Each variant's figures are recorded in the study (``variants``) once and reused on resume, so the
@@ -365,6 +375,7 @@ def _accurate_precisions(study, model: ModelInfo, space: SearchSpace, samples, t
     study.set_user_attr("variants", variants)
     study.set_user_attr("accuracy_tolerance", tolerance)
     return replace(space, precisions=tuple(kept))
+
 
 def _latency_budget(study, runner: TrialRunner, settings: StudySettings, reporter: Reporter) -> float:
     stored = study.user_attrs.get("latency_budget_ms")
@@ -428,7 +439,9 @@ def _run_trials(study, runner: TrialRunner, budget: int, reporter: Reporter) -> 
     waiting_noted, repeats = False, 0
     while (done := count_finished(study)) < budget:
         if repeats >= MAX_REPEATED_CONFIGS:
-            reporter.note(f"the last {repeats} proposals repeated measured configs: the space looks exhausted")
+            reporter.note(
+                f"the last {repeats} proposals repeated measured configs: the space looks exhausted"
+            )
             return
         if done + count_running(study) >= budget:
             if not waiting_noted:
@@ -438,7 +451,9 @@ def _run_trials(study, runner: TrialRunner, budget: int, reporter: Reporter) -> 
             fail_stale_trials(study)
             continue
         runner.progress = (done, budget)
-        recover_dead_local_trials(study)  # a worker on this host died: retry its trial now, not after the grace period
+        recover_dead_local_trials(
+            study
+        )  # a worker on this host died: retry its trial now, not after the grace period
         study.optimize(runner, n_trials=1, catch=(TrialFailed,))
         last = max(study.get_trials(deepcopy=False), key=lambda t: t.number)
         repeats = repeats + 1 if "same_config_as" in last.user_attrs else 0
@@ -448,7 +463,9 @@ def _run_trials(study, runner: TrialRunner, budget: int, reporter: Reporter) -> 
 class TrialRunner:
     """The objective: render, hot-reload, sweep, score one trial."""
 
-    def __init__(self, target, model: ModelInfo, samples, space, model_name: str, settings: StudySettings, reporter):
+    def __init__(
+        self, target, model: ModelInfo, samples, space, model_name: str, settings: StudySettings, reporter
+    ):
         self.target = target
         self.model = model
         self.space = space
@@ -502,6 +519,7 @@ class TrialRunner:
         if outcome.stop_reason.startswith("pruned"):
             trial.set_user_attr("reason", outcome.stop_reason)
             raise optuna.TrialPruned(outcome.stop_reason)
+        assert outcome.best is not None  # feasible, checked above
         return round(outcome.best.throughput, 3)  # the same figure as the "throughput" attribute
 
     def _load(self, config, precision: str) -> float:
@@ -524,7 +542,9 @@ class TrialRunner:
             if best is not None:
                 trial.report(best.throughput, step=index)
                 if trial.should_prune():
-                    stop.append(f"pruned at concurrency {level.concurrency}: behind the median of earlier trials")
+                    stop.append(
+                        f"pruned at concurrency {level.concurrency}: behind the median of earlier trials"
+                    )
                     return False
             reason = next_step(levels, budget, remaining=len(self.settings.concurrency) - index - 1)
             if reason:
@@ -538,7 +558,16 @@ class TrialRunner:
         return SweepOutcome(tuple(levels), best_feasible(levels, budget), stop[0] if stop else "")
 
     def _load_generator(self) -> GrpcLoadGenerator:
-        return GrpcLoadGenerator(self.target.grpc_url, self.model_name, self.samples, self.settings.measure)
+        # A remote target may need TLS and auth headers for inference too, not only for model control.
+        options, headers = inference_client_options(self.target)
+        return GrpcLoadGenerator(
+            self.target.grpc_url,
+            self.model_name,
+            self.samples,
+            self.settings.measure,
+            client_options=options,
+            headers=headers,
+        )
 
     def _server_fault(self, when: str, exc: Exception) -> TrialFailed:
         """Turn a crash or hang into a failed trial, restarting the server so later trials are unaffected."""
@@ -546,7 +575,9 @@ class TrialRunner:
         detail = _first_line(getattr(exc, "message", str(exc)))
         reason = f"the server crashed {when}" if not alive else f"{detail} {when}"
         if not getattr(self.target, "can_restart", False):
-            raise ServerDiedError(f"{reason}; the {self.target.name} server cannot be restarted by optimize") from exc
+            raise ServerDiedError(
+                f"{reason}; the {self.target.name} server cannot be restarted by optimize"
+            ) from exc
         self.reporter.note(f"{reason}: restarting the server")
         self.target.restart()
         return TrialFailed(reason, transient=True)
@@ -568,6 +599,13 @@ class TrialRunner:
             trial.set_constraint(CONSTRAINT, (lowest - budget) / budget)
 
 
+def inference_client_options(target) -> tuple[dict, dict | None]:
+    """TLS options and headers for inference requests to ``target`` (none for local servers)."""
+    tls = getattr(target, "tls", None)
+    options = tls.client_options() if tls is not None else {}
+    return options, (getattr(target, "headers", None) or None)
+
+
 def _is_surplus(trial, budget: int) -> bool:
     """True when earlier trials (finished, or running in other workers) already fill the budget.
 
@@ -577,19 +615,32 @@ def _is_surplus(trial, budget: int) -> bool:
     from optuna.trial import TrialState
 
     earlier_running = [
-        t for t in trial.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if t.number < trial.number
+        t
+        for t in trial.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if t.number < trial.number
     ]
     return count_finished(trial.study) + len(earlier_running) >= budget
 
 
-_COPIED_ATTRS = ("sweep", "stop_reason", "feasible", "throughput", "p99_ms", "p50_ms", "concurrency", "reason")
+_COPIED_ATTRS = (
+    "sweep",
+    "stop_reason",
+    "feasible",
+    "throughput",
+    "p99_ms",
+    "p50_ms",
+    "concurrency",
+    "reason",
+)
 
 
 def _measured_config(study, key: str):
     """The trial that already measured the config with this key (canonicalisation), or None."""
     from optuna.trial import TrialState
 
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)):
+    for trial in study.get_trials(
+        deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    ):
         attrs = trial.user_attrs
         if attrs.get("config_key") != key or "same_config_as" in attrs or attrs.get("transient_fault"):
             continue
@@ -656,7 +707,9 @@ def _feasible_complete(study) -> list:
     from optuna.trial import TrialState
 
     return [
-        t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.user_attrs.get("feasible")
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if t.user_attrs.get("feasible")
     ]
 
 
@@ -675,8 +728,12 @@ def _summarise(study, plan: _Plan, budget: int) -> StudySummary:
     from optuna.trial import TrialState
 
     trials = study.get_trials(deepcopy=False)
-    reports = [_report(t) for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)]
-    baseline = next((_report(t) for t in trials if t.user_attrs.get("baseline") and t.state.is_finished()), None)
+    reports = [
+        _report(t) for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    ]
+    baseline = next(
+        (_report(t) for t in trials if t.user_attrs.get("baseline") and t.state.is_finished()), None
+    )
     best = best_trial(study)
     best_dir = plan.out_dir / plan.study_name / "best"
     repository = export_trial(study, best, best_dir, plan.model) if best is not None else None
@@ -719,7 +776,9 @@ def _stored_model(study) -> ModelInfo:
         raise StudyError(f"study {study.study_name!r} records no model: it has no trials to export")
     model = inspect_model(Path(path), cache=cache_dir())
     if model.sha256 != study.user_attrs.get("model_sha256"):
-        raise StudyError(f"the model file {path!r} changed since study {study.study_name!r} ran: it cannot be exported")
+        raise StudyError(
+            f"the model file {path!r} changed since study {study.study_name!r} ran: it cannot be exported"
+        )
     return model
 
 

@@ -10,11 +10,10 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
+from test_study import _settings
 
 from optimizer.cli import main
 from optimizer.study import run_study
-
-from test_study import _settings
 
 pytestmark = pytest.mark.server
 
@@ -53,9 +52,15 @@ def _npz(path: Path, **arrays) -> Path:
 
 def _custom_op_model(path: Path) -> Path:
     node = helper.make_node("FancyOp", ["x"], ["y"], domain="com.example")
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 4])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 4])],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)]
+    )
     model.ir_version = 9
     onnx.save(model, path)
     return path
@@ -70,8 +75,18 @@ CASES = [
     ("missing-model", lambda m, f, t: ["--model", str(t / "nope.onnx")], 3, "does not exist: check the path"),
     ("directory-model", lambda m, f, t: ["--model", str(t)], 3, "is a directory: give the path of the .onnx"),
     ("zero-byte-model", lambda m, f, t: ["--model", str(_write(t / "z.onnx", ""))], 3, "is empty (0 bytes)"),
-    ("text-model", lambda m, f, t: ["--model", str(_write(t / "t.onnx", "hello"))], 3, "not a valid ONNX model"),
-    ("truncated-model", lambda m, f, t: ["--model", str(_truncated(m["cnn"], t))], 3, "check the file is complete"),
+    (
+        "text-model",
+        lambda m, f, t: ["--model", str(_write(t / "t.onnx", "hello"))],
+        3,
+        "not a valid ONNX model",
+    ),
+    (
+        "truncated-model",
+        lambda m, f, t: ["--model", str(_truncated(m["cnn"], t))],
+        3,
+        "check the file is complete",
+    ),
     ("unsupported-op", lambda m, f, t: ["--model", str(f["custom"])], 3, "ONNX Runtime cannot run"),
     ("unresolved-dims", lambda m, f, t: ["--model", str(m["encoder"])], 3, "pass --shape input_ids:N"),
     ("shape-malformed", lambda m, f, t: ["--shape", "x=64"], 2, "write NAME:D1,D2"),
@@ -81,11 +96,36 @@ CASES = [
     ("shape-not-a-number", lambda m, f, t: ["--shape", "x:abc"], 2, "not a whole number"),
     ("input-data-not-npz", lambda m, f, t: ["--input-data", str(f["npz_not_npz"])], 2, "not a .npz file"),
     ("input-data-missing", lambda m, f, t: ["--input-data", str(t / "none.npz")], 2, "does not exist"),
-    ("input-data-dtype", lambda m, f, t: ["--input-data", str(f["npz_wrong_dtype"])], 2, "model expects float32"),
-    ("input-data-shape", lambda m, f, t: ["--input-data", str(f["npz_wrong_shape"])], 2, "holds samples of shape [32]"),
-    ("space-unknown-key", lambda m, f, t: ["--space", str(f["space_unknown_key"])], 4, "unknown field(s) max_batch_sizes"),
-    ("space-wrong-type", lambda m, f, t: ["--space", str(f["space_wrong_type"])], 4, "instance_count must be a [low, high]"),
-    ("space-empty-range", lambda m, f, t: ["--space", str(f["space_empty_range"])], 4, "instance_count is an empty range"),
+    (
+        "input-data-dtype",
+        lambda m, f, t: ["--input-data", str(f["npz_wrong_dtype"])],
+        2,
+        "model expects float32",
+    ),
+    (
+        "input-data-shape",
+        lambda m, f, t: ["--input-data", str(f["npz_wrong_shape"])],
+        2,
+        "holds samples of shape [32]",
+    ),
+    (
+        "space-unknown-key",
+        lambda m, f, t: ["--space", str(f["space_unknown_key"])],
+        4,
+        "unknown field(s) max_batch_sizes",
+    ),
+    (
+        "space-wrong-type",
+        lambda m, f, t: ["--space", str(f["space_wrong_type"])],
+        4,
+        "instance_count must be a [low, high]",
+    ),
+    (
+        "space-empty-range",
+        lambda m, f, t: ["--space", str(f["space_empty_range"])],
+        4,
+        "instance_count is an empty range",
+    ),
     ("space-impossible", lambda m, f, t: ["--space", str(f["space_impossible"])], 4, "set device: gpu"),
     ("space-not-yaml", lambda m, f, t: ["--space", str(f["space_not_yaml"])], 4, "is not valid YAML"),
     ("space-missing", lambda m, f, t: ["--space", str(t / "none.yaml")], 4, "does not exist"),
@@ -98,14 +138,33 @@ CASES = [
     ("tolerance-negative", lambda m, f, t: ["--accuracy-tolerance", "-1"], 2, "between 0 and 2"),
     ("concurrency-bad", lambda m, f, t: ["--concurrency", "8,4"], 2, "ascending order"),
     ("cpus-bad", lambda m, f, t: ["--cpus", "0-999"], 2, "cores this machine does not offer"),
-    ("storage-malformed", lambda m, f, t: ["--storage", "studies.db"], 5, "is malformed: use e.g. sqlite:///"),
-    ("storage-unreachable", lambda m, f, t: ["--storage", "postgresql://u:secret@127.0.0.1:1/x"], 5,
-     "cannot open study storage 'postgresql://u:***@127.0.0.1:1/x'"),
+    (
+        "storage-malformed",
+        lambda m, f, t: ["--storage", "studies.db"],
+        5,
+        "is malformed: use e.g. sqlite:///",
+    ),
+    (
+        "storage-unreachable",
+        lambda m, f, t: ["--storage", "postgresql://u:secret@127.0.0.1:1/x"],
+        5,
+        "cannot open study storage 'postgresql://u:***@127.0.0.1:1/x'",
+    ),
     ("study-name-traversal", lambda m, f, t: ["--study-name", "../../etc"], 2, "is not allowed"),
     ("study-name-slash", lambda m, f, t: ["--study-name", "a/b"], 2, "is not allowed"),
     ("study-other-model", lambda m, f, t: ["--model", str(m["cnn"])], 6, "made for a different model"),
-    ("study-other-latency", lambda m, f, t: ["--latency-budget-ms", "7"], 6, "uses a latency budget of 200 ms"),
-    ("study-other-tolerance", lambda m, f, t: ["--accuracy-tolerance", "0.5"], 6, "accuracy tolerance of 0.01"),
+    (
+        "study-other-latency",
+        lambda m, f, t: ["--latency-budget-ms", "7"],
+        6,
+        "uses a latency budget of 200 ms",
+    ),
+    (
+        "study-other-tolerance",
+        lambda m, f, t: ["--accuracy-tolerance", "0.5"],
+        6,
+        "accuracy tolerance of 0.01",
+    ),
 ]
 
 
@@ -119,8 +178,19 @@ def _truncated(source: Path, tmp_path: Path) -> Path:
 @pytest.mark.parametrize(("case", "build", "code", "fragment"), CASES, ids=[c[0] for c in CASES])
 def test_study_bad_input(case, build, code, fragment, models, existing, tmp_path, capsys):
     before = _digest(existing["db"])
-    args = ["study", "--model", str(models["mlp"]), "--study-name", "s", "--storage", f"sqlite:///{existing['db']}",
-            "--latency-budget-ms", "200", "--budget", "2"]
+    args = [
+        "study",
+        "--model",
+        str(models["mlp"]),
+        "--study-name",
+        "s",
+        "--storage",
+        f"sqlite:///{existing['db']}",
+        "--latency-budget-ms",
+        "200",
+        "--budget",
+        "2",
+    ]
     extra = build(models, existing, tmp_path)
     # later options win in Typer, so the case's own value replaces the default above
     assert main(args + extra) == code
@@ -135,10 +205,34 @@ def test_study_bad_input(case, build, code, fragment, models, existing, tmp_path
 @pytest.mark.parametrize(
     ("args", "code", "fragment"),
     [
-        (lambda f: ["export", "--study-name", "nofeasible", "--out", "x", "--storage", f"sqlite:///{f['root']}/nofeasible.db"],
-         6, "has no feasible completed trial"),
-        (lambda f: ["export", "--study-name", "s", "--trial", "99", "--out", "x", "--storage", f"sqlite:///{f['db']}"],
-         6, "has no measured trial 99"),
+        (
+            lambda f: [
+                "export",
+                "--study-name",
+                "nofeasible",
+                "--out",
+                "x",
+                "--storage",
+                f"sqlite:///{f['root']}/nofeasible.db",
+            ],
+            6,
+            "has no feasible completed trial",
+        ),
+        (
+            lambda f: [
+                "export",
+                "--study-name",
+                "s",
+                "--trial",
+                "99",
+                "--out",
+                "x",
+                "--storage",
+                f"sqlite:///{f['db']}",
+            ],
+            6,
+            "has no measured trial 99",
+        ),
         (lambda f: ["export", "--study-name", "unknown", "--out", "x"], 6, "no study 'unknown'"),
         (lambda f: ["inspect", str(f["root"] / "none.onnx")], 3, "does not exist"),
     ],

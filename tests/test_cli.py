@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from procs import children
 
 from optimizer.cli import main
 
@@ -33,7 +34,9 @@ def test_help_lists_the_commands(capsys):
 
 
 def test_inspect_shows_inputs_batch_dimension_and_request_shapes(models, capsys):
-    code, out, _ = _run(["inspect", str(models["encoder"]), "--shape", "input_ids:32", "--shape", "attention_mask:32"], capsys)
+    code, out, _ = _run(
+        ["inspect", str(models["encoder"]), "--shape", "input_ids:32", "--shape", "attention_mask:32"], capsys
+    )
     assert code == 0
     assert "input_ids" in out and "int64" in out and "[batch, sequence]" in out
     assert "dynamic (first axis)" in out
@@ -52,23 +55,37 @@ def test_inspect_notes_a_fixed_batch_model_conversion(models, capsys):
         (lambda m, t: ["inspect", str(t / "missing.onnx")], 3, "does not exist"),
         (lambda m, t: ["inspect", str(t)], 3, "is a directory"),
         (lambda m, t: ["inspect", str(_write(t / "empty.onnx", b""))], 3, "is empty"),
-        (lambda m, t: ["inspect", str(_write(t / "text.onnx", b"not a model at all"))], 3, "not a valid ONNX model"),
+        (
+            lambda m, t: ["inspect", str(_write(t / "text.onnx", b"not a model at all"))],
+            3,
+            "not a valid ONNX model",
+        ),
         (lambda m, t: ["inspect", str(_truncated(m["cnn"], t))], 3, "not a valid ONNX model"),
         (lambda m, t: ["inspect", str(m["encoder"])], 3, "--shape input_ids:N"),
         (lambda m, t: ["inspect", str(m["mlp"]), "--shape", "y:3"], 2, "unknown input 'y'"),
-        (lambda m, t: ["inspect", str(m["mlp"]), "--shape", "x:64,2"], 2, "has 2 dimension(s) but the input has 1"),
+        (
+            lambda m, t: ["inspect", str(m["mlp"]), "--shape", "x:64,2"],
+            2,
+            "has 2 dimension(s) but the input has 1",
+        ),
         (lambda m, t: ["inspect", str(m["mlp"]), "--shape", "x:-4"], 2, "below 1"),
         (lambda m, t: ["inspect", str(m["mlp"]), "--shape", "x64"], 2, "malformed"),
         (lambda m, t: ["study", "--model", str(m["mlp"]), "--budget", "0"], 2, "--budget must be at least 1"),
         (lambda m, t: ["study", "--model", str(m["mlp"]), "--latency-budget-ms", "0"], 2, "positive number"),
-        (lambda m, t: ["study", "--model", str(m["mlp"]), "--latency-budget-ms", "nan"], 2, "positive number"),
+        (
+            lambda m, t: ["study", "--model", str(m["mlp"]), "--latency-budget-ms", "nan"],
+            2,
+            "positive number",
+        ),
         (lambda m, t: ["study", "--model", str(m["mlp"]), "--study-name", "../escape"], 2, "not allowed"),
         (lambda m, t: ["study", "--model", str(m["mlp"]), "--concurrency", "4,2"], 2, "ascending"),
         (lambda m, t: ["study", "--model", str(m["mlp"]), "--space", "nosuchspace"], 4, "no space named"),
         (lambda m, t: ["export", "--study-name", "nothing", "--out", str(t / "o")], 6, "no study 'nothing'"),
     ],
 )
-def test_bad_input_gets_one_line_and_a_nonzero_exit(models, tmp_path, capsys, make_args, expected_code, fragment):
+def test_bad_input_gets_one_line_and_a_nonzero_exit(
+    models, tmp_path, capsys, make_args, expected_code, fragment
+):
     code, _, err = _run(make_args(models, tmp_path), capsys)
     assert code == expected_code, err
     assert fragment in _one_error_line(err)
@@ -90,40 +107,44 @@ def _truncated(source: Path, tmp_path: Path) -> Path:
     return _write(tmp_path / "truncated.onnx", data[: len(data) // 2])
 
 
-def _live_children(pid: int) -> list[str]:
-    names = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            name, rest = stat.split("(", 1)[1].split(")", 1)
-            fields = rest.split()
-            if int(fields[1]) == pid and fields[0] != "Z":
-                names.append(name)
-    return names
-
-
 @pytest.mark.server
 def test_ctrl_c_stops_the_server_and_leaves_no_running_trial(models, tmp_path):
     import optuna
 
     db = tmp_path / "c.db"
     process = subprocess.Popen(
-        [sys.executable, "-m", "optimizer", "study", "--model", str(models["mlp"]), "--budget", "20",
-         "--latency-budget-ms", "200", "--study-name", "c", "--storage", f"sqlite:///{db}",
-         "--window-s", "1", "--concurrency", "1,2,4"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "optimizer",
+            "study",
+            "--model",
+            str(models["mlp"]),
+            "--budget",
+            "20",
+            "--latency-budget-ms",
+            "200",
+            "--study-name",
+            "c",
+            "--storage",
+            f"sqlite:///{db}",
+            "--window-s",
+            "1",
+            "--concurrency",
+            "1,2,4",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.monotonic() + 120
-    while "tritonserver" not in _live_children(process.pid) and time.monotonic() < deadline:
+    while not children(process.pid, "tritonserver") and time.monotonic() < deadline:
         time.sleep(0.1)
     time.sleep(6)  # well into the first trials
     os.kill(process.pid, signal.SIGINT)
     _, err = process.communicate(timeout=60)
     assert process.returncode == 130
     assert "rerun the same command to resume" in err and "Traceback" not in err
-    assert _live_children(process.pid) == []
+    assert children(process.pid) == []
     study = optuna.load_study(study_name="c", storage=f"sqlite:///{db}")
     assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]

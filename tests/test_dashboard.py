@@ -15,6 +15,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from procs import listening_addresses
 
 from optimizer.cli import main
 from optimizer.dashboard import dashboard_url
@@ -79,17 +80,6 @@ def _get(url: str, deadline_s: float) -> tuple[int, bytes]:
             time.sleep(0.2)
 
 
-def _listening_addresses(port: int) -> set[str]:
-    """Local addresses with a socket listening on ``port`` (from /proc/net/tcp, hex little-endian IPv4)."""
-    found = set()
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        local, state = line.split()[1], line.split()[3]
-        address, hex_port = local.split(":")
-        if state == "0A" and int(hex_port, 16) == port:
-            found.add(".".join(str(int(address[i : i + 2], 16)) for i in (6, 4, 2, 0)))
-    return found
-
-
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
 def test_dashboard_serves_the_study_on_loopback_and_stops_on_a_signal(storage_url, stop_signal):
     port = _free_port()
@@ -104,7 +94,7 @@ def test_dashboard_serves_the_study_on_loopback_and_stops_on_a_signal(storage_ur
         assert status == 200 and "dash" in [
             study["study_name"] for study in json.loads(body)["study_summaries"]
         ]
-        assert _listening_addresses(port) == {"127.0.0.1"}
+        assert listening_addresses(port) == {"127.0.0.1"}
         process.send_signal(stop_signal)
         out, err = process.communicate(timeout=20)
     finally:
@@ -117,7 +107,7 @@ def test_dashboard_serves_the_study_on_loopback_and_stops_on_a_signal(storage_ur
         not Path(f"/proc/{process.pid}").exists()
         or "Z" in Path(f"/proc/{process.pid}/stat").read_text().split()[2]
     )
-    assert _listening_addresses(port) == set()
+    assert listening_addresses(port) == set()
 
 
 def test_dashboard_refuses_a_busy_port_a_missing_study_and_no_storage_with_one_line(
@@ -144,9 +134,7 @@ def test_dashboard_refuses_a_busy_port_a_missing_study_and_no_storage_with_one_l
         for args, code, fragment in cases:
             assert main(args) == code
             lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-            assert len(lines) == 1 and lines[0].startswith("Error: ") and fragment in lines[0], (
-                lines
-            )
+            assert len(lines) == 1 and lines[0].startswith("Error: ") and fragment in lines[0], lines
 
 
 def test_dashboard_url_points_at_the_study_and_brackets_ipv6():

@@ -50,12 +50,7 @@ def stored(models, tmp_path_factory) -> tuple[str, optuna.Study]:
 
 def _export(stored, out: Path, fmt: str, capsys) -> list[str]:
     url, _ = stored
-    assert (
-        main(
-            ["export", "--study-name", "dep", "--storage", url, "--out", str(out), "--format", fmt]
-        )
-        == 0
-    )
+    assert main(["export", "--study-name", "dep", "--storage", url, "--out", str(out), "--format", fmt]) == 0
     return [line.removeprefix("wrote ") for line in capsys.readouterr().out.splitlines()]
 
 
@@ -103,10 +98,7 @@ def test_kserve_format_writes_an_inference_service_for_the_triton_runtime(stored
     assert written == [str(out / "models" / "mlp"), str(out / "inferenceservice.yaml")]
     _assert_is_the_best_trial(out / "models" / "mlp", stored[1])
     service = yaml.safe_load((out / "inferenceservice.yaml").read_text())
-    assert (
-        service["apiVersion"] == "serving.kserve.io/v1beta1"
-        and service["kind"] == "InferenceService"
-    )
+    assert service["apiVersion"] == "serving.kserve.io/v1beta1" and service["kind"] == "InferenceService"
     assert service["metadata"]["name"] == "mlp"
     model = service["spec"]["predictor"]["model"]
     assert model["modelFormat"] == {"name": "triton"} and model["protocolVersion"] == "v2"
@@ -135,11 +127,7 @@ def test_unknown_format_is_one_line_and_writes_nothing(stored, tmp_path, capsys)
         ]
     )
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert (
-        code == 2
-        and len(lines) == 1
-        and "--format must be one of triton, azureml, kserve" in lines[0]
-    )
+    assert code == 2 and len(lines) == 1 and "--format must be one of triton, azureml, kserve" in lines[0]
     assert not (tmp_path / "x").exists()
 
 
@@ -156,17 +144,14 @@ def test_gpu_config_gets_a_gpu_instance_type_and_a_gpu_limit(tmp_path):
     assert [p.name for p in paths] == ["endpoint.yml", "deployment.yml", "inferenceservice.yaml"]
     deployment = yaml.safe_load((tmp_path / "deployment.yml").read_text())
     assert (
-        deployment["instance_type"] == AZUREML_GPU_INSTANCE
-        and deployment["endpoint_name"] == "big-model-v2"
+        deployment["instance_type"] == AZUREML_GPU_INSTANCE and deployment["endpoint_name"] == "big-model-v2"
     )
     service = yaml.safe_load((tmp_path / "inferenceservice.yaml").read_text())
     assert service["spec"]["predictor"]["model"]["resources"] == {"limits": {"nvidia.com/gpu": 1}}
 
 
 def test_pure_builders_take_explicit_choices():
-    deployment = azureml_deployment(
-        "ep", "m", gpu=False, instance_type="Standard_DS3_v2", instance_count=3
-    )
+    deployment = azureml_deployment("ep", "m", gpu=False, instance_type="Standard_DS3_v2", instance_count=3)
     assert deployment["instance_type"] == "Standard_DS3_v2" and deployment["instance_count"] == 3
     service = kserve_inference_service("svc", gpu=False, storage_uri="gs://bucket/models")
     assert service["spec"]["predictor"]["model"]["storageUri"] == "gs://bucket/models"
@@ -191,6 +176,4 @@ def test_resource_names_follow_the_cloud_naming_rules(model_name, limit, expecte
 
 def test_a_manifest_missing_a_required_key_is_refused(tmp_path):
     with pytest.raises(OptimizeError, match="lacks required key.*model.path"):
-        write_manifest(
-            tmp_path / "d.yml", {"model": {"type": "triton_model"}}, ["model.type", "model.path"]
-        )
+        write_manifest(tmp_path / "d.yml", {"model": {"type": "triton_model"}}, ["model.type", "model.path"])

@@ -27,9 +27,19 @@ def test_doctor_reports_what_this_machine_can_do_and_exits_zero(capsys, monkeypa
     assert code == 0
     lines = out.splitlines()
     by_name = {line[9:29].strip(): line for line in lines if not line.startswith(" ")}
-    assert by_name.keys() >= {"target embedded", "target local", "target docker", "target remote",
-                              "execution providers", "GPUs", "perf_analyzer"}
-    assert by_name["target embedded"].startswith("ok") and "2.51.0 started and stopped" in by_name["target embedded"]
+    assert by_name.keys() >= {
+        "target embedded",
+        "target local",
+        "target docker",
+        "target remote",
+        "execution providers",
+        "GPUs",
+        "perf_analyzer",
+    }
+    assert (
+        by_name["target embedded"].startswith("ok")
+        and "2.51.0 started and stopped" in by_name["target embedded"]
+    )
     assert by_name["target docker"].startswith("missing") and "cannot reach a Docker daemon" in out
     assert "run here: cpu" in by_name["execution providers"]
     # Each missing piece is followed by its fix.

@@ -36,9 +36,7 @@ def _run(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return dict(zip(names, session.run(names, feeds)))
 
 
-def _encoder_feeds(
-    rng: np.random.Generator, batch: int, seq: int, vocab: int
-) -> dict[str, np.ndarray]:
+def _encoder_feeds(rng: np.random.Generator, batch: int, seq: int, vocab: int) -> dict[str, np.ndarray]:
     return {
         "input_ids": rng.integers(0, vocab, (batch, seq), dtype=np.int64),
         "attention_mask": np.ones((batch, seq), dtype=np.int64),
@@ -166,9 +164,7 @@ def test_fixed_batch_mlp_matches_mlp_weights(tmp_path: Path) -> None:
     dynamic = examples.build_mlp(tmp_path / "mlp.onnx", seed=4)
     fixed = examples.build_fixed_batch_mlp(tmp_path / "fixed.onnx", seed=4)
     x = np.random.default_rng(1).standard_normal((1, 64)).astype(np.float32)
-    np.testing.assert_array_equal(
-        _run(dynamic, {"x": x})["logits"], _run(fixed, {"x": x})["logits"]
-    )
+    np.testing.assert_array_equal(_run(dynamic, {"x": x})["logits"], _run(fixed, {"x": x})["logits"])
 
 
 @pytest.mark.parametrize("batch", [1, 3])
@@ -200,9 +196,7 @@ BUILDS: list[tuple[Builder, dict[str, Any]]] = [
 
 
 @pytest.mark.parametrize(("builder", "kwargs"), BUILDS, ids=lambda v: getattr(v, "__name__", ""))
-def test_same_seed_is_byte_identical(
-    tmp_path: Path, builder: Builder, kwargs: dict[str, Any]
-) -> None:
+def test_same_seed_is_byte_identical(tmp_path: Path, builder: Builder, kwargs: dict[str, Any]) -> None:
     first = builder(tmp_path / "a" / "m.onnx", seed=3, **kwargs)
     second = builder(tmp_path / "b" / "m.onnx", seed=3, **kwargs)
     assert first == tmp_path / "a" / "m.onnx"

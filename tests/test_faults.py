@@ -14,19 +14,19 @@ from pathlib import Path
 
 import optuna
 import pytest
+from procs import children
+from test_study import FAST_CLI, _load, _settings, _trial_states
 
 from optimizer import export as export_module
+from optimizer.intake import inspect_model
 from optimizer.loadgen import MeasureSettings
 from optimizer.paths import cache_dir
-from optimizer.intake import inspect_model
 from optimizer.render import render_config
 from optimizer.serving.embedded import EmbeddedTriton
 from optimizer.space import Candidate
 from optimizer.storage import count_finished
 from optimizer.study import QuietReporter, run_study
 from optimizer.variants import variant_path
-
-from test_study import FAST_CLI, _load, _settings, _trial_states, _tritons_of
 
 pytestmark = pytest.mark.server
 
@@ -45,9 +45,13 @@ class HangOnTrial(QuietReporter):
 
 def test_hung_server_fails_its_trial_by_timeout_and_a_fresh_server_takes_over(models, tmp_path):
     target = EmbeddedTriton()
-    measure = MeasureSettings(warmup_s=0.5, window_s=1.5, min_requests=10, max_window_s=3.0, request_timeout_s=2.0)
+    measure = MeasureSettings(
+        warmup_s=0.5, window_s=1.5, min_requests=10, max_window_s=3.0, request_timeout_s=2.0
+    )
     reporter = HangOnTrial(target, 1)
-    summary = run_study(_settings(models["mlp"], tmp_path, budget=4, measure=measure), reporter, target=target)
+    summary = run_study(
+        _settings(models["mlp"], tmp_path, budget=4, measure=measure), reporter, target=target
+    )
     study = _load(tmp_path)
     hung = study.trials[1]
     assert hung.state == optuna.trial.TrialState.FAIL
@@ -55,7 +59,10 @@ def test_hung_server_fails_its_trial_by_timeout_and_a_fresh_server_takes_over(mo
     assert summary.finished == 4
     assert [t.number for t in study.trials if t.state == optuna.trial.TrialState.FAIL] == [1]
     assert hung.user_attrs["transient_fault"] is True  # a repeat of its config is measured, not inherited
-    assert not Path(f"/proc/{reporter.stopped_pid}").exists() or "Z" in Path(f"/proc/{reporter.stopped_pid}/stat").read_text().split()[2]
+    assert (
+        not Path(f"/proc/{reporter.stopped_pid}").exists()
+        or "Z" in Path(f"/proc/{reporter.stopped_pid}/stat").read_text().split()[2]
+    )
 
 
 def test_variant_that_fails_to_initialise_fails_only_its_trials(models, tmp_path):
@@ -96,7 +103,9 @@ def test_read_only_study_directory_is_a_clear_error_before_any_trial(models, tmp
     frozen = tmp_path / "frozen"
     frozen.mkdir()
     with _immutable(frozen):
-        code = main(["study", "--model", str(models["mlp"]), "--budget", "1", "--storage", f"sqlite:///{frozen}/s.db"])
+        code = main(
+            ["study", "--model", str(models["mlp"]), "--budget", "1", "--storage", f"sqlite:///{frozen}/s.db"]
+        )
     err = capsys.readouterr().err.strip()
     assert code == 5 and err.startswith("Error: cannot open study storage") and "\n" not in err
 
@@ -105,8 +114,23 @@ def test_storage_turning_read_only_mid_study_stops_cleanly_and_a_rerun_completes
     directory = tmp_path / "db"
     directory.mkdir()
     db = directory / "ro.db"
-    command = [sys.executable, "-m", "optimizer", "study", "--model", str(models["mlp"]), "--budget", "5",
-               "--latency-budget-ms", "200", "--study-name", "ro", "--storage", f"sqlite:///{db}", *FAST_CLI]
+    command = [
+        sys.executable,
+        "-m",
+        "optimizer",
+        "study",
+        "--model",
+        str(models["mlp"]),
+        "--budget",
+        "5",
+        "--latency-budget-ms",
+        "200",
+        "--study-name",
+        "ro",
+        "--storage",
+        f"sqlite:///{db}",
+        *FAST_CLI,
+    ]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -114,15 +138,18 @@ def test_storage_turning_read_only_mid_study_stops_cleanly_and_a_rerun_completes
         if states.count("COMPLETE") + states.count("PRUNED") >= 2:
             break
         time.sleep(0.2)
-    servers = _tritons_of(process.pid)
+    servers = children(process.pid, "tritonserver")
     with _immutable(directory):
         _, err = process.communicate(timeout=120)
     assert process.returncode == 5, err
     assert "the study database stopped accepting reads or writes" in err and "Traceback" not in err
     time.sleep(0.5)
     assert all(not Path(f"/proc/{pid}").exists() for pid in servers)
-    kept = {t.number: t.value for t in optuna.load_study(study_name="ro", storage=f"sqlite:///{db}").trials
-            if t.state == optuna.trial.TrialState.COMPLETE}
+    kept = {
+        t.number: t.value
+        for t in optuna.load_study(study_name="ro", storage=f"sqlite:///{db}").trials
+        if t.state == optuna.trial.TrialState.COMPLETE
+    }
     rerun = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     study = optuna.load_study(study_name="ro", storage=f"sqlite:///{db}")

@@ -60,10 +60,7 @@ def test_best_feasible_of_no_levels_is_none() -> None:
 def test_next_step_stops_when_p99_breaks_the_budget() -> None:
     levels = [_level(1, 100, 5), _level(2, 190, 12.34)]
 
-    assert (
-        next_step(levels, BUDGET_MS, remaining=3)
-        == "p99 12.3 ms broke the 10 ms budget at concurrency 2"
-    )
+    assert next_step(levels, BUDGET_MS, remaining=3) == "p99 12.3 ms broke the 10 ms budget at concurrency 2"
 
 
 def test_next_step_stops_when_the_first_level_already_breaks_the_budget() -> None:
@@ -75,17 +72,13 @@ def test_next_step_stops_when_the_first_level_already_breaks_the_budget() -> Non
 def test_next_step_stops_at_a_plateau_under_3_percent_gain() -> None:
     levels = [_level(1, 100, 2), _level(2, 180, 3), _level(4, 185, 4)]  # +2.8 %
 
-    assert (
-        next_step(levels, BUDGET_MS, remaining=3) == "throughput stopped growing at concurrency 4"
-    )
+    assert next_step(levels, BUDGET_MS, remaining=3) == "throughput stopped growing at concurrency 4"
 
 
 def test_next_step_stops_when_throughput_falls() -> None:
     levels = [_level(1, 100, 2), _level(2, 90, 3)]
 
-    assert (
-        next_step(levels, BUDGET_MS, remaining=3) == "throughput stopped growing at concurrency 2"
-    )
+    assert next_step(levels, BUDGET_MS, remaining=3) == "throughput stopped growing at concurrency 2"
 
 
 def test_next_step_continues_when_throughput_grows_by_more_than_3_percent() -> None:
@@ -107,10 +100,7 @@ def test_next_step_stops_at_the_last_level() -> None:
 def test_next_step_reports_a_budget_break_at_the_last_level_as_the_reason() -> None:
     levels = [_level(1, 100, 2), _level(2, 180, 30)]
 
-    assert (
-        next_step(levels, BUDGET_MS, remaining=0)
-        == "p99 30.0 ms broke the 10 ms budget at concurrency 2"
-    )
+    assert next_step(levels, BUDGET_MS, remaining=0) == "p99 30.0 ms broke the 10 ms budget at concurrency 2"
 
 
 # --- parse_levels -------------------------------------------------------------------------------
@@ -125,9 +115,7 @@ def test_next_step_reports_a_budget_break_at_the_last_level_as_the_reason() -> N
         ("1,3,5,100", (1, 3, 5, 100)),
     ],
 )
-def test_parse_levels_reads_ascending_comma_separated_levels(
-    text: str, expected: tuple[int, ...]
-) -> None:
+def test_parse_levels_reads_ascending_comma_separated_levels(text: str, expected: tuple[int, ...]) -> None:
     assert parse_levels(text) == expected
 
 

@@ -41,9 +41,7 @@ def test_parse_csv_reads_throughput_and_percentiles_in_milliseconds():
             p95_ms=1.028,
             p99_ms=2.966,
         ),
-        PerfResult(
-            concurrency=4, throughput=3100.5, p50_ms=1.2, p90_ms=1.5, p95_ms=1.8, p99_ms=4.1
-        ),
+        PerfResult(concurrency=4, throughput=3100.5, p50_ms=1.2, p90_ms=1.5, p95_ms=1.8, p99_ms=4.1),
     ]
 
 
@@ -151,13 +149,9 @@ def binary():
 
 
 @pytest.mark.server
-def test_perf_analyzer_measures_a_served_repository_with_the_studys_requests(
-    binary, models, tmp_path
-):
+def test_perf_analyzer_measures_a_served_repository_with_the_studys_requests(binary, models, tmp_path):
     info = inspect_model(models["encoder"])
-    config = render_config(
-        info, Candidate(max_batch_size=8, max_queue_delay_us=500), model_name="enc"
-    )
+    config = render_config(info, Candidate(max_batch_size=8, max_queue_delay_us=500), model_name="enc")
     write_repository(tmp_path / "repo", config, {"1/model.onnx": info.path})
     shapes = {"input_ids": (16,), "attention_mask": (16,)}
     samples = [

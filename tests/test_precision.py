@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import onnxruntime as ort
-import optuna
 import pytest
+from test_study import _load, _settings
 
 from optimizer.accuracy import compare_outputs
 from optimizer.cli import main
@@ -18,12 +18,12 @@ from optimizer.space import Candidate
 from optimizer.study import run_study
 from optimizer.variants import model_files, variant_path
 
-from test_study import _load, _settings
-
 
 def _space(tmp_path, precisions):
     path = tmp_path / "space.yaml"
-    path.write_text(f"precisions: [{', '.join(precisions)}]\nmax_batch_size: [1, 8]\ninstance_count: [1, 2]\n")
+    path.write_text(
+        f"precisions: [{', '.join(precisions)}]\nmax_batch_size: [1, 8]\ninstance_count: [1, 2]\n"
+    )
     return str(path)
 
 
@@ -65,7 +65,9 @@ def test_space_file_asking_for_openvino_gives_one_line_error(models, tmp_path, c
     space.write_text("execution_providers: [cpu, openvino]\n")
     assert main(["study", "--model", str(models["mlp"]), "--space", str(space), "--budget", "1"]) == 4
     err = capsys.readouterr().err.strip()
-    assert err.startswith("Error: execution provider 'openvino' does not run") and "available here: cpu" in err
+    assert (
+        err.startswith("Error: execution provider 'openvino' does not run") and "available here: cpu" in err
+    )
 
 
 # --- variants ---------------------------------------------------------------------------------------------------
@@ -75,7 +77,9 @@ def test_space_file_asking_for_openvino_gives_one_line_error(models, tmp_path, c
 @pytest.mark.parametrize("precision", ["fp16", "int8"])
 def test_served_variant_equals_the_same_variant_run_directly(triton, models, precision):
     info = inspect_model(models["cnn"])
-    config = render_config(info, Candidate(precision=precision, max_batch_size=4), model_name=f"cnn_{precision}")
+    config = render_config(
+        info, Candidate(precision=precision, max_batch_size=4), model_name=f"cnn_{precision}"
+    )
     triton.load_model(f"cnn_{precision}", to_json(config), model_files(info, precision, cache_dir()))
     feeds = synthetic_inputs(info, {"image": (3, 32, 32)}, 2, seed=3)
     import tritonclient.grpc as grpcclient
@@ -85,7 +89,9 @@ def test_served_variant_equals_the_same_variant_run_directly(triton, models, pre
     tensor.set_data_from_numpy(feeds["image"])
     served = client.infer(f"cnn_{precision}", [tensor]).as_numpy("logits")
     client.close()
-    session = ort.InferenceSession(str(variant_path(info, precision, cache_dir())), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(variant_path(info, precision, cache_dir())), providers=["CPUExecutionProvider"]
+    )
     assert np.max(np.abs(served - session.run(["logits"], feeds)[0])) <= 1e-5
 
 
@@ -100,8 +106,9 @@ def test_variants_are_cached_by_content_and_never_written_next_to_the_model(mode
 
 @pytest.mark.server
 def test_variant_outside_tolerance_is_recorded_and_never_served(models, tmp_path):
-    settings = _settings(models["mlp"], tmp_path, budget=3, space=_space(tmp_path, ["fp32", "int8"]),
-                         accuracy_tolerance=0.0)
+    settings = _settings(
+        models["mlp"], tmp_path, budget=3, space=_space(tmp_path, ["fp32", "int8"]), accuracy_tolerance=0.0
+    )
     run_study(settings)
     study = _load(tmp_path)
     record = study.user_attrs["variants"]["int8"]
@@ -113,8 +120,14 @@ def test_variant_outside_tolerance_is_recorded_and_never_served(models, tmp_path
 
 @pytest.mark.server
 def test_study_explores_int8_when_it_keeps_accuracy_and_a_rerun_does_not_rebuild_it(models, tmp_path):
-    settings = _settings(models["encoder"], tmp_path, budget=6, space=_space(tmp_path, ["fp32", "int8"]),
-                         shapes={"input_ids": (16,), "attention_mask": (16,)}, seed=3)
+    settings = _settings(
+        models["encoder"],
+        tmp_path,
+        budget=6,
+        space=_space(tmp_path, ["fp32", "int8"]),
+        shapes={"input_ids": (16,), "attention_mask": (16,)},
+        seed=3,
+    )
     run_study(settings)
     study = _load(tmp_path)
     record = study.user_attrs["variants"]["int8"]
@@ -141,9 +154,18 @@ def test_input_data_gives_one_request_per_sample(models, tmp_path):
     ("arrays", "fragment"),
     [
         ({"input_ids": np.ones((2, 12), np.int64)}, "the model's inputs are"),
-        ({"input_ids": np.ones((2, 12), np.int32), "attention_mask": np.ones((2, 12), np.int64)}, "dtype int32"),
-        ({"input_ids": np.ones((2, 3, 4), np.int64), "attention_mask": np.ones((2, 12), np.int64)}, "shape [3, 4]"),
-        ({"input_ids": np.ones((2, 12), np.int64), "attention_mask": np.ones((3, 12), np.int64)}, "same number"),
+        (
+            {"input_ids": np.ones((2, 12), np.int32), "attention_mask": np.ones((2, 12), np.int64)},
+            "dtype int32",
+        ),
+        (
+            {"input_ids": np.ones((2, 3, 4), np.int64), "attention_mask": np.ones((2, 12), np.int64)},
+            "shape [3, 4]",
+        ),
+        (
+            {"input_ids": np.ones((2, 12), np.int64), "attention_mask": np.ones((3, 12), np.int64)},
+            "same number",
+        ),
     ],
 )
 def test_bad_input_data_is_refused_with_what_is_wrong(models, tmp_path, arrays, fragment):

@@ -25,9 +25,7 @@ from optimizer.render import (
 from optimizer.space import CPU_PROVIDERS, GPU_PROVIDERS, GRAPH_LEVELS, PRECISIONS, Candidate
 
 
-def _info(
-    inputs: list[TensorSpec], outputs: list[TensorSpec], *, batching: bool = True
-) -> ModelInfo:
+def _info(inputs: list[TensorSpec], outputs: list[TensorSpec], *, batching: bool = True) -> ModelInfo:
     return ModelInfo(
         source_path=Path("/models/model.onnx"),
         path=Path("/models/model.onnx"),
@@ -39,9 +37,7 @@ def _info(
     )
 
 
-MLP = _info(
-    [TensorSpec("x", "float32", ("batch", 64))], [TensorSpec("logits", "float32", ("batch", 10))]
-)
+MLP = _info([TensorSpec("x", "float32", ("batch", 64))], [TensorSpec("logits", "float32", ("batch", 10))])
 ENCODER = _info(
     [
         TensorSpec("input_ids", "int64", ("batch", "sequence"), index_range=(0, 1000)),
@@ -57,9 +53,7 @@ FIXED_BATCH_MLP = _info(
     [TensorSpec("logits", "float32", (1, 10))],
     batching=False,
 )
-SCALAR_SCORE = _info(
-    [TensorSpec("x", "float32", ("batch", 4))], [TensorSpec("score", "float32", ("batch",))]
-)
+SCALAR_SCORE = _info([TensorSpec("x", "float32", ("batch", 4))], [TensorSpec("score", "float32", ("batch",))])
 MULTI_DTYPE = _info(
     [
         TensorSpec("a", "float32", ("batch", 8)),
@@ -347,6 +341,4 @@ def test_any_rendered_config_round_trips_exactly_and_has_a_stable_key(
     assert from_json == config
     assert config_key(again) == config_key(config)
     assert config_key(from_pbtxt) == config_key(from_json) == config_key(config)
-    assert all(
-        size <= config.max_batch_size for size in config.dynamic_batching.preferred_batch_size
-    )
+    assert all(size <= config.max_batch_size for size in config.dynamic_batching.preferred_batch_size)

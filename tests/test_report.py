@@ -56,9 +56,7 @@ class RejectingTriton(EmbeddedTriton):
     def load_model(self, name, config_json, files):
         self.loads += 1
         if self.loads == 3:
-            config_json = config_json.replace(
-                '"max_batch_size"', '"max_batch_size": -5, "ignored"', 1
-            )
+            config_json = config_json.replace('"max_batch_size"', '"max_batch_size": -5, "ignored"', 1)
         return super().load_model(name, config_json, files)
 
 
@@ -134,16 +132,12 @@ def test_trial_records_match_the_stored_trials_exactly(studies):
         assert record.state == trial.state.name.lower()
         assert record.candidate == attrs["candidate"] and record.config == attrs["config"]
         assert record.throughput == attrs.get("throughput") and record.p99_ms == attrs.get("p99_ms")
-        assert record.p50_ms == attrs.get("p50_ms") and record.concurrency == attrs.get(
-            "concurrency"
-        )
+        assert record.p50_ms == attrs.get("p50_ms") and record.concurrency == attrs.get("concurrency")
         assert record.reason == attrs.get("reason")
         assert [level.throughput for level in record.sweep] == [
             lv["throughput"] for lv in attrs.get("sweep", [])
         ]
-        assert [level.p99_ms for level in record.sweep] == [
-            lv["p99_ms"] for lv in attrs.get("sweep", [])
-        ]
+        assert [level.p99_ms for level in record.sweep] == [lv["p99_ms"] for lv in attrs.get("sweep", [])]
     statuses = [r.status for r in records]
     assert statuses[2] == "failed" and records[2].reason.startswith("Triton rejected the config")
     assert records[0].baseline and not any(r.baseline for r in records[1:])
@@ -228,9 +222,7 @@ def test_history_is_each_feasible_throughput_and_the_running_best(studies):
 def test_top_table_precisions_and_failures(studies):
     study = studies["mixed"]
     data = build_report_data(study)
-    complete = sorted(
-        (t for t in study.trials if t.state == TrialState.COMPLETE), key=lambda t: -t.value
-    )
+    complete = sorted((t for t in study.trials if t.state == TrialState.COMPLETE), key=lambda t: -t.value)
     assert [t.number for t in data.top] == [t.number for t in complete]
     assert [f.trial for f in data.failures] == [
         t.number for t in study.trials if t.state != TrialState.COMPLETE
@@ -242,9 +234,7 @@ def test_top_table_precisions_and_failures(studies):
         "int8",
     }  # the cpu space's precisions, even when a trial never used one
     assert sum(row.trials for row in precisions.values()) == 5
-    variants = study.user_attrs.get(
-        "variants", {}
-    )  # absent in studies written before the accuracy guard
+    variants = study.user_attrs.get("variants", {})  # absent in studies written before the accuracy guard
     for precision, row in precisions.items():
         recorded = variants.get(precision)
         assert row.accuracy_ok == (recorded["ok"] if recorded else None)
@@ -258,11 +248,7 @@ def test_top_table_precisions_and_failures(studies):
 
 def test_study_where_nothing_met_the_budget_reports_infeasible_trials(studies):
     data = build_report_data(studies["tight"])
-    assert (
-        data.headline.best is None
-        and data.headline.ratio is None
-        and data.headline.best_config == ""
-    )
+    assert data.headline.best is None and data.headline.ratio is None and data.headline.best_config == ""
     assert [p.status for p in data.scatter.points] == ["infeasible", "infeasible"]
     assert all(f.reason.startswith("infeasible") for f in data.failures) and len(data.failures) == 2
     assert data.top == () and data.history.best_so_far == (None, None)
@@ -305,9 +291,7 @@ def test_changes_only_runtime_means_triton_knobs_at_the_baseline():
     assert not changes_only_runtime({**base, "max_batch_size": 8})
     assert not changes_only_runtime({**base, "dynamic_batching": {}})
     assert not changes_only_runtime({**base, "instance_group": [{"count": 2}]})
-    assert not changes_only_runtime(
-        {**base, "parameters": {"intra_op_thread_count": {"string_value": "2"}}}
-    )
+    assert not changes_only_runtime({**base, "parameters": {"intra_op_thread_count": {"string_value": "2"}}})
 
 
 def test_precision_rows_carry_accuracy_figures_when_the_study_has_them():
@@ -317,19 +301,13 @@ def test_precision_rows_carry_accuracy_figures_when_the_study_has_them():
         "fp32": {"max_abs_diff": 0.0, "ok": True},
         "int8": {"max_abs_diff": 0.4, "top1_agreement": 0.9, "ok": False, "reason": "int8 is off"},
     }
-    rows = {
-        row.precision: row for row in precision_rows(records, variants, ("fp32", "int8", "fp16"))
-    }
+    rows = {row.precision: row for row in precision_rows(records, variants, ("fp32", "int8", "fp16"))}
     assert (
         rows["int8"].accuracy == (("max_abs_diff", "0.4"), ("top1_agreement", "0.9"))
         and rows["int8"].accuracy_ok is False
     )
     assert rows["int8"].accuracy_note == "int8 is off"
-    assert (
-        rows["fp32"].accuracy_ok is True
-        and rows["fp16"].trials == 0
-        and rows["fp16"].best_trial is None
-    )
+    assert rows["fp32"].accuracy_ok is True and rows["fp16"].trials == 0 and rows["fp16"].best_trial is None
     assert rows["int8"].best_trial == 1 and rows["fp32"].best_trial == 2
 
 
@@ -377,13 +355,8 @@ def test_csv_loads_back_with_one_row_per_trial_and_config_columns(studies, tmp_p
     for (_, row), trial in zip(frame.iterrows(), study.trials):
         assert row["config.max_batch_size"] == trial.user_attrs["config"]["max_batch_size"]
         throughput = trial.user_attrs.get("throughput")
-        assert (pd.isna(row["throughput"]) and throughput is None) or row[
-            "throughput"
-        ] == throughput
-    assert (
-        "config.instance_group.0.count" in frame.columns
-        and "constraint.latency_budget" in frame.columns
-    )
+        assert (pd.isna(row["throughput"]) and throughput is None) or row["throughput"] == throughput
+    assert "config.instance_group.0.count" in frame.columns and "constraint.latency_budget" in frame.columns
     assert not any(column.startswith("config.input") for column in frame.columns)
     assert frame.loc[2, "reason"].startswith("Triton rejected the config")
 
@@ -399,14 +372,10 @@ def _open_in_chromium(browser, page_path: Path, screenshot: Path) -> dict:
         lambda message: problems.append(message.text) if message.type == "error" else None,
     )
     page.on("pageerror", lambda error: problems.append(str(error)))
-    page.on(
-        "dialog", lambda dialog: (problems.append(f"dialog: {dialog.message}"), dialog.dismiss())
-    )
+    page.on("dialog", lambda dialog: (problems.append(f"dialog: {dialog.message}"), dialog.dismiss()))
     page.on(
         "request",
-        lambda request: (
-            None if request.url.startswith(("file:", "data:")) else problems.append(request.url)
-        ),
+        lambda request: None if request.url.startswith(("file:", "data:")) else problems.append(request.url),
     )
     page.goto(page_path.as_uri())
     page.wait_for_function(
@@ -432,11 +401,7 @@ def test_report_opens_offline_in_chromium_with_every_plot_drawn(studies, browser
     assert "mlp" in seen["title"]
     assert (tmp_path / "report.png").stat().st_size > 10_000
     text = paths.html.read_text()
-    assert (
-        text.count("Plotly.newPlot") == 4
-        and "<script src" not in text
-        and "<script charset" not in text
-    )
+    assert text.count("Plotly.newPlot") == 4 and "<script src" not in text and "<script charset" not in text
 
 
 @pytest.mark.parametrize("which", ["tight", "empty", "hostile"])
@@ -472,9 +437,7 @@ def test_report_command_writes_both_files(studies, root, tmp_path, capsys):
     code = main(["report", "--study-name", "mixed", "--storage", url, "--out", str(tmp_path / "r")])
     out = capsys.readouterr().out
     assert (
-        code == 0
-        and (tmp_path / "r" / "report.html").is_file()
-        and (tmp_path / "r" / "trials.csv").is_file()
+        code == 0 and (tmp_path / "r" / "report.html").is_file() and (tmp_path / "r" / "trials.csv").is_file()
     )
     assert "report.html" in out
 
@@ -576,9 +539,7 @@ def _synthetic_study(hostile: bool = False) -> optuna.Study:
                 concurrency=4,
             )
         elif state == TrialState.PRUNED:
-            attrs.update(
-                sweep=[{"concurrency": 1, "throughput": 10.0, "p99_ms": 80.0}], feasible=False
-            )
+            attrs.update(sweep=[{"concurrency": 1, "throughput": 10.0, "p99_ms": 80.0}], feasible=False)
         if reason:
             attrs["reason"] = reason
         study.add_trial(

@@ -14,13 +14,12 @@ from collections import Counter
 
 import optuna
 import pytest
+from postgres import postgres_server
+from test_study import FAST_CLI, _settings
 
 from optimizer.errors import StudyError
 from optimizer.storage import count_finished
 from optimizer.study import run_study
-
-from postgres import postgres_server
-from test_study import FAST_CLI, _settings
 
 pytestmark = pytest.mark.server
 
@@ -42,19 +41,41 @@ def pg(postgres_url):
 
 
 def _worker(model, url, name, *extra):
-    command = [sys.executable, "-m", "optimizer", "study", "--model", str(model), "--storage", url,
-               "--study-name", name, "--latency-budget-ms", "200", *FAST_CLI, *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "optimizer",
+        "study",
+        "--model",
+        str(model),
+        "--storage",
+        url,
+        "--study-name",
+        name,
+        "--latency-budget-ms",
+        "200",
+        *FAST_CLI,
+        *extra,
+    ]
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
 def _measured(study):
-    return [t for t in study.trials if t.state.is_finished() and "same_config_as" not in t.user_attrs
-            and "surplus" not in t.user_attrs and (t.state != optuna.trial.TrialState.FAIL or "reason" in t.user_attrs)]
+    return [
+        t
+        for t in study.trials
+        if t.state.is_finished()
+        and "same_config_as" not in t.user_attrs
+        and "surplus" not in t.user_attrs
+        and (t.state != optuna.trial.TrialState.FAIL or "reason" in t.user_attrs)
+    ]
 
 
 def test_two_workers_share_one_study_to_exactly_its_budget(models, postgres_url, pg):
-    workers = [_worker(models["mlp"], postgres_url, "shared", "--budget", "8", "--seed", "1", "--allow-shared-host")
-               for _ in range(2)]
+    workers = [
+        _worker(models["mlp"], postgres_url, "shared", "--budget", "8", "--seed", "1", "--allow-shared-host")
+        for _ in range(2)
+    ]
     for worker in workers:
         _, err = worker.communicate(timeout=600)
         assert worker.returncode == 0, err
@@ -125,8 +146,16 @@ def test_a_worker_with_another_model_or_latency_budget_is_refused(models, postgr
     with pytest.raises(StudyError, match="different model"):
         run_study(_settings(models["cnn"], tmp_path, budget=2, storage=postgres_url, study_name="strict"))
     with pytest.raises(StudyError, match="latency budget"):
-        run_study(_settings(models["mlp"], tmp_path, budget=2, storage=postgres_url, study_name="strict",
-                            latency_budget_ms=10.0))
+        run_study(
+            _settings(
+                models["mlp"],
+                tmp_path,
+                budget=2,
+                storage=postgres_url,
+                study_name="strict",
+                latency_budget_ms=10.0,
+            )
+        )
 
 
 def test_migrate_copies_a_sqlite_study_into_postgresql(models, postgres_url, pg, tmp_path, capsys):

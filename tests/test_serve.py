@@ -52,9 +52,7 @@ def _free_ports(count: int = 3) -> list[int]:
             sock.close()
 
 
-def _repository(
-    tmp_path: Path, model: Path, candidate: Candidate | None = None, name: str = "mlp"
-) -> Path:
+def _repository(tmp_path: Path, model: Path, candidate: Candidate | None = None, name: str = "mlp") -> Path:
     info = inspect_model(model)
     candidate = candidate or Candidate()
     write_repository(
@@ -212,9 +210,7 @@ def study(tmp_path_factory: pytest.TempPathFactory):
     run_study(settings)
     storage = f"sqlite:///{root}/s.db"
     repository = root / "exported"
-    assert (
-        main(["export", "--study-name", "s", "--out", str(repository), "--storage", storage]) == 0
-    )
+    assert main(["export", "--study-name", "s", "--out", str(repository), "--storage", storage]) == 0
     best = best_trial(optuna.load_study(study_name="s", storage=storage))
     return {"model": model, "storage": storage, "repository": repository, "best": best}
 
@@ -253,9 +249,7 @@ def test_check_repository_accepts_a_repository_or_one_model_directory(models, tm
         (lambda m: (m / "1").rename(m / "v1"), ModelError, "no version directory"),
     ],
 )
-def test_invalid_repository_is_refused_with_a_clear_error(
-    models, tmp_path, damage, error, fragment
-):
+def test_invalid_repository_is_refused_with_a_clear_error(models, tmp_path, damage, error, fragment):
     repo = _repository(tmp_path, models["mlp"])
     damage(repo / "mlp")
     with pytest.raises(error, match=fragment):
@@ -302,12 +296,8 @@ def test_perf_analyzer_command_carries_shapes_of_dynamic_inputs_only(models, tmp
     assert command.endswith("--concurrency-range 1 --shape input_ids:16 --input-data zero")
     assert notes and "--shape attention_mask:DIMS" in notes[0]
     _, (mlp,) = check_repository(_repository(tmp_path / "m", models["mlp"]))
-    command, _ = perf_analyzer_command(
-        mlp, "127.0.0.1:8001", shapes={"x": [64]}
-    )  # static: no --shape needed
-    assert (
-        "--shape" not in command and "--input-data" not in command
-    )  # float input: random data is fine
+    command, _ = perf_analyzer_command(mlp, "127.0.0.1:8001", shapes={"x": [64]})  # static: no --shape needed
+    assert "--shape" not in command and "--input-data" not in command  # float input: random data is fine
 
 
 def test_binding_beyond_loopback_warns_that_any_client_can_load_models():
@@ -338,12 +328,9 @@ def test_served_repository_answers_http_and_grpc_like_onnxruntime_and_ctrl_c_lea
                 assert float(np.max(np.abs(got - expected))) <= 1e-5
         out = served.output()
         assert (
-            f"http://127.0.0.1:{served.http}" in out
-            and f"http://127.0.0.1:{served.metrics}/metrics" in out
+            f"http://127.0.0.1:{served.http}" in out and f"http://127.0.0.1:{served.metrics}/metrics" in out
         )
-        assert (
-            f"perf_analyzer -m mlp -u 127.0.0.1:{served.grpc} -i grpc --concurrency-range 1" in out
-        )
+        assert f"perf_analyzer -m mlp -u 127.0.0.1:{served.grpc} -i grpc --concurrency-range 1" in out
     finally:
         code = served.stop()
     assert code == 0, served.err.read_text()

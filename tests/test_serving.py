@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+from procs import group_members, listening_addresses
 
 from optimizer.errors import ConfigRejected, ServerDiedError
 from optimizer.intake import inspect_model, synthetic_inputs
@@ -24,42 +25,6 @@ pytestmark = pytest.mark.server
 BATCHED = Candidate(max_batch_size=8, preferred_batch_sizes=(8, 4), max_queue_delay_us=2000, instance_count=2)
 
 
-def _listening_addresses(port: int) -> set[str]:
-    """Local addresses with a LISTEN socket on ``port``, from /proc/net/tcp and tcp6."""
-    found = set()
-    for table in ("tcp", "tcp6"):
-        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
-            local, state = line.split()[1], line.split()[3]
-            address, port_hex = local.split(":")
-            if state == "0A" and int(port_hex, 16) == port:
-                found.add(_decode_address(address))
-    return found
-
-
-def _decode_address(hex_address: str) -> str:
-    # /proc lists each 32-bit word in host (little-endian) order.
-    words = [bytes.fromhex(hex_address[i : i + 8])[::-1] for i in range(0, len(hex_address), 8)]
-    raw = b"".join(words)
-    if len(raw) == 16 and raw[:12] == b"\0" * 10 + b"\xff\xff":  # IPv4-mapped IPv6
-        raw = raw[12:]
-    if len(raw) == 4:
-        return ".".join(str(b) for b in raw)
-    return raw.hex()
-
-
-def _group_members(pgid: int) -> list[int]:
-    members = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                members.append(int(entry.name))
-    return members
-
-
 def _serve(server: EmbeddedTriton, path: Path, candidate: Candidate, name: str, *, cache: Path | None = None):
     info = inspect_model(path, cache=cache)
     config = render_config(info, candidate, model_name=name)
@@ -67,7 +32,9 @@ def _serve(server: EmbeddedTriton, path: Path, candidate: Candidate, name: str, 
     return info, seconds
 
 
-def _infer(server: EmbeddedTriton, name: str, feeds: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+def _infer(
+    server: EmbeddedTriton, name: str, feeds: dict[str, np.ndarray], outputs: list[str]
+) -> dict[str, np.ndarray]:
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import np_to_triton_dtype
 
@@ -93,7 +60,9 @@ def _max_difference(served: dict[str, np.ndarray], direct: dict[str, np.ndarray]
     for name, expected in direct.items():
         assert served[name].shape == expected.shape, name
         assert served[name].dtype == expected.dtype, name
-        worst = max(worst, float(np.max(np.abs(served[name].astype(np.float64) - expected.astype(np.float64)))))
+        worst = max(
+            worst, float(np.max(np.abs(served[name].astype(np.float64) - expected.astype(np.float64))))
+        )
     return worst
 
 
@@ -105,12 +74,12 @@ def test_server_listens_only_on_loopback_and_stops_with_its_stubs(models):
     with server:
         assert server.server_version() == "2.51.0"
         for port in server.ports.values():
-            assert _listening_addresses(port) == {"127.0.0.1"}
+            assert listening_addresses(port) == {"127.0.0.1"}
         _serve(server, models["mlp"], Candidate(instance_count=2), "mlp")  # starts backend stub processes
         pgid = server.pid
-        assert len(_group_members(pgid)) >= 2  # the server and its stubs share one process group
+        assert len(group_members(pgid)) >= 2  # the server and its stubs share one process group
     assert not server.is_alive()
-    assert _group_members(pgid) == []
+    assert group_members(pgid) == []
     assert not server.log_path.exists() or True  # the workdir is removed with the server
 
 
@@ -167,8 +136,12 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(triton, mo
     import tritonclient.grpc.aio as aioclient
     from tritonclient.grpc import InferInput
 
-    info, _ = _serve(triton, models["encoder"], Candidate(max_batch_size=8, max_queue_delay_us=20000), "encoder_b")
-    samples = [synthetic_inputs(info, {"input_ids": (12,), "attention_mask": (12,)}, 1, seed=s) for s in range(8)]
+    info, _ = _serve(
+        triton, models["encoder"], Candidate(max_batch_size=8, max_queue_delay_us=20000), "encoder_b"
+    )
+    samples = [
+        synthetic_inputs(info, {"input_ids": (12,), "attention_mask": (12,)}, 1, seed=s) for s in range(8)
+    ]
 
     async def send_all():
         client = aioclient.InferenceServerClient(triton.grpc_url)
@@ -209,7 +182,9 @@ def test_model_without_batch_dimension_is_served_with_max_batch_size_zero(triton
     assert not info.batching
     assert triton.control.model_config("nobatch").get("max_batch_size", 0) == 0
     feeds = synthetic_inputs(info, {"x": (1, 64)}, 1)
-    assert _max_difference(_infer(triton, "nobatch", feeds, ["logits"]), _direct(models["fixed"], feeds)) <= 1e-5
+    assert (
+        _max_difference(_infer(triton, "nobatch", feeds, ["logits"]), _direct(models["fixed"], feeds)) <= 1e-5
+    )
 
 
 # --- hot reload -------------------------------------------------------------------------------------------------
@@ -233,7 +208,10 @@ def test_hot_reload_changes_instances_batching_and_threads_without_restart(trito
         threads = served.get("parameters", {}).get("intra_op_thread_count", {}).get("string_value")
         assert threads == (str(candidate.intra_op_threads) if candidate.intra_op_threads else None)
         feeds = synthetic_inputs(info, {"x": (64,)}, min(2, candidate.max_batch_size))
-        assert _max_difference(_infer(triton, "reload", feeds, ["logits"]), _direct(models["mlp"], feeds)) <= 1e-5
+        assert (
+            _max_difference(_infer(triton, "reload", feeds, ["logits"]), _direct(models["mlp"], feeds))
+            <= 1e-5
+        )
     assert triton.pid == pid
     with capsys.disabled():
         print(f"\nreload seconds: {', '.join(f'{s:.2f}' for s in seconds)}")
@@ -259,7 +237,9 @@ def test_model_that_fails_to_initialise_is_rejected_with_the_backend_error(trito
 def test_unavailable_execution_provider_is_rejected_not_silently_cpu(triton, models):
     info = inspect_model(models["mlp"])
     config = render_config(info, Candidate(provider="cuda"), model_name="gpu_on_cpu")
-    config.instance_group[0].kind = config.instance_group[0].KIND_CPU  # no GPU here: ask the CPU instance for CUDA
+    config.instance_group[0].kind = config.instance_group[
+        0
+    ].KIND_CPU  # no GPU here: ask the CPU instance for CUDA
     config.optimization.execution_accelerators.cpu_execution_accelerator.add(name="openvino")
     del config.optimization.execution_accelerators.gpu_execution_accelerator[:]
     with pytest.raises(ConfigRejected, match="OpenVINOExecutionProvider"):
@@ -272,4 +252,7 @@ def test_model_files_travel_in_the_load_request(triton, models):
     triton.control.load("remote_files", to_json(config), files=load_files({"1/model.onnx": info.path}))
     assert not (triton.model_repository / "remote_files").exists()
     feeds = synthetic_inputs(info, {"x": (64,)}, 1)
-    assert _max_difference(_infer(triton, "remote_files", feeds, ["logits"]), _direct(models["mlp"], feeds)) <= 1e-5
+    assert (
+        _max_difference(_infer(triton, "remote_files", feeds, ["logits"]), _direct(models["mlp"], feeds))
+        <= 1e-5
+    )

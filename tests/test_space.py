@@ -56,9 +56,7 @@ NARROW = space_from_dict(
 SPACES = {"cpu": load_space("cpu"), "gpu": load_space("gpu"), "wide": WIDE, "narrow": NARROW}
 
 
-def _assert_candidate_invariants(
-    candidate: Candidate, space: SearchSpace, *, batching: bool
-) -> None:
+def _assert_candidate_invariants(candidate: Candidate, space: SearchSpace, *, batching: bool) -> None:
     assert candidate.provider in space.execution_providers
     assert candidate.precision in space.precisions
     assert candidate.graph_level in space.graph_levels
@@ -216,39 +214,23 @@ def test_gpu_space_defaults_to_cuda_and_also_allows_cpu_providers() -> None:
         pytest.param({"batch_size": [1, 8]}, "batch_size", None, id="unknown-key"),
         pytest.param({"device": "tpu"}, "device", "'tpu'", id="device-not-a-choice"),
         pytest.param({"execution_providers": []}, "execution_providers", "[]", id="empty-list"),
-        pytest.param(
-            {"execution_providers": 3}, "execution_providers", "3", id="providers-not-a-list"
-        ),
+        pytest.param({"execution_providers": 3}, "execution_providers", "3", id="providers-not-a-list"),
         pytest.param(
             {"execution_providers": ["cpu", "cpu"]},
             "execution_providers",
             "'cpu'",
             id="duplicate-provider",
         ),
-        pytest.param(
-            {"precisions": ["fp32", "fp8"]}, "precisions", "'fp8'", id="unknown-precision"
-        ),
-        pytest.param(
-            {"graph_levels": ["default", "max"]}, "graph_levels", "'max'", id="unknown-graph-level"
-        ),
+        pytest.param({"precisions": ["fp32", "fp8"]}, "precisions", "'fp8'", id="unknown-precision"),
+        pytest.param({"graph_levels": ["default", "max"]}, "graph_levels", "'max'", id="unknown-graph-level"),
         pytest.param({"max_batch_size": "big"}, "max_batch_size", "'big'", id="range-is-a-string"),
-        pytest.param(
-            {"max_batch_size": [1, 2, 4]}, "max_batch_size", "[1, 2, 4]", id="range-of-three"
-        ),
+        pytest.param({"max_batch_size": [1, 2, 4]}, "max_batch_size", "[1, 2, 4]", id="range-of-three"),
         pytest.param({"instance_count": [1, 2.5]}, "instance_count", "2.5", id="range-has-a-float"),
-        pytest.param(
-            {"instance_count": [1, True]}, "instance_count", "True", id="range-has-a-bool"
-        ),
-        pytest.param(
-            {"preferred_batch_sizes": "yes"}, "preferred_batch_sizes", "'yes'", id="not-a-bool"
-        ),
-        pytest.param(
-            {"max_queue_delay_us": [100, 10]}, "max_queue_delay_us", "10", id="empty-range"
-        ),
+        pytest.param({"instance_count": [1, True]}, "instance_count", "True", id="range-has-a-bool"),
+        pytest.param({"preferred_batch_sizes": "yes"}, "preferred_batch_sizes", "'yes'", id="not-a-bool"),
+        pytest.param({"max_queue_delay_us": [100, 10]}, "max_queue_delay_us", "10", id="empty-range"),
         pytest.param({"instance_count": [3, 2]}, "instance_count", "2", id="empty-instance-range"),
-        pytest.param(
-            {"max_queue_delay_us": [-5, 10]}, "max_queue_delay_us", "-5", id="below-minimum"
-        ),
+        pytest.param({"max_queue_delay_us": [-5, 10]}, "max_queue_delay_us", "-5", id="below-minimum"),
         pytest.param({"max_batch_size": [0, 8]}, "max_batch_size", "0", id="batch-size-zero"),
         pytest.param({"max_batch_size": [1, 12]}, "max_batch_size", "12", id="not-a-power-of-two"),
         pytest.param(
@@ -286,9 +268,7 @@ def test_gpu_provider_in_a_cpu_space_says_to_set_device_gpu() -> None:
         pytest.param({"graph_levels": ["basic"]}, "graph_levels", id="no-default-graph"),
     ],
 )
-def test_space_from_dict_rejects_spaces_that_exclude_the_baseline(
-    data: dict[str, Any], field: str
-) -> None:
+def test_space_from_dict_rejects_spaces_that_exclude_the_baseline(data: dict[str, Any], field: str) -> None:
     with pytest.raises(SpaceError, match="baseline") as caught:
         space_from_dict(data)
 
@@ -341,9 +321,7 @@ def test_non_batching_model_always_gets_max_batch_size_zero(space_name: str) -> 
         ("gpu", Candidate(provider="cuda")),
     ],
 )
-def test_enqueued_baseline_params_produce_the_untuned_candidate(
-    space_name: str, expected: Candidate
-) -> None:
+def test_enqueued_baseline_params_produce_the_untuned_candidate(space_name: str, expected: Candidate) -> None:
     space = SPACES[space_name]
     study = _study()
     study.enqueue_trial(baseline_params(space))
@@ -417,9 +395,7 @@ def fixed_trials(draw: st.DrawFn) -> tuple[SearchSpace, dict[str, Any]]:
         if len(choices) > 1:
             params[name] = draw(st.sampled_from(choices))
     params["max_batch_size_log2"] = draw(
-        st.integers(
-            int(math.log2(space.max_batch_size.low)), int(math.log2(space.max_batch_size.high))
-        )
+        st.integers(int(math.log2(space.max_batch_size.low)), int(math.log2(space.max_batch_size.high)))
     )
     if space.preferred_batch_sizes:
         for d in PREFERRED_DIVISORS:
@@ -428,12 +404,8 @@ def fixed_trials(draw: st.DrawFn) -> tuple[SearchSpace, dict[str, Any]]:
         params["max_queue_delay_us"] = draw(
             st.integers(max(space.max_queue_delay_us.low, 1), space.max_queue_delay_us.high)
         )
-    params["instance_count"] = draw(
-        st.integers(space.instance_count.low, space.instance_count.high)
-    )
-    params["intra_op_threads"] = draw(
-        st.integers(space.intra_op_threads.low, space.intra_op_threads.high)
-    )
+    params["instance_count"] = draw(st.integers(space.instance_count.low, space.instance_count.high))
+    params["intra_op_threads"] = draw(st.integers(space.intra_op_threads.low, space.intra_op_threads.high))
     return space, params
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from procs import alive, children, group_members
 
 from optimizer.cli import main
 from optimizer.errors import StudyError
@@ -75,7 +76,20 @@ def test_study_runs_to_budget_records_everything_and_exports_the_best(models, tm
 def test_exported_repository_loads_in_a_fresh_triton_as_is(models, tmp_path):
     run_study(_settings(models["mlp"], tmp_path, budget=2))
     repository = tmp_path / "repo"
-    assert main(["export", "--study-name", "s", "--out", str(repository), "--storage", f"sqlite:///{tmp_path}/s.db"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--study-name",
+                "s",
+                "--out",
+                str(repository),
+                "--storage",
+                f"sqlite:///{tmp_path}/s.db",
+            ]
+        )
+        == 0
+    )
     with EmbeddedTriton(model_repository=repository) as server:
         config = config_from_pbtxt((repository / "mlp" / "config.pbtxt").read_text())
         server.control.load("mlp", to_json(config))  # files come from the exported repository itself
@@ -107,8 +121,20 @@ def test_resuming_with_another_model_or_latency_budget_is_refused(models, tmp_pa
 
 def test_impossible_latency_budget_ends_with_a_clear_error_and_keeps_the_database(models, tmp_path, capsys):
     code = main(
-        ["study", "--model", str(models["mlp"]), "--budget", "2", "--latency-budget-ms", "0.001",
-         "--study-name", "tight", "--storage", f"sqlite:///{tmp_path}/tight.db", *FAST_CLI]
+        [
+            "study",
+            "--model",
+            str(models["mlp"]),
+            "--budget",
+            "2",
+            "--latency-budget-ms",
+            "0.001",
+            "--study-name",
+            "tight",
+            "--storage",
+            f"sqlite:///{tmp_path}/tight.db",
+            *FAST_CLI,
+        ]
     )
     err = capsys.readouterr().err
     assert code != 0
@@ -117,7 +143,9 @@ def test_impossible_latency_budget_ends_with_a_clear_error_and_keeps_the_databas
     study = _load(tmp_path, "tight")
     assert count_finished(study) == 2
     assert all(t.state == optuna.trial.TrialState.PRUNED for t in study.trials)
-    assert all(t.user_attrs["feasible"] is False and t.constraints["latency_budget"] > 0 for t in study.trials)
+    assert all(
+        t.user_attrs["feasible"] is False and t.constraints["latency_budget"] > 0 for t in study.trials
+    )
 
 
 class RejectingTriton(EmbeddedTriton):
@@ -160,7 +188,9 @@ class CrashOnTrial(QuietReporter):
 def test_server_crash_mid_trial_fails_only_that_trial_and_the_study_goes_on(models, tmp_path):
     target = EmbeddedTriton()
     slow = MeasureSettings(warmup_s=0.5, window_s=1.5, min_requests=10, max_window_s=3.0)
-    summary = run_study(_settings(models["mlp"], tmp_path, budget=4, measure=slow), CrashOnTrial(target, 1), target=target)
+    summary = run_study(
+        _settings(models["mlp"], tmp_path, budget=4, measure=slow), CrashOnTrial(target, 1), target=target
+    )
     study = _load(tmp_path)
     crashed = study.trials[1]
     assert crashed.state == optuna.trial.TrialState.FAIL
@@ -185,46 +215,25 @@ def _trial_states(db: Path) -> list[str]:
     return ["MEASURING" if state == "RUNNING" and loaded else state for state, loaded in rows]
 
 
-def _tritons_of(pid: int) -> list[int]:
-    """Live tritonserver processes whose parent is ``pid``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            name, rest = stat.split("(", 1)[1].split(")", 1)
-            fields = rest.split()
-            if name == "tritonserver" and int(fields[1]) == pid and fields[0] != "Z":
-                found.append(int(entry.name))
-    return found
-
-
-def _group_of(pgid: int) -> list[int]:
-    members = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid:
-                members.append(int(entry.name))
-    return members
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def test_sigkill_mid_study_then_rerun_finishes_at_exactly_the_budget(models, tmp_path):
     db = tmp_path / "killed.db"
-    command = [sys.executable, "-m", "optimizer", "study", "--model", str(models["mlp"]), "--budget", "5",
-               "--latency-budget-ms", "200", "--study-name", "killed", "--storage", f"sqlite:///{db}", *FAST_CLI]
+    command = [
+        sys.executable,
+        "-m",
+        "optimizer",
+        "study",
+        "--model",
+        str(models["mlp"]),
+        "--budget",
+        "5",
+        "--latency-budget-ms",
+        "200",
+        "--study-name",
+        "killed",
+        "--storage",
+        f"sqlite:///{db}",
+        *FAST_CLI,
+    ]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -235,19 +244,19 @@ def test_sigkill_mid_study_then_rerun_finishes_at_exactly_the_budget(models, tmp
     else:
         process.kill()
         pytest.fail(f"the study never reached a running third trial: {_trial_states(db)}")
-    server_pids = _tritons_of(process.pid)
-    stub_pids = [pid for server in server_pids for pid in _group_of(server) if pid != server]
+    server_pids = children(process.pid, "tritonserver")
+    stub_pids = [pid for server in server_pids for pid in group_members(server) if pid != server]
     assert stub_pids  # the backend stubs, children of the server: they outlive it unless reaped
     process.send_signal(signal.SIGKILL)
     process.wait()
-    finished_before = {
-        t.number: t.value for t in _load(tmp_path, "killed").trials if t.state.is_finished()
-    }
+    finished_before = {t.number: t.value for t in _load(tmp_path, "killed").trials if t.state.is_finished()}
     time.sleep(0.5)
-    assert all(not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
-               for pid in server_pids)  # the server died with its parent
+    assert all(
+        not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+        for pid in server_pids
+    )  # the server died with its parent
     assert main(command[3:]) == 0
-    assert not [pid for pid in stub_pids if _alive(pid)]  # the rerun reaped the orphaned stubs
+    assert not [pid for pid in stub_pids if alive(pid)]  # the rerun reaped the orphaned stubs
     study = _load(tmp_path, "killed")
     assert count_finished(study) == 5
     assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]

@@ -19,11 +19,13 @@ from pathlib import Path
 
 import optuna
 import pytest
-from test_study import CrashOnTrial, _settings
+from procs import listening_addresses
+from test_study import FAST, CrashOnTrial, _settings
 
 from optimizer.cli import main
 from optimizer.errors import ServerDiedError, ServerStartError, UsageError
-from optimizer.intake import inspect_model
+from optimizer.intake import inspect_model, synthetic_inputs
+from optimizer.loadgen import GrpcLoadGenerator
 from optimizer.render import render_config, to_json
 from optimizer.serving.docker import DockerTriton, PullProgress, container_spec, image_name
 from optimizer.serving.embedded import EmbeddedTriton, bundle_environment, prepare_bundle
@@ -33,7 +35,7 @@ from optimizer.serving.remote import RemoteTriton, TlsOptions, parse_grpc_url
 from optimizer.serving.targets import make_target, parse_headers
 from optimizer.space import Candidate
 from optimizer.storage import count_finished
-from optimizer.study import run_study
+from optimizer.study import inference_client_options, run_study
 
 GPU_METRICS = """\
 # HELP nv_gpu_utilization GPU utilization rate [0.0 - 1.0)
@@ -58,17 +60,6 @@ def _one_error_line(err: str) -> str:
 
 def _study(tmp_path: Path, name: str = "s") -> optuna.Study:
     return optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / name}.db")
-
-
-def _listening_addresses(port: int) -> set[str]:
-    found = set()
-    for table in ("tcp", "tcp6"):
-        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
-            local, state = line.split()[1], line.split()[3]
-            address, port_hex = local.split(":")
-            if state == "0A" and int(port_hex, 16) == port:
-                found.add("127.0.0.1" if address in ("0100007F", "0000000000000000FFFF00000100007F") else address)
-    return found
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +126,7 @@ def test_local_target_listens_on_loopback_notices_a_crash_and_restarts(models):
     config = to_json(render_config(info, Candidate(), model_name="mlp"))
     with _local_target() as server:
         for port in server.ports.values():
-            assert _listening_addresses(port) == {"127.0.0.1"}
+            assert listening_addresses(port) == {"127.0.0.1"}
         server.load_model("mlp", config, {"1/model.onnx": info.path})
         os.kill(server.pid, signal.SIGKILL)
         deadline = time.monotonic() + 5
@@ -227,7 +218,11 @@ def test_remote_server_that_dies_ends_the_study_and_keeps_finished_trials(models
         target = RemoteTriton(server.grpc_url)
         slow = MeasureSettings(warmup_s=0.5, window_s=1.5, min_requests=10, max_window_s=3.0)
         with pytest.raises(ServerDiedError, match="the remote server cannot be restarted by optimize"):
-            run_study(_settings(models["mlp"], tmp_path, budget=4, measure=slow), CrashOnTrial(server, 1), target=target)
+            run_study(
+                _settings(models["mlp"], tmp_path, budget=4, measure=slow),
+                CrashOnTrial(server, 1),
+                target=target,
+            )
     finally:
         server.stop()
     study = _study(tmp_path)
@@ -247,13 +242,22 @@ def _start_tritonserver(tmp_path: Path, *args: str) -> tuple[subprocess.Popen, d
             ports[name] = sock.getsockname()[1]
     (tmp_path / "repository").mkdir(exist_ok=True)
     command = [
-        str(bundle / "bin" / "tritonserver"), f"--model-repository={tmp_path / 'repository'}",
-        f"--backend-directory={bundle / 'backends'}", "--http-address=127.0.0.1", "--grpc-address=127.0.0.1",
-        "--metrics-address=127.0.0.1", *(f"--{name}-port={port}" for name, port in ports.items()), *args,
+        str(bundle / "bin" / "tritonserver"),
+        f"--model-repository={tmp_path / 'repository'}",
+        f"--backend-directory={bundle / 'backends'}",
+        "--http-address=127.0.0.1",
+        "--grpc-address=127.0.0.1",
+        "--metrics-address=127.0.0.1",
+        *(f"--{name}-port={port}" for name, port in ports.items()),
+        *args,
     ]
     log = (tmp_path / "server.log").open("wb")
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,  # noqa: S603
-                               env={**os.environ, **bundle_environment()})
+    process = subprocess.Popen(
+        command,
+        stdout=log,
+        stderr=subprocess.STDOUT,  # noqa: S603
+        env={**os.environ, **bundle_environment()},
+    )
     log.close()
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -271,9 +275,25 @@ def _start_tritonserver(tmp_path: Path, *args: str) -> tuple[subprocess.Popen, d
 def test_remote_server_without_explicit_model_control_is_refused_before_any_trial(models, tmp_path, capsys):
     process, ports = _start_tritonserver(tmp_path, "--model-control-mode=none")
     try:
-        code = main(["study", "--target", "remote", "--url", f"127.0.0.1:{ports['grpc']}", "--model", str(models["mlp"]),
-                     "--budget", "1", "--latency-budget-ms", "200", "--study-name", "s",
-                     "--storage", f"sqlite:///{tmp_path}/s.db"])
+        code = main(
+            [
+                "study",
+                "--target",
+                "remote",
+                "--url",
+                f"127.0.0.1:{ports['grpc']}",
+                "--model",
+                str(models["mlp"]),
+                "--budget",
+                "1",
+                "--latency-budget-ms",
+                "200",
+                "--study-name",
+                "s",
+                "--storage",
+                f"sqlite:///{tmp_path}/s.db",
+            ]
+        )
     finally:
         process.send_signal(signal.SIGINT)
         process.wait(timeout=30)
@@ -281,12 +301,26 @@ def test_remote_server_without_explicit_model_control_is_refused_before_any_tria
     assert code == 7
     assert "refuses model-control requests" in line and "--model-control-mode=explicit" in line
     assert count_finished(_study(tmp_path)) == 0
-    assert all(t.state == optuna.trial.TrialState.WAITING for t in _study(tmp_path).trials)  # only the enqueued baseline
+    assert all(
+        t.state == optuna.trial.TrialState.WAITING for t in _study(tmp_path).trials
+    )  # only the enqueued baseline
 
 
 def _study_cli(models, tmp_path, *args: str) -> list[str]:
-    return ["study", "--model", str(models["mlp"]), "--budget", "1", "--latency-budget-ms", "200",
-            "--study-name", "s", "--storage", f"sqlite:///{tmp_path}/s.db", *args]
+    return [
+        "study",
+        "--model",
+        str(models["mlp"]),
+        "--budget",
+        "1",
+        "--latency-budget-ms",
+        "200",
+        "--study-name",
+        "s",
+        "--storage",
+        f"sqlite:///{tmp_path}/s.db",
+        *args,
+    ]
 
 
 def test_unreachable_remote_port_is_one_clear_line(models, tmp_path, capsys):
@@ -309,9 +343,26 @@ def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
         pytest.skip("openssl is needed to make a test certificate")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(  # noqa: S603
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-         "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-        check=True, capture_output=True,
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
     )
     return cert, key
 
@@ -319,7 +370,11 @@ def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
 def test_bogus_root_certificate_is_one_clear_line(models, tmp_path, capsys):
     bogus = tmp_path / "bogus.pem"
     bogus.write_text("-----BEGIN CERTIFICATE-----\nnot a certificate\n-----END CERTIFICATE-----\n")
-    code = main(_study_cli(models, tmp_path, "--target", "remote", "--url", "127.0.0.1:8001", "--ssl-root-cert", str(bogus)))
+    code = main(
+        _study_cli(
+            models, tmp_path, "--target", "remote", "--url", "127.0.0.1:8001", "--ssl-root-cert", str(bogus)
+        )
+    )
     line = _one_error_line(capsys.readouterr().err)
     assert code == 2 and "--ssl-root-cert" in line and "no valid PEM certificate" in line
 
@@ -327,8 +382,18 @@ def test_bogus_root_certificate_is_one_clear_line(models, tmp_path, capsys):
 @pytest.mark.server
 def test_tls_to_a_plaintext_server_is_one_clear_line(remote_server, models, tmp_path, capsys):
     cert, _ = _self_signed(tmp_path)
-    code = main(_study_cli(models, tmp_path, "--target", "remote", "--url", remote_server.grpc_url,
-                           "--ssl-root-cert", str(cert)))
+    code = main(
+        _study_cli(
+            models,
+            tmp_path,
+            "--target",
+            "remote",
+            "--url",
+            remote_server.grpc_url,
+            "--ssl-root-cert",
+            str(cert),
+        )
+    )
     line = _one_error_line(capsys.readouterr().err)
     assert code == 7 and "TLS handshake with" in line and "does not speak TLS" in line
 
@@ -341,9 +406,20 @@ def test_remote_over_tls_checks_and_loads_and_plaintext_to_it_is_refused(models,
     with EmbeddedTriton(extra_args=tls_args) as server:
         with RemoteTriton(server.grpc_url, tls=TlsOptions(root_cert=cert)) as target:
             assert target.server_version() == "2.51.0"
-            target.load_model("mlp", to_json(render_config(info, Candidate(), model_name="mlp")),
-                              {"1/model.onnx": info.path})
+            target.load_model(
+                "mlp",
+                to_json(render_config(info, Candidate(), model_name="mlp")),
+                {"1/model.onnx": info.path},
+            )
             assert target.control.is_model_ready("mlp")
+            options, headers = inference_client_options(target)
+            samples = [synthetic_inputs(info, {"x": (64,)}, 1)]
+            generator = GrpcLoadGenerator(
+                target.grpc_url, "mlp", samples, FAST, client_options=options, headers=headers
+            )
+            assert (
+                generator.measure(2).requests >= FAST.min_requests
+            )  # the measured traffic goes over TLS too
         with pytest.raises(ServerStartError, match="closed the connection.*needs TLS"):
             RemoteTriton(server.grpc_url).start()
 
@@ -372,7 +448,9 @@ def test_remote_headers_go_with_every_call(monkeypatch):
 
     monkeypatch.setattr(tritonclient.grpc, "InferenceServerClient", _RecordingClient)
     _RecordingClient.calls = []
-    target = make_target("remote", url="triton.example.com:8001", headers=["Authorization: Bearer abc", "x-team:ml"])
+    target = make_target(
+        "remote", url="triton.example.com:8001", headers=["Authorization: Bearer abc", "x-team:ml"]
+    )
     with target:
         assert target.server_version() == "2.99.0"
     expected = {"authorization": "Bearer abc", "x-team": "ml"}
@@ -394,12 +472,22 @@ def test_remote_url_and_headers_are_checked():
 @pytest.mark.parametrize(
     ("status", "message", "fragment"),
     [
-        ("StatusCode.UNAVAILABLE", "errors resolving nowhere.invalid:8001: Domain name not found",
-         "cannot resolve the host of h:1"),
+        (
+            "StatusCode.UNAVAILABLE",
+            "errors resolving nowhere.invalid:8001: Domain name not found",
+            "cannot resolve the host of h:1",
+        ),
         ("StatusCode.DEADLINE_EXCEEDED", "Deadline Exceeded", "no answer from h:1 within 10 s"),
-        ("StatusCode.UNAUTHENTICATED", "missing token", "refused the request (missing token): check the --header"),
-        ("StatusCode.UNAVAILABLE", "Tls handshake failed: CERTIFICATE_VERIFY_FAILED: self signed certificate",
-         "TLS handshake with h:1 failed: its certificate is not signed by --ssl-root-cert"),
+        (
+            "StatusCode.UNAUTHENTICATED",
+            "missing token",
+            "refused the request (missing token): check the --header",
+        ),
+        (
+            "StatusCode.UNAVAILABLE",
+            "Tls handshake failed: CERTIFICATE_VERIFY_FAILED: self signed certificate",
+            "TLS handshake with h:1 failed: its certificate is not signed by --ssl-root-cert",
+        ),
         ("StatusCode.UNIMPLEMENTED", "Received http2 header with status: 404", "not as a Triton gRPC server"),
     ],
 )
@@ -455,8 +543,10 @@ class FakeContainer:
     def ports(self):
         # Like Docker: each container port published on the host IP asked for, at a port Docker chose.
         published = self.client.published
-        return {key: [{"HostIp": host, "HostPort": str(published[int(key.split("/")[0])])}]
-                for key, (host, _) in self.spec["ports"].items()}
+        return {
+            key: [{"HostIp": host, "HostPort": str(published[int(key.split("/")[0])])}]
+            for key, (host, _) in self.spec["ports"].items()
+        }
 
     def reload(self):
         self.reloads += 1
@@ -466,7 +556,7 @@ class FakeContainer:
             self.status = "exited"
 
     def logs(self, tail=None, **options):
-        return b"I1124 tritonserver starting\nE1124 server.cc:1] \"no GPU found\"\n"
+        return b'I1124 tritonserver starting\nE1124 server.cc:1] "no GPU found"\n'
 
     def stop(self, timeout=None):
         self.stopped = True
@@ -566,7 +656,9 @@ def test_container_spec_asks_for_the_image_explicit_control_loopback_ports_and_n
 def test_container_spec_requests_gpus_for_a_gpu_space():
     every = container_spec(image_name("24.10"), gpus=True, name="n", owner="h:1")["device_requests"]
     assert [(r["Count"], r["Capabilities"]) for r in every] == [(-1, [["gpu"]])]
-    chosen = container_spec(image_name("24.10"), gpus=True, name="n", owner="h:1", gpu_devices="0,2")["device_requests"]
+    chosen = container_spec(image_name("24.10"), gpus=True, name="n", owner="h:1", gpu_devices="0,2")[
+        "device_requests"
+    ]
     assert [(r["DeviceIDs"], r["Capabilities"]) for r in chosen] == [(["0", "2"], [["gpu"]])]
     assert image_name("24.10-py3-igpu") == "nvcr.io/nvidia/tritonserver:24.10-py3-igpu"
 
@@ -586,7 +678,10 @@ def test_docker_target_pulls_with_progress_starts_waits_and_removes_the_containe
         container = client.runs[0]
     assert client.pulls == [("nvcr.io/nvidia/tritonserver", "24.10-py3", True, True)]
     assert notes[0].startswith("pulling nvcr.io/nvidia/tritonserver:24.10-py3")
-    assert notes[-1] == "pulled nvcr.io/nvidia/tritonserver:24.10-py3: 1.00 of 1.00 GB downloaded, 1 layer(s) done"
+    assert (
+        notes[-1]
+        == "pulled nvcr.io/nvidia/tritonserver:24.10-py3: 1.00 of 1.00 GB downloaded, 1 layer(s) done"
+    )
     assert container.spec["command"][0] == "tritonserver" and container.stopped and container.removed
     assert not target.is_alive()
 
@@ -623,9 +718,15 @@ def test_docker_removes_containers_left_by_a_killed_run(stub_http):
     dead.wait()
     host = socket.gethostname()
     client = FakeDocker({8000: stub_http, 8001: 1, 8002: 2}, have_image=True)
-    orphan = FakeContainer(client, {"name": "old", "labels": {"optimize.owner": f"{host}:{dead.pid}"}, "ports": {}})
-    alive = FakeContainer(client, {"name": "busy", "labels": {"optimize.owner": f"{host}:{os.getpid()}"}, "ports": {}})
-    elsewhere = FakeContainer(client, {"name": "far", "labels": {"optimize.owner": f"not-{host}:{dead.pid}"}, "ports": {}})
+    orphan = FakeContainer(
+        client, {"name": "old", "labels": {"optimize.owner": f"{host}:{dead.pid}"}, "ports": {}}
+    )
+    alive = FakeContainer(
+        client, {"name": "busy", "labels": {"optimize.owner": f"{host}:{os.getpid()}"}, "ports": {}}
+    )
+    elsewhere = FakeContainer(
+        client, {"name": "far", "labels": {"optimize.owner": f"not-{host}:{dead.pid}"}, "ports": {}}
+    )
     client.orphans = [orphan, alive, elsewhere]
     notes: list[str] = []
     with DockerTriton(client=client, announce=notes.append):
@@ -637,7 +738,11 @@ def test_docker_removes_containers_left_by_a_killed_run(stub_http):
 @pytest.mark.server
 def test_docker_target_sends_model_files_in_the_load_request(remote_server, models):
     # The fake "container" publishes the ports of a real Triton, so the load request is real.
-    ports = {8000: remote_server.ports["http"], 8001: remote_server.ports["grpc"], 8002: remote_server.ports["metrics"]}
+    ports = {
+        8000: remote_server.ports["http"],
+        8001: remote_server.ports["grpc"],
+        8002: remote_server.ports["metrics"],
+    }
     info = inspect_model(models["mlp"])
     config = to_json(render_config(info, Candidate(), model_name="in_container"))
     with DockerTriton(client=FakeDocker(ports, have_image=True)) as target:
@@ -650,7 +755,9 @@ def test_docker_target_sends_model_files_in_the_load_request(remote_server, mode
 
 def test_no_docker_daemon_is_one_clear_line(models, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("DOCKER_HOST", raising=False)
-    with pytest.raises(ServerStartError, match=r"^cannot reach a Docker daemon at unix:///var/run/docker.sock"):
+    with pytest.raises(
+        ServerStartError, match=r"^cannot reach a Docker daemon at unix:///var/run/docker.sock"
+    ):
         DockerTriton().start()
     code = main(_study_cli(models, tmp_path, "--target", "docker"))
     line = _one_error_line(capsys.readouterr().err)
@@ -660,9 +767,16 @@ def test_no_docker_daemon_is_one_clear_line(models, tmp_path, capsys, monkeypatc
 def test_pull_progress_summarises_layers_at_most_every_interval():
     now = [0.0]
     progress = PullProgress("img", every_s=2.0, clock=lambda: now[0])
-    assert progress.update({"status": "Downloading", "id": "a", "progressDetail": {"current": 1, "total": 4 * 10**9}}) is None
+    assert (
+        progress.update(
+            {"status": "Downloading", "id": "a", "progressDetail": {"current": 1, "total": 4 * 10**9}}
+        )
+        is None
+    )
     now[0] = 2.5
-    line = progress.update({"status": "Downloading", "id": "b", "progressDetail": {"current": 10**9, "total": 10**9}})
+    line = progress.update(
+        {"status": "Downloading", "id": "b", "progressDetail": {"current": 10**9, "total": 10**9}}
+    )
     assert line == "pulling img: 1.00 of 5.00 GB downloaded, 0 layer(s) done"
     progress.update({"status": "Already exists", "id": "c"})
     assert progress.summary().endswith("1 layer(s) done")

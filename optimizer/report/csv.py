@@ -41,9 +41,7 @@ def trials_frame(study: Any) -> pd.DataFrame:
         A DataFrame with one row per trial, ordered by trial number (empty, with the fixed columns,
         for a study without trials).
     """
-    rows = [
-        _row(trial) for trial in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
-    ]
+    rows = [_row(trial) for trial in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)]
     fixed = [
         "number",
         "state",
@@ -71,13 +69,9 @@ def _row(trial: Any) -> dict[str, Any]:
         "datetime_start": trial.datetime_start,
         "datetime_complete": trial.datetime_complete,
     }
-    row.update(
-        {f"constraint.{k}": v for k, v in (getattr(trial, "constraints", None) or {}).items()}
-    )
+    row.update({f"constraint.{k}": v for k, v in (getattr(trial, "constraints", None) or {}).items()})
     row.update({f"param.{k}": v for k, v in trial.params.items()})
-    config = {
-        k: v for k, v in (attrs.get("config") or {}).items() if k not in _SKIPPED_CONFIG_FIELDS
-    }
+    config = {k: v for k, v in (attrs.get("config") or {}).items() if k not in _SKIPPED_CONFIG_FIELDS}
     row.update(dict(flatten_config(config, "config")))
     return row
 

@@ -358,9 +358,7 @@ def headline(trials: Sequence[TrialRecord], repository: str) -> Headline:
     ratio = None
     if best is not None and baseline is not None and baseline.throughput:
         ratio = (best.throughput or 0.0) / baseline.throughput
-    return Headline(
-        baseline, best, ratio, _pbtxt(best.config) if best else "", repository if best else ""
-    )
+    return Headline(baseline, best, ratio, _pbtxt(best.config) if best else "", repository if best else "")
 
 
 def _pbtxt(config: Mapping[str, Any]) -> str:
@@ -414,9 +412,7 @@ def _text(value: Any) -> str:
 def curves_data(trials: Sequence[TrialRecord], latency_budget_ms: float | None) -> CurvesData:
     """Throughput vs concurrency of the baseline, the ONNX-Runtime-tuned and the best trial."""
     baseline = next((t for t in trials if t.baseline and t.sweep), None)
-    runtime_only = [
-        t for t in _feasible(trials) if not t.baseline and changes_only_runtime(t.config)
-    ]
+    runtime_only = [t for t in _feasible(trials) if not t.baseline and changes_only_runtime(t.config)]
     chosen = [
         ("baseline", baseline, "the baseline has no measured sweep"),
         (
@@ -426,18 +422,14 @@ def curves_data(trials: Sequence[TrialRecord], latency_budget_ms: float | None) 
         ),
         ("best overall", _best(trials), "no trial met the latency budget"),
     ]
-    curves = tuple(
-        Curve(label, t.number, t.candidate, t.sweep) for label, t, _ in chosen if t is not None
-    )
+    curves = tuple(Curve(label, t.number, t.candidate, t.sweep) for label, t, _ in chosen if t is not None)
     missing = tuple(f"{label}: {why}" for label, t, why in chosen if t is None)
     return CurvesData(curves, latency_budget_ms, missing)
 
 
 def _scatter_point(trial: TrialRecord) -> ScatterPoint | None:
     if trial.throughput is not None and trial.p99_ms is not None:
-        return ScatterPoint(
-            trial.number, trial.throughput, trial.p99_ms, trial.status, trial.candidate
-        )
+        return ScatterPoint(trial.number, trial.throughput, trial.p99_ms, trial.status, trial.candidate)
     if not trial.sweep:
         return None
     # No level met the budget: show the level closest to meeting it.
@@ -472,9 +464,7 @@ def history_data(trials: Sequence[TrialRecord]) -> HistoryData:
     best: list[float | None] = []
     for value in values:
         previous = best[-1] if best else None
-        best.append(
-            value if previous is None or (value is not None and value > previous) else previous
-        )
+        best.append(value if previous is None or (value is not None and value > previous) else previous)
     return HistoryData(
         tuple(t.number for t in finished),
         tuple(t.status for t in finished),
@@ -505,15 +495,11 @@ def importance_data(study: Any) -> ImportanceData:
             warnings.simplefilter("ignore")  # "too few trials" and experimental-feature warnings
             evaluator = optuna.importance.PedAnovaImportanceEvaluator()
             found = optuna.importance.get_param_importances(study, evaluator=evaluator)
-    except (
-        Exception
-    ) as exc:  # optuna refuses some studies (e.g. no parameters): report, do not fail
+    except Exception as exc:  # optuna refuses some studies (e.g. no parameters): report, do not fail
         return ImportanceData((), (), f"not available: {exc}")
     ranked = sorted(found.items(), key=lambda item: (-item[1], item[0]))
     if not ranked or all(value == 0 for _, value in ranked):
-        return ImportanceData(
-            (), (), f"no parameter stands out yet in {len(complete)} completed trials"
-        )
+        return ImportanceData((), (), f"no parameter stands out yet in {len(complete)} completed trials")
     note = f"PED-ANOVA over {len(complete)} completed trials: share of what sets the top throughputs apart"
     return ImportanceData(tuple(k for k, _ in ranked), tuple(float(v) for _, v in ranked), note)
 
@@ -548,9 +534,7 @@ def precision_rows(
         space_precisions: Precisions of the search space, listed even when no trial used them.
     """
     variants = variants if isinstance(variants, Mapping) else {}
-    names = list(
-        dict.fromkeys([*space_precisions, *(t.precision for t in trials if t.finished), *variants])
-    )
+    names = list(dict.fromkeys([*space_precisions, *(t.precision for t in trials if t.finished), *variants]))
     rows = []
     for precision in names:
         measured = [t for t in trials if t.finished and t.precision == precision]

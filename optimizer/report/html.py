@@ -83,9 +83,7 @@ def _empty(fig: go.Figure, message: str) -> go.Figure:
 
 def plot_curves(data: CurvesData) -> go.Figure:
     """Throughput and p99 vs concurrency for the baseline, ONNX-Runtime-tuned and best trials."""
-    fig = make_subplots(
-        rows=2, cols=1, shared_xaxes=True, row_heights=[0.62, 0.38], vertical_spacing=0.06
-    )
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.62, 0.38], vertical_spacing=0.06)
     _layout(fig, "Throughput vs client concurrency", height=560)
     if not data.curves:
         return _empty(fig, "no measured sweep yet")
@@ -106,9 +104,7 @@ def plot_curves(data: CurvesData) -> go.Figure:
         p99_title = f"p99 (ms; budget {budget:g} ms)"
     levels = sorted({level.concurrency for curve in data.curves for level in curve.levels})
     fig.update_xaxes(type="log", tickvals=levels, ticktext=[str(v) for v in levels])
-    fig.update_xaxes(
-        title_text="concurrent client requests (x: over the latency budget)", row=2, col=1
-    )
+    fig.update_xaxes(title_text="concurrent client requests (x: over the latency budget)", row=2, col=1)
     fig.update_yaxes(title_text="inferences / s", rangemode="tozero", row=1, col=1)
     fig.update_yaxes(title_text=p99_title, rangemode="tozero", row=2, col=1)
     return fig
@@ -129,14 +125,10 @@ def _add_curve(fig: go.Figure, curve: Curve, budget: float | None) -> None:
         "legendgroup": name,
         "marker": marker,
         "mode": "lines+markers",
-        "hovertext": [
-            f"{_e(curve.candidate)}<br>p99 {level.p99_ms:.1f} ms" for level in curve.levels
-        ],
+        "hovertext": [f"{_e(curve.candidate)}<br>p99 {level.p99_ms:.1f} ms" for level in curve.levels],
     }
     fig.add_trace(go.Scatter(y=[level.throughput for level in curve.levels], **common), 1, 1)
-    fig.add_trace(
-        go.Scatter(y=[level.p99_ms for level in curve.levels], showlegend=False, **common), 2, 1
-    )
+    fig.add_trace(go.Scatter(y=[level.p99_ms for level in curve.levels], showlegend=False, **common), 2, 1)
 
 
 def plot_scatter(data: ScatterData) -> go.Figure:
@@ -261,9 +253,7 @@ def plot_history(data: HistoryData) -> go.Figure:
 
 def plot_importances(data: ImportanceData) -> go.Figure:
     """Parameter importances as horizontal bars, the most important on top."""
-    fig = _layout(
-        go.Figure(), "Parameter importances (for reaching the highest throughput)", height=360
-    )
+    fig = _layout(go.Figure(), "Parameter importances (for reaching the highest throughput)", height=360)
     if not data.params:
         return _empty(fig, data.note)
     fig.add_trace(
@@ -367,7 +357,9 @@ def _trial_card(label: str, trial: TrialRecord | None) -> str:
         return _card(label, "-", "no trial")
     if trial.throughput is None:
         return _card(label, "-", f"#{trial.number} {trial.candidate}: {trial.status}")
-    detail = f"p99 {_num(trial.p99_ms)} ms at concurrency {trial.concurrency} · #{trial.number} {trial.candidate}"
+    detail = (
+        f"p99 {_num(trial.p99_ms)} ms at concurrency {trial.concurrency} · #{trial.number} {trial.candidate}"
+    )
     return _card(label, f"{trial.throughput:,.1f} inf/s", detail)
 
 
@@ -408,11 +400,7 @@ def _table(headers: Sequence[str], rows: Iterable[Sequence[str]], empty: str) ->
     body = "".join("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>" for row in rows)
     if not body:
         return f'<p class="note">{_e(empty)}</p>'
-    head = (
-        "<thead><tr>" + "".join(f"<th>{_e(h)}</th>" for h in headers) + "</tr></thead>"
-        if headers
-        else ""
-    )
+    head = "<thead><tr>" + "".join(f"<th>{_e(h)}</th>" for h in headers) + "</tr></thead>" if headers else ""
     return f"<table>{head}<tbody>{body}</tbody></table>"
 
 
@@ -442,9 +430,7 @@ def _precision_table(rows: Sequence[PrecisionRow]) -> str:
 
     def figures(row: PrecisionRow) -> str:
         text = _e(", ".join(f"{k} {v}" for k, v in row.accuracy) or "-")
-        return text + (
-            f'<br><span class="note">{_e(row.accuracy_note)}</span>' if row.accuracy_note else ""
-        )
+        return text + (f'<br><span class="note">{_e(row.accuracy_note)}</span>' if row.accuracy_note else "")
 
     cells = [
         [
@@ -471,9 +457,7 @@ def _precision_table(rows: Sequence[PrecisionRow]) -> str:
 
 
 def _failure_table(rows: Sequence[FailureRow]) -> str:
-    cells = [
-        [f"#{r.trial}", _e(r.status), f"<code>{_e(r.candidate)}</code>", _e(r.reason)] for r in rows
-    ]
+    cells = [[f"#{r.trial}", _e(r.status), f"<code>{_e(r.candidate)}</code>", _e(r.reason)] for r in rows]
     return _table(["trial", "status", "configuration", "reason"], cells, "None.")
 
 

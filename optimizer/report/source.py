@@ -50,10 +50,6 @@ def load_stored_study(study_name: str, storage: str | None = None) -> Any:
 
     url = storage_url_for(study_name, storage)
     try:
-        return optuna.load_study(
-            study_name=study_name, storage=open_storage(url, create_dirs=False)
-        )
+        return optuna.load_study(study_name=study_name, storage=open_storage(url, create_dirs=False))
     except KeyError as exc:
-        raise StudyError(
-            f"no study named {study_name!r} in that storage: check --study-name"
-        ) from exc
+        raise StudyError(f"no study named {study_name!r} in that storage: check --study-name") from exc

@@ -37,10 +37,17 @@ class ServingTarget(Protocol):
     """What the study needs from a Triton server."""
 
     name: str
-    grpc_url: str
-    http_url: str
-    metrics_url: str
     can_restart: bool
+
+    @property
+    def grpc_url(self) -> str: ...
+
+    @property
+    def http_url(self) -> str: ...
+
+    @property
+    def metrics_url(self) -> str: ...
+
     capabilities: Capabilities
 
     def start(self) -> None: ...

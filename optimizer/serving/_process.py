@@ -71,7 +71,7 @@ def _proc_stat(pid: int) -> list[str] | None:
 
 def _is_stopped(pid: int) -> bool:
     fields = _proc_stat(pid)
-    return bool(fields) and fields[0] in ("T", "t")
+    return fields is not None and fields[0] in ("T", "t")
 
 
 STUB_NAME = "triton_python_backend_stub"
@@ -184,7 +184,9 @@ class TritonProcess:
         self.model_repository.mkdir(parents=True, exist_ok=True)
         for name, port in self._fixed_ports.items():
             if port is not None and _port_taken(self.host, port):
-                raise ServerStartError(f"{name} port {port} on {self.host} is in use: choose another with --{name}-port")
+                raise ServerStartError(
+                    f"{name} port {port} on {self.host} is in use: choose another with --{name}-port"
+                )
         attempts = 1 if all(self._fixed_ports.values()) else 3
         for attempt in range(attempts):
             free = iter(_free_ports(self.host, 3))
@@ -393,7 +395,8 @@ def _log_errors(text: str) -> list[str]:
 def _link_or_copy(source: Path, target: Path) -> None:
     if target.exists():
         same = os.path.samefile(source, target) or (
-            target.stat().st_size == source.stat().st_size and target.stat().st_mtime_ns == source.stat().st_mtime_ns
+            target.stat().st_size == source.stat().st_size
+            and target.stat().st_mtime_ns == source.stat().st_mtime_ns
         )
         if same:
             return

@@ -63,8 +63,13 @@ class ModelControl:
 
         def request() -> None:
             try:
-                self._client.load_model(name, headers=self._headers, config=config_json,
-                                        files=dict(files) if files else None, client_timeout=LOAD_TIMEOUT_S)
+                self._client.load_model(
+                    name,
+                    headers=self._headers,
+                    config=config_json,
+                    files=dict(files) if files else None,
+                    client_timeout=LOAD_TIMEOUT_S,
+                )
                 outcome["error"] = None
             except BaseException as exc:  # handed to the caller's thread below
                 outcome["error"] = exc
@@ -83,7 +88,9 @@ class ModelControl:
             elif silent_since is None:
                 silent_since = time.perf_counter()
             elif time.perf_counter() - silent_since > HUNG_AFTER_S:
-                raise ServerDiedError(f"the Triton server stopped answering (hung?) while loading model {name!r}")
+                raise ServerDiedError(
+                    f"the Triton server stopped answering (hung?) while loading model {name!r}"
+                )
         error = outcome.get("error")
         if isinstance(error, InferenceServerException):
             self._raise_for(error, f"loading model {name!r}")
@@ -111,7 +118,9 @@ class ModelControl:
         from tritonclient.utils import InferenceServerException
 
         try:
-            metadata = self._client.get_server_metadata(headers=self._headers, as_json=True, client_timeout=timeout)
+            metadata = self._client.get_server_metadata(
+                headers=self._headers, as_json=True, client_timeout=timeout
+            )
         except InferenceServerException as exc:
             self._raise_for(exc, "reading server metadata")
         return metadata

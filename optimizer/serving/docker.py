@@ -107,7 +107,10 @@ def container_spec(
         "device_requests": requests if gpus else [],
         # NVIDIA's recommended settings for the Triton container (Python backend stubs use /dev/shm).
         "shm_size": "1g",
-        "ulimits": [Ulimit(name="memlock", soft=-1, hard=-1), Ulimit(name="stack", soft=67108864, hard=67108864)],
+        "ulimits": [
+            Ulimit(name="memlock", soft=-1, hard=-1),
+            Ulimit(name="stack", soft=67108864, hard=67108864),
+        ],
         "labels": {OWNER_LABEL: owner},
     }
 
@@ -149,7 +152,9 @@ def _unix_socket_problem(path: str) -> str | None:
 class PullProgress:
     """Turns the Docker pull event stream into an occasional one-line summary (bytes and layers)."""
 
-    def __init__(self, image: str, *, every_s: float = 2.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, image: str, *, every_s: float = 2.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.image = image
         self._every_s = every_s
         self._clock = clock
@@ -270,7 +275,11 @@ class DockerTriton:
         except BaseException as exc:  # Ctrl-C too: never leave the container behind
             self._remove(name)
             if isinstance(exc, APIError):
-                hint = " (GPUs need the NVIDIA Container Toolkit on the Docker host)" if self.gpus_requested else ""
+                hint = (
+                    " (GPUs need the NVIDIA Container Toolkit on the Docker host)"
+                    if self.gpus_requested
+                    else ""
+                )
                 raise ServerStartError(f"Docker could not start {self.image}: {_explain(exc)}{hint}") from exc
             raise
         self._control = ModelControl(self.grpc_url, is_alive=self.is_alive)
@@ -285,7 +294,9 @@ class DockerTriton:
             return
         for container in containers:
             if _owner_is_dead(container.labels.get(OWNER_LABEL, "")):
-                self._announce(f"removing container {container.name}, left by an optimize run that was killed")
+                self._announce(
+                    f"removing container {container.name}, left by an optimize run that was killed"
+                )
                 try:
                     container.remove(force=True)
                 except APIError:
@@ -319,6 +330,7 @@ class DockerTriton:
 
     def _published_ports(self) -> dict[str, int]:
         deadline = time.monotonic() + 10.0
+        assert self._container is not None  # called right after the container started
         while True:
             self._container.reload()
             published = self._container.ports or {}
@@ -331,7 +343,9 @@ class DockerTriton:
             if len(ports) == len(CONTAINER_PORTS):
                 return ports
             if self._container.status in ("exited", "dead") or time.monotonic() > deadline:
-                raise ServerStartError(f"the Triton container published no loopback ports:\n{self.log_tail()}")
+                raise ServerStartError(
+                    f"the Triton container published no loopback ports:\n{self.log_tail()}"
+                )
             time.sleep(0.2)
 
     def _wait_ready(self) -> None:

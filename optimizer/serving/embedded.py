@@ -58,7 +58,9 @@ def prepare_bundle(root: Path | None = None) -> Path:
     bundle.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=bundle.parent, prefix=".staging-"))
     try:
-        shutil.copytree(source, staging, dirs_exist_ok=True, ignore=shutil.ignore_patterns("python_backend_stubs"))
+        shutil.copytree(
+            source, staging, dirs_exist_ok=True, ignore=shutil.ignore_patterns("python_backend_stubs")
+        )
         shutil.copy2(stub, staging / "backends" / "python" / "triton_python_backend_stub")
         (staging / "backends" / "onnxruntime").mkdir(parents=True, exist_ok=True)
         shutil.copy2(BACKEND_SOURCE, staging / "backends" / "onnxruntime" / "model.py")

@@ -60,7 +60,9 @@ def find_backend_directory(binary: Path, backend_directory: Path | str | None = 
         if candidate.is_dir():
             return candidate
     looked = " or ".join(str(c) for c in candidates)
-    raise ServerStartError(f"no backends directory for {binary} (looked in {looked}): pass --backend-directory")
+    raise ServerStartError(
+        f"no backends directory for {binary} (looked in {looked}): pass --backend-directory"
+    )
 
 
 class LocalTriton(TritonProcess):
@@ -87,4 +89,6 @@ class LocalTriton(TritonProcess):
         **options: Any,
     ) -> None:
         found = find_binary(binary)
-        super().__init__(found, find_backend_directory(found, backend_directory), environment=environment, **options)
+        super().__init__(
+            found, find_backend_directory(found, backend_directory), environment=environment, **options
+        )

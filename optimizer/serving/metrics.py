@@ -37,7 +37,9 @@ def fetch_metrics(url: str, *, timeout: float = 5.0, context: ssl.SSLContext | N
         return response.read().decode("utf-8", errors="replace")
 
 
-def read_gpus(url: str, *, timeout: float = 5.0, context: ssl.SSLContext | None = None) -> tuple[str, ...] | None:
+def read_gpus(
+    url: str, *, timeout: float = 5.0, context: ssl.SSLContext | None = None
+) -> tuple[str, ...] | None:
     """The GPUs the server at ``url`` reports; None when its metrics cannot be read or parsed."""
     try:
         return gpus_in_metrics(fetch_metrics(url, timeout=timeout, context=context))

@@ -59,8 +59,11 @@ class TlsOptions:
         """Raise UsageError naming the option when a file is missing or not a PEM certificate/key."""
         if (self.client_cert is None) != (self.client_key is None):
             raise UsageError("--ssl-client-cert and --ssl-client-key go together: give both or neither")
-        for option, path in (("--ssl-root-cert", self.root_cert), ("--ssl-client-cert", self.client_cert),
-                             ("--ssl-client-key", self.client_key)):
+        for option, path in (
+            ("--ssl-root-cert", self.root_cert),
+            ("--ssl-client-cert", self.client_cert),
+            ("--ssl-client-key", self.client_key),
+        ):
             if path is not None and not Path(path).is_file():
                 raise UsageError(f"{option} {str(path)!r} does not exist or is not a file")
         if self.root_cert is not None:
@@ -73,7 +76,9 @@ class TlsOptions:
                 ) from exc
         if self.client_cert is not None and self.client_key is not None:
             try:
-                ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(str(self.client_cert), str(self.client_key))
+                ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(
+                    str(self.client_cert), str(self.client_key)
+                )
             except ssl.SSLError as exc:
                 raise UsageError(
                     "--ssl-client-cert and --ssl-client-key are not a matching PEM certificate and key"
@@ -110,7 +115,9 @@ def describe_connection_failure(url: str, status: str, message: str, *, tls: boo
         return f"TLS setup for {url} failed: check the --ssl-root-cert / --ssl-client-cert / --ssl-client-key files"
     if "handshake" in text or "ssl" in text or "tls" in text:
         if "wrong_version_number" in text:
-            reason = "the server does not speak TLS at this port (drop the --ssl-* options for a plaintext server)"
+            reason = (
+                "the server does not speak TLS at this port (drop the --ssl-* options for a plaintext server)"
+            )
         elif "certificate_verify_failed" in text:
             reason = "its certificate is not signed by --ssl-root-cert"
         else:
@@ -119,8 +126,10 @@ def describe_connection_failure(url: str, status: str, message: str, *, tls: boo
     if "socket closed" in text or "connection reset" in text:
         if tls:
             return f"{url} closed the connection during TLS set-up: {port_hint}"
-        return (f"{url} closed the connection: it is not a plaintext Triton gRPC endpoint (an HTTP or metrics "
-                f"port? a server that needs TLS? then pass --ssl-root-cert): {port_hint}")
+        return (
+            f"{url} closed the connection: it is not a plaintext Triton gRPC endpoint (an HTTP or metrics "
+            f"port? a server that needs TLS? then pass --ssl-root-cert): {port_hint}"
+        )
     if status.endswith("DEADLINE_EXCEEDED"):
         return f"no answer from {url} within {timeout:g} s: {port_hint}, and that no firewall is in the way"
     if status.endswith(("UNAUTHENTICATED", "PERMISSION_DENIED")):
@@ -175,7 +184,9 @@ class RemoteTriton:
         self.tls = tls
         self.headers = dict(headers or {})
         self.timeout = timeout
-        self.capabilities = Capabilities(can_restart=False, gpu_metrics=bool(metrics_url), shared_filesystem=False)
+        self.capabilities = Capabilities(
+            can_restart=False, gpu_metrics=bool(metrics_url), shared_filesystem=False
+        )
         self._control: ModelControl | None = None
         self._version = "unknown"
         self._loaded: set[str] = set()
@@ -209,7 +220,9 @@ class RemoteTriton:
         except (ServerDiedError, ConfigRejected) as exc:
             status, message = _cause(exc)
             raise ServerStartError(
-                describe_connection_failure(self.grpc_url, status, message, tls=self.tls.enabled, timeout=self.timeout)
+                describe_connection_failure(
+                    self.grpc_url, status, message, tls=self.tls.enabled, timeout=self.timeout
+                )
             ) from exc
         if "model_repository" not in metadata.get("extensions", ["model_repository"]):
             raise ServerStartError(

@@ -88,7 +88,9 @@ def make_target(
     if kind == "docker":
         from optimizer.serving.docker import DEFAULT_TAG, DockerTriton
 
-        return DockerTriton(tag=given.get("docker_image_tag", DEFAULT_TAG), gpus=gpu_space, gpu_devices=gpu_devices)
+        return DockerTriton(
+            tag=given.get("docker_image_tag", DEFAULT_TAG), gpus=gpu_space, gpu_devices=gpu_devices
+        )
     return _remote(given)
 
 

@@ -37,9 +37,16 @@ _PROVIDER_NAMES = {
 }
 # Native-backend TensorRT keys whose ONNX Runtime option name differs from "trt_" + key.
 _TRT_RENAMED = {"max_workspace_size_bytes": "trt_max_workspace_size"}
-_TRT_BOOL_KEYS = {"trt_engine_cache_enable", "trt_timing_cache_enable", "trt_dump_subgraphs",
-                  "trt_force_sequential_engine_build", "trt_layer_norm_fp32_fallback",
-                  "trt_cuda_graph_enable", "trt_sparsity_enable", "trt_build_heuristics_enable"}
+_TRT_BOOL_KEYS = {
+    "trt_engine_cache_enable",
+    "trt_timing_cache_enable",
+    "trt_dump_subgraphs",
+    "trt_force_sequential_engine_build",
+    "trt_layer_norm_fp32_fallback",
+    "trt_cuda_graph_enable",
+    "trt_sparsity_enable",
+    "trt_build_heuristics_enable",
+}
 
 
 def _parameters(config):
@@ -59,7 +66,9 @@ def session_options(config):
     if "enable_mem_pattern" in params:
         options.enable_mem_pattern = params["enable_mem_pattern"] not in ("0", "false")
     level = config.get("optimization", {}).get("graph", {}).get("level", 0)
-    options.graph_optimization_level = _GRAPH_LEVELS.get(int(level), ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    options.graph_optimization_level = _GRAPH_LEVELS.get(
+        int(level), ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    )
     return options
 
 
@@ -83,8 +92,12 @@ def execution_providers(config, instance_kind, device_id):
         providers = []
         for accelerator in accelerators.get("gpu_execution_accelerator", []):
             if accelerator["name"] == "tensorrt":
-                providers.append(("TensorrtExecutionProvider",
-                                  _tensorrt_options(accelerator.get("parameters", {}), device_id)))
+                providers.append(
+                    (
+                        "TensorrtExecutionProvider",
+                        _tensorrt_options(accelerator.get("parameters", {}), device_id),
+                    )
+                )
             elif accelerator["name"] != "cuda":
                 raise ValueError(f"unknown gpu_execution_accelerator {accelerator['name']!r}")
         # As in the native backend, CUDA runs whatever TensorRT does not take.
@@ -126,7 +139,8 @@ class TritonPythonModel:
         self.input_names = [tensor["name"] for tensor in config["input"]]
         self.output_names = [tensor["name"] for tensor in config["output"]]
         self.output_dtypes = {
-            tensor["name"]: pb_utils.triton_string_to_numpy(tensor["data_type"]) for tensor in config["output"]
+            tensor["name"]: pb_utils.triton_string_to_numpy(tensor["data_type"])
+            for tensor in config["output"]
         }
 
     def execute(self, requests):
@@ -138,7 +152,9 @@ class TritonPythonModel:
         return [self._execute_one(request) for request in requests]
 
     def _inputs(self, request):
-        return {name: pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in self.input_names}
+        return {
+            name: pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in self.input_names
+        }
 
     def _response(self, outputs):
         tensors = [
