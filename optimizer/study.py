@@ -7,20 +7,15 @@ trial with its reason and the study goes on; bad input stops the run before any 
 
 from __future__ import annotations
 
-import hashlib
 import math
-import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from optimizer.accuracy import DEFAULT_TOLERANCE, check_variant
 from optimizer.errors import (
-    ConfigRejected,
-    InferenceError,
-    ServerDiedError,
     StorageError,
     StudyError,
 )
@@ -33,12 +28,12 @@ from optimizer.intake import (
     shapes_from_samples,
     synthetic_inputs,
 )
-from optimizer.loadgen import GrpcLoadGenerator, LevelResult, MeasureSettings
-from optimizer.measure import DEFAULT_LEVELS, SweepOutcome, best_feasible, next_step
+from optimizer.loadgen import MeasureSettings
+from optimizer.measure import DEFAULT_LEVELS
 from optimizer.paths import cache_dir, check_name, studies_dir
 from optimizer.providers import check_providers
-from optimizer.render import config_from_json, config_key, render_config, to_dict, to_json
-from optimizer.space import Candidate, SearchSpace, baseline_params, load_space, suggest_candidate
+from optimizer.results import StudySummary, TrialReport, best_throughput, best_trial, export_trial, report_of
+from optimizer.space import SearchSpace, baseline_params, load_space
 from optimizer.storage import (
     count_finished,
     count_running,
@@ -48,14 +43,23 @@ from optimizer.storage import (
     register_worker,
     worker_id,
 )
-from optimizer.variants import model_files, variant_path
+from optimizer.trial import TrialFailed, TrialRunner, first_line, inference_client_options
+from optimizer.variants import variant_path
 
-__all__ = ["StudySettings", "StudySummary", "TrialReport", "run_study"]
+__all__ = [
+    "QuietReporter",
+    "StudySettings",
+    "StudySummary",
+    "TrialReport",
+    "best_trial",
+    "export_trial",
+    "inference_client_options",
+    "run_study",
+]
 
 # Without --latency-budget-ms, the budget is this multiple of the baseline's single-request p99.
 DEFAULT_BUDGET_FACTOR = 10.0
 MIN_DEFAULT_BUDGET_MS = 5.0
-CONSTRAINT = "latency_budget"
 
 
 @dataclass(frozen=True)
@@ -80,34 +84,6 @@ class StudySettings:
     gpus: str | None = None  # CUDA_VISIBLE_DEVICES for this worker's server
 
 
-@dataclass(frozen=True)
-class TrialReport:
-    """One finished trial, as shown to the user."""
-
-    number: int
-    state: str  # "complete", "pruned", "failed"
-    summary: str
-    throughput: float | None = None
-    p99_ms: float | None = None
-    concurrency: int | None = None
-    reason: str | None = None
-
-
-@dataclass(frozen=True)
-class StudySummary:
-    study_name: str
-    storage_url: str
-    latency_budget_ms: float
-    budget: int
-    finished: int
-    baseline: TrialReport | None
-    best: TrialReport | None
-    pruned: int
-    failed: int
-    reasons: tuple[str, ...]
-    best_repository: Path | None
-
-
 class Reporter(Protocol):
     def note(self, message: str) -> None: ...
 
@@ -125,18 +101,6 @@ class QuietReporter:
 
     def trial_finished(self, report: TrialReport, best_throughput: float | None) -> None:
         pass
-
-
-class TrialFailed(Exception):
-    """A trial-level fault: recorded on the trial with its reason; the study goes on.
-
-    ``transient`` marks faults of the moment (a crash, a hang) rather than of the config: another
-    proposal of the same config is measured again instead of inheriting the failure.
-    """
-
-    def __init__(self, reason: str, *, transient: bool = False) -> None:
-        super().__init__(reason)
-        self.transient = transient
 
 
 def run_study(settings: StudySettings, reporter: Reporter | None = None, *, target=None) -> StudySummary:
@@ -159,7 +123,7 @@ def run_study(settings: StudySettings, reporter: Reporter | None = None, *, targ
         if database_error is None:
             raise
         raise StorageError(
-            f"the study database stopped accepting reads or writes ({_first_line(str(database_error))[:160]}): "
+            f"the study database stopped accepting reads or writes ({first_line(str(database_error))[:160]}): "
             "finished trials are kept; fix the storage (disk full? read-only? server down?) and rerun the same command"
         ) from exc
     finally:
@@ -312,7 +276,7 @@ def _open_study(storage, study_name: str):
     except optuna.exceptions.DuplicatedStudyError:
         return optuna.load_study(study_name=study_name, storage=storage, pruner=pruner), False
     except Exception as exc:
-        raise StorageError(f"cannot create or open study {study_name!r}: {_first_line(str(exc))}") from exc
+        raise StorageError(f"cannot create or open study {study_name!r}: {first_line(str(exc))}") from exc
 
 
 def _sampler(seed: int | None, *, per_worker: bool):
@@ -457,271 +421,7 @@ def _run_trials(study, runner: TrialRunner, budget: int, reporter: Reporter) -> 
         study.optimize(runner, n_trials=1, catch=(TrialFailed,))
         last = max(study.get_trials(deepcopy=False), key=lambda t: t.number)
         repeats = repeats + 1 if "same_config_as" in last.user_attrs else 0
-        reporter.trial_finished(_report(last), _best_throughput(study))
-
-
-class TrialRunner:
-    """The objective: render, hot-reload, sweep, score one trial."""
-
-    def __init__(
-        self, target, model: ModelInfo, samples, space, model_name: str, settings: StudySettings, reporter
-    ):
-        self.target = target
-        self.model = model
-        self.space = space
-        self.model_name = model_name
-        self.settings = settings
-        self.reporter = reporter
-        self.samples = samples
-        self.latency_budget_ms = math.inf
-        self.progress = (0, settings.budget)
-
-    def probe_baseline_p99(self) -> float:
-        """Single-request p99 of the untuned config: the base of the default latency budget."""
-        config = render_config(self.model, Candidate(max_batch_size=1), model_name=self.model_name)
-        self._load(config, "fp32")
-        return self._load_generator().measure(1).p99_ms
-
-    def __call__(self, trial) -> float:
-        import optuna
-
-        if _is_surplus(trial, self.settings.budget):
-            trial.set_user_attr("surplus", True)
-            raise TrialFailed("surplus: other workers' trials already fill the budget")
-        candidate = suggest_candidate(trial, self.space, batching=self.model.batching)
-        config = render_config(self.model, candidate, model_name=self.model_name)
-        trial.set_user_attr("worker", worker_id())
-        trial.set_user_attr("host", socket.gethostname())
-        trial.set_user_attr("candidate", candidate.summary())
-        trial.set_user_attr("config", to_dict(config))
-        key = hashlib.sha256(config_key(config).encode()).hexdigest()[:16]
-        trial.set_user_attr("config_key", key)
-        self.reporter.trial_started(trial.number, candidate.summary(), *self.progress)
-        earlier = _measured_config(trial.study, key)
-        if earlier is not None:
-            return _reuse_measurement(trial, earlier)
-        started = time.perf_counter()
-        try:
-            trial.set_user_attr("load_s", round(self._load(config, candidate.precision), 3))
-            outcome = self._sweep(trial)
-        except TrialFailed as exc:
-            trial.set_user_attr("reason", str(exc))
-            if exc.transient:
-                trial.set_user_attr("transient_fault", True)
-            trial.set_constraint(CONSTRAINT, 1.0)
-            raise
-        finally:
-            trial.set_user_attr("trial_s", round(time.perf_counter() - started, 3))
-        self._record(trial, outcome)
-        if not outcome.feasible:
-            trial.set_user_attr("reason", f"infeasible: {outcome.stop_reason}")
-            raise optuna.TrialPruned(outcome.stop_reason)
-        if outcome.stop_reason.startswith("pruned"):
-            trial.set_user_attr("reason", outcome.stop_reason)
-            raise optuna.TrialPruned(outcome.stop_reason)
-        assert outcome.best is not None  # feasible, checked above
-        return round(outcome.best.throughput, 3)  # the same figure as the "throughput" attribute
-
-    def _load(self, config, precision: str) -> float:
-        files = model_files(self.model, precision, cache_dir())
-        try:
-            return self.target.load_model(self.model_name, to_json(config), files)
-        except ConfigRejected as exc:
-            raise TrialFailed(f"Triton rejected the config: {_first_line(exc.message)}") from exc
-        except ServerDiedError as exc:
-            raise self._server_fault("while loading the config", exc) from exc
-
-    def _sweep(self, trial) -> SweepOutcome:
-        levels: list[LevelResult] = []
-        stop: list[str] = []
-        budget = self.latency_budget_ms
-
-        def on_level(index: int, level: LevelResult) -> bool:
-            levels.append(level)
-            best = best_feasible(levels, budget)
-            if best is not None:
-                trial.report(best.throughput, step=index)
-                if trial.should_prune():
-                    stop.append(
-                        f"pruned at concurrency {level.concurrency}: behind the median of earlier trials"
-                    )
-                    return False
-            reason = next_step(levels, budget, remaining=len(self.settings.concurrency) - index - 1)
-            if reason:
-                stop.append(reason)
-            return reason is None
-
-        try:
-            self._load_generator().run_levels(self.settings.concurrency, on_level)
-        except (InferenceError, ServerDiedError) as exc:
-            raise self._server_fault("during measurement", exc) from exc
-        return SweepOutcome(tuple(levels), best_feasible(levels, budget), stop[0] if stop else "")
-
-    def _load_generator(self) -> GrpcLoadGenerator:
-        # A remote target may need TLS and auth headers for inference too, not only for model control.
-        options, headers = inference_client_options(self.target)
-        return GrpcLoadGenerator(
-            self.target.grpc_url,
-            self.model_name,
-            self.samples,
-            self.settings.measure,
-            client_options=options,
-            headers=headers,
-        )
-
-    def _server_fault(self, when: str, exc: Exception) -> TrialFailed:
-        """Turn a crash or hang into a failed trial, restarting the server so later trials are unaffected."""
-        alive = _still_alive(self.target)
-        detail = _first_line(getattr(exc, "message", str(exc)))
-        reason = f"the server crashed {when}" if not alive else f"{detail} {when}"
-        if not getattr(self.target, "can_restart", False):
-            raise ServerDiedError(
-                f"{reason}; the {self.target.name} server cannot be restarted by optimize"
-            ) from exc
-        self.reporter.note(f"{reason}: restarting the server")
-        self.target.restart()
-        return TrialFailed(reason, transient=True)
-
-    def _record(self, trial, outcome: SweepOutcome) -> None:
-        trial.set_user_attr("sweep", [level.to_dict() for level in outcome.levels])
-        trial.set_user_attr("stop_reason", outcome.stop_reason)
-        trial.set_user_attr("feasible", outcome.feasible)
-        budget = self.latency_budget_ms
-        if outcome.best is not None:
-            best = outcome.best
-            trial.set_user_attr("throughput", round(best.throughput, 3))
-            trial.set_user_attr("p99_ms", round(best.p99_ms, 3))
-            trial.set_user_attr("p50_ms", round(best.p50_ms, 3))
-            trial.set_user_attr("concurrency", best.concurrency)
-            trial.set_constraint(CONSTRAINT, (best.p99_ms - budget) / budget)
-        else:
-            lowest = min(level.p99_ms for level in outcome.levels)
-            trial.set_constraint(CONSTRAINT, (lowest - budget) / budget)
-
-
-def inference_client_options(target) -> tuple[dict, dict | None]:
-    """TLS options and headers for inference requests to ``target`` (none for local servers)."""
-    tls = getattr(target, "tls", None)
-    options = tls.client_options() if tls is not None else {}
-    return options, (getattr(target, "headers", None) or None)
-
-
-def _is_surplus(trial, budget: int) -> bool:
-    """True when earlier trials (finished, or running in other workers) already fill the budget.
-
-    Two workers can pass the budget check in _run_trials at the same moment; the later-numbered trial
-    steps back, so the study ends at exactly its budget.
-    """
-    from optuna.trial import TrialState
-
-    earlier_running = [
-        t
-        for t in trial.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        if t.number < trial.number
-    ]
-    return count_finished(trial.study) + len(earlier_running) >= budget
-
-
-_COPIED_ATTRS = (
-    "sweep",
-    "stop_reason",
-    "feasible",
-    "throughput",
-    "p99_ms",
-    "p50_ms",
-    "concurrency",
-    "reason",
-)
-
-
-def _measured_config(study, key: str):
-    """The trial that already measured the config with this key (canonicalisation), or None."""
-    from optuna.trial import TrialState
-
-    for trial in study.get_trials(
-        deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-    ):
-        attrs = trial.user_attrs
-        if attrs.get("config_key") != key or "same_config_as" in attrs or attrs.get("transient_fault"):
-            continue
-        if trial.state != TrialState.FAIL or "reason" in attrs:
-            return trial
-    return None
-
-
-def _reuse_measurement(trial, earlier) -> float:
-    """Record ``earlier``'s result on ``trial`` without measuring: two parameter sets, one config."""
-    import optuna
-    from optuna.trial import TrialState
-
-    trial.set_user_attr("same_config_as", earlier.number)
-    for key in _COPIED_ATTRS:
-        if key in earlier.user_attrs:
-            trial.set_user_attr(key, earlier.user_attrs[key])
-    for name, value in earlier.constraints.items():
-        trial.set_constraint(name, value)
-    for step, value in earlier.intermediate_values.items():
-        trial.report(value, step)
-    if earlier.state == TrialState.COMPLETE:
-        return earlier.value
-    if earlier.state == TrialState.PRUNED:
-        raise optuna.TrialPruned(f"same config as trial {earlier.number}")
-    raise TrialFailed(earlier.user_attrs.get("reason", f"same config as failed trial {earlier.number}"))
-
-
-def _still_alive(target, settle_s: float = 2.0) -> bool:
-    # A killed server closes its sockets a moment before the kernel reports it dead: look twice.
-    deadline = time.monotonic() + settle_s
-    while time.monotonic() < deadline:
-        if not target.is_alive():
-            return False
-        time.sleep(0.1)
-    return target.is_alive()
-
-
-def _first_line(text: str) -> str:
-    text = (text or "").strip()
-    return text.splitlines()[0][:300] if text else "unknown error"
-
-
-# --- results -------------------------------------------------------------------------------------------
-
-
-def _report(trial) -> TrialReport:
-    from optuna.trial import TrialState
-
-    state = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned"}.get(trial.state, "failed")
-    attrs = trial.user_attrs
-    return TrialReport(
-        number=trial.number,
-        state=state,
-        summary=str(attrs.get("candidate", "")),
-        throughput=attrs.get("throughput"),
-        p99_ms=attrs.get("p99_ms"),
-        concurrency=attrs.get("concurrency"),
-        reason=attrs.get("reason") or (None if state == "complete" else "interrupted"),
-    )
-
-
-def _feasible_complete(study) -> list:
-    from optuna.trial import TrialState
-
-    return [
-        t
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if t.user_attrs.get("feasible")
-    ]
-
-
-def _best_throughput(study) -> float | None:
-    trials = _feasible_complete(study)
-    return max((t.value for t in trials), default=None)
-
-
-def best_trial(study):
-    """The best feasible completed trial, or None."""
-    trials = _feasible_complete(study)
-    return max(trials, key=lambda t: t.value, default=None)
+        reporter.trial_finished(report_of(last), best_throughput(study))
 
 
 def _summarise(study, plan: _Plan, budget: int) -> StudySummary:
@@ -729,10 +429,10 @@ def _summarise(study, plan: _Plan, budget: int) -> StudySummary:
 
     trials = study.get_trials(deepcopy=False)
     reports = [
-        _report(t) for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+        report_of(t) for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
     ]
     baseline = next(
-        (_report(t) for t in trials if t.user_attrs.get("baseline") and t.state.is_finished()), None
+        (report_of(t) for t in trials if t.user_attrs.get("baseline") and t.state.is_finished()), None
     )
     best = best_trial(study)
     best_dir = plan.out_dir / plan.study_name / "best"
@@ -744,43 +444,9 @@ def _summarise(study, plan: _Plan, budget: int) -> StudySummary:
         budget=budget,
         finished=count_finished(study),
         baseline=baseline,
-        best=_report(best) if best is not None else None,
+        best=report_of(best) if best is not None else None,
         pruned=sum(r.state == "pruned" for r in reports),
         failed=sum(r.state == "failed" for r in reports),
         reasons=tuple(f"#{r.number} {r.state}: {r.reason}" for r in reports if r.state != "complete"),
         best_repository=repository,
     )
-
-
-def export_trial(study, trial, out_dir: Path, model: ModelInfo | None = None) -> Path:
-    """Write ``trial``'s config and model file as a Triton model repository under ``out_dir``."""
-    from optimizer.export import write_repository
-
-    if model is None:
-        model = _stored_model(study)
-    config = config_from_json(trial.user_attrs["config"])
-    precision = _precision_of(config)
-    return write_repository(out_dir, config, model_files(model, precision, cache_dir()))
-
-
-def _precision_of(config) -> str:
-    from optimizer.render import MODEL_FILENAMES
-
-    by_file = {name: precision for precision, name in MODEL_FILENAMES.items()}
-    return by_file.get(config.default_model_filename or "model.onnx", "fp32")
-
-
-def _stored_model(study) -> ModelInfo:
-    path = study.user_attrs.get("model_path")
-    if not path:
-        raise StudyError(f"study {study.study_name!r} records no model: it has no trials to export")
-    model = inspect_model(Path(path), cache=cache_dir())
-    if model.sha256 != study.user_attrs.get("model_sha256"):
-        raise StudyError(
-            f"the model file {path!r} changed since study {study.study_name!r} ran: it cannot be exported"
-        )
-    return model
-
-
-def study_attrs(study) -> dict[str, Any]:
-    return dict(study.user_attrs)

@@ -1,0 +1,122 @@
+"""Results read back from the study database: trial summaries, the best trial, exported repositories."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from optimizer.errors import StudyError
+from optimizer.intake import ModelInfo, inspect_model
+from optimizer.paths import cache_dir
+from optimizer.render import config_from_json
+from optimizer.variants import model_files
+
+__all__ = [
+    "StudySummary",
+    "TrialReport",
+    "best_throughput",
+    "best_trial",
+    "export_trial",
+    "report_of",
+    "study_attrs",
+]
+
+
+@dataclass(frozen=True)
+class TrialReport:
+    """One finished trial, as shown to the user."""
+
+    number: int
+    state: str  # "complete", "pruned", "failed"
+    summary: str
+    throughput: float | None = None
+    p99_ms: float | None = None
+    concurrency: int | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class StudySummary:
+    study_name: str
+    storage_url: str
+    latency_budget_ms: float
+    budget: int
+    finished: int
+    baseline: TrialReport | None
+    best: TrialReport | None
+    pruned: int
+    failed: int
+    reasons: tuple[str, ...]
+    best_repository: Path | None
+
+
+def report_of(trial) -> TrialReport:
+    from optuna.trial import TrialState
+
+    state = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned"}.get(trial.state, "failed")
+    attrs = trial.user_attrs
+    return TrialReport(
+        number=trial.number,
+        state=state,
+        summary=str(attrs.get("candidate", "")),
+        throughput=attrs.get("throughput"),
+        p99_ms=attrs.get("p99_ms"),
+        concurrency=attrs.get("concurrency"),
+        reason=attrs.get("reason") or (None if state == "complete" else "interrupted"),
+    )
+
+
+def _feasible_complete(study) -> list:
+    from optuna.trial import TrialState
+
+    return [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if t.user_attrs.get("feasible")
+    ]
+
+
+def best_throughput(study) -> float | None:
+    trials = _feasible_complete(study)
+    return max((t.value for t in trials), default=None)
+
+
+def best_trial(study):
+    """The best feasible completed trial, or None."""
+    trials = _feasible_complete(study)
+    return max(trials, key=lambda t: t.value, default=None)
+
+
+def export_trial(study, trial, out_dir: Path, model: ModelInfo | None = None) -> Path:
+    """Write ``trial``'s config and model file as a Triton model repository under ``out_dir``."""
+    from optimizer.export import write_repository
+
+    if model is None:
+        model = _stored_model(study)
+    config = config_from_json(trial.user_attrs["config"])
+    precision = _precision_of(config)
+    return write_repository(out_dir, config, model_files(model, precision, cache_dir()))
+
+
+def _precision_of(config) -> str:
+    from optimizer.render import MODEL_FILENAMES
+
+    by_file = {name: precision for precision, name in MODEL_FILENAMES.items()}
+    return by_file.get(config.default_model_filename or "model.onnx", "fp32")
+
+
+def _stored_model(study) -> ModelInfo:
+    path = study.user_attrs.get("model_path")
+    if not path:
+        raise StudyError(f"study {study.study_name!r} records no model: it has no trials to export")
+    model = inspect_model(Path(path), cache=cache_dir())
+    if model.sha256 != study.user_attrs.get("model_sha256"):
+        raise StudyError(
+            f"the model file {path!r} changed since study {study.study_name!r} ran: it cannot be exported"
+        )
+    return model
+
+
+def study_attrs(study) -> dict[str, Any]:
+    return dict(study.user_attrs)

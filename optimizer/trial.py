@@ -1,0 +1,268 @@
+"""One trial: render the candidate, hot-reload it, sweep the concurrency levels, score it.
+
+``TrialRunner`` is the Optuna objective. A config Triton rejects, a crash or a hang becomes
+``TrialFailed`` (recorded on the trial with its reason; the server is restarted); a proposal whose config
+was already measured reuses that measurement (canonicalisation); a trial that would overshoot a budget
+other workers already fill steps back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import socket
+import time
+from typing import TYPE_CHECKING
+
+from optimizer.errors import ConfigRejected, InferenceError, ServerDiedError
+from optimizer.intake import ModelInfo
+from optimizer.loadgen import GrpcLoadGenerator, LevelResult
+from optimizer.measure import SweepOutcome, best_feasible, next_step
+from optimizer.paths import cache_dir
+from optimizer.render import config_key, render_config, to_dict, to_json
+from optimizer.space import Candidate, suggest_candidate
+from optimizer.storage import count_finished, worker_id
+from optimizer.variants import model_files
+
+if TYPE_CHECKING:
+    from optimizer.study import StudySettings
+
+__all__ = ["CONSTRAINT", "TrialFailed", "TrialRunner", "first_line", "inference_client_options"]
+
+CONSTRAINT = "latency_budget"
+
+
+class TrialFailed(Exception):
+    """A trial-level fault: recorded on the trial with its reason; the study goes on.
+
+    ``transient`` marks faults of the moment (a crash, a hang) rather than of the config: another
+    proposal of the same config is measured again instead of inheriting the failure.
+    """
+
+    def __init__(self, reason: str, *, transient: bool = False) -> None:
+        super().__init__(reason)
+        self.transient = transient
+
+
+class TrialRunner:
+    """The objective: render, hot-reload, sweep, score one trial."""
+
+    def __init__(
+        self, target, model: ModelInfo, samples, space, model_name: str, settings: StudySettings, reporter
+    ):
+        self.target = target
+        self.model = model
+        self.space = space
+        self.model_name = model_name
+        self.settings = settings
+        self.reporter = reporter
+        self.samples = samples
+        self.latency_budget_ms = math.inf
+        self.progress = (0, settings.budget)
+
+    def probe_baseline_p99(self) -> float:
+        """Single-request p99 of the untuned config: the base of the default latency budget."""
+        config = render_config(self.model, Candidate(max_batch_size=1), model_name=self.model_name)
+        self._load(config, "fp32")
+        return self._load_generator().measure(1).p99_ms
+
+    def __call__(self, trial) -> float:
+        import optuna
+
+        if _is_surplus(trial, self.settings.budget):
+            trial.set_user_attr("surplus", True)
+            raise TrialFailed("surplus: other workers' trials already fill the budget")
+        candidate = suggest_candidate(trial, self.space, batching=self.model.batching)
+        config = render_config(self.model, candidate, model_name=self.model_name)
+        trial.set_user_attr("worker", worker_id())
+        trial.set_user_attr("host", socket.gethostname())
+        trial.set_user_attr("candidate", candidate.summary())
+        trial.set_user_attr("config", to_dict(config))
+        key = hashlib.sha256(config_key(config).encode()).hexdigest()[:16]
+        trial.set_user_attr("config_key", key)
+        self.reporter.trial_started(trial.number, candidate.summary(), *self.progress)
+        earlier = _measured_config(trial.study, key)
+        if earlier is not None:
+            return _reuse_measurement(trial, earlier)
+        started = time.perf_counter()
+        try:
+            trial.set_user_attr("load_s", round(self._load(config, candidate.precision), 3))
+            outcome = self._sweep(trial)
+        except TrialFailed as exc:
+            trial.set_user_attr("reason", str(exc))
+            if exc.transient:
+                trial.set_user_attr("transient_fault", True)
+            trial.set_constraint(CONSTRAINT, 1.0)
+            raise
+        finally:
+            trial.set_user_attr("trial_s", round(time.perf_counter() - started, 3))
+        self._record(trial, outcome)
+        if not outcome.feasible:
+            trial.set_user_attr("reason", f"infeasible: {outcome.stop_reason}")
+            raise optuna.TrialPruned(outcome.stop_reason)
+        if outcome.stop_reason.startswith("pruned"):
+            trial.set_user_attr("reason", outcome.stop_reason)
+            raise optuna.TrialPruned(outcome.stop_reason)
+        assert outcome.best is not None  # feasible, checked above
+        return round(outcome.best.throughput, 3)  # the same figure as the "throughput" attribute
+
+    def _load(self, config, precision: str) -> float:
+        files = model_files(self.model, precision, cache_dir())
+        try:
+            return self.target.load_model(self.model_name, to_json(config), files)
+        except ConfigRejected as exc:
+            raise TrialFailed(f"Triton rejected the config: {first_line(exc.message)}") from exc
+        except ServerDiedError as exc:
+            raise self._server_fault("while loading the config", exc) from exc
+
+    def _sweep(self, trial) -> SweepOutcome:
+        levels: list[LevelResult] = []
+        stop: list[str] = []
+        budget = self.latency_budget_ms
+
+        def on_level(index: int, level: LevelResult) -> bool:
+            levels.append(level)
+            best = best_feasible(levels, budget)
+            if best is not None:
+                trial.report(best.throughput, step=index)
+                if trial.should_prune():
+                    stop.append(
+                        f"pruned at concurrency {level.concurrency}: behind the median of earlier trials"
+                    )
+                    return False
+            reason = next_step(levels, budget, remaining=len(self.settings.concurrency) - index - 1)
+            if reason:
+                stop.append(reason)
+            return reason is None
+
+        try:
+            self._load_generator().run_levels(self.settings.concurrency, on_level)
+        except (InferenceError, ServerDiedError) as exc:
+            raise self._server_fault("during measurement", exc) from exc
+        return SweepOutcome(tuple(levels), best_feasible(levels, budget), stop[0] if stop else "")
+
+    def _load_generator(self) -> GrpcLoadGenerator:
+        # A remote target may need TLS and auth headers for inference too, not only for model control.
+        options, headers = inference_client_options(self.target)
+        return GrpcLoadGenerator(
+            self.target.grpc_url,
+            self.model_name,
+            self.samples,
+            self.settings.measure,
+            client_options=options,
+            headers=headers,
+        )
+
+    def _server_fault(self, when: str, exc: Exception) -> TrialFailed:
+        """Turn a crash or hang into a failed trial, restarting the server so later trials are unaffected."""
+        alive = _still_alive(self.target)
+        detail = first_line(getattr(exc, "message", str(exc)))
+        reason = f"the server crashed {when}" if not alive else f"{detail} {when}"
+        if not getattr(self.target, "can_restart", False):
+            raise ServerDiedError(
+                f"{reason}; the {self.target.name} server cannot be restarted by optimize"
+            ) from exc
+        self.reporter.note(f"{reason}: restarting the server")
+        self.target.restart()
+        return TrialFailed(reason, transient=True)
+
+    def _record(self, trial, outcome: SweepOutcome) -> None:
+        trial.set_user_attr("sweep", [level.to_dict() for level in outcome.levels])
+        trial.set_user_attr("stop_reason", outcome.stop_reason)
+        trial.set_user_attr("feasible", outcome.feasible)
+        budget = self.latency_budget_ms
+        if outcome.best is not None:
+            best = outcome.best
+            trial.set_user_attr("throughput", round(best.throughput, 3))
+            trial.set_user_attr("p99_ms", round(best.p99_ms, 3))
+            trial.set_user_attr("p50_ms", round(best.p50_ms, 3))
+            trial.set_user_attr("concurrency", best.concurrency)
+            trial.set_constraint(CONSTRAINT, (best.p99_ms - budget) / budget)
+        else:
+            lowest = min(level.p99_ms for level in outcome.levels)
+            trial.set_constraint(CONSTRAINT, (lowest - budget) / budget)
+
+
+def inference_client_options(target) -> tuple[dict, dict | None]:
+    """TLS options and headers for inference requests to ``target`` (none for local servers)."""
+    tls = getattr(target, "tls", None)
+    options = tls.client_options() if tls is not None else {}
+    return options, (getattr(target, "headers", None) or None)
+
+
+def _is_surplus(trial, budget: int) -> bool:
+    """True when earlier trials (finished, or running in other workers) already fill the budget.
+
+    Two workers can pass the budget check in _run_trials at the same moment; the later-numbered trial
+    steps back, so the study ends at exactly its budget.
+    """
+    from optuna.trial import TrialState
+
+    earlier_running = [
+        t
+        for t in trial.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if t.number < trial.number
+    ]
+    return count_finished(trial.study) + len(earlier_running) >= budget
+
+
+_COPIED_ATTRS = (
+    "sweep",
+    "stop_reason",
+    "feasible",
+    "throughput",
+    "p99_ms",
+    "p50_ms",
+    "concurrency",
+    "reason",
+)
+
+
+def _measured_config(study, key: str):
+    """The trial that already measured the config with this key (canonicalisation), or None."""
+    from optuna.trial import TrialState
+
+    for trial in study.get_trials(
+        deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    ):
+        attrs = trial.user_attrs
+        if attrs.get("config_key") != key or "same_config_as" in attrs or attrs.get("transient_fault"):
+            continue
+        if trial.state != TrialState.FAIL or "reason" in attrs:
+            return trial
+    return None
+
+
+def _reuse_measurement(trial, earlier) -> float:
+    """Record ``earlier``'s result on ``trial`` without measuring: two parameter sets, one config."""
+    import optuna
+    from optuna.trial import TrialState
+
+    trial.set_user_attr("same_config_as", earlier.number)
+    for key in _COPIED_ATTRS:
+        if key in earlier.user_attrs:
+            trial.set_user_attr(key, earlier.user_attrs[key])
+    for name, value in earlier.constraints.items():
+        trial.set_constraint(name, value)
+    for step, value in earlier.intermediate_values.items():
+        trial.report(value, step)
+    if earlier.state == TrialState.COMPLETE:
+        return earlier.value
+    if earlier.state == TrialState.PRUNED:
+        raise optuna.TrialPruned(f"same config as trial {earlier.number}")
+    raise TrialFailed(earlier.user_attrs.get("reason", f"same config as failed trial {earlier.number}"))
+
+
+def _still_alive(target, settle_s: float = 2.0) -> bool:
+    # A killed server closes its sockets a moment before the kernel reports it dead: look twice.
+    deadline = time.monotonic() + settle_s
+    while time.monotonic() < deadline:
+        if not target.is_alive():
+            return False
+        time.sleep(0.1)
+    return target.is_alive()
+
+
+def first_line(text: str) -> str:
+    text = (text or "").strip()
+    return text.splitlines()[0][:300] if text else "unknown error"
