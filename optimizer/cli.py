@@ -84,7 +84,12 @@ def study(
         Optional[float],
         typer.Option("--latency-budget-ms", help="p99 latency budget (default: 10x baseline p99)."),
     ] = None,
-    space: Annotated[str, typer.Option(help="Search space: a name under spaces/ or a YAML path.")] = "cpu",
+    space: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Search space: a name under spaces/ or a YAML path (default cpu; replay: its own)."
+        ),
+    ] = None,
     study_name: Annotated[
         Optional[str], typer.Option("--study-name", help="Default: the model's file name.")
     ] = None,
@@ -104,6 +109,15 @@ def study(
     ] = 0.01,
     concurrency: Annotated[Optional[str], typer.Option(help="Concurrency levels, e.g. 1,2,4,8,16.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Sampler seed.")] = None,
+    sampler: Annotated[
+        str, typer.Option(help="tpe (Bayesian, default), random, or grid (a space of listed values).")
+    ] = "tpe",
+    warm_start: Annotated[
+        Optional[str],
+        typer.Option(
+            "--warm-start", help="A finished study of this model: its best configs are measured first."
+        ),
+    ] = None,
     window_s: Annotated[
         float, typer.Option("--window-s", help="Seconds measured per concurrency level.")
     ] = 2.0,
@@ -121,7 +135,8 @@ def study(
     target: Annotated[
         str,
         typer.Option(
-            help="Triton to tune: embedded (bundled), local (--triton-binary), docker, remote (--url)."
+            help="Triton to tune: embedded (bundled), local (--triton-binary), docker, remote (--url), "
+            "or replay:DIR (a recorded surface, no server)."
         ),
     ] = "embedded",
     triton_binary: Annotated[
@@ -179,6 +194,24 @@ def study(
         headers=parse_headers(header or []),
     )
     check_target_options(target, **target_options)  # before any work: a stray --url is an error
+    server = None  # embedded: run_study's default
+    if target != "embedded":
+        gpu_space = target == "docker" and load_space(space or "cpu").device == "gpu"
+        server = make_target(
+            target,
+            gpu_space=gpu_space,
+            gpu_devices=gpus if target == "docker" else None,
+            seed=seed,
+            **target_options,
+        )
+    replayed = getattr(server, "surface", None)  # a recording answers for its own model and space only
+    if replayed is not None and model is None:
+        model, shape = (
+            replayed.model_path(),
+            shape or [f"{n}:{','.join(map(str, d))}" for n, d in replayed.shapes.items()],
+        )
+    if space is None:
+        space = str(replayed.space_path) if replayed is not None else "cpu"
     settings = StudySettings(
         model_path=model,
         budget=budget,
@@ -189,6 +222,8 @@ def study(
         shapes=parse_shape_args(shape or []),
         concurrency=parse_levels(concurrency) if concurrency else DEFAULT_LEVELS,
         seed=seed,
+        sampler=sampler,
+        warm_start=warm_start,
         measure=MeasureSettings(
             warmup_s=warmup_s, window_s=window_s, min_requests=30, max_window_s=4 * window_s
         ),
@@ -198,12 +233,6 @@ def study(
         cpus=parse_cpus(cpus) if cpus else frozenset(),
         gpus=gpus,
     )
-    server = None  # embedded: run_study's default
-    if target != "embedded":
-        gpu_space = target == "docker" and load_space(space).device == "gpu"
-        server = make_target(
-            target, gpu_space=gpu_space, gpu_devices=gpus if target == "docker" else None, **target_options
-        )
     try:
         with RichReporter() as reporter:
             summary = run_study(settings, reporter, target=server)

@@ -7,6 +7,7 @@ protobuf's own formats, so the file a study exports is exactly what it measured.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
@@ -23,6 +24,7 @@ __all__ = [
     "config_key",
     "render_config",
     "to_dict",
+    "config_digest",
     "to_json",
     "to_pbtxt",
 ]
@@ -163,3 +165,8 @@ def config_from_pbtxt(text: str) -> mc.ModelConfig:
 def config_key(config: mc.ModelConfig) -> str:
     """A canonical string of the config: two candidates with the same key serve identically."""
     return json_format.MessageToJson(config, preserving_proto_field_name=True, indent=None, sort_keys=True)
+
+
+def config_digest(config: mc.ModelConfig) -> str:
+    """A short digest of :func:`config_key`: stored on every trial, and the key of a recorded config."""
+    return hashlib.sha256(config_key(config).encode()).hexdigest()[:16]

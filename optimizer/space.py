@@ -23,7 +23,11 @@ __all__ = [
     "Candidate",
     "SearchSpace",
     "baseline_params",
+    "fit_params",
+    "starting_points",
+    "grid_of",
     "load_space",
+    "preferred_label",
     "space_from_dict",
     "suggest_candidate",
 ]
@@ -76,8 +80,17 @@ class Candidate:
 
 @dataclass(frozen=True)
 class IntRange:
+    """A numeric field: every whole number in [low, high], or only ``choices`` when a space lists them.
+
+    Listed choices are suggested as a categorical parameter; a recorded grid (bench/data) is one.
+    """
+
     low: int
     high: int
+    choices: tuple[int, ...] = ()
+
+    def to_data(self) -> Any:
+        return {"choices": list(self.choices)} if self.choices else [self.low, self.high]
 
 
 @dataclass(frozen=True)
@@ -94,6 +107,9 @@ class SearchSpace:
     instance_count: IntRange
     intra_op_threads: IntRange
     graph_levels: tuple[str, ...] = ("default",)
+    # Listed sets of preferred batch sizes, as divisors of the max batch size ((): none). Empty: the
+    # ``preferred_batch_sizes`` flag decides (one yes/no parameter per divisor in PREFERRED_DIVISORS).
+    preferred_sets: tuple[tuple[int, ...], ...] = ()
     source: str = field(default="", compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -103,11 +119,15 @@ class SearchSpace:
             "device": self.device,
             "execution_providers": list(self.execution_providers),
             "precisions": list(self.precisions),
-            "max_batch_size": [self.max_batch_size.low, self.max_batch_size.high],
-            "preferred_batch_sizes": self.preferred_batch_sizes,
-            "max_queue_delay_us": [self.max_queue_delay_us.low, self.max_queue_delay_us.high],
-            "instance_count": [self.instance_count.low, self.instance_count.high],
-            "intra_op_threads": [self.intra_op_threads.low, self.intra_op_threads.high],
+            "max_batch_size": self.max_batch_size.to_data(),
+            "preferred_batch_sizes": (
+                [list(divisors) for divisors in self.preferred_sets]
+                if self.preferred_sets
+                else self.preferred_batch_sizes
+            ),
+            "max_queue_delay_us": self.max_queue_delay_us.to_data(),
+            "instance_count": self.instance_count.to_data(),
+            "intra_op_threads": self.intra_op_threads.to_data(),
             "graph_levels": list(self.graph_levels),
         }
 
@@ -183,11 +203,12 @@ def space_from_dict(data: dict[str, Any], *, source: str = "") -> SearchSpace:
         execution_providers=providers,
         precisions=_choices(data, "precisions", PRECISIONS, default=["fp32"]),
         max_batch_size=_power_of_two_range(data, "max_batch_size", default=(1, 16)),
-        preferred_batch_sizes=_bool(data, "preferred_batch_sizes", default=True),
+        preferred_batch_sizes=_preferred_flag(data),
         max_queue_delay_us=_int_range(data, "max_queue_delay_us", minimum=0, default=(0, 10000)),
         instance_count=_int_range(data, "instance_count", minimum=1, default=(1, 2)),
         intra_op_threads=_int_range(data, "intra_op_threads", minimum=0, default=(0, 0)),
         graph_levels=_choices(data, "graph_levels", GRAPH_LEVELS, default=["default"]),
+        preferred_sets=_preferred_sets(data),
         source=source,
     )
     _check_holds_baseline(space)
@@ -202,6 +223,10 @@ def _check_holds_baseline(space: SearchSpace) -> None:
         (
             space.intra_op_threads.low == 0,
             f"intra_op_threads must start at 0 (ONNX Runtime's default), not {space.intra_op_threads.low}",
+        ),
+        (
+            not space.preferred_sets or () in space.preferred_sets,
+            "preferred_batch_sizes must list [] (no preferred sizes) among its sets",
         ),
         ("fp32" in space.precisions, f"precisions must include fp32, got {list(space.precisions)}"),
         (
@@ -237,15 +262,44 @@ def _choices(
     return tuple(str(v) for v in value)
 
 
-def _bool(data: dict[str, Any], key: str, *, default: bool) -> bool:
-    value = data.get(key, default)
+PREFERRED_RULE = (
+    "preferred_batch_sizes must be true, false, or a list of sets of divisors of the max batch size "
+    "drawn from 1, 2, 4 (e.g. [[], [1], [1, 2]]: none, max, max and max/2)"
+)
+
+
+def _preferred_flag(data: dict[str, Any]) -> bool:
+    value = data.get("preferred_batch_sizes", True)
+    if isinstance(value, list):
+        return True
     if not isinstance(value, bool):
-        raise SpaceError(f"{key} must be true or false, got {value!r}")
+        raise SpaceError(f"{PREFERRED_RULE}, got {value!r}")
     return value
+
+
+def _preferred_sets(data: dict[str, Any]) -> tuple[tuple[int, ...], ...]:
+    value = data.get("preferred_batch_sizes", True)
+    if not isinstance(value, list):
+        return ()
+    sets = []
+    for item in value:
+        if not isinstance(item, list) or not all(d in PREFERRED_DIVISORS for d in item):
+            raise SpaceError(f"{PREFERRED_RULE}, got {value!r}")
+        sets.append(tuple(sorted(set(item))))
+    if not sets or len(set(sets)) != len(sets):
+        raise SpaceError(f"{PREFERRED_RULE} (non-empty, each set once), got {value!r}")
+    return tuple(sets)
+
+
+def preferred_label(divisors: tuple[int, ...]) -> str:
+    """The categorical value naming a set of divisors: ``()`` -> "none", ``(1, 2)`` -> "max,max/2"."""
+    return ",".join("max" if d == 1 else f"max/{d}" for d in divisors) or "none"
 
 
 def _int_range(data: dict[str, Any], key: str, *, minimum: int, default: tuple[int, int]) -> IntRange:
     value = data.get(key, list(default))
+    if isinstance(value, dict):
+        return _int_choices(key, value, minimum)
     if isinstance(value, int) and not isinstance(value, bool):
         value = [value, value]
     if (
@@ -262,11 +316,29 @@ def _int_range(data: dict[str, Any], key: str, *, minimum: int, default: tuple[i
     return IntRange(low, high)
 
 
+def _int_choices(key: str, value: dict[str, Any], minimum: int) -> IntRange:
+    choices = value.get("choices")
+    rule = f"{key} must be a [low, high] pair or {{choices: [whole numbers]}}"
+    if (
+        set(value) != {"choices"}
+        or not isinstance(choices, list)
+        or not choices
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in choices)
+    ):
+        raise SpaceError(f"{rule}, got {value!r}")
+    if len(set(choices)) != len(choices):
+        raise SpaceError(f"{key} lists a choice twice: {choices!r}")
+    if min(choices) < minimum:
+        raise SpaceError(f"{key} must not go below {minimum}, got {min(choices)}")
+    ordered = tuple(sorted(choices))
+    return IntRange(ordered[0], ordered[-1], ordered)
+
+
 def _power_of_two_range(data: dict[str, Any], key: str, *, default: tuple[int, int]) -> IntRange:
     span = _int_range(data, key, minimum=1, default=default)
-    for bound in (span.low, span.high):
+    for bound in span.choices or (span.low, span.high):
         if bound & (bound - 1):
-            raise SpaceError(f"{key} bounds must be powers of two, got {bound}")
+            raise SpaceError(f"{key} values must be powers of two, got {bound}")
     return span
 
 
@@ -277,27 +349,15 @@ def suggest_candidate(trial: Any, space: SearchSpace, *, batching: bool) -> Cand
     """Ask ``trial`` (an ``optuna.Trial``) for every parameter of ``space`` and build the Candidate."""
     provider = _categorical(trial, "execution_provider", space.execution_providers)
     precision = _categorical(trial, "precision", space.precisions)
-    log2_low = int(math.log2(space.max_batch_size.low))
-    log2_high = int(math.log2(space.max_batch_size.high))
-    max_batch = 2 ** trial.suggest_int("max_batch_size_log2", log2_low, log2_high)
-    preferred = [
-        trial.suggest_categorical(f"prefer_max_div_{d}", [False, True])
-        if space.preferred_batch_sizes
-        else False
-        for d in PREFERRED_DIVISORS
-    ]
+    max_batch = _suggest_max_batch(trial, space.max_batch_size)
+    divisors = _suggest_preferred(trial, space)
     delay = _suggest_delay(trial, space.max_queue_delay_us)
-    instances = trial.suggest_int("instance_count", space.instance_count.low, space.instance_count.high)
-    threads = trial.suggest_int("intra_op_threads", space.intra_op_threads.low, space.intra_op_threads.high)
+    instances = _suggest_int(trial, "instance_count", space.instance_count)
+    threads = _suggest_int(trial, "intra_op_threads", space.intra_op_threads)
     graph_level = _categorical(trial, "graph_level", space.graph_levels)
     if not batching:
         max_batch = 0
-    sizes = tuple(
-        sorted(
-            {max_batch // d for d, on in zip(PREFERRED_DIVISORS, preferred) if on and max_batch // d > 1},
-            reverse=True,
-        )
-    )
+    sizes = tuple(sorted({max_batch // d for d in divisors if max_batch // d > 1}, reverse=True))
     return Candidate(
         provider=provider,
         precision=precision,
@@ -314,7 +374,34 @@ def _categorical(trial: Any, name: str, choices: tuple[str, ...]) -> str:
     return choices[0] if len(choices) == 1 else trial.suggest_categorical(name, list(choices))
 
 
+def _suggest_int(trial: Any, name: str, span: IntRange) -> int:
+    if span.choices:
+        return int(trial.suggest_categorical(name, list(span.choices)))
+    return int(trial.suggest_int(name, span.low, span.high))
+
+
+def _suggest_max_batch(trial: Any, span: IntRange) -> int:
+    if span.choices:
+        return int(trial.suggest_categorical("max_batch_size", list(span.choices)))
+    # Powers of two on a log scale: 1, 2, 4, ... are equally likely a priori.
+    return 2 ** trial.suggest_int("max_batch_size_log2", int(math.log2(span.low)), int(math.log2(span.high)))
+
+
+def _suggest_preferred(trial: Any, space: SearchSpace) -> tuple[int, ...]:
+    """The divisors of the max batch size that are preferred batch sizes."""
+    if space.preferred_sets:
+        labels = {preferred_label(divisors): divisors for divisors in space.preferred_sets}
+        return labels[trial.suggest_categorical("preferred_batch_sizes", list(labels))]
+    if not space.preferred_batch_sizes:
+        return ()
+    return tuple(
+        d for d in PREFERRED_DIVISORS if trial.suggest_categorical(f"prefer_max_div_{d}", [False, True])
+    )
+
+
 def _suggest_delay(trial: Any, span: IntRange) -> int:
+    if span.choices:
+        return int(trial.suggest_categorical("max_queue_delay_us", list(span.choices)))
     if span.high == 0:
         return 0
     low = max(span.low, 1)
@@ -324,15 +411,126 @@ def _suggest_delay(trial: Any, span: IntRange) -> int:
 
 def baseline_params(space: SearchSpace) -> dict[str, Any]:
     """The parameters of the untuned config (1 instance, no dynamic batching, fp32, default provider)."""
-    params: dict[str, Any] = {"max_batch_size_log2": 0, "instance_count": 1, "intra_op_threads": 0}
+    params: dict[str, Any] = {"instance_count": 1, "intra_op_threads": 0}
+    if space.max_batch_size.choices:
+        params["max_batch_size"] = 1
+    else:
+        params["max_batch_size_log2"] = 0
     if len(space.execution_providers) > 1:
         params["execution_provider"] = space.execution_providers[0]
     if len(space.precisions) > 1:
         params["precision"] = "fp32"
     if len(space.graph_levels) > 1:
         params["graph_level"] = "default"
-    if space.preferred_batch_sizes:
+    if space.preferred_sets:
+        params["preferred_batch_sizes"] = preferred_label(())
+    elif space.preferred_batch_sizes:
         params.update({f"prefer_max_div_{d}": False for d in PREFERRED_DIVISORS})
-    if space.max_queue_delay_us.high > 0:
+    if space.max_queue_delay_us.choices:
+        params["max_queue_delay_us"] = space.max_queue_delay_us.low
+    elif space.max_queue_delay_us.high > 0:
         params["max_queue_delay_us"] = max(space.max_queue_delay_us.low, 1)
     return params
+
+
+def starting_points(space: SearchSpace, names: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Well-known good configs to measure early, by name; each is the baseline with some fields changed.
+
+    ``batching``: the largest max batch size, preferring it, a short queue delay; ``batching-lowp``:
+    the same with the lowest precision in the space (int8, else fp16).
+    """
+    points = []
+    for name in names:
+        if name not in ("batching", "batching-lowp"):
+            raise SpaceError(f"unknown starting point {name!r}: use batching or batching-lowp")
+        params = {**baseline_params(space), **_batching_params(space)}
+        if name == "batching-lowp":
+            low = [p for p in ("int8", "fp16") if p in space.precisions]
+            if not low:
+                continue
+            params["precision"] = low[0]
+        if params not in points and params != baseline_params(space):
+            points.append(params)
+    return points
+
+
+def _batching_params(space: SearchSpace) -> dict[str, Any]:
+    span = space.max_batch_size
+    params: dict[str, Any] = (
+        {"max_batch_size": span.high} if span.choices else {"max_batch_size_log2": int(math.log2(span.high))}
+    )
+    if space.preferred_sets:
+        if (1,) in space.preferred_sets:
+            params["preferred_batch_sizes"] = preferred_label((1,))
+    elif space.preferred_batch_sizes:
+        params["prefer_max_div_1"] = True
+    delay = space.max_queue_delay_us
+    if delay.choices:
+        params["max_queue_delay_us"] = min((d for d in delay.choices if d > 0), default=0)
+    elif delay.high > 0:
+        params["max_queue_delay_us"] = min(max(delay.low, 1000), delay.high)  # 1 ms: a common first choice
+    return params
+
+
+def grid_of(space: SearchSpace, *, batching: bool = True) -> dict[str, list[Any]]:
+    """Every value of every parameter ``suggest_candidate`` asks for: the search space of a grid.
+
+    Only spaces whose queue delay is listed (``{choices: …}``) or fixed at 0 have a grid; a log-scale
+    range of delays has thousands of values.
+    """
+    delay = space.max_queue_delay_us
+    if not delay.choices and delay.high > 0:
+        raise SpaceError("a grid needs max_queue_delay_us as {choices: [...]} (or 0), not a range")
+    recorder = _GridRecorder()
+    suggest_candidate(recorder, space, batching=batching)
+    return recorder.params
+
+
+class _GridRecorder:
+    """Stands in for an Optuna trial and notes the values each suggestion could take."""
+
+    def __init__(self) -> None:
+        self.params: dict[str, list[Any]] = {}
+
+    def suggest_categorical(self, name: str, choices: list[Any]) -> Any:
+        self.params[name] = list(choices)
+        return choices[0]
+
+    def suggest_int(self, name: str, low: int, high: int, log: bool = False) -> int:
+        self.params[name] = list(range(low, high + 1))
+        return low
+
+
+def fit_params(space: SearchSpace, params: dict[str, Any], *, batching: bool = True) -> dict[str, Any] | None:
+    """``params`` cut to what ``space`` asks for, or None when one is missing or outside the space.
+
+    Used to enqueue another study's configs (warm start): only those this space can propose are kept.
+    """
+    checker = _ParamChecker(params)
+    suggest_candidate(checker, space, batching=batching)
+    return checker.fitted if checker.fits else None
+
+
+class _ParamChecker:
+    """Stands in for an Optuna trial, answering from ``params`` and noting whether each value fits."""
+
+    def __init__(self, params: dict[str, Any]) -> None:
+        self.params = params
+        self.fitted: dict[str, Any] = {}
+        self.fits = True
+
+    def _take(self, name: str, allowed) -> Any:
+        value = self.params.get(name)
+        if name not in self.params or not allowed(value):
+            self.fits = False
+            return None
+        self.fitted[name] = value
+        return value
+
+    def suggest_categorical(self, name: str, choices: list[Any]) -> Any:
+        value = self._take(name, lambda v: v in choices)
+        return value if value is not None else choices[0]
+
+    def suggest_int(self, name: str, low: int, high: int, log: bool = False) -> int:
+        value = self._take(name, lambda v: isinstance(v, int) and low <= v <= high)
+        return value if value is not None else low

@@ -33,7 +33,7 @@ from optimizer.measure import DEFAULT_LEVELS
 from optimizer.paths import cache_dir, check_name, studies_dir
 from optimizer.providers import check_providers
 from optimizer.results import StudySummary, TrialReport, best_throughput, best_trial, export_trial, report_of
-from optimizer.space import SearchSpace, baseline_params, load_space
+from optimizer.space import SearchSpace, baseline_params, grid_of, load_space
 from optimizer.storage import (
     count_finished,
     count_running,
@@ -82,6 +82,9 @@ class StudySettings:
     allow_shared_host: bool = False  # let several workers of one study measure on the same machine
     cpus: frozenset[int] = frozenset()  # pin this worker (and its server) to these CPU cores
     gpus: str | None = None  # CUDA_VISIBLE_DEVICES for this worker's server
+    sampler: str = "tpe"  # tpe (the default), random, or grid (every point of a listed space, once)
+    warm_start: str | None = None  # a finished study of the same model whose best configs go first
+    pruning: bool = True  # stop trials early that trail the median of earlier ones
 
 
 class Reporter(Protocol):
@@ -103,13 +106,19 @@ class QuietReporter:
         pass
 
 
-def run_study(settings: StudySettings, reporter: Reporter | None = None, *, target=None) -> StudySummary:
-    """Run (or resume) a study to its budget and export the best config. See the module docstring."""
+def run_study(
+    settings: StudySettings, reporter: Reporter | None = None, *, target=None, storage=None
+) -> StudySummary:
+    """Run (or resume) a study to its budget and export the best config. See the module docstring.
+
+    ``storage``: an Optuna storage object to use instead of ``settings.storage`` (the replay benchmark
+    passes an in-memory one: thousands of replayed trials, none worth a database).
+    """
     reporter = reporter or QuietReporter()
     plan = _plan(settings)
-    storage = open_storage(plan.storage_url)
+    storage = storage if storage is not None else open_storage(plan.storage_url)
     try:
-        study, created = _open_study(storage, plan.study_name)
+        study, created = _open_study(storage, plan.study_name, pruning=settings.pruning)
         if created:  # first thing, so workers joining a moment later find it and do not enqueue another
             _enqueue_baseline(study, plan.space)
         space = _join(study, plan, settings, reporter)
@@ -127,7 +136,8 @@ def run_study(settings: StudySettings, reporter: Reporter | None = None, *, targ
             "finished trials are kept; fix the storage (disk full? read-only? server down?) and rerun the same command"
         ) from exc
     finally:
-        storage.engine.dispose()  # close the database connections now, not at garbage collection
+        if hasattr(storage, "engine"):
+            storage.engine.dispose()  # close the database connections now, not at garbage collection
 
 
 def _database_error_in(exc: BaseException) -> BaseException | None:
@@ -155,15 +165,19 @@ class _Plan:
     model_name: str
     out_dir: Path
     storage_url: str
+    warm_start: tuple[dict, ...] = ()  # parameters of another study's best configs, best first
 
 
 def _plan(settings: StudySettings) -> _Plan:
     _check_settings(settings)
     model, shapes, samples = _intake(settings)
     space = load_space(settings.space)
+    if settings.sampler == "grid":
+        grid_of(space, batching=model.batching)  # a space without a grid is refused before any work
     check_providers(space.execution_providers)
     study_name = check_name(settings.study_name or model.source_path.stem, "study name")
     out_dir = settings.output_dir or studies_dir()
+    storage_url = settings.storage or default_storage_url(out_dir, study_name)
     return _Plan(
         model=model,
         shapes=shapes,
@@ -172,7 +186,8 @@ def _plan(settings: StudySettings) -> _Plan:
         study_name=study_name,
         model_name=check_name(_model_name(model), "model name"),
         out_dir=out_dir,
-        storage_url=settings.storage or default_storage_url(out_dir, study_name),
+        storage_url=storage_url,
+        warm_start=_warm_start_params(settings, model, space, out_dir) if settings.warm_start else (),
     )
 
 
@@ -180,10 +195,10 @@ def _join(study, plan: _Plan, settings: StudySettings, reporter: Reporter) -> Se
     """Check the study is this one, register this worker, and settle the space it searches."""
     _check_same_study(study, plan.model, settings)
     joined = register_worker(study, settings)
-    study.sampler = _sampler(settings.seed, per_worker=joined)
     space = _accurate_precisions(
         study, plan.model, plan.space, plan.samples, settings.accuracy_tolerance, reporter
     )
+    study.sampler = _sampler(settings, space, batching=plan.model.batching, per_worker=joined)
     for number in recover_dead_local_trials(study):
         reporter.note(f"trial {number} was left running by a worker that died: it will be retried")
     return space
@@ -197,11 +212,14 @@ def _measure(
 
     _pin_worker(settings)
     with target or EmbeddedTriton() as server:
+        if hasattr(server, "check_model"):  # a recording answers for the model it recorded only
+            server.check_model(plan.model.sha256)
         runner = TrialRunner(server, plan.model, plan.samples, space, plan.model_name, settings, reporter)
         runner.latency_budget_ms = _latency_budget(study, runner, settings, reporter)
         _record_study_attrs(study, plan.model, plan.shapes, space, server, runner.latency_budget_ms, settings)
         if not study.get_trials(deepcopy=False):  # a crash between creating the study and enqueuing
-            _enqueue_baseline(study, space)
+            _enqueue_baseline(study, plan.space)
+        _enqueue_starting_points(study, plan, space)
         _run_trials(study, runner, settings.budget, reporter)
 
 
@@ -223,6 +241,8 @@ def _check_settings(settings: StudySettings) -> None:
 
     if settings.budget < 1:
         raise UsageError(f"--budget must be at least 1 trial, got {settings.budget}")
+    if settings.sampler not in SAMPLERS:
+        raise UsageError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {settings.sampler!r}")
     budget = settings.latency_budget_ms
     if budget is not None and (math.isnan(budget) or math.isinf(budget) or budget <= 0):
         raise UsageError(f"--latency-budget-ms must be a positive number of milliseconds, got {budget}")
@@ -262,12 +282,15 @@ def _model_name(model: ModelInfo) -> str:
     return stem.lstrip("_-.") or "model"
 
 
-def _open_study(storage, study_name: str):
+def _open_study(storage, study_name: str, *, pruning: bool = True):
     """Create the study, or join it; also say whether this worker created it (it enqueues the baseline)."""
     import optuna
 
-    # Big batches and long queue delays start slow and win late: only prune after a few levels.
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2)
+    pruner = (
+        optuna.pruners.MedianPruner(**PRUNER_OPTIONS)
+        if pruning and PRUNER_OPTIONS is not None
+        else optuna.pruners.NopPruner()
+    )
     try:
         study = optuna.create_study(
             storage=storage, study_name=study_name, direction="maximize", pruner=pruner
@@ -279,15 +302,27 @@ def _open_study(storage, study_name: str):
         raise StorageError(f"cannot create or open study {study_name!r}: {first_line(str(exc))}") from exc
 
 
-def _sampler(seed: int | None, *, per_worker: bool):
+# Big batches and long queue delays start slow and win late: only prune after a few levels.
+PRUNER_OPTIONS: dict | None = {"n_startup_trials": 5, "n_warmup_steps": 2}
+SAMPLERS = ("tpe", "random", "grid")
+# The default sampler's settings, chosen with bench/replay_search.py on the recorded surfaces.
+TPE_OPTIONS: dict = {"n_startup_trials": 5, "multivariate": True, "constant_liar": True}
+
+
+def _sampler(settings: StudySettings, space: SearchSpace, *, batching: bool, per_worker: bool):
     import zlib
 
     import optuna
 
+    seed = settings.seed
     if seed is not None and per_worker:
         # Workers joining one study must not replay each other's proposals: derive a seed of their own.
         seed = (seed + zlib.crc32(worker_id().encode())) % 2**31
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=5, multivariate=True, constant_liar=True)
+    if settings.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if settings.sampler == "grid":
+        return optuna.samplers.GridSampler(grid_of(space, batching=batching), seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, **TPE_OPTIONS)
 
 
 def _check_same_study(study, model: ModelInfo, settings: StudySettings) -> None:
@@ -380,6 +415,69 @@ def _record_study_attrs(study, model, shapes, space: SearchSpace, server, budget
 def _enqueue_baseline(study, space: SearchSpace) -> None:
     # skip_if_exists: two workers finding one empty study at the same moment enqueue it once.
     study.enqueue_trial(baseline_params(space), user_attrs={"baseline": True}, skip_if_exists=True)
+
+
+# Configs measured right after the baseline in a new study, before the sampler's own proposals
+# (names of optimizer.space.starting_points; chosen with bench/replay_search.py).
+STARTING_POINTS: tuple[str, ...] = ()
+
+
+def _enqueue_starting_points(study, plan: _Plan, space: SearchSpace) -> None:
+    """In a new study: the warm-start study's best configs, then the fixed starting points.
+
+    Done once the space is settled (a precision that failed its accuracy check is not in it), and only
+    while the study holds nothing but its baseline, so a resumed study or a joining worker adds none.
+    """
+    from optimizer.space import fit_params, starting_points
+
+    if len(study.get_trials(deepcopy=False)) > 1:
+        return
+    batching = plan.model.batching
+    warm = [fitted for params in plan.warm_start if (fitted := fit_params(space, params, batching=batching))]
+    for params in warm:
+        study.enqueue_trial(params, user_attrs={"warm_start": True}, skip_if_exists=True)
+    for params in starting_points(space, STARTING_POINTS):
+        study.enqueue_trial(params, user_attrs={"starting_point": True}, skip_if_exists=True)
+
+
+# How many of the warm-start study's best feasible configs are measured again first.
+WARM_START_CONFIGS = 3
+
+
+def _warm_start_params(settings: StudySettings, model: ModelInfo, space: SearchSpace, out_dir: Path):
+    """The parameters of the best configs of study ``settings.warm_start`` that this space can propose."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from optimizer.space import fit_params
+
+    name = settings.warm_start
+    assert name is not None
+    url = settings.storage or default_storage_url(out_dir, name)
+    if settings.storage is None and not (out_dir / f"{name}.db").is_file():
+        raise StudyError(
+            f"no study {name!r} to warm-start from in {out_dir}: give the name of a finished study"
+        )
+    storage = open_storage(url, create_dirs=False)
+    try:
+        prior = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        raise StudyError(
+            f"no study {name!r} to warm-start from in {url}: give the name of a finished study"
+        ) from None
+    finally:
+        storage.engine.dispose()
+    if prior.user_attrs.get("model_sha256") not in (None, model.sha256):
+        raise StudyError(
+            f"study {name!r} was made for a different model: warm-start only from a study of this model"
+        )
+    done = [t for t in prior.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
+    fitted = []
+    for trial in sorted(done, key=lambda t: t.value or 0.0, reverse=True):
+        params = fit_params(space, trial.params, batching=model.batching)
+        if params is not None and params not in fitted:
+            fitted.append(params)
+    return tuple(fitted[:WARM_START_CONFIGS])
 
 
 # --- the trials ----------------------------------------------------------------------------------------

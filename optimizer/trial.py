@@ -8,7 +8,6 @@ other workers already fill steps back.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import socket
 import time
@@ -19,7 +18,7 @@ from optimizer.intake import ModelInfo
 from optimizer.loadgen import GrpcLoadGenerator, LevelResult
 from optimizer.measure import SweepOutcome, best_feasible, next_step
 from optimizer.paths import cache_dir
-from optimizer.render import config_key, render_config, to_dict, to_json
+from optimizer.render import config_digest, render_config, to_dict, to_json
 from optimizer.space import Candidate, suggest_candidate
 from optimizer.storage import count_finished, worker_id
 from optimizer.variants import model_files
@@ -78,7 +77,7 @@ class TrialRunner:
         trial.set_user_attr("host", socket.gethostname())
         trial.set_user_attr("candidate", candidate.summary())
         trial.set_user_attr("config", to_dict(config))
-        key = hashlib.sha256(config_key(config).encode()).hexdigest()[:16]
+        key = config_digest(config)
         trial.set_user_attr("config_key", key)
         self.reporter.trial_started(trial.number, candidate.summary(), *self.progress)
         earlier = _measured_config(trial.study, key)
@@ -142,6 +141,9 @@ class TrialRunner:
         return SweepOutcome(tuple(levels), best_feasible(levels, budget), stop[0] if stop else "")
 
     def _load_generator(self) -> GrpcLoadGenerator:
+        replaying = getattr(self.target, "load_generator", None)
+        if replaying is not None:  # a recorded surface answers instead of a server
+            return replaying()
         # A remote target may need TLS and auth headers for inference too, not only for model control.
         options, headers = inference_client_options(self.target)
         return GrpcLoadGenerator(

@@ -139,6 +139,21 @@ CASES = [
     ("concurrency-bad", lambda m, f, t: ["--concurrency", "8,4"], 2, "ascending order"),
     ("cpus-bad", lambda m, f, t: ["--cpus", "0-999"], 2, "cores this machine does not offer"),
     (
+        "sampler-unknown",
+        lambda m, f, t: ["--sampler", "cmaes"],
+        2,
+        "--sampler must be one of tpe, random, grid",
+    ),
+    ("grid-of-a-range", lambda m, f, t: ["--sampler", "grid"], 4, "a grid needs max_queue_delay_us as"),
+    (
+        "warm-start-missing",
+        lambda m, f, t: ["--warm-start", "nowhere"],
+        6,
+        "no study 'nowhere' to warm-start",
+    ),
+    ("replay-no-directory", lambda m, f, t: ["--target", "replay:"], 2, "takes the recording's directory"),
+    ("replay-not-a-recording", lambda m, f, t: ["--target", f"replay:{t}"], 2, "is not a recorded surface"),
+    (
         "storage-malformed",
         lambda m, f, t: ["--storage", "studies.db"],
         5,

@@ -21,6 +21,8 @@ from optimizer.space import (
     IntRange,
     SearchSpace,
     baseline_params,
+    fit_params,
+    grid_of,
     load_space,
     space_from_dict,
     suggest_candidate,
@@ -53,7 +55,25 @@ NARROW = space_from_dict(
         "intra_op_threads": 0,
     }
 )
-SPACES = {"cpu": load_space("cpu"), "gpu": load_space("gpu"), "wide": WIDE, "narrow": NARROW}
+# Listed values (a finite grid, like the recorded surfaces' space).
+LISTED = space_from_dict(
+    {
+        "precisions": ["fp32", "int8"],
+        "max_batch_size": {"choices": [1, 8, 32]},
+        "preferred_batch_sizes": [[], [1], [1, 2]],
+        "max_queue_delay_us": {"choices": [0, 5000]},
+        "instance_count": {"choices": [1, 3]},
+        "intra_op_threads": {"choices": [0, 2]},
+    }
+)
+SPACES = {
+    "cpu": load_space("cpu"),
+    "gpu": load_space("gpu"),
+    "wide": WIDE,
+    "narrow": NARROW,
+    "listed": LISTED,
+    "grid-small": load_space("grid-small"),
+}
 
 
 def _assert_candidate_invariants(candidate: Candidate, space: SearchSpace, *, batching: bool) -> None:
@@ -319,6 +339,8 @@ def test_non_batching_model_always_gets_max_batch_size_zero(space_name: str) -> 
         ("wide", Candidate()),
         ("narrow", Candidate()),
         ("gpu", Candidate(provider="cuda")),
+        ("listed", Candidate()),
+        ("grid-small", Candidate()),
     ],
 )
 def test_enqueued_baseline_params_produce_the_untuned_candidate(space_name: str, expected: Candidate) -> None:
@@ -386,6 +408,9 @@ def test_sampled_queue_delay_below_10_us_means_no_delay(sampled: int, delay: int
 def fixed_trials(draw: st.DrawFn) -> tuple[SearchSpace, dict[str, Any]]:
     """A space, and a value from its ranges for every parameter suggest_candidate asks for."""
     space = SPACES[draw(st.sampled_from(sorted(SPACES)))]
+    if space.max_batch_size.choices:  # a listed space: every value of its grid
+        grid = grid_of(space) if space.max_queue_delay_us.choices else {}
+        return space, {name: draw(st.sampled_from(values)) for name, values in grid.items()}
     params: dict[str, Any] = {}
     for name, choices in [
         ("execution_provider", space.execution_providers),
@@ -437,3 +462,95 @@ def test_any_point_of_the_space_gives_a_candidate_whose_config_prefers_sizes_wit
     assert all(size <= config.max_batch_size for size in preferred)
     if config.max_batch_size <= 1:
         assert not config.HasField("dynamic_batching")
+
+
+# --- listed values and grids ----------------------------------------------------------------------------
+
+
+def test_listed_values_are_suggested_only_from_their_list() -> None:
+    study = _study()
+    seen = set()
+    for _ in range(60):
+        candidate = suggest_candidate(study.ask(), LISTED, batching=True)
+        seen.add(candidate.max_batch_size)
+        assert candidate.max_batch_size in (1, 8, 32)
+        assert candidate.instance_count in (1, 3)
+        assert candidate.intra_op_threads in (0, 2)
+        assert candidate.max_queue_delay_us in (0, 5000)
+        mbs = candidate.max_batch_size
+        assert candidate.preferred_batch_sizes in {(), (mbs,), (mbs, mbs // 2)} or mbs == 1
+    assert seen == {1, 8, 32}
+
+
+def test_a_listed_space_round_trips_through_its_stored_form() -> None:
+    stored = LISTED.to_dict()
+    assert stored["max_batch_size"] == {"choices": [1, 8, 32]}
+    assert stored["preferred_batch_sizes"] == [[], [1], [1, 2]]
+    assert space_from_dict({k: v for k, v in stored.items()}) == LISTED
+
+
+def test_grid_of_lists_every_value_of_every_parameter() -> None:
+    assert grid_of(LISTED) == {
+        "precision": ["fp32", "int8"],
+        "max_batch_size": [1, 8, 32],
+        "preferred_batch_sizes": ["none", "max", "max,max/2"],
+        "max_queue_delay_us": [0, 5000],
+        "instance_count": [1, 3],
+        "intra_op_threads": [0, 2],
+    }
+
+
+def test_grid_of_a_space_with_a_delay_range_is_refused() -> None:
+    with pytest.raises(SpaceError, match="max_queue_delay_us as \\{choices"):
+        grid_of(SPACES["cpu"])
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("max_batch_size", {"choices": [1, 6]}, "powers of two, got 6"),
+        ("instance_count", {"choices": []}, "pair or {choices"),
+        ("instance_count", {"choices": [1, 1]}, "lists a choice twice"),
+        ("instance_count", {"values": [1, 2]}, "pair or {choices"),
+        ("intra_op_threads", {"choices": [-1, 0]}, "must not go below 0"),
+        ("preferred_batch_sizes", [[], [3]], "divisors of the max batch size"),
+        ("preferred_batch_sizes", [[1], [1]], "each set once"),
+        ("preferred_batch_sizes", [[1]], "must list \\[\\] \\(no preferred sizes\\)"),
+        ("preferred_batch_sizes", "yes", "must be true, false, or a list"),
+    ],
+)
+def test_bad_listed_values_name_the_field(field: str, value: Any, message: str) -> None:
+    with pytest.raises(SpaceError, match=message):
+        space_from_dict({field: value})
+
+
+def test_fit_params_keeps_what_the_space_can_propose_and_refuses_the_rest() -> None:
+    params = {**baseline_params(LISTED), "max_batch_size": 8, "preferred_batch_sizes": "max", "extra": 1}
+    assert fit_params(LISTED, params) == {k: v for k, v in params.items() if k != "extra"}
+    assert fit_params(LISTED, {**params, "max_batch_size": 16}) is None
+    assert fit_params(LISTED, baseline_params(SPACES["cpu"])) is None  # another encoding of the same field
+    assert fit_params(SPACES["cpu"], baseline_params(SPACES["cpu"])) == baseline_params(SPACES["cpu"])
+
+
+def test_starting_points_are_the_baseline_with_batching_turned_up() -> None:
+    from optimizer.space import starting_points
+
+    cpu = SPACES["cpu"]
+    batching, lowp = starting_points(cpu, ("batching", "batching-lowp"))
+    first = suggest_candidate(optuna.trial.FixedTrial(batching), cpu, batching=True)
+    second = suggest_candidate(optuna.trial.FixedTrial(lowp), cpu, batching=True)
+    assert first == Candidate(max_batch_size=32, preferred_batch_sizes=(32,), max_queue_delay_us=1000)
+    assert second == Candidate(
+        precision="int8", max_batch_size=32, preferred_batch_sizes=(32,), max_queue_delay_us=1000
+    )
+    listed = suggest_candidate(
+        optuna.trial.FixedTrial(starting_points(LISTED, ("batching",))[0]), LISTED, batching=True
+    )
+    assert (listed.max_batch_size, listed.preferred_batch_sizes, listed.max_queue_delay_us) == (
+        32,
+        (32,),
+        5000,
+    )
+    assert starting_points(NARROW, ("batching", "batching-lowp")) == []  # nothing to turn up
+    with pytest.raises(SpaceError, match="unknown starting point 'fast'"):
+        starting_points(cpu, ("fast",))

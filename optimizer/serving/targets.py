@@ -15,7 +15,7 @@ from optimizer.serving import ServingTarget
 
 __all__ = ["TARGET_KINDS", "check_target_options", "make_target", "parse_headers"]
 
-TARGET_KINDS = ("embedded", "local", "docker", "remote")
+TARGET_KINDS = ("embedded", "local", "docker", "remote", "replay")
 
 # option -> (its command-line flag, the targets it applies to)
 _OPTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -49,8 +49,15 @@ def check_target_options(kind: str, **options: Any) -> dict[str, Any]:
     Raises:
         UsageError: an unknown kind, or an option given to a target it does not apply to.
     """
+    kind, _, argument = kind.partition(":")
     if kind not in TARGET_KINDS:
         raise UsageError(f"--target must be one of {', '.join(TARGET_KINDS)}, got {kind!r}")
+    if (kind == "replay") != bool(argument):
+        raise UsageError(
+            "--target replay takes the recording's directory, e.g. --target replay:bench/data/encoder"
+            if kind == "replay"
+            else f"--target {kind} takes no ':' argument"
+        )
     given = {key: value for key, value in options.items() if value is not None and value not in ((), [], {})}
     for key in given:
         if key not in _OPTIONS:
@@ -62,14 +69,20 @@ def check_target_options(kind: str, **options: Any) -> dict[str, Any]:
 
 
 def make_target(
-    kind: str, *, gpu_space: bool = False, gpu_devices: str | None = None, **options: Any
+    kind: str,
+    *,
+    gpu_space: bool = False,
+    gpu_devices: str | None = None,
+    seed: int | None = None,
+    **options: Any,
 ) -> ServingTarget:
     """The serving target ``kind`` built from command-line options (None or empty means not given).
 
     Args:
-        kind: embedded, local, docker or remote.
+        kind: embedded, local, docker, remote, or replay:DIR (a recorded surface).
         gpu_space: whether the space is a GPU space (the docker target then requests GPUs).
         gpu_devices: which GPUs the docker target requests (``"0,1"``; default all of them).
+        seed: seeds the replay target's draws of recorded repeats.
         **options: triton_binary, backend_directory (local); docker_image_tag (docker); url,
             metrics_url, ssl_root_cert, ssl_client_cert, ssl_client_key, headers (remote).
 
@@ -77,6 +90,11 @@ def make_target(
         UsageError: an unknown kind, an option given to a target it does not apply to, a missing --url.
     """
     given = check_target_options(kind, **options)
+    kind, _, argument = kind.partition(":")
+    if kind == "replay":
+        from optimizer.replay import ReplayTarget
+
+        return ReplayTarget(argument, seed=seed)  # type: ignore[return-value]
     if kind == "embedded":
         from optimizer.serving.embedded import EmbeddedTriton
 

@@ -1,0 +1,292 @@
+"""Recorded response surfaces, and the replay target that serves a study from one.
+
+A recording (``bench/record_surface.py``) measured every config of a finite space, each at least twice,
+on a real server. ``--target replay:DIR`` runs a study against it without a server: loading a config
+looks it up by its rendered config, measuring it replays one of its recorded sweeps (a different
+repeat each time, drawn at random), so the noise a study meets is the noise that was measured. Nothing
+is interpolated: a config outside the recording is an error that names the recording's space.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from optimizer.errors import ConfigRejected, UsageError
+from optimizer.loadgen import LevelResult
+from optimizer.measure import best_feasible, next_step
+from optimizer.serving import Capabilities
+
+__all__ = [
+    "RecordedConfig",
+    "ReplayTarget",
+    "Surface",
+    "build_recorded_model",
+    "draw_repeat",
+    "load_surface",
+    "replay_sweep",
+]
+
+
+@dataclass(frozen=True)
+class RecordedConfig:
+    """One config of a recording: its sweeps (one per repeat) and the outcome of each."""
+
+    key: str
+    candidate: str
+    sweeps: tuple[tuple[LevelResult, ...], ...]  # one per repeat; empty for a failed repeat
+    failures: tuple[str, ...]  # the reason of each failed repeat
+
+
+@dataclass(frozen=True)
+class Surface:
+    """A recording: every config measured, with the latency budget and the space it was recorded in."""
+
+    path: Path
+    meta: dict
+    configs: Mapping[str, RecordedConfig]
+
+    @property
+    def latency_budget_ms(self) -> float:
+        return float(self.meta["latency_budget_ms"])
+
+    @property
+    def space_path(self) -> Path:
+        return self.path / "space.yaml"
+
+    def model_path(self) -> Path:
+        """The model recorded, rebuilt into the cache."""
+        model = self.meta["model"]
+        return build_recorded_model(self.meta["model_name"], model["builder"], model.get("args", {}))
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """The ``--shape`` options the recording was made with (dynamic dims only)."""
+        given = self.meta["model"].get("shapes", {})
+        return {name: tuple(dims) for name, dims in given.items()}
+
+    def true_throughput(self, key: str, budget_ms: float | None = None) -> float:
+        """The config's throughput within the budget: the mean over its repeats (0 when infeasible)."""
+        budget = self.latency_budget_ms if budget_ms is None else budget_ms
+        config = self.configs[key]
+        values = [_replayed_best(sweep, budget) for sweep in config.sweeps]
+        values += [0.0] * len(config.failures)
+        return sum(values) / len(values)
+
+
+def build_recorded_model(model_name: str, builder: str, args: Mapping) -> Path:
+    """The recorded model, rebuilt into the cache by its builder in optimizer.examples (deterministic).
+
+    The file keeps the recorded model name (its stem): the name is part of every recorded config.
+    """
+    import os
+
+    from optimizer import examples
+    from optimizer.paths import cache_dir
+
+    if not builder.startswith("build_") or not callable(getattr(examples, builder, None)):
+        raise UsageError(f"the recording names an unknown model builder {builder!r}")
+    path = cache_dir() / "examples" / f"{model_name}.onnx"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        getattr(examples, builder)(partial, **args)
+        os.replace(partial, path)
+    return path
+
+
+def load_surface(path: Path | str) -> Surface:
+    """Read a recording directory (``levels.csv``, ``outcomes.csv``, ``meta.json``)."""
+    path = Path(path)
+    files = [path / name for name in ("meta.json", "outcomes.csv", "levels.csv", "space.yaml")]
+    missing = [file.name for file in files if not file.is_file()]
+    if missing:
+        raise UsageError(
+            f"{str(path)!r} is not a recorded surface (missing {', '.join(missing)}): "
+            "give a directory written by bench/record_surface.py, e.g. bench/data/encoder"
+        )
+    meta = json.loads((path / "meta.json").read_text())
+    levels: dict[tuple[str, int], list[LevelResult]] = defaultdict(list)
+    for row in _rows(path / "levels.csv"):
+        levels[(row["config_key"], int(row["repeat"]))].append(_level(row))
+    sweeps: dict[str, list[tuple[LevelResult, ...]]] = defaultdict(list)
+    failures: dict[str, list[str]] = defaultdict(list)
+    candidates: dict[str, str] = {}
+    for row in _rows(path / "outcomes.csv"):
+        key = row["config_key"]
+        candidates[key] = row["candidate"]
+        if row["state"] == "failed":
+            failures[key].append(row["reason"])
+        else:
+            recorded = levels.get((key, int(row["repeat"])), [])
+            sweeps[key].append(tuple(sorted(recorded, key=lambda level: level.concurrency)))
+    configs = {
+        key: RecordedConfig(key, candidates[key], tuple(sweeps[key]), tuple(failures[key]))
+        for key in candidates
+    }
+    return Surface(path=path, meta=meta, configs=configs)
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _level(row: Mapping[str, str]) -> LevelResult:
+    return LevelResult(
+        concurrency=int(row["concurrency"]),
+        throughput=float(row["throughput"]),
+        p50_ms=float(row["p50_ms"]),
+        p95_ms=float(row["p95_ms"]),
+        p99_ms=float(row["p99_ms"]),
+        requests=int(row["requests"]),
+        duration_s=float(row["duration_s"]),
+    )
+
+
+def _replayed_best(sweep: Sequence[LevelResult], budget_ms: float) -> float:
+    """The score a study gives this recorded sweep under ``budget_ms`` (same stopping rule)."""
+    measured: list[LevelResult] = []
+    for index, level in enumerate(sweep):
+        measured.append(level)
+        if next_step(measured, budget_ms, remaining=len(sweep) - index - 1):
+            break
+    best = best_feasible(measured, budget_ms)
+    return best.throughput if best is not None else 0.0
+
+
+def draw_repeat(config: RecordedConfig, rng: random.Random) -> tuple[LevelResult, ...]:
+    """One recorded repeat of ``config``, at random; a failed repeat raises ConfigRejected as it failed."""
+    index = rng.randrange(_repeats(config))
+    if index >= len(config.sweeps):
+        raise ConfigRejected(f"recorded failure: {config.failures[index - len(config.sweeps)]}")
+    return config.sweeps[index]
+
+
+def replay_sweep(
+    config: RecordedConfig, drawn: Sequence[LevelResult], levels: Sequence[int], on_level, rng: random.Random
+) -> list[LevelResult]:
+    """Replay the drawn sweep of ``config``: ``on_level(index, result)`` returns False to stop.
+
+    A level the drawn repeat did not reach (its sweep stopped earlier) is taken from another repeat
+    that did; when none did, the sweep ends there, as every recorded one did.
+    """
+    results: list[LevelResult] = []
+    for index, concurrency in enumerate(levels):
+        level = _level_at(drawn, concurrency) or _level_at_any(config.sweeps, concurrency, rng)
+        if level is None:
+            break
+        results.append(level)
+        if not on_level(index, level):
+            break
+    return results
+
+
+def _repeats(config: RecordedConfig) -> int:
+    return len(config.sweeps) + len(config.failures)
+
+
+def _level_at(sweep: Sequence[LevelResult], concurrency: int) -> LevelResult | None:
+    return next((level for level in sweep if level.concurrency == concurrency), None)
+
+
+def _level_at_any(sweeps, concurrency: int, rng: random.Random) -> LevelResult | None:
+    found = [level for sweep in sweeps if (level := _level_at(sweep, concurrency)) is not None]
+    return rng.choice(found) if found else None
+
+
+class ReplayLoadGenerator:
+    """Stands in for the load generator: replays the recorded sweeps of the config last loaded."""
+
+    def __init__(self, target: ReplayTarget) -> None:
+        self.target = target
+
+    def run_levels(self, levels: Sequence[int], on_level) -> list[LevelResult]:
+        config, drawn = self.target.loaded()
+        return replay_sweep(config, drawn, levels, on_level, self.target.rng)
+
+    def measure(self, concurrency: int) -> LevelResult:
+        results = self.run_levels([concurrency], lambda index, result: False)
+        if not results:
+            raise ConfigRejected(f"concurrency {concurrency} was not recorded for this config")
+        return results[0]
+
+
+class ReplayTarget:
+    """A serving target that answers from a recorded surface instead of a server."""
+
+    name = "replay"
+    can_restart = True
+    capabilities = Capabilities(can_restart=True, gpu_metrics=False, shared_filesystem=False)
+    grpc_url = http_url = metrics_url = "replay"
+
+    def __init__(self, path: Path | str, seed: int | None = None) -> None:
+        self.surface = load_surface(path)
+        self.rng = random.Random(seed)
+        self._loaded: tuple[RecordedConfig, tuple[LevelResult, ...]] | None = None
+
+    def __enter__(self) -> ReplayTarget:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def restart(self) -> None:
+        pass
+
+    def is_alive(self) -> bool:
+        return True
+
+    def server_version(self) -> str:
+        return f"replay of {self.surface.meta.get('server_version', '?')}"
+
+    def gpus(self) -> tuple[str, ...] | None:
+        return None
+
+    def log_tail(self, lines: int = 20) -> str:
+        return ""
+
+    def check_model(self, sha256: str) -> None:
+        """Refuse a study of another model than the one recorded."""
+        recorded = self.surface.meta["model"]["sha256"]
+        if sha256 != recorded:
+            raise UsageError(
+                f"the recording {str(self.surface.path)!r} is of another model (sha256 {recorded[:12]}…, "
+                f"this one {sha256[:12]}…): replay it with the model it recorded"
+            )
+
+    def load_model(self, name: str, config_json: str, files: Mapping[str, Path]) -> float:
+        from google.protobuf import json_format
+        from tritonclient.grpc import model_config_pb2
+
+        from optimizer.render import config_digest
+
+        key = config_digest(json_format.Parse(config_json, model_config_pb2.ModelConfig()))
+        if key not in self.surface.configs:
+            raise UsageError(
+                f"this config is not in the recording {str(self.surface.path)!r}: search the space it "
+                f"recorded (--space {self.surface.space_path})"
+            )
+        config = self.surface.configs[key]
+        self._loaded = (config, draw_repeat(config, self.rng))
+        return 0.0
+
+    def loaded(self) -> tuple[RecordedConfig, tuple[LevelResult, ...]]:
+        """The config last loaded and the repeat drawn for it."""
+        if self._loaded is None:
+            raise ConfigRejected("no config loaded")
+        return self._loaded
+
+    def load_generator(self, *args, **kwargs) -> ReplayLoadGenerator:
+        return ReplayLoadGenerator(self)
