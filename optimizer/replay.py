@@ -254,6 +254,10 @@ class ReplayTarget:
     def gpus(self) -> tuple[str, ...] | None:
         return None
 
+    def hardware(self) -> dict:
+        """The machine the recording was made on (the study's figures are that machine's)."""
+        return dict(self.surface.meta.get("hardware", {}))
+
     def log_tail(self, lines: int = 20) -> str:
         return ""
 

@@ -403,7 +403,7 @@ def _record_study_attrs(study, model, shapes, space: SearchSpace, server, budget
         "space": space.to_dict(),
         "server_version": server.server_version(),
         "target": server.name,
-        "hardware": hardware(),
+        "hardware": server.hardware() if hasattr(server, "hardware") else hardware(),  # replay: recorded
         "budget": settings.budget,
         "concurrency_levels": list(settings.concurrency),
     }
