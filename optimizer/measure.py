@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from optimizer.loadgen import LevelResult
 
-__all__ = ["DEFAULT_LEVELS", "SweepOutcome", "best_feasible", "next_step", "parse_levels"]
+__all__ = ["DEFAULT_LEVELS", "SweepOutcome", "best_feasible", "next_step", "parse_levels", "parse_rates"]
 
 DEFAULT_LEVELS = (1, 2, 4, 8, 16, 32, 64)
 # A level must beat the best throughput so far by this fraction, or the sweep has found its plateau.
@@ -40,12 +40,16 @@ def next_step(levels: Sequence[LevelResult], budget_ms: float, remaining: int) -
     """Why the sweep stops after ``levels``, or None to measure the next level."""
     last = levels[-1]
     if last.p99_ms > budget_ms:
-        return f"p99 {last.p99_ms:.1f} ms broke the {budget_ms:g} ms budget at concurrency {last.concurrency}"
+        return f"p99 {last.p99_ms:.1f} ms broke the {budget_ms:g} ms budget at {last.load}"
     earlier = [level.throughput for level in levels[:-1] if level.p99_ms <= budget_ms]
     if earlier and last.throughput < max(earlier) * (1 + MIN_GAIN):
-        return f"throughput stopped growing at concurrency {last.concurrency}"
+        return f"throughput stopped growing at {last.load}"
     if remaining == 0:
-        return "highest concurrency level reached"
+        return (
+            "highest concurrency level reached"
+            if last.request_rate is None
+            else "highest request rate reached"
+        )
     return None
 
 
@@ -61,3 +65,21 @@ def parse_levels(text: str) -> tuple[int, ...]:
     if any(level < 1 for level in levels) or list(levels) != sorted(set(levels)):
         raise UsageError(rule)
     return levels
+
+
+def parse_rates(text: str) -> tuple[float, ...]:
+    """``"50,100,200"`` -> (50.0, 100.0, 200.0): request rates per second, positive and ascending."""
+    import math
+
+    from optimizer.errors import UsageError
+
+    rule = (
+        f"--request-rate {text!r} must list distinct positive requests/s in ascending order, e.g. 50,100,200"
+    )
+    try:
+        rates = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise UsageError(rule) from None
+    if any(not math.isfinite(rate) or rate <= 0 for rate in rates) or list(rates) != sorted(set(rates)):
+        raise UsageError(rule)
+    return rates
