@@ -359,6 +359,10 @@ def test_csv_loads_back_with_one_row_per_trial_and_config_columns(studies, tmp_p
     assert "config.instance_group.0.count" in frame.columns and "constraint.latency_budget" in frame.columns
     assert not any(column.startswith("config.input") for column in frame.columns)
     assert frame.loc[2, "reason"].startswith("Triton rejected the config")
+    complete = frame[frame["state"] == "complete"]
+    assert (complete["measure_s"] > 0).all() and (complete["memory_mb"] > 0).all()
+    assert (complete["server.compute_infer_ms"] > 0).all() and (complete["resources.server_rss_mb"] > 0).all()
+    assert "uncertainty.p99_ci" in frame.columns
 
 
 # --- the HTML page in a real browser -------------------------------------------------------------------
