@@ -20,6 +20,7 @@ coordinated omission).
 from __future__ import annotations
 
 import asyncio
+import gc
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -218,6 +219,10 @@ class LoadGenerator:
     async def _run_levels(self, levels: Sequence[float], on_level) -> list[LevelResult]:
         client = _Client(self, connections=int(max(levels, default=1)) if self.mode == "concurrency" else 0)
         results: list[LevelResult] = []
+        # A full collection of the study's large heap (optuna, onnx, numpy...) pauses every client at once
+        # and lands in p99: move what exists now out of the collector's sight while measuring.
+        gc.collect()
+        gc.freeze()
         try:
             prepared = client.prepare(self.samples)
             for index, level in enumerate(levels):
@@ -226,6 +231,7 @@ class LoadGenerator:
                 if not on_level(index, result):
                     break
         finally:
+            gc.unfreeze()
             await client.close()
         return results
 
