@@ -61,3 +61,13 @@ def test_request_rate_study_sweeps_rates_and_records_the_rate(models, tmp_path):
         : len(trial.user_attrs["sweep"])
     ]
     assert trial.user_attrs["request_rate"] in (50.0, 100.0) and "concurrency" not in trial.user_attrs
+
+
+def test_a_study_measured_by_perf_analyzer_records_its_engine_and_stability(models, tmp_path):
+    fixed = MeasureSettings(warmup_s=0.1, window_s=0.3, min_requests=10, max_window_s=1.0)
+    run_study(_settings(models["mlp"], tmp_path, budget=1, measure=fixed, load_generator="perf_analyzer"))
+    (trial,) = _measured(_load(tmp_path))
+    attrs = trial.user_attrs
+    assert attrs["load_generator"] == "perf_analyzer"
+    assert attrs["throughput"] > 0 and attrs["uncertainty"]["stability_pct"] in (10.0, 25.0, 50.0)
+    assert attrs["server"]["compute_infer_ms"] > 0 and attrs["memory_mb"] > 0
