@@ -139,9 +139,7 @@ class TrialRunner:
             if best is not None:
                 trial.report(best.throughput, step=index)
                 if trial.should_prune():
-                    stop.append(
-                        f"pruned at concurrency {level.concurrency}: behind the median of earlier trials"
-                    )
+                    stop.append(f"pruned at {level.load}: behind the median of earlier trials")
                     return False
             reason = next_step(levels, budget, remaining=len(loads) - index - 1)
             if reason:
