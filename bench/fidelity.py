@@ -12,7 +12,10 @@ One embedded Triton, the bundled example encoder (sequence 128), the same 16 req
 2. repeat: one config at one level (the middle of --levels), --repeats times each, interleaved:
    the ci rule, a fixed --fixed-window-s window, and perf_analyzer. Prints the coefficient of variation
    (stdev / mean) of throughput and p99 and the median seconds each measurement took (warm-up included).
-3. ceiling: a trivial model (Identity, 4 floats) at rising concurrency, one client process: the
+3. sweep: the same config swept over --levels the way a trial sweeps them (stopping at a plateau),
+   --sweep-repeats times with each rule, interleaved: the seconds a trial spends measuring, and the
+   coefficient of variation of the trial's score (its best throughput).
+4. ceiling: a trivial model (Identity, 4 floats) at rising concurrency, one client process: the
    requests/s the built-in generator sustains and the share of a core its process used, beside
    perf_analyzer's (a C++ client) on the same server.
 
@@ -35,6 +38,7 @@ from onnx import TensorProto, helper
 from optimizer import examples, perf_analyzer
 from optimizer.intake import inspect_model, resolve_shapes, synthetic_inputs
 from optimizer.loadgen import LevelResult, LoadGenerator, MeasureSettings
+from optimizer.measure import next_step
 from optimizer.paths import cache_dir
 from optimizer.render import render_config, to_json
 from optimizer.serving.embedded import EmbeddedTriton
@@ -63,7 +67,8 @@ def main() -> None:
     parser.add_argument("--fixed-window-s", type=float, default=10.0)
     parser.add_argument("--warmup-s", type=float, default=1.0)
     parser.add_argument("--pa-interval-ms", type=int, default=2000)
-    parser.add_argument("--parts", default="fidelity,repeat,ceiling")
+    parser.add_argument("--sweep-repeats", type=int, default=3)
+    parser.add_argument("--parts", default="fidelity,repeat,sweep,ceiling")
     args = parser.parse_args()
     levels = [int(level) for level in args.levels.split(",")]
     parts = args.parts.split(",")
@@ -88,6 +93,8 @@ def main() -> None:
             _fidelity(bench, levels, args.rounds, ci)
         if "repeat" in parts:
             _repeatability(bench, levels[len(levels) // 2], args.repeats, ci, fixed)
+        if "sweep" in parts:
+            _sweeps(bench, levels, args.sweep_repeats, ci, fixed)
         if "ceiling" in parts:
             _ceiling(bench, ci)
     print(f"\ntotal {time.perf_counter() - started:.0f} s on {os.cpu_count()} cores")
@@ -225,6 +232,44 @@ def _repeatability(
         )
     print(f"ci windows that met both targets before the cap: {sum(settled)} of {len(settled)}")
     print(f"perf_analyzer runs that did not settle even at 50% (left out above): {unsettled} of {repeats}")
+
+
+def _sweeps(
+    bench: _Bench, levels: list[int], repeats: int, ci: MeasureSettings, fixed: MeasureSettings
+) -> None:
+    print(
+        f"\n## trial sweeps: {REPEAT_CONFIG} over concurrency {levels}, {repeats} repeats interleaved  [{_load()}]"
+    )
+    bench.load(REPEAT_CONFIG, CONFIGS[REPEAT_CONFIG])
+    runs: dict[str, list[tuple[float, float]]] = {"ci": [], "fixed": []}
+    for _ in range(repeats):
+        for label, settings in (("ci", ci), ("fixed", fixed)):
+            runs[label].append(_sweep_once(bench, levels, settings))
+    print(
+        "| rule | best throughput median | best throughput CV | seconds measuring per trial (median, min-max) |"
+    )
+    print("| --- | --- | --- | --- |")
+    for label, values in runs.items():
+        best, seconds = zip(*values)
+        name = (
+            f"ci ({ci.window_s:g}-{ci.max_window_s:g} s)" if label == "ci" else f"fixed {fixed.window_s:g} s"
+        )
+        print(
+            f"| {name} | {statistics.median(best):.1f} | {_cv(best):.3f} | "
+            f"{statistics.median(seconds):.1f} ({min(seconds):.1f}-{max(seconds):.1f}) |"
+        )
+
+
+def _sweep_once(bench: _Bench, levels: list[int], settings: MeasureSettings) -> tuple[float, float]:
+    """One trial's sweep (no latency budget): its best throughput and the seconds it spent measuring."""
+    measured: list[LevelResult] = []
+
+    def on_level(index: int, level: LevelResult) -> bool:
+        measured.append(level)
+        return next_step(measured, math.inf, remaining=len(levels) - index - 1) is None
+
+    LoadGenerator(bench.server.grpc_url, "enc", bench.samples, settings).run_levels(levels, on_level)
+    return max(level.throughput for level in measured), sum(level.measure_s for level in measured)
 
 
 def _ceiling(bench: _Bench, ci: MeasureSettings) -> None:
