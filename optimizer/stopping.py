@@ -9,6 +9,8 @@ their targets, and never before a minimum window or after a time cap:
   correlation of a closed loop that makes single requests a poor sample.
 - p99: the distribution-free interval of a quantile from order statistics (the binomial rank interval).
   It needs about 400 completions before its upper rank exists at all: below that, p99 is unbounded.
+  It treats latencies as independent; neighbouring requests of a closed loop are not quite, so the
+  interval is somewhat optimistic (bench/fidelity.py compares it with the spread of real repeats).
 """
 
 from __future__ import annotations
