@@ -119,8 +119,11 @@ def study(
         ),
     ] = None,
     window_s: Annotated[
-        float, typer.Option("--window-s", help="Seconds measured per concurrency level.")
-    ] = 2.0,
+        float,
+        typer.Option(
+            "--window-s", help="Seconds measured per level (fixed rule) or the shortest window (ci)."
+        ),
+    ] = 1.0,
     warmup_s: Annotated[
         float, typer.Option("--warmup-s", help="Warm-up seconds per concurrency level.")
     ] = 0.5,
@@ -171,11 +174,39 @@ def study(
         Optional[list[str]],
         typer.Option("--header", help="remote: KEY:VALUE sent with every call (repeatable)."),
     ] = None,
+    # --- measurement (issue 7) ---
+    load_generator: Annotated[
+        str,
+        typer.Option("--load-generator", help="builtin (asyncio, one process) or perf_analyzer (Triton's)."),
+    ] = "builtin",
+    protocol: Annotated[str, typer.Option(help="Protocol of the measured requests: grpc or http.")] = "grpc",
+    request_rate: Annotated[
+        Optional[str],
+        typer.Option("--request-rate", help="Open loop: Poisson arrivals at these rates/s, e.g. 50,100,200."),
+    ] = None,
+    stop_rule: Annotated[
+        str,
+        typer.Option("--stop-rule", help="ci: stop a window once throughput and p99 are pinned; fixed."),
+    ] = "ci",
+    max_window_s: Annotated[
+        Optional[float],
+        typer.Option("--max-window-s", help="Longest window per level (default: max(8, 4 x --window-s))."),
+    ] = None,
+    throughput_ci: Annotated[
+        float, typer.Option("--throughput-ci", help="ci: throughput known within this fraction (95%).")
+    ] = 0.05,
+    p99_ci: Annotated[
+        float, typer.Option("--p99-ci", help="ci: p99 known within this fraction (95%).")
+    ] = 0.10,
+    max_memory_mb: Annotated[
+        Optional[float],
+        typer.Option("--max-memory-mb", help="Constraint: the server's process-tree RSS (MiB) under load."),
+    ] = None,
 ) -> None:
     """Run (or resume) the Bayesian study and export the best configuration."""
     from optimizer.intake import parse_shape_args
     from optimizer.loadgen import MeasureSettings
-    from optimizer.measure import DEFAULT_LEVELS, parse_levels
+    from optimizer.measure import DEFAULT_LEVELS, parse_levels, parse_rates
     from optimizer.progress import RichReporter, print_summary
     from optimizer.serving.targets import check_target_options, make_target, parse_headers
     from optimizer.space import load_space
@@ -194,6 +225,10 @@ def study(
         headers=parse_headers(header or []),
     )
     check_target_options(target, **target_options)  # before any work: a stray --url is an error
+    if request_rate and concurrency:
+        from optimizer.errors import UsageError
+
+        raise UsageError("give --concurrency (closed loop) or --request-rate (open loop), not both")
     server = None  # embedded: run_study's default
     if target != "embedded":
         gpu_space = target == "docker" and load_space(space or "cpu").device == "gpu"
@@ -225,13 +260,23 @@ def study(
         sampler=sampler,
         warm_start=warm_start,
         measure=MeasureSettings(
-            warmup_s=warmup_s, window_s=window_s, min_requests=30, max_window_s=4 * window_s
+            warmup_s=warmup_s,
+            window_s=window_s,
+            min_requests=30,
+            max_window_s=max_window_s if max_window_s is not None else max(8.0, 4 * window_s),
+            rule=stop_rule,
+            throughput_ci=throughput_ci,
+            p99_ci=p99_ci,
         ),
         input_data=input_data,
         accuracy_tolerance=accuracy_tolerance,
         allow_shared_host=allow_shared_host,
         cpus=parse_cpus(cpus) if cpus else frozenset(),
         gpus=gpus,
+        load_generator=load_generator,
+        protocol=protocol,
+        request_rates=parse_rates(request_rate) if request_rate else (),
+        max_memory_mb=max_memory_mb,
     )
     try:
         with RichReporter() as reporter:

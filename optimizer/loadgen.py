@@ -1,50 +1,111 @@
-"""The load generator: closed-loop clients at a fixed concurrency over Triton's gRPC API.
+"""The load generator: closed-loop clients at a fixed concurrency, or open-loop Poisson arrivals at a rate.
 
-One asyncio event loop drives every concurrent client from one process (tritonclient's gRPC asyncio
-client; the HTTP client is gevent-based and not thread-safe). A level warms up, then measures a window
-and returns the throughput and latency percentiles of the requests that completed inside the window.
+One asyncio event loop drives every client from one process, over tritonclient's asyncio gRPC client
+(the default) or its asyncio HTTP client (aiohttp-based; the classic HTTP client is gevent-based and not
+thread-safe). A level warms up, then measures a window and returns the throughput and the latency
+percentiles of every request that finished inside it, Triton's own breakdown of where the time went
+(statistics API), and, when a probe is given, the server's memory and utilisation under that load.
+
+How long a window runs is the ``rule`` of :class:`MeasureSettings`:
+
+- ``"ci"``: until the 95% intervals of throughput and p99 are narrower than their targets
+  (:mod:`optimizer.stopping`), between ``window_s`` and ``max_window_s``;
+- ``"fixed"``: ``window_s``, extended (up to ``max_window_s``) until ``min_requests`` finished.
+
+In request-rate mode the offered load is fixed and throughput follows it, so only p99 must settle; a
+request's latency is counted from when it was due, so a client that falls behind shows it (no
+coordinated omission).
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
+import math
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from optimizer.errors import InferenceError
+from optimizer.serving.statistics import ServerBreakdown, breakdown
+from optimizer.stopping import StoppingRule, Uncertainty, estimate_uncertainty, should_stop
 
-__all__ = ["LevelResult", "MeasureSettings", "GrpcLoadGenerator", "summarise_level"]
+__all__ = [
+    "ENGINES",
+    "MODES",
+    "PROTOCOLS",
+    "RULES",
+    "GrpcLoadGenerator",
+    "LevelResult",
+    "LoadGenerator",
+    "MeasureSettings",
+    "make_load_generator",
+    "summarise_level",
+]
+
+ENGINES = ("builtin", "perf_analyzer")
+MODES = ("concurrency", "request_rate")
+PROTOCOLS = ("grpc", "http")
+RULES = ("ci", "fixed")
+# An open loop whose server falls this far behind stops sending more: its p99 already says enough.
+MAX_OUTSTANDING = 1024
 
 
 @dataclass(frozen=True)
 class MeasureSettings:
-    """How long each concurrency level runs."""
+    """How long each level runs (see the module docstring for the two rules)."""
 
     warmup_s: float = 1.0
-    window_s: float = 3.0
-    min_requests: int = 60  # the window extends (up to max_window_s) until this many completed
+    window_s: float = 3.0  # fixed: the window; ci: the shortest window
+    min_requests: int = 60
     max_window_s: float = 12.0
     request_timeout_s: float = 30.0
+    rule: str = "fixed"
+    throughput_ci: float = 0.05  # ci: target relative half-width of throughput's 95% interval
+    p99_ci: float = 0.10  # ci: the same for p99
+    check_s: float = 0.25  # ci: how often the interval is recomputed (at least; 10% of the window later on)
+
+    def stopping_rule(self, mode: str = "concurrency") -> StoppingRule:
+        """The rule a window follows; a fixed window is a rule whose targets are never met early."""
+        if self.rule == "fixed":
+            return StoppingRule(math.inf, math.inf, self.window_s, self.max_window_s, self.min_requests)
+        return self.targets(mode)
+
+    def targets(self, mode: str = "concurrency") -> StoppingRule:
+        """The ci rule; under a fixed window too, it says whether the window happened to settle."""
+        throughput_ci = math.inf if mode == "request_rate" else self.throughput_ci
+        return StoppingRule(throughput_ci, self.p99_ci, self.window_s, self.max_window_s, self.min_requests)
 
 
 @dataclass(frozen=True)
 class LevelResult:
-    """What one concurrency level measured."""
+    """What one level (a concurrency, or a request rate) measured."""
 
-    concurrency: int
+    concurrency: int  # 0 in request-rate mode
     throughput: float  # inferences per second
     p50_ms: float
     p95_ms: float
     p99_ms: float
     requests: int
     duration_s: float
+    request_rate: float | None = None
+    uncertainty: Mapping[str, float | None] | None = None  # what the window reached (see stopping.py)
+    server: ServerBreakdown | None = None
+    resources: Mapping[str, float] | None = field(default=None, compare=False)
+    measure_s: float = field(default=0.0, compare=False)  # warm-up + window, wall time
 
-    def to_dict(self) -> dict[str, float]:
-        return {
+    @property
+    def load(self) -> str:
+        """The offered load in words: ``concurrency 4`` or ``request rate 50/s``."""
+        if self.request_rate is not None:
+            return f"request rate {self.request_rate:g}/s"
+        return f"concurrency {self.concurrency}"
+
+    def to_dict(self) -> dict[str, Any]:
+        record: dict[str, Any] = {
             "concurrency": self.concurrency,
             "throughput": round(self.throughput, 3),
             "p50_ms": round(self.p50_ms, 3),
@@ -53,6 +114,15 @@ class LevelResult:
             "requests": self.requests,
             "duration_s": round(self.duration_s, 3),
         }
+        extras = {
+            "request_rate": self.request_rate,
+            "uncertainty": dict(self.uncertainty) if self.uncertainty else None,
+            "server": self.server.to_dict() if self.server else None,
+            "resources": dict(self.resources) if self.resources else None,
+            "measure_s": round(self.measure_s, 3) if self.measure_s else None,
+        }
+        record.update({key: value for key, value in extras.items() if value is not None})
+        return record
 
 
 def summarise_level(
@@ -74,35 +144,291 @@ def summarise_level(
     )
 
 
-class GrpcLoadGenerator:
-    """Closed-loop load over gRPC: ``concurrency`` clients, each sending its next request on a reply."""
+class _Window:
+    """The requests that finished between ``start`` and ``end`` (both unset during warm-up)."""
+
+    def __init__(self) -> None:
+        self.start = math.inf
+        self.end = math.inf
+        self.finish_times: list[float] = []
+        self.latencies: list[float] = []
+
+    def record(self, due: float, finished: float) -> None:
+        if self.start <= finished <= self.end:
+            self.finish_times.append(finished)
+            self.latencies.append(finished - due)
+
+    def uncertainty(self, now: float) -> Uncertainty:
+        return estimate_uncertainty(self.finish_times, self.latencies, self.start, now)
+
+
+class LoadGenerator:
+    """Load over gRPC (default) or HTTP: closed-loop clients, or Poisson arrivals at a request rate.
+
+    Args:
+        url: the server's gRPC (``host:port``) or HTTP address, matching ``protocol``.
+        model_name: the model every request goes to.
+        samples: the requests, sent in turn.
+        settings: warm-up, window and stopping rule.
+        protocol: ``"grpc"`` or ``"http"``.
+        mode: ``"concurrency"`` (levels are client counts) or ``"request_rate"`` (requests per second).
+        client_options: TLS options for tritonclient's gRPC client.
+        headers: sent with every request (auth).
+        resources: called (in a thread) at the end of each window, under load; its figures are kept.
+    """
 
     def __init__(
         self,
-        grpc_url: str,
+        url: str,
         model_name: str,
         samples: Sequence[Mapping[str, np.ndarray]],
         settings: MeasureSettings = MeasureSettings(),
         *,
+        protocol: str = "grpc",
+        mode: str = "concurrency",
         client_options: Mapping[str, Any] | None = None,
         headers: Mapping[str, str] | None = None,
+        resources: Callable[[], Mapping[str, float]] | None = None,
     ) -> None:
-        """``client_options`` (TLS) go to tritonclient's client, ``headers`` (auth) with every request."""
         if not samples:
             raise ValueError("the load generator needs at least one input sample")
-        self.grpc_url = grpc_url
+        if protocol not in PROTOCOLS or mode not in MODES or settings.rule not in RULES:
+            raise ValueError(f"unknown protocol {protocol!r}, mode {mode!r} or rule {settings.rule!r}")
+        self.url = url
         self.model_name = model_name
         self.samples = list(samples)
         self.settings = settings
+        self.protocol = protocol
+        self.mode = mode
         self.client_options = dict(client_options or {})
         self.headers = dict(headers) if headers else None
+        self.resources = resources
 
-    def _infer_inputs(self):
-        from tritonclient.grpc import InferInput
+    @property
+    def grpc_url(self) -> str:  # the name callers used before HTTP was an option
+        return self.url
+
+    def run_levels(self, levels: Sequence[float], on_level) -> list[LevelResult]:
+        """Measure ``levels`` in order; ``on_level(index, result)`` returns False to stop the sweep."""
+        return asyncio.run(self._run_levels(levels, on_level))
+
+    def measure(self, level: float) -> LevelResult:
+        """Measure a single level."""
+        return self.run_levels([level], lambda index, result: False)[0]
+
+    async def _run_levels(self, levels: Sequence[float], on_level) -> list[LevelResult]:
+        client = _Client(self, connections=int(max(levels, default=1)) if self.mode == "concurrency" else 0)
+        results: list[LevelResult] = []
+        # A full collection of the study's large heap (optuna, onnx, numpy...) pauses every client at once
+        # and lands in p99: move what exists now out of the collector's sight while measuring.
+        gc.collect()
+        gc.freeze()
+        try:
+            prepared = client.prepare(self.samples)
+            for index, level in enumerate(levels):
+                result = await self._measure(client, prepared, level)
+                results.append(result)
+                if not on_level(index, result):
+                    break
+        finally:
+            gc.unfreeze()
+            await client.close()
+        return results
+
+    async def _measure(self, client: _Client, prepared, level: float) -> LevelResult:
+        started = time.perf_counter()
+        window = _Window()
+        stop = asyncio.Event()
+        if self.mode == "concurrency":
+            tasks = [
+                asyncio.create_task(self._closed_loop(client, prepared, offset, window, stop))
+                for offset in range(int(level))
+            ]
+        else:
+            tasks = [asyncio.create_task(self._open_loop(client, prepared, level, window, stop))]
+        try:
+            await _sleep_or_fail(self.settings.warmup_s, tasks)
+            before = await client.statistics()
+            window.start = time.perf_counter()
+            reached = await self._wait_for_window(window, tasks)
+            resources = await asyncio.to_thread(self.resources) if self.resources else None
+            window.end = time.perf_counter()
+            after = await client.statistics()
+        finally:
+            stop.set()
+            outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        failures = [o for o in outcomes if isinstance(o, BaseException)]
+        if failures:
+            raise failures[0]
+        concurrency = int(level) if self.mode == "concurrency" else 0
+        # Each request carries one inference; Triton's dynamic batcher does the batching.
+        result = summarise_level(concurrency, window.latencies, window.end - window.start)
+        return replace(
+            result,
+            request_rate=float(level) if self.mode == "request_rate" else None,
+            uncertainty={**reached.to_dict(), "settled": reached.within(self.settings.targets(self.mode))},
+            server=breakdown(before, after, self.model_name) if before and after else None,
+            resources=resources,
+            measure_s=time.perf_counter() - started,
+        )
+
+    async def _wait_for_window(self, window: _Window, tasks) -> Uncertainty:
+        """Let the window run until the stopping rule says it has seen enough; what it reached."""
+        rule = self.settings.stopping_rule(self.mode)
+        await _sleep_or_fail(rule.min_window_s, tasks)
+        while True:
+            reached = window.uncertainty(time.perf_counter())
+            if should_stop(reached, rule):
+                return reached
+            # Checking costs time in proportion to the requests seen: check less often as they pile up.
+            pause = max(self.settings.check_s, reached.window_s / 10)
+            await _sleep_or_fail(min(pause, rule.max_window_s - reached.window_s), tasks)
+
+    async def _closed_loop(self, client: _Client, prepared, offset: int, window: _Window, stop) -> None:
+        index = offset
+        while not stop.is_set():
+            inputs = prepared[index % len(prepared)]
+            index += 1
+            due = time.perf_counter()
+            await client.infer(inputs, stop)
+            window.record(due, time.perf_counter())
+
+    async def _open_loop(self, client: _Client, prepared, rate: float, window: _Window, stop) -> None:
+        """Send requests at Poisson arrival times until ``stop``; each one's latency counts from when it was due."""
+
+        async def one(inputs, due: float) -> None:
+            await client.infer(inputs, stop)
+            window.record(due, time.perf_counter())
+
+        rng = np.random.default_rng(len(prepared))
+        pending: set[asyncio.Task] = set()
+        due, index = time.perf_counter(), 0
+        try:
+            while not stop.is_set():
+                due += rng.exponential(1.0 / rate)
+                await asyncio.sleep(max(0.0, due - time.perf_counter()))
+                _raise_failures(pending)
+                if len(pending) >= MAX_OUTSTANDING:
+                    await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                task = asyncio.create_task(one(prepared[index % len(prepared)], due))
+                pending.add(task)
+                task.add_done_callback(_forget_if_fine(pending))
+                index += 1
+        finally:
+            outcomes = await asyncio.gather(*pending, return_exceptions=True)
+        _raise_failures(task for task in outcomes if isinstance(task, BaseException))
+
+
+GrpcLoadGenerator = LoadGenerator  # the name of the gRPC-only generator it grew from
+
+
+def make_load_generator(
+    target,
+    model_name: str,
+    samples: Sequence[Mapping[str, np.ndarray]],
+    settings: MeasureSettings,
+    *,
+    engine: str = "builtin",
+    protocol: str = "grpc",
+    mode: str = "concurrency",
+    batched: bool = True,
+    client_options: Mapping[str, Any] | None = None,
+    headers: Mapping[str, str] | None = None,
+    resources: Callable[[], Mapping[str, float]] | None = None,
+):
+    """The load generator a study asked for, aimed at ``target``'s endpoint for ``protocol``.
+
+    ``engine`` is ``"builtin"`` (:class:`LoadGenerator`) or ``"perf_analyzer"``
+    (:class:`~optimizer.perf_analyzer.PerfAnalyzerLoadGenerator`); both have ``run_levels`` and ``measure``.
+
+    Raises:
+        UsageError: the combination needs what this target or engine lacks (HTTP address, TLS).
+    """
+    from optimizer.errors import UsageError
+
+    url = target.grpc_url if protocol == "grpc" else _host_port(getattr(target, "http_url", "") or "")
+    if not url:
+        raise UsageError(
+            f"--protocol {protocol} needs the server's {protocol} address, which the {target.name} target lacks"
+        )
+    if client_options and (protocol == "http" or engine == "perf_analyzer"):
+        raise UsageError(
+            "TLS to the server is supported by the built-in gRPC load generator only: drop --protocol http / --load-generator perf_analyzer"
+        )
+    if engine == "perf_analyzer":
+        from optimizer.perf_analyzer import PerfAnalyzerLoadGenerator
+
+        return PerfAnalyzerLoadGenerator(
+            url,
+            model_name,
+            samples,
+            settings,
+            batched=batched,
+            protocol=protocol,
+            mode=mode,
+            headers=headers,
+            resources=resources,
+        )
+    return LoadGenerator(
+        url,
+        model_name,
+        samples,
+        settings,
+        protocol=protocol,
+        mode=mode,
+        client_options=client_options,
+        headers=headers,
+        resources=resources,
+    )
+
+
+def _host_port(url: str) -> str:
+    """``http://host:port`` -> ``host:port``, the form tritonclient's HTTP client and perf_analyzer take."""
+    return url.split("://", 1)[-1].rstrip("/")
+
+
+def _forget_if_fine(pending: set[asyncio.Task]):
+    """A done-callback dropping a finished request from ``pending``; failed ones stay, to be raised."""
+
+    def forget(task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is None:
+            pending.discard(task)
+
+    return forget
+
+
+def _raise_failures(items) -> None:
+    for item in list(items):
+        error = item if isinstance(item, BaseException) else (item.exception() if item.done() else None)
+        if error is not None:
+            raise error
+
+
+class _Client:
+    """One asyncio tritonclient (gRPC or HTTP) with the few calls a measurement makes."""
+
+    def __init__(self, generator: LoadGenerator, connections: int) -> None:
+        self.generator = generator
+        self.timeout_s = generator.settings.request_timeout_s
+        if generator.protocol == "grpc":
+            from tritonclient.grpc.aio import InferenceServerClient
+
+            self.client = InferenceServerClient(generator.url, **generator.client_options)
+        else:
+            from tritonclient.http.aio import InferenceServerClient as HttpClient
+
+            self.client = HttpClient(generator.url, conn_limit=max(100, connections + 4))
+
+    def prepare(self, samples: Sequence[Mapping[str, np.ndarray]]) -> list[list]:
+        """Each sample as the protocol's InferInput list, serialised once."""
+        if self.generator.protocol == "grpc":
+            from tritonclient.grpc import InferInput
+        else:
+            from tritonclient.http import InferInput  # type: ignore[assignment]
         from tritonclient.utils import np_to_triton_dtype
 
         prepared = []
-        for sample in self.samples:
+        for sample in samples:
             inputs = []
             for name, array in sample.items():
                 tensor = InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
@@ -111,85 +437,48 @@ class GrpcLoadGenerator:
             prepared.append(inputs)
         return prepared
 
-    def run_levels(self, levels: Sequence[int], on_level) -> list[LevelResult]:
-        """Measure ``levels`` in order; ``on_level(index, result)`` returns False to stop the sweep."""
-        return asyncio.run(self._run_levels(levels, on_level))
-
-    async def _run_levels(self, levels: Sequence[int], on_level) -> list[LevelResult]:
-        from tritonclient.grpc.aio import InferenceServerClient
-
-        client = InferenceServerClient(self.grpc_url, **self.client_options)
-        results: list[LevelResult] = []
+    async def infer(self, inputs, stop: asyncio.Event) -> None:
+        generator = self.generator
         try:
-            prepared = self._infer_inputs()
-            for index, concurrency in enumerate(levels):
-                result = await self._measure(client, prepared, concurrency)
-                results.append(result)
-                if not on_level(index, result):
-                    break
-        finally:
-            await client.close()
-        return results
-
-    def measure(self, concurrency: int) -> LevelResult:
-        """Measure a single concurrency level."""
-        return self.run_levels([concurrency], lambda index, result: False)[0]
-
-    async def _measure(self, client, prepared, concurrency: int) -> LevelResult:
-        settings = self.settings
-        window: dict[str, float] = {"start": float("inf"), "end": float("inf")}
-        latencies: list[float] = []
-        stop = asyncio.Event()
-
-        async def client_loop(offset: int) -> None:
-            index = offset
-            while not stop.is_set():
-                inputs = prepared[index % len(prepared)]
-                index += 1
-                started = time.perf_counter()
-                try:
-                    await client.infer(
-                        self.model_name,
-                        inputs,
-                        headers=self.headers,
-                        client_timeout=settings.request_timeout_s,
-                    )
-                except Exception as exc:
-                    stop.set()
-                    raise InferenceError(_describe_failure(exc, settings.request_timeout_s)) from exc
-                finished = time.perf_counter()
-                if window["start"] <= started and finished <= window["end"]:
-                    latencies.append(finished - started)
-
-        tasks = [asyncio.create_task(client_loop(i)) for i in range(concurrency)]
-        try:
-            await self._sleep_or_fail(settings.warmup_s, tasks)
-            window["start"] = time.perf_counter()
-            await self._sleep_or_fail(settings.window_s, tasks)
-            while (
-                len(latencies) < settings.min_requests
-                and time.perf_counter() - window["start"] < settings.max_window_s
-            ):
-                await self._sleep_or_fail(0.05, tasks)
-            window["end"] = time.perf_counter()
-        finally:
+            if generator.protocol == "grpc":
+                await self.client.infer(
+                    generator.model_name, inputs, headers=generator.headers, client_timeout=self.timeout_s
+                )
+            else:
+                await asyncio.wait_for(
+                    self.client.infer(generator.model_name, inputs, headers=generator.headers),
+                    self.timeout_s,
+                )
+        except Exception as exc:
             stop.set()
-            outcomes = await asyncio.gather(*tasks, return_exceptions=True)
-        failures = [o for o in outcomes if isinstance(o, BaseException)]
-        if failures:
-            raise failures[0]
-        # Each request carries one inference; Triton's dynamic batcher does the batching.
-        return summarise_level(concurrency, latencies, window["end"] - window["start"])
+            raise InferenceError(_describe_failure(exc, self.timeout_s)) from exc
 
-    @staticmethod
-    async def _sleep_or_fail(seconds: float, tasks) -> None:
-        done, _ = await asyncio.wait(tasks, timeout=seconds, return_when=asyncio.FIRST_EXCEPTION)
-        for task in done:
-            if task.exception() is not None:
-                raise task.exception()
+    async def statistics(self) -> Mapping[str, Any] | None:
+        """Triton's cumulative statistics of the model, or None when the server will not say."""
+        generator = self.generator
+        try:
+            if generator.protocol == "grpc":
+                return await self.client.get_inference_statistics(
+                    generator.model_name, headers=generator.headers, as_json=True, client_timeout=5.0
+                )
+            return await self.client.get_inference_statistics(generator.model_name, headers=generator.headers)
+        except Exception:  # the breakdown is a bonus: a server that hides it still gets measured
+            return None
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+async def _sleep_or_fail(seconds: float, tasks) -> None:
+    done, _ = await asyncio.wait(tasks, timeout=max(0.0, seconds), return_when=asyncio.FIRST_EXCEPTION)
+    for task in done:
+        if task.exception() is not None:
+            raise task.exception()
 
 
 def _describe_failure(exc: Exception, timeout_s: float) -> str:
+    if isinstance(exc, asyncio.TimeoutError):
+        return f"a request timed out after {timeout_s:g} s (server hung or overloaded)"
     message = exc.message() if hasattr(exc, "message") and callable(exc.message) else str(exc)
     message = (message or type(exc).__name__).strip().splitlines()[0]
     if "deadline" in message.lower():

@@ -21,17 +21,22 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from optimizer.errors import PerfAnalyzerError
 from optimizer.paths import cache_dir
+from optimizer.serving.statistics import ServerBreakdown
 
 __all__ = [
+    "PerfAnalyzerLoadGenerator",
     "PerfResult",
+    "ensure_perf_analyzer",
     "find_perf_analyzer",
     "install_perf_analyzer",
     "parse_csv",
@@ -49,14 +54,16 @@ _SHIMS = {"libcudart.so.12": "libcudart-*.so.12*", "libb64.so.0d": "libb64-*.so.
 
 @dataclass(frozen=True)
 class PerfResult:
-    """One concurrency level as perf_analyzer measured it (client-side latencies)."""
+    """One level (a concurrency or a request rate) as perf_analyzer measured it (client-side latencies)."""
 
-    concurrency: int
+    concurrency: int  # 0 in request-rate mode
     throughput: float  # inferences per second
     p50_ms: float
     p90_ms: float
     p95_ms: float
     p99_ms: float
+    request_rate: float | None = None
+    server: ServerBreakdown | None = field(default=None, repr=False)  # its Server Queue/Compute columns
 
 
 def perf_analyzer_args(
@@ -66,13 +73,21 @@ def perf_analyzer_args(
     concurrency: int = 1,
     shapes: Mapping[str, Sequence[int]] | None = None,
     input_data: str | Path | None = None,
+    request_rate: float | None = None,
+    protocol: str = "grpc",
 ) -> list[str]:
     """The perf_analyzer arguments (without the program) that load ``model`` like a study does.
 
-    ``input_data`` is ``"zero"``, ``"random"`` (perf_analyzer's default, whose integers are anywhere in
-    the type's range: out of bounds for token ids) or a JSON file from ``write_input_data``.
+    ``grpc_url`` is the address for ``protocol`` (``host:port``). ``input_data`` is ``"zero"``,
+    ``"random"`` (perf_analyzer's default, whose integers are anywhere in the type's range: out of bounds
+    for token ids) or a JSON file from ``write_input_data``. A ``request_rate`` replaces the closed loop
+    by Poisson arrivals at that many requests per second.
     """
-    args = ["-m", model, "-u", grpc_url, "-i", "grpc", "--concurrency-range", str(concurrency)]
+    args = ["-m", model, "-u", grpc_url, "-i", protocol]
+    if request_rate is None:
+        args += ["--concurrency-range", str(concurrency)]
+    else:
+        args += ["--request-rate-range", f"{request_rate:g}", "--request-distribution", "poisson"]
     for name, dims in (shapes or {}).items():
         args += ["--shape", f"{name}:{','.join(str(d) for d in dims)}"]
     if input_data is not None:
@@ -140,6 +155,18 @@ def find_perf_analyzer() -> Path:
     )
 
 
+def ensure_perf_analyzer() -> Path:
+    """The perf_analyzer binary, installed into the cache first when none is found.
+
+    Raises:
+        PerfAnalyzerError: none was found and installing one failed.
+    """
+    try:
+        return find_perf_analyzer()
+    except PerfAnalyzerError:
+        return install_perf_analyzer()
+
+
 def install_perf_analyzer() -> Path:
     """Install the tritonclient 2.51.0 wheel (no dependencies) into the cache; return its binary."""
     try:
@@ -202,8 +229,10 @@ def run_perf_analyzer(
     max_trials: int = 10,
     extra_args: Sequence[str] = (),
     timeout_s: float = RUN_TIMEOUT_S,
+    request_rate: float | None = None,
+    protocol: str = "grpc",
 ) -> PerfResult:
-    """Measure ``model`` at one concurrency with perf_analyzer; return its figures.
+    """Measure ``model`` at one concurrency (or ``request_rate``) with perf_analyzer; return its figures.
 
     perf_analyzer repeats windows of ``measurement_interval_ms`` until ``3`` in a row agree within
     ``stability_percentage`` (throughput and average latency), at most ``max_trials`` windows.
@@ -218,7 +247,13 @@ def run_perf_analyzer(
         args = [
             str(binary),
             *perf_analyzer_args(
-                model, grpc_url, concurrency=concurrency, shapes=shapes, input_data=input_data
+                model,
+                grpc_url,
+                concurrency=concurrency,
+                shapes=shapes,
+                input_data=input_data,
+                request_rate=request_rate,
+                protocol=protocol,
             ),
             "--measurement-interval",
             str(measurement_interval_ms),
@@ -244,9 +279,15 @@ def run_perf_analyzer(
         if done.returncode != 0 or not report.is_file():
             raise PerfAnalyzerError(_failure_message(done.returncode, done.stdout + done.stderr))
         results = parse_csv(report.read_text())
-    match = [r for r in results if r.concurrency == concurrency]
+    if request_rate is None:
+        match = [r for r in results if r.concurrency == concurrency]
+    else:
+        match = [
+            r for r in results if r.request_rate is not None and abs(r.request_rate - request_rate) < 1e-6
+        ]
     if not match:
-        raise PerfAnalyzerError(f"perf_analyzer's CSV has no row for concurrency {concurrency}")
+        load = f"concurrency {concurrency}" if request_rate is None else f"request rate {request_rate:g}"
+        raise PerfAnalyzerError(f"perf_analyzer's CSV has no row for {load}")
     return match[0]
 
 
@@ -276,14 +317,16 @@ def _last_lines(text: str, lines: int = 3) -> str:
 
 
 def parse_csv(text: str) -> list[PerfResult]:
-    """perf_analyzer's ``-f`` CSV (latencies in µs) as results in milliseconds, one per concurrency.
+    """perf_analyzer's ``-f`` CSV (latencies in µs) as results in milliseconds, one per level.
+
+    The first column is ``Concurrency``, or ``Request Rate`` in request-rate mode.
 
     Raises:
         PerfAnalyzerError: a column we need is missing or a value is not a number.
     """
     rows = list(csv.DictReader(io.StringIO(text)))
     needed = (
-        "Concurrency",
+        "Concurrency or Request Rate",
         "Inferences/Second",
         "p50 latency",
         "p90 latency",
@@ -293,12 +336,14 @@ def parse_csv(text: str) -> list[PerfResult]:
     try:
         return [
             PerfResult(
-                concurrency=int(row["Concurrency"]),
+                concurrency=int(row["Concurrency"]) if "Request Rate" not in row else 0,
                 throughput=float(row["Inferences/Second"]),
                 p50_ms=float(row["p50 latency"]) / 1000,
                 p90_ms=float(row["p90 latency"]) / 1000,
                 p95_ms=float(row["p95 latency"]) / 1000,
                 p99_ms=float(row["p99 latency"]) / 1000,
+                request_rate=float(row["Request Rate"]) if "Request Rate" in row else None,
+                server=_server_columns(row),
             )
             for row in rows
         ]
@@ -306,3 +351,123 @@ def parse_csv(text: str) -> list[PerfResult]:
         raise PerfAnalyzerError(
             f"perf_analyzer's CSV lacks a column or number ({exc}); it needs the columns {', '.join(needed)}"
         ) from exc
+
+
+_SERVER_COLUMNS = ("Server Queue", "Server Compute Input", "Server Compute Infer", "Server Compute Output")
+
+
+def _server_columns(row: Mapping[str, str]) -> ServerBreakdown | None:
+    """The server-side averages perf_analyzer reports (µs), or None when its CSV lacks them."""
+    if not all(row.get(column) for column in _SERVER_COLUMNS):
+        return None
+    queue, compute_input, infer, output = (float(row[column]) / 1000 for column in _SERVER_COLUMNS)
+    return ServerBreakdown(
+        requests=0,  # perf_analyzer's CSV gives averages, not counts
+        executions=0,
+        request_ms=queue + compute_input + infer + output,
+        queue_ms=queue,
+        compute_input_ms=compute_input,
+        compute_infer_ms=infer,
+        compute_output_ms=output,
+    )
+
+
+class PerfAnalyzerLoadGenerator:
+    """perf_analyzer as the study's load generator: one run per level, its CSV read back.
+
+    It sends the study's own requests (``write_input_data``). Its stability rule (3 windows of
+    ``window_s`` in a row within a percentage) is tried at 10%, then 25% and 50%, because on a noisy
+    machine 10% may never settle; the percentage that settled is recorded as the level's uncertainty.
+    """
+
+    STABILITY = (10.0, 25.0, 50.0)
+
+    def __init__(
+        self,
+        url: str,
+        model_name: str,
+        samples: Sequence[Mapping[str, np.ndarray]],
+        settings,
+        *,
+        batched: bool,
+        protocol: str = "grpc",
+        mode: str = "concurrency",
+        headers: Mapping[str, str] | None = None,
+        resources: Callable[[], Mapping[str, float]] | None = None,
+    ) -> None:
+        self.url = url
+        self.model_name = model_name
+        self.samples = list(samples)
+        self.settings = settings
+        self.batched = batched
+        self.protocol = protocol
+        self.mode = mode
+        self.headers = dict(headers or {})
+        self.resources = resources
+
+    def run_levels(self, levels: Sequence[float], on_level) -> list:
+        """Measure ``levels`` in order; ``on_level(index, result)`` returns False to stop the sweep."""
+        results = []
+        with tempfile.TemporaryDirectory(prefix="optimize-perf-data-") as tmp:
+            data = write_input_data(Path(tmp) / "requests.json", self.samples, batched=self.batched)
+            for index, level in enumerate(levels):
+                results.append(self._level(level, data))
+                if not on_level(index, results[-1]):
+                    break
+        return results
+
+    def measure(self, level: float):
+        return self.run_levels([level], lambda index, result: False)[0]
+
+    def _level(self, level: float, data: Path):
+        from optimizer.loadgen import LevelResult
+
+        started = time.perf_counter()
+        result, stability, resources = self._settled(level, data)
+        return LevelResult(
+            concurrency=result.concurrency,
+            throughput=result.throughput,
+            p50_ms=result.p50_ms,
+            p95_ms=result.p95_ms,
+            p99_ms=result.p99_ms,
+            requests=0,  # perf_analyzer reports rates, not counts
+            duration_s=0.0,
+            request_rate=result.request_rate,
+            uncertainty={"stability_pct": stability, "settled": stability == self.STABILITY[0]},
+            server=result.server,
+            resources=resources,
+            measure_s=time.perf_counter() - started,
+        )
+
+    def _settled(self, level: float, data: Path):
+        """perf_analyzer's result at the first stability percentage that settles, and the resources seen."""
+        for stability in self.STABILITY:
+            try:
+                result, resources = self._run(level, data, stability)
+                return result, stability, resources
+            except PerfAnalyzerError as exc:
+                if "no stable measurement" not in exc.message or stability == self.STABILITY[-1]:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _run(self, level: float, data: Path, stability: float):
+        interval_ms = max(100, int(self.settings.window_s * 1000))
+        extra = [arg for key, value in self.headers.items() for arg in ("-H", f"{key}:{value}")]
+        rate = float(level) if self.mode == "request_rate" else None
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            running = pool.submit(
+                run_perf_analyzer,
+                self.model_name,
+                self.url,
+                concurrency=int(level) if rate is None else 1,
+                input_data=data,
+                measurement_interval_ms=interval_ms,
+                stability_percentage=stability,
+                extra_args=extra,
+                request_rate=rate,
+                protocol=self.protocol,
+            )
+            # Sample the server under load: after perf_analyzer's first two windows, if it still runs.
+            time.sleep(2 * interval_ms / 1000)
+            resources = self.resources() if self.resources else None
+            return running.result(), resources

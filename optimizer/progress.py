@@ -56,7 +56,7 @@ class RichReporter:
 def format_trial(report: TrialReport) -> str:
     head = f"#{report.number:<3} {report.summary}"
     if report.state == "complete":
-        return f"{head} -> {report.throughput:.1f} inf/s, p99 {report.p99_ms:.1f} ms at concurrency {report.concurrency}"
+        return f"{head} -> {report.throughput:.1f} inf/s, p99 {report.p99_ms:.1f} ms at {report.load}"
     return f"{head} -> {report.state}: {report.reason}"
 
 
@@ -67,7 +67,7 @@ def print_summary(summary: StudySummary, console: Console | None = None) -> None
         title=f"study {summary.study_name}: {summary.finished}/{summary.budget} trials, "
         f"latency budget {summary.latency_budget_ms:g} ms"
     )
-    for column in ("", "throughput (inf/s)", "p99 (ms)", "concurrency", "config"):
+    for column in ("", "throughput (inf/s)", "p99 (ms)", "load", "config"):
         table.add_column(column)
     for label, report in (("baseline", summary.baseline), ("best", summary.best)):
         if report is None:
@@ -79,7 +79,7 @@ def print_summary(summary: StudySummary, console: Console | None = None) -> None
                 label,
                 f"{report.throughput:.1f}",
                 f"{report.p99_ms:.1f}",
-                str(report.concurrency),
+                report.load,
                 report.summary,
             )
     console.print(table)

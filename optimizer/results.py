@@ -34,6 +34,14 @@ class TrialReport:
     p99_ms: float | None = None
     concurrency: int | None = None
     reason: str | None = None
+    request_rate: float | None = None  # open-loop studies: the rate the trial was best at
+
+    @property
+    def load(self) -> str:
+        """Where the trial was best: ``concurrency 4`` or ``request rate 50/s``."""
+        if self.request_rate is not None:
+            return f"request rate {self.request_rate:g}/s"
+        return f"concurrency {self.concurrency}"
 
 
 @dataclass(frozen=True)
@@ -64,6 +72,7 @@ def report_of(trial) -> TrialReport:
         p99_ms=attrs.get("p99_ms"),
         concurrency=attrs.get("concurrency"),
         reason=attrs.get("reason") or (None if state == "complete" else "interrupted"),
+        request_rate=attrs.get("request_rate"),
     )
 
 

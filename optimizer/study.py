@@ -85,6 +85,11 @@ class StudySettings:
     sampler: str = "tpe"  # tpe (the default), random, or grid (every point of a listed space, once)
     warm_start: str | None = None  # a finished study of the same model whose best configs go first
     pruning: bool = True  # stop trials early that trail the median of earlier ones
+    # How trials are measured (issue 7): engine, protocol, open-loop rates, and a memory limit.
+    load_generator: str = "builtin"  # or "perf_analyzer"
+    protocol: str = "grpc"  # or "http"
+    request_rates: tuple[float, ...] = ()  # Poisson arrivals at these rates instead of the concurrency sweep
+    max_memory_mb: float | None = None  # the server's process-tree RSS (see serving/metrics.memory_figure)
 
 
 class Reporter(Protocol):
@@ -215,6 +220,7 @@ def _measure(
         if hasattr(server, "check_model"):  # a recording answers for the model it recorded only
             server.check_model(plan.model.sha256)
         runner = TrialRunner(server, plan.model, plan.samples, space, plan.model_name, settings, reporter)
+        runner.check_memory_limit()
         runner.latency_budget_ms = _latency_budget(study, runner, settings, reporter)
         _record_study_attrs(study, plan.model, plan.shapes, space, server, runner.latency_budget_ms, settings)
         if not study.get_trials(deepcopy=False):  # a crash between creating the study and enqueuing
@@ -251,6 +257,44 @@ def _check_settings(settings: StudySettings) -> None:
         raise UsageError(
             f"--accuracy-tolerance must be between 0 and 2 (1 - cosine similarity), got {tolerance}"
         )
+    _check_measure_settings(settings)
+
+
+def _check_measure_settings(settings: StudySettings) -> None:
+    from optimizer.errors import UsageError
+    from optimizer.loadgen import ENGINES, PROTOCOLS, RULES
+
+    checks = [
+        (settings.load_generator in ENGINES, f"--load-generator must be one of {', '.join(ENGINES)}"),
+        (settings.protocol in PROTOCOLS, f"--protocol must be one of {', '.join(PROTOCOLS)}"),
+        (settings.measure.rule in RULES, f"--stop-rule must be one of {', '.join(RULES)}"),
+        (all(math.isfinite(r) and r > 0 for r in settings.request_rates), "--request-rate must be positive"),
+        (
+            settings.max_memory_mb is None
+            or (math.isfinite(settings.max_memory_mb) and settings.max_memory_mb > 0),
+            f"--max-memory-mb must be a positive number of MiB, got {settings.max_memory_mb}",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+    _check_window(settings.measure)
+    if settings.load_generator == "perf_analyzer":
+        from optimizer.perf_analyzer import ensure_perf_analyzer
+
+        ensure_perf_analyzer()  # found, or installed now: never a missing binary in the middle of a study
+
+
+def _check_window(measure: MeasureSettings) -> None:
+    from optimizer.errors import UsageError
+
+    if not (measure.warmup_s >= 0 and 0 < measure.window_s <= measure.max_window_s):
+        raise UsageError(
+            f"--window-s ({measure.window_s:g}) must be positive and at most --max-window-s "
+            f"({measure.max_window_s:g}), --warmup-s ({measure.warmup_s:g}) not negative"
+        )
+    if not (0 < measure.throughput_ci and 0 < measure.p99_ci):
+        raise UsageError("--throughput-ci and --p99-ci must be positive fractions, e.g. 0.05 for within 5%")
 
 
 SYNTHETIC_SAMPLES = 32

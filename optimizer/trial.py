@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from optimizer.errors import ConfigRejected, InferenceError, ServerDiedError
 from optimizer.intake import ModelInfo
-from optimizer.loadgen import GrpcLoadGenerator, LevelResult
+from optimizer.loadgen import LevelResult, make_load_generator
 from optimizer.measure import SweepOutcome, best_feasible, next_step
 from optimizer.paths import cache_dir
 from optimizer.render import config_digest, render_config, to_dict, to_json
@@ -26,9 +26,17 @@ from optimizer.variants import model_files
 if TYPE_CHECKING:
     from optimizer.study import StudySettings
 
-__all__ = ["CONSTRAINT", "TrialFailed", "TrialRunner", "first_line", "inference_client_options"]
+__all__ = [
+    "CONSTRAINT",
+    "MEMORY_CONSTRAINT",
+    "TrialFailed",
+    "TrialRunner",
+    "first_line",
+    "inference_client_options",
+]
 
 CONSTRAINT = "latency_budget"
+MEMORY_CONSTRAINT = "memory"
 
 
 class TrialFailed(Exception):
@@ -63,7 +71,7 @@ class TrialRunner:
         """Single-request p99 of the untuned config: the base of the default latency budget."""
         config = render_config(self.model, Candidate(max_batch_size=1), model_name=self.model_name)
         self._load(config, "fp32")
-        return self._load_generator().measure(1).p99_ms
+        return self._load_generator(mode="concurrency").measure(1).p99_ms
 
     def __call__(self, trial) -> float:
         import optuna
@@ -96,6 +104,11 @@ class TrialRunner:
         finally:
             trial.set_user_attr("trial_s", round(time.perf_counter() - started, 3))
         self._record(trial, outcome)
+        over_memory = self._record_memory(trial, outcome)
+        if over_memory:
+            trial.set_user_attr("feasible", False)
+            trial.set_user_attr("reason", f"infeasible: {over_memory}")
+            raise optuna.TrialPruned(over_memory)
         if not outcome.feasible:
             trial.set_user_attr("reason", f"infeasible: {outcome.stop_reason}")
             raise optuna.TrialPruned(outcome.stop_reason)
@@ -125,35 +138,69 @@ class TrialRunner:
             if best is not None:
                 trial.report(best.throughput, step=index)
                 if trial.should_prune():
-                    stop.append(
-                        f"pruned at concurrency {level.concurrency}: behind the median of earlier trials"
-                    )
+                    stop.append(f"pruned at {level.load}: behind the median of earlier trials")
                     return False
-            reason = next_step(levels, budget, remaining=len(self.settings.concurrency) - index - 1)
+            reason = next_step(levels, budget, remaining=len(loads) - index - 1)
             if reason:
                 stop.append(reason)
             return reason is None
 
+        loads = self.settings.request_rates or self.settings.concurrency
         try:
-            self._load_generator().run_levels(self.settings.concurrency, on_level)
+            self._load_generator().run_levels(loads, on_level)
         except (InferenceError, ServerDiedError) as exc:
             raise self._server_fault("during measurement", exc) from exc
         return SweepOutcome(tuple(levels), best_feasible(levels, budget), stop[0] if stop else "")
 
-    def _load_generator(self) -> GrpcLoadGenerator:
+    def _load_generator(self, mode: str | None = None):
+        """The engine, protocol and mode the study asked for (closed loop unless it gave request rates)."""
+        from optimizer.serving.metrics import server_resources
+
         replaying = getattr(self.target, "load_generator", None)
         if replaying is not None:  # a recorded surface answers instead of a server
             return replaying()
+
         # A remote target may need TLS and auth headers for inference too, not only for model control.
         options, headers = inference_client_options(self.target)
-        return GrpcLoadGenerator(
-            self.target.grpc_url,
+        settings = self.settings
+        return make_load_generator(
+            self.target,
             self.model_name,
             self.samples,
-            self.settings.measure,
+            settings.measure,
+            engine=settings.load_generator,
+            protocol=settings.protocol,
+            mode=mode or ("request_rate" if settings.request_rates else "concurrency"),
+            batched=self.model.batching,
             client_options=options,
             headers=headers,
+            resources=lambda: server_resources(self.target),
         )
+
+    def check_memory_limit(self) -> None:
+        """Stop before any trial when ``--max-memory-mb`` cannot be judged or cannot be met.
+
+        Raises:
+            StudyError: the server's memory is unreadable, or the server alone already uses more.
+        """
+        from optimizer.errors import StudyError
+        from optimizer.serving.metrics import memory_figure, server_resources
+
+        limit = self.settings.max_memory_mb
+        if limit is None:
+            return
+        figure = memory_figure(server_resources(self.target))
+        if figure is None:
+            raise StudyError(
+                f"--max-memory-mb needs the server's memory, which the {self.target.name} target does not "
+                "show (no process of ours, no readable /metrics): give --metrics-url or drop --max-memory-mb"
+            )
+        used, source = figure
+        if used >= limit:
+            raise StudyError(
+                f"--max-memory-mb {limit:g} is impossible: before any model is loaded the {source} is "
+                f"already {used:.0f} MiB; raise the limit"
+            )
 
     def _server_fault(self, when: str, exc: Exception) -> TrialFailed:
         """Turn a crash or hang into a failed trial, restarting the server so later trials are unaffected."""
@@ -172,17 +219,44 @@ class TrialRunner:
         trial.set_user_attr("sweep", [level.to_dict() for level in outcome.levels])
         trial.set_user_attr("stop_reason", outcome.stop_reason)
         trial.set_user_attr("feasible", outcome.feasible)
+        trial.set_user_attr("load_generator", self.settings.load_generator)
+        trial.set_user_attr("measure_s", round(sum(level.measure_s for level in outcome.levels), 3))
         budget = self.latency_budget_ms
         if outcome.best is not None:
             best = outcome.best
             trial.set_user_attr("throughput", round(best.throughput, 3))
             trial.set_user_attr("p99_ms", round(best.p99_ms, 3))
             trial.set_user_attr("p50_ms", round(best.p50_ms, 3))
-            trial.set_user_attr("concurrency", best.concurrency)
+            if best.request_rate is None:
+                trial.set_user_attr("concurrency", best.concurrency)
+            else:
+                trial.set_user_attr("request_rate", best.request_rate)
+            for key in ("uncertainty", "server", "resources"):
+                if key in (record := best.to_dict()):
+                    trial.set_user_attr(key, record[key])
             trial.set_constraint(CONSTRAINT, (best.p99_ms - budget) / budget)
         else:
             lowest = min(level.p99_ms for level in outcome.levels)
             trial.set_constraint(CONSTRAINT, (lowest - budget) / budget)
+
+    def _record_memory(self, trial, outcome: SweepOutcome) -> str | None:
+        """Record the most memory any level needed; why the trial breaks ``--max-memory-mb``, or None."""
+        from optimizer.serving.metrics import memory_figure
+
+        figures = [memory_figure(dict(level.resources or {})) for level in outcome.levels]
+        known = [figure for figure in figures if figure is not None]
+        if not known:
+            return None
+        used, source = max(known)
+        trial.set_user_attr("memory_mb", round(used, 3))
+        trial.set_user_attr("memory_source", source)
+        limit = self.settings.max_memory_mb
+        if limit is None:
+            return None
+        trial.set_constraint(MEMORY_CONSTRAINT, (used - limit) / limit)
+        if used <= limit:
+            return None
+        return f"{source} {used:.0f} MiB broke the --max-memory-mb {limit:g} limit"
 
 
 def inference_client_options(target) -> tuple[dict, dict | None]:
@@ -216,7 +290,15 @@ _COPIED_ATTRS = (
     "p99_ms",
     "p50_ms",
     "concurrency",
+    "request_rate",
     "reason",
+    "load_generator",
+    "measure_s",
+    "uncertainty",
+    "server",
+    "resources",
+    "memory_mb",
+    "memory_source",
 )
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import optuna
 import pytest
 from onnx import TensorProto, helper
 from test_study import _settings
@@ -137,6 +138,33 @@ CASES = [
     ("latency-nan", lambda m, f, t: ["--latency-budget-ms", "nan"], 2, "positive number of milliseconds"),
     ("tolerance-negative", lambda m, f, t: ["--accuracy-tolerance", "-1"], 2, "between 0 and 2"),
     ("concurrency-bad", lambda m, f, t: ["--concurrency", "8,4"], 2, "ascending order"),
+    ("request-rate-zero", lambda m, f, t: ["--request-rate", "0"], 2, "distinct positive requests/s"),
+    ("request-rate-negative", lambda m, f, t: ["--request-rate", "-5"], 2, "distinct positive requests/s"),
+    ("request-rate-nan", lambda m, f, t: ["--request-rate", "nan"], 2, "distinct positive requests/s"),
+    ("request-rate-words", lambda m, f, t: ["--request-rate", "fast"], 2, "distinct positive requests/s"),
+    (
+        "request-rate-and-concurrency",
+        lambda m, f, t: ["--request-rate", "50", "--concurrency", "1,2"],
+        2,
+        "not both",
+    ),
+    ("max-memory-zero", lambda m, f, t: ["--max-memory-mb", "0"], 2, "positive number of MiB"),
+    ("max-memory-negative", lambda m, f, t: ["--max-memory-mb", "-1"], 2, "positive number of MiB"),
+    ("load-generator-unknown", lambda m, f, t: ["--load-generator", "locust"], 2, "builtin, perf_analyzer"),
+    ("protocol-unknown", lambda m, f, t: ["--protocol", "udp"], 2, "--protocol must be one of grpc, http"),
+    (
+        "stop-rule-unknown",
+        lambda m, f, t: ["--stop-rule", "never"],
+        2,
+        "--stop-rule must be one of ci, fixed",
+    ),
+    (
+        "window-over-cap",
+        lambda m, f, t: ["--window-s", "5", "--max-window-s", "2"],
+        2,
+        "at most --max-window-s",
+    ),
+    ("p99-ci-zero", lambda m, f, t: ["--p99-ci", "0"], 2, "positive fractions"),
     ("cpus-bad", lambda m, f, t: ["--cpus", "0-999"], 2, "cores this machine does not offer"),
     (
         "sampler-unknown",
@@ -264,3 +292,29 @@ def test_other_commands_bad_input(args, code, fragment, existing, capsys):
 
 def test_the_catalogue_has_at_least_thirty_cases():
     assert len(CASES) + 4 >= 30
+
+
+def test_perf_analyzer_engine_that_cannot_be_installed_is_one_line(models, tmp_path, monkeypatch, capsys):
+    from optimizer import perf_analyzer
+
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # no perf_analyzer on PATH
+    monkeypatch.setenv("OPTIMIZE_CACHE_DIR", str(tmp_path / "cache"))  # none installed in the cache
+    monkeypatch.setattr(perf_analyzer.sysconfig, "get_path", lambda name: str(tmp_path))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # and pip finds nothing to install: as offline
+    args = ["study", "--model", str(models["mlp"]), "--study-name", "pa", "--load-generator", "perf_analyzer"]
+    assert main([*args, "--storage", f"sqlite:///{tmp_path / 'pa.db'}"]) == 8
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: installing tritonclient==2.51.0 failed"), err
+    assert "Traceback" not in err
+
+
+def test_max_memory_below_the_idle_server_is_impossible_before_any_trial(models, tmp_path, capsys):
+    args = ["study", "--model", str(models["mlp"]), "--study-name", "mem", "--max-memory-mb", "1"]
+    assert main([*args, "--storage", f"sqlite:///{tmp_path / 'mem.db'}", "--latency-budget-ms", "200"]) == 6
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "--max-memory-mb 1 is impossible" in lines[0], err
+    assert "server process-tree RSS is already" in lines[0]
+    study = optuna.load_study(study_name="mem", storage=f"sqlite:///{tmp_path / 'mem.db'}")
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.WAITING]  # the baseline, never run

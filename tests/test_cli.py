@@ -130,6 +130,8 @@ def test_ctrl_c_stops_the_server_and_leaves_no_running_trial(models, tmp_path):
             f"sqlite:///{db}",
             "--window-s",
             "1",
+            "--stop-rule",
+            "fixed",
             "--concurrency",
             "1,2,4",
         ],

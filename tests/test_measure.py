@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from optimizer.errors import InferenceError, UsageError
 from optimizer.loadgen import LevelResult, summarise_level
-from optimizer.measure import best_feasible, next_step, parse_levels
+from optimizer.measure import best_feasible, next_step, parse_levels, parse_rates
 
 BUDGET_MS = 10.0
 
@@ -257,3 +257,40 @@ def test_sweep_best_never_exceeds_the_budget_and_continuing_means_within_budget(
         assert best.p99_ms <= budget_ms
         assert best in measured
         assert best.throughput == max(level.throughput for level in feasible)
+
+
+# --- request-rate sweeps ---------------------------------------------------------------------------
+
+
+def _rate_level(rate: float, throughput: float, p99_ms: float) -> LevelResult:
+    return LevelResult(0, throughput, p99_ms / 2, p99_ms * 0.9, p99_ms, 100, 3.0, request_rate=rate)
+
+
+def test_next_step_names_the_request_rate_that_broke_the_budget():
+    levels = [_rate_level(50, 50, 5), _rate_level(100, 99, 12)]
+    assert (
+        next_step(levels, BUDGET_MS, remaining=2)
+        == "p99 12.0 ms broke the 10 ms budget at request rate 100/s"
+    )
+
+
+def test_next_step_at_the_last_rate_says_so():
+    assert next_step([_rate_level(50, 50, 5)], BUDGET_MS, remaining=0) == "highest request rate reached"
+
+
+def test_parse_rates_accepts_positive_ascending_rates():
+    assert parse_rates("12.5,50,100") == (12.5, 50.0, 100.0)
+
+
+@pytest.mark.parametrize("text", ["0", "-1", "50,10", "50,50", "inf", "x"])
+def test_parse_rates_refuses_what_is_not_positive_and_ascending(text):
+    with pytest.raises(UsageError, match="distinct positive requests/s"):
+        parse_rates(text)
+
+
+def test_a_trial_of_an_open_loop_study_is_shown_at_its_rate():
+    from optimizer.progress import format_trial
+    from optimizer.results import TrialReport
+
+    report = TrialReport(3, "complete", "cpu fp32", 99.0, 8.0, request_rate=100.0)
+    assert format_trial(report).endswith("99.0 inf/s, p99 8.0 ms at request rate 100/s")

@@ -20,8 +20,9 @@ from optimizer.perf_analyzer import (
     run_perf_analyzer,
     write_input_data,
 )
-from optimizer.render import render_config
+from optimizer.render import render_config, to_json
 from optimizer.serve import serving
+from optimizer.serving.statistics import ServerBreakdown
 from optimizer.space import Candidate
 
 # What perf_analyzer 2.51.0 wrote here with -f (latencies in microseconds).
@@ -31,8 +32,13 @@ CSV = """Concurrency,Inferences/Second,Client Send,Network+Server Send/Recv,Serv
 """
 
 
-def test_parse_csv_reads_throughput_and_percentiles_in_milliseconds():
-    assert parse_csv(CSV) == [
+def _server(queue: float, compute_input: float, infer: float, output: float) -> ServerBreakdown:
+    return ServerBreakdown(0, 0, queue + compute_input + infer + output, queue, compute_input, infer, output)
+
+
+def test_parse_csv_reads_throughput_percentiles_and_server_columns_in_milliseconds():
+    results = parse_csv(CSV)
+    assert results == [
         PerfResult(
             concurrency=2,
             throughput=2858.25,
@@ -40,8 +46,45 @@ def test_parse_csv_reads_throughput_and_percentiles_in_milliseconds():
             p90_ms=0.912,
             p95_ms=1.028,
             p99_ms=2.966,
+            server=_server(0.118, 0.012, 0.142, 0.103),
         ),
-        PerfResult(concurrency=4, throughput=3100.5, p50_ms=1.2, p90_ms=1.5, p95_ms=1.8, p99_ms=4.1),
+        PerfResult(
+            concurrency=4,
+            throughput=3100.5,
+            p50_ms=1.2,
+            p90_ms=1.5,
+            p95_ms=1.8,
+            p99_ms=4.1,
+            server=_server(0.3, 0.012, 0.15, 0.103),
+        ),
+    ]
+
+
+# What it wrote with --request-rate-range 200 --request-distribution poisson.
+RATE_CSV = """Request Rate,Inferences/Second,Client Send,Network+Server Send/Recv,Server Queue,Server Compute Input,Server Compute Infer,Server Compute Output,Client Recv,p50 latency,p90 latency,p95 latency,p99 latency
+200,193.137,12,487,85,39,443,191,2,1296,1787,1998,2744
+"""
+
+
+def test_parse_csv_of_a_request_rate_run_keeps_the_rate_and_no_concurrency():
+    (result,) = parse_csv(RATE_CSV)
+    assert (result.request_rate, result.concurrency, result.throughput) == (200.0, 0, 193.137)
+    assert result.p99_ms == pytest.approx(2.744)
+
+
+def test_request_rate_arguments_ask_for_poisson_arrivals_over_http():
+    args = perf_analyzer_args("m", "127.0.0.1:8000", request_rate=50, protocol="http")
+    assert args == [
+        "-m",
+        "m",
+        "-u",
+        "127.0.0.1:8000",
+        "-i",
+        "http",
+        "--request-rate-range",
+        "50",
+        "--request-distribution",
+        "poisson",
     ]
 
 
@@ -175,3 +218,35 @@ def test_perf_analyzer_measures_a_served_repository_with_the_studys_requests(bin
             run_perf_analyzer(
                 "no_such_model", served.server.grpc_url, concurrency=1, measurement_interval_ms=500
             )
+
+
+@pytest.mark.server
+def test_perf_analyzer_engine_sweeps_levels_like_the_builtin_generator(binary, triton, models, tmp_path):
+    from optimizer.loadgen import MeasureSettings, make_load_generator
+    from optimizer.serving.metrics import server_resources
+
+    info = inspect_model(models["mlp"])
+    config = render_config(info, Candidate(max_batch_size=4), model_name="pa_mlp")
+    triton.load_model("pa_mlp", to_json(config), {"1/model.onnx": info.path})
+    samples = [synthetic_inputs(info, {"x": (64,)}, 1, seed=seed) for seed in range(4)]
+    generator = make_load_generator(
+        triton,
+        "pa_mlp",
+        samples,
+        MeasureSettings(window_s=0.5),
+        engine="perf_analyzer",
+        batched=True,
+        resources=lambda: server_resources(triton),
+    )
+    seen = []
+    results = generator.run_levels([1, 2, 4], lambda index, result: seen.append(index) or index < 1)
+    assert seen == [0, 1] and [r.concurrency for r in results] == [1, 2]
+    for result in results:
+        assert result.throughput > 0 and 0 < result.p50_ms <= result.p99_ms
+        assert result.uncertainty["stability_pct"] in (10.0, 25.0, 50.0)
+        assert result.server is not None and result.server.compute_infer_ms > 0
+        assert result.resources["server_rss_mb"] > 0
+    rate = make_load_generator(
+        triton, "pa_mlp", samples, MeasureSettings(window_s=0.5), engine="perf_analyzer", mode="request_rate"
+    ).measure(100)
+    assert rate.request_rate == 100.0 and rate.throughput == pytest.approx(100, rel=0.3)

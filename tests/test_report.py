@@ -42,7 +42,7 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 FAST = MeasureSettings(warmup_s=0.1, window_s=0.3, min_requests=10, max_window_s=1.0)
-FAST_CLI = ["--window-s", "0.3", "--warmup-s", "0.1", "--concurrency", "1,2,4"]
+FAST_CLI = ["--window-s", "0.3", "--warmup-s", "0.1", "--concurrency", "1,2,4", "--stop-rule", "fixed"]
 HOSTILE = '</script><script>alert("x")</script><img src=x onerror=alert(1)>'
 
 
@@ -359,6 +359,10 @@ def test_csv_loads_back_with_one_row_per_trial_and_config_columns(studies, tmp_p
     assert "config.instance_group.0.count" in frame.columns and "constraint.latency_budget" in frame.columns
     assert not any(column.startswith("config.input") for column in frame.columns)
     assert frame.loc[2, "reason"].startswith("Triton rejected the config")
+    complete = frame[frame["state"] == "complete"]
+    assert (complete["measure_s"] > 0).all() and (complete["memory_mb"] > 0).all()
+    assert (complete["server.compute_infer_ms"] > 0).all() and (complete["resources.server_rss_mb"] > 0).all()
+    assert "uncertainty.p99_ci" in frame.columns
 
 
 # --- the HTML page in a real browser -------------------------------------------------------------------

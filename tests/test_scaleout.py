@@ -113,7 +113,7 @@ def test_a_second_worker_on_the_same_host_is_refused_without_pinning(models, pos
 
 
 def test_worker_killed_mid_trial_has_its_trial_retried_by_the_other(models, postgres_url, pg):
-    slow = ["--budget", "7", "--allow-shared-host", "--window-s", "1"]
+    slow = ["--budget", "7", "--allow-shared-host", "--window-s", "1", "--stop-rule", "fixed"]
     victim = _worker(models["mlp"], postgres_url, "retry", *slow)
     deadline = time.monotonic() + 120
     killed = None

@@ -26,7 +26,7 @@ from optimizer.study import QuietReporter, StudySettings, run_study
 pytestmark = pytest.mark.server
 
 FAST = MeasureSettings(warmup_s=0.1, window_s=0.3, min_requests=10, max_window_s=1.0)
-FAST_CLI = ["--window-s", "0.3", "--warmup-s", "0.1", "--concurrency", "1,2,4"]
+FAST_CLI = ["--window-s", "0.3", "--warmup-s", "0.1", "--concurrency", "1,2,4", "--stop-rule", "fixed"]
 
 
 def _settings(model: Path, tmp_path: Path, **overrides) -> StudySettings:

@@ -19,10 +19,15 @@ MEASUREMENTS = (
     "p99_ms",
     "p50_ms",
     "concurrency",
+    "request_rate",
+    "memory_mb",
     "reason",
     "load_s",
     "trial_s",
+    "measure_s",
 )
+# The best level's records, flattened into prefixed columns (uncertainty.p99_ci, server.queue_ms, ...).
+_LEVEL_RECORDS = ("uncertainty", "server", "resources")
 # Inputs and outputs are the model's, the same on every trial: they would only widen the table.
 _SKIPPED_CONFIG_FIELDS = ("input", "output")
 
@@ -73,6 +78,9 @@ def _row(trial: Any) -> dict[str, Any]:
     row.update({f"param.{k}": v for k, v in trial.params.items()})
     config = {k: v for k, v in (attrs.get("config") or {}).items() if k not in _SKIPPED_CONFIG_FIELDS}
     row.update(dict(flatten_config(config, "config")))
+    for record in _LEVEL_RECORDS:
+        if attrs.get(record):
+            row.update(dict(flatten_config(attrs[record], record)))
     return row
 
 

@@ -1,7 +1,11 @@
-"""A server's own /metrics: which GPUs it has, read with prometheus_client's text parser.
+"""A server's own /metrics: which GPUs it has and what it uses, read with prometheus_client's text parser.
 
 Whether a server has GPUs is decided from what that server reports (its ``nv_gpu_*`` families carry
 a ``gpu_uuid`` label per device), never from the machine optimize runs on.
+
+Memory: Triton 2.51 reports CPU memory for the whole machine (``nv_cpu_memory_used_bytes``), not for
+itself, so a server optimize runs as a child is also measured by the resident memory of its process
+tree (tritonserver plus its backend stubs, which hold the model sessions): that is the per-config figure.
 """
 
 from __future__ import annotations
@@ -9,8 +13,19 @@ from __future__ import annotations
 import http.client
 import ssl
 import urllib.request
+from pathlib import Path
 
-__all__ = ["METRICS_ERRORS", "describe_metrics_error", "fetch_metrics", "gpus_in_metrics", "read_gpus"]
+__all__ = [
+    "METRICS_ERRORS",
+    "describe_metrics_error",
+    "fetch_metrics",
+    "gpus_in_metrics",
+    "memory_figure",
+    "process_tree_rss_mb",
+    "read_gpus",
+    "resource_usage",
+    "server_resources",
+]
 
 GPU_METRIC_PREFIX = "nv_gpu_"
 # What reading a metrics URL can raise: unreachable (OSError, urllib's errors included), not HTTP at
@@ -55,3 +70,101 @@ def describe_metrics_error(exc: Exception) -> str:
         return "the answer is not Prometheus metrics text"
     reason = getattr(exc, "reason", None) or exc
     return " ".join(str(reason).split())[:200]
+
+
+MIB = 1024 * 1024
+# /metrics family -> the name recorded on trials (bytes become MiB; GPU figures are summed over devices).
+_USAGE = {
+    "nv_cpu_memory_used_bytes": "cpu_memory_used_mb",
+    "nv_cpu_memory_total_bytes": "cpu_memory_total_mb",
+    "nv_cpu_utilization": "cpu_utilization",
+    "nv_gpu_memory_used_bytes": "gpu_memory_used_mb",
+    "nv_gpu_memory_total_bytes": "gpu_memory_total_mb",
+    "nv_gpu_utilization": "gpu_utilization",
+}
+
+
+def resource_usage(text: str) -> dict[str, float]:
+    """Memory (MiB) and utilisation (0-1) from a Triton /metrics text; GPU entries only when it has GPUs.
+
+    GPU memory is the sum over the server's GPUs and GPU utilisation their mean.
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+
+    values: dict[str, list[float]] = {}
+    for family in text_string_to_metric_families(text):
+        name = _USAGE.get(family.name)
+        if name is not None:
+            values.setdefault(name, []).extend(sample.value for sample in family.samples)
+    usage = {}
+    for name, samples in values.items():
+        if not samples:
+            continue
+        total = sum(samples) if name.endswith("_mb") else sum(samples) / len(samples)
+        usage[name] = round(total / MIB, 3) if name.endswith("_mb") else round(total, 4)
+    if not usage.get("cpu_memory_total_mb"):  # Triton fills its CPU gauges at its first poll (~2 s)
+        for name in ("cpu_memory_used_mb", "cpu_memory_total_mb", "cpu_utilization"):
+            usage.pop(name, None)
+    return usage
+
+
+def process_tree_rss_mb(pid: int) -> float | None:
+    """Resident memory (MiB) of ``pid`` and its process group (the server and its backend stubs).
+
+    Backend stubs are the server's children and share its process group; None when ``pid`` is gone.
+    """
+    total_kib = 0
+    found = False
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(entry.name) != pid and int(fields[2]) != pid:
+                continue
+            total_kib += _rss_kib(entry)
+            found = found or int(entry.name) == pid
+        except (OSError, IndexError, ValueError):
+            continue
+    return round(total_kib / 1024, 3) if found else None
+
+
+def _rss_kib(proc: Path) -> int:
+    for line in (proc / "status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0  # a zombie has no resident memory
+
+
+def server_resources(target) -> dict[str, float]:
+    """``target``'s memory and utilisation now: its /metrics figures and, for a child process, its RSS.
+
+    Anything that cannot be read is left out: resources are recorded, they never fail a measurement.
+    """
+    usage: dict[str, float] = {}
+    url = getattr(target, "metrics_url", "") or ""
+    if url:
+        tls = getattr(target, "tls", None)
+        context = tls.ssl_context() if tls is not None and url.startswith("https:") else None
+        try:
+            usage.update(resource_usage(fetch_metrics(url, timeout=2.0, context=context)))
+        except METRICS_ERRORS:
+            pass
+    pid = getattr(target, "pid", None)
+    rss = process_tree_rss_mb(pid) if isinstance(pid, int) else None
+    if rss is not None:
+        usage["server_rss_mb"] = rss
+    return usage
+
+
+def memory_figure(usage: dict[str, float]) -> tuple[float, str] | None:
+    """The memory a config needs (MiB) and where it comes from, or None when neither is known.
+
+    The server's process-tree RSS when optimize runs the server (per config); otherwise /metrics'
+    CPU memory in use, which in Triton 2.51 is the whole machine's.
+    """
+    if "server_rss_mb" in usage:
+        return usage["server_rss_mb"], "server process-tree RSS"
+    if "cpu_memory_used_mb" in usage:
+        return usage["cpu_memory_used_mb"], "machine CPU memory in use (/metrics)"
+    return None

@@ -1,0 +1,319 @@
+"""Benchmark: does the built-in load generator agree with perf_analyzer, how repeatable is it, how fast?
+
+    .venv/bin/python bench/fidelity.py [--levels 1,4,16] [--rounds 2] [--repeats 5]
+        [--fixed-window-s 10] [--pa-interval-ms 2000] [--parts fidelity,repeat,ceiling]
+
+One embedded Triton, the bundled example encoder (sequence 128), the same 16 requests for both tools
+(perf_analyzer gets them as --input-data). Three parts, each printing a table:
+
+1. fidelity: 3 configs x the --levels, each measured by the built-in generator (ci rule) and by
+   perf_analyzer, alternately (who goes first swaps every round), --rounds times. Prints the ratios
+   built-in / perf_analyzer of throughput and p99 per round, and their median.
+2. repeat: one config at one level (the middle of --levels), --repeats times each, interleaved:
+   the ci rule, a fixed --fixed-window-s window, and perf_analyzer. Prints the coefficient of variation
+   (stdev / mean) of throughput and p99 and the median seconds each measurement took (warm-up included).
+3. sweep: the same config swept over --levels the way a trial sweeps them (stopping at a plateau),
+   --sweep-repeats times with each rule, interleaved: the seconds a trial spends measuring, and the
+   coefficient of variation of the trial's score (its best throughput).
+4. ceiling: a trivial model (Identity, 4 floats) at rising concurrency, one client process: the
+   requests/s the built-in generator sustains and the share of a core its process used, beside
+   perf_analyzer's (a C++ client) on the same server.
+
+The machine is shared and noisy: the load average is printed beside each part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import onnx
+from onnx import TensorProto, helper
+
+from optimizer import examples, perf_analyzer
+from optimizer.intake import inspect_model, resolve_shapes, synthetic_inputs
+from optimizer.loadgen import LevelResult, LoadGenerator, MeasureSettings
+from optimizer.measure import next_step
+from optimizer.paths import cache_dir
+from optimizer.render import render_config, to_json
+from optimizer.serving.embedded import EmbeddedTriton
+from optimizer.space import Candidate
+from optimizer.variants import model_files
+
+CONFIGS = {
+    "fp32 mbs=1 inst=1": Candidate(max_batch_size=1),
+    "fp32 mbs=8 delay=2ms inst=2": Candidate(
+        max_batch_size=8, preferred_batch_sizes=(8, 4), max_queue_delay_us=2000, instance_count=2
+    ),
+    "int8 mbs=16 delay=5ms inst=1": Candidate(
+        precision="int8", max_batch_size=16, preferred_batch_sizes=(16, 8), max_queue_delay_us=5000
+    ),
+}
+REPEAT_CONFIG = "fp32 mbs=8 delay=2ms inst=2"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--levels", default="1,4,16")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--window-s", type=float, default=1.0, help="ci rule: the shortest window")
+    parser.add_argument("--max-window-s", type=float, default=8.0, help="ci rule: the cap")
+    parser.add_argument("--fixed-window-s", type=float, default=10.0)
+    parser.add_argument("--warmup-s", type=float, default=1.0)
+    parser.add_argument("--pa-interval-ms", type=int, default=2000)
+    parser.add_argument("--sweep-repeats", type=int, default=3)
+    parser.add_argument("--parts", default="fidelity,repeat,sweep,ceiling")
+    args = parser.parse_args()
+    levels = [int(level) for level in args.levels.split(",")]
+    parts = args.parts.split(",")
+    ci = MeasureSettings(
+        warmup_s=args.warmup_s,
+        window_s=args.window_s,
+        max_window_s=args.max_window_s,
+        min_requests=30,
+        rule="ci",
+    )
+    fixed = MeasureSettings(
+        warmup_s=args.warmup_s,
+        window_s=args.fixed_window_s,
+        max_window_s=args.fixed_window_s,
+        min_requests=30,
+    )
+    perf_analyzer.ensure_perf_analyzer()
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="fidelity-") as tmp, EmbeddedTriton() as server:
+        bench = _Bench(server, Path(tmp), args.pa_interval_ms)
+        if "fidelity" in parts:
+            _fidelity(bench, levels, args.rounds, ci)
+        if "repeat" in parts:
+            _repeatability(bench, levels[len(levels) // 2], args.repeats, ci, fixed)
+        if "sweep" in parts:
+            _sweeps(bench, levels, args.sweep_repeats, ci, fixed)
+        if "ceiling" in parts:
+            _ceiling(bench, ci)
+    print(f"\ntotal {time.perf_counter() - started:.0f} s on {os.cpu_count()} cores")
+
+
+class _Bench:
+    """The server, the example model's requests, and both tools aimed at one loaded model."""
+
+    def __init__(self, server: EmbeddedTriton, tmp: Path, pa_interval_ms: int) -> None:
+        self.server = server
+        self.tmp = tmp
+        self.pa_interval_ms = pa_interval_ms
+        self.info = inspect_model(examples.example_model(cache_dir() / "examples"), cache=cache_dir())
+        shapes = resolve_shapes(self.info, dict(examples.EXAMPLE_SHAPES))
+        self.samples = [synthetic_inputs(self.info, shapes, 1, seed=seed) for seed in range(16)]
+        self.data = perf_analyzer.write_input_data(tmp / "requests.json", self.samples, batched=True)
+
+    def load(self, name: str, candidate: Candidate) -> None:
+        config = render_config(self.info, candidate, model_name="enc")
+        self.server.load_model(
+            "enc", to_json(config), model_files(self.info, candidate.precision, cache_dir())
+        )
+
+    def ours(
+        self, settings: MeasureSettings, concurrency: int, model: str = "enc", samples=None
+    ) -> LevelResult:
+        generator = LoadGenerator(self.server.grpc_url, model, samples or self.samples, settings)
+        return generator.measure(concurrency)
+
+    def theirs(self, concurrency: int, model: str = "enc", data: Path | None = None):
+        """perf_analyzer's figures, the stability percentage that settled, and the seconds it took.
+
+        The figures are None when not even 50% settled (its run then took the seconds given).
+        """
+        started = time.perf_counter()
+        for stability in (10.0, 25.0, 50.0):
+            try:
+                result = perf_analyzer.run_perf_analyzer(
+                    model,
+                    self.server.grpc_url,
+                    concurrency=concurrency,
+                    input_data=data or self.data,
+                    measurement_interval_ms=self.pa_interval_ms,
+                    stability_percentage=stability,
+                )
+                return result, stability, time.perf_counter() - started
+            except perf_analyzer.PerfAnalyzerError as exc:
+                if "no stable measurement" not in exc.message:
+                    raise
+        return None, math.nan, time.perf_counter() - started
+
+
+def _fidelity(bench: _Bench, levels: list[int], rounds: int, ci: MeasureSettings) -> None:
+    print(f"\n## fidelity: built-in (ci rule) / perf_analyzer, alternated, {rounds} rounds  [{_load()}]")
+    columns = [
+        "config",
+        "concurrency",
+        "ours inf/s",
+        "pa inf/s",
+        "thr ratio (rounds)",
+        "thr median",
+        "ours p99 ms",
+        "pa p99 ms",
+        "p99 ratio (rounds)",
+        "p99 median",
+        "pa stability %",
+    ]
+    print("| " + " | ".join(columns) + " |")
+    print("|" + " --- |" * len(columns))
+    for name, candidate in CONFIGS.items():
+        bench.load(name, candidate)
+        for level in levels:
+            pairs = []
+            for round_ in range(rounds):
+                if round_ % 2 == 0:
+                    ours = bench.ours(ci, level)
+                    theirs, stability, _ = bench.theirs(level)
+                else:
+                    theirs, stability, _ = bench.theirs(level)
+                    ours = bench.ours(ci, level)
+                if theirs is None:
+                    print(f"| {name} | {level} | perf_analyzer did not settle even at 50% (round {round_}) |")
+                    continue
+                pairs.append((ours, theirs, stability))
+            if not pairs:
+                continue
+            thr = [o.throughput / t.throughput for o, t, _ in pairs]
+            p99 = [o.p99_ms / t.p99_ms for o, t, _ in pairs]
+            print(
+                f"| {name} | {level} | {_fmt(o.throughput for o, _, _ in pairs)} | "
+                f"{_fmt(t.throughput for _, t, _ in pairs)} | {_fmt(thr, 3)} | {statistics.median(thr):.3f} | "
+                f"{_fmt((o.p99_ms for o, _, _ in pairs), 1)} | {_fmt((t.p99_ms for _, t, _ in pairs), 1)} | "
+                f"{_fmt(p99, 3)} | {statistics.median(p99):.3f} | {_fmt((s for _, _, s in pairs), 0)} |",
+                flush=True,
+            )
+
+
+def _repeatability(
+    bench: _Bench, level: int, repeats: int, ci: MeasureSettings, fixed: MeasureSettings
+) -> None:
+    print(
+        f"\n## repeatability: {REPEAT_CONFIG} at concurrency {level}, {repeats} repeats interleaved  [{_load()}]"
+    )
+    bench.load(REPEAT_CONFIG, CONFIGS[REPEAT_CONFIG])
+    runs: dict[str, list[tuple[float, float, float]]] = {"ci": [], "fixed": [], "perf_analyzer": []}
+    settled, unsettled = [], 0
+    for _ in range(repeats):
+        for label, settings in (("ci", ci), ("fixed", fixed)):
+            result = bench.ours(settings, level)
+            runs[label].append((result.throughput, result.p99_ms, result.measure_s))
+            if label == "ci" and result.uncertainty:
+                settled.append(bool(result.uncertainty.get("settled")))
+        theirs, _, seconds = bench.theirs(level)
+        if theirs is None:
+            unsettled += 1
+        else:
+            runs["perf_analyzer"].append((theirs.throughput, theirs.p99_ms, seconds))
+    names = {
+        "ci": f"built-in, ci rule ({ci.window_s:g}-{ci.max_window_s:g} s window)",
+        "fixed": f"built-in, fixed {fixed.window_s:g} s window",
+        "perf_analyzer": f"perf_analyzer ({bench.pa_interval_ms} ms windows, 10% stability)",
+    }
+    print(
+        "| measurement | throughput median | throughput CV | p99 median (ms) | p99 CV | seconds per measurement (median, min-max) |"
+    )
+    print("| --- | --- | --- | --- | --- | --- |")
+    for label, values in runs.items():
+        if len(values) < 2:
+            print(f"| {names[label]} | fewer than 2 results |  |  |  |  |")
+            continue
+        thr, p99, seconds = zip(*values)
+        print(
+            f"| {names[label]} | {statistics.median(thr):.1f} | {_cv(thr):.3f} | {statistics.median(p99):.1f} | "
+            f"{_cv(p99):.3f} | {statistics.median(seconds):.1f} ({min(seconds):.1f}-{max(seconds):.1f}) |"
+        )
+    print(f"ci windows that met both targets before the cap: {sum(settled)} of {len(settled)}")
+    print(f"perf_analyzer runs that did not settle even at 50% (left out above): {unsettled} of {repeats}")
+
+
+def _sweeps(
+    bench: _Bench, levels: list[int], repeats: int, ci: MeasureSettings, fixed: MeasureSettings
+) -> None:
+    print(
+        f"\n## trial sweeps: {REPEAT_CONFIG} over concurrency {levels}, {repeats} repeats interleaved  [{_load()}]"
+    )
+    bench.load(REPEAT_CONFIG, CONFIGS[REPEAT_CONFIG])
+    runs: dict[str, list[tuple[float, float]]] = {"ci": [], "fixed": []}
+    for _ in range(repeats):
+        for label, settings in (("ci", ci), ("fixed", fixed)):
+            runs[label].append(_sweep_once(bench, levels, settings))
+    print(
+        "| rule | best throughput median | best throughput CV | seconds measuring per trial (median, min-max) |"
+    )
+    print("| --- | --- | --- | --- |")
+    for label, values in runs.items():
+        best, seconds = zip(*values)
+        name = (
+            f"ci ({ci.window_s:g}-{ci.max_window_s:g} s)" if label == "ci" else f"fixed {fixed.window_s:g} s"
+        )
+        print(
+            f"| {name} | {statistics.median(best):.1f} | {_cv(best):.3f} | "
+            f"{statistics.median(seconds):.1f} ({min(seconds):.1f}-{max(seconds):.1f}) |"
+        )
+
+
+def _sweep_once(bench: _Bench, levels: list[int], settings: MeasureSettings) -> tuple[float, float]:
+    """One trial's sweep (no latency budget): its best throughput and the seconds it spent measuring."""
+    measured: list[LevelResult] = []
+
+    def on_level(index: int, level: LevelResult) -> bool:
+        measured.append(level)
+        return next_step(measured, math.inf, remaining=len(levels) - index - 1) is None
+
+    LoadGenerator(bench.server.grpc_url, "enc", bench.samples, settings).run_levels(levels, on_level)
+    return max(level.throughput for level in measured), sum(level.measure_s for level in measured)
+
+
+def _ceiling(bench: _Bench, ci: MeasureSettings) -> None:
+    print(f"\n## generator ceiling: Identity model (4 floats), one client process  [{_load()}]")
+    path = bench.tmp / "identity.onnx"
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "identity",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", examples.OPSET)], ir_version=examples.IR_VERSION
+    )
+    onnx.save(model, path)
+    info = inspect_model(path)
+    config = render_config(info, Candidate(max_batch_size=8, instance_count=1), model_name="identity")
+    bench.server.load_model("identity", to_json(config), {"1/model.onnx": info.path})
+    samples = [synthetic_inputs(info, resolve_shapes(info, {}), 1, seed=seed) for seed in range(4)]
+    data = perf_analyzer.write_input_data(bench.tmp / "identity.json", samples, batched=True)
+    print("| concurrency | built-in req/s | built-in client CPU (share of one core) | perf_analyzer req/s |")
+    print("| --- | --- | --- | --- |")
+    for level in (1, 8, 32, 128):
+        cpu = time.process_time()
+        result = bench.ours(ci, level, "identity", samples)
+        share = (time.process_time() - cpu) / result.measure_s
+        theirs, _, _ = bench.theirs(level, "identity", data)
+        pa = f"{theirs.throughput:.0f}" if theirs is not None else "did not settle"
+        print(f"| {level} | {result.throughput:.0f} | {share:.2f} | {pa} |", flush=True)
+
+
+def _cv(values) -> float:
+    values = list(values)
+    return statistics.stdev(values) / statistics.fmean(values)
+
+
+def _fmt(values, digits: int = 1) -> str:
+    return " / ".join(f"{value:.{digits}f}" for value in values)
+
+
+def _load() -> str:
+    one, five, _ = os.getloadavg()
+    return f"load average {one:.1f} (1 min), {five:.1f} (5 min)"
+
+
+if __name__ == "__main__":
+    main()
