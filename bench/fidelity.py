@@ -35,15 +35,16 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto, helper
 
-from optimizer import examples, perf_analyzer
-from optimizer.intake import inspect_model, resolve_shapes, synthetic_inputs
-from optimizer.loadgen import LevelResult, LoadGenerator, MeasureSettings
-from optimizer.measure import next_step
+from optimizer.config.render import render_config, to_json
+from optimizer.config.space import Candidate
+from optimizer.measurement import perf_analyzer
+from optimizer.measurement.builtin import LevelResult, LoadGenerator, MeasureSettings
+from optimizer.measurement.sweep import next_step
+from optimizer.model import examples
+from optimizer.model.intake import inspect_model, resolve_shapes, synthetic_inputs
+from optimizer.model.variants import model_files
 from optimizer.paths import cache_dir
-from optimizer.render import render_config, to_json
 from optimizer.serving.embedded import EmbeddedTriton
-from optimizer.space import Candidate
-from optimizer.variants import model_files
 
 CONFIGS = {
     "fp32 mbs=1 inst=1": Candidate(max_batch_size=1),

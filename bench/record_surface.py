@@ -28,14 +28,14 @@ from pathlib import Path
 
 import optuna
 
-from optimizer import examples
-from optimizer.intake import inspect_model
-from optimizer.loadgen import MeasureSettings
+from optimizer.config.render import config_key, render_config
+from optimizer.config.space import load_space, suggest_candidate
+from optimizer.measurement.builtin import MeasureSettings
+from optimizer.model import examples
+from optimizer.model.intake import inspect_model
 from optimizer.paths import cache_dir
-from optimizer.render import config_key, render_config
-from optimizer.replay import build_recorded_model
-from optimizer.space import load_space, suggest_candidate
-from optimizer.study import StudySettings, run_study
+from optimizer.serving.replay import build_recorded_model
+from optimizer.study.run import StudySettings, run_study
 
 # How each recorded model is built (deterministic: the same seed writes the same bytes).
 MODELS = {
@@ -68,7 +68,7 @@ def distinct_configs(model_path: Path, space_name: str, model_name: str) -> int:
 
 
 def _grid(space, batching: bool):
-    from optimizer.space import grid_of
+    from optimizer.config.space import grid_of
 
     return grid_of(space, batching=batching)
 

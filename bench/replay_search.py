@@ -65,10 +65,10 @@ def grid_points(surface) -> list[Point]:
     import optuna
     from record_surface import build_model
 
-    from optimizer.intake import inspect_model
+    from optimizer.config.render import config_digest, render_config
+    from optimizer.config.space import grid_of, load_space, suggest_candidate
+    from optimizer.model.intake import inspect_model
     from optimizer.paths import cache_dir
-    from optimizer.render import config_digest, render_config
-    from optimizer.space import grid_of, load_space, suggest_candidate
 
     model = inspect_model(build_model(surface.meta["model"]["name"]), cache=cache_dir())
     space = load_space(str(surface.space_path))
@@ -90,8 +90,8 @@ def run_optuna(surface_dir: str, sampler: str, seed: int, budget: int) -> Run:
     import optuna
     from record_surface import MODELS, build_model
 
-    from optimizer.replay import ReplayTarget
-    from optimizer.study import StudySettings, run_study
+    from optimizer.serving.replay import ReplayTarget
+    from optimizer.study.run import StudySettings, run_study
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     target = ReplayTarget(surface_dir, seed=seed)
@@ -188,8 +188,8 @@ def measure_recorded(surface, key: str, rng: random.Random) -> tuple[float | Non
     Returns the best feasible throughput (None: infeasible or failed) and the seconds it was measured.
     """
     from optimizer.errors import ConfigRejected
-    from optimizer.measure import DEFAULT_LEVELS, best_feasible, next_step
-    from optimizer.replay import draw_repeat, replay_sweep
+    from optimizer.measurement.sweep import DEFAULT_LEVELS, best_feasible, next_step
+    from optimizer.serving.replay import draw_repeat, replay_sweep
 
     config = surface.configs[key]
     budget = surface.latency_budget_ms
@@ -298,7 +298,7 @@ def apply_overrides(overrides: list[str]) -> None:
 
 def _one(job) -> tuple:
     surface_dir, search, seed, budget, overrides = job
-    from optimizer.replay import load_surface
+    from optimizer.serving.replay import load_surface
 
     apply_overrides(overrides)
     surface = load_surface(surface_dir)
@@ -343,7 +343,7 @@ def main() -> None:
 
 
 def print_table(results, surfaces, searches) -> None:
-    from optimizer.replay import load_surface
+    from optimizer.serving.replay import load_surface
 
     for surface_dir in surfaces:
         surface = load_surface(surface_dir)
@@ -392,7 +392,7 @@ def repeat_agreement(surface) -> float:
     """Correlation between the scores of a config's first two repeats: 1 means noiseless measurements."""
     import numpy as np
 
-    from optimizer.replay import _replayed_best
+    from optimizer.serving.replay import _replayed_best
 
     pairs = [
         [_replayed_best(sweep, surface.latency_budget_ms) for sweep in config.sweeps[:2]]

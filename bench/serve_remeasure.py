@@ -25,14 +25,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from optimizer import perf_analyzer
 from optimizer.errors import PerfAnalyzerError
-from optimizer.export import choose_trial, load_stored_study
-from optimizer.intake import inspect_model, synthetic_inputs
-from optimizer.loadgen import GrpcLoadGenerator, LevelResult, MeasureSettings
+from optimizer.measurement import perf_analyzer
+from optimizer.measurement.builtin import GrpcLoadGenerator, LevelResult, MeasureSettings
+from optimizer.model.intake import inspect_model, synthetic_inputs
+from optimizer.output.export import choose_trial, load_stored_study
+from optimizer.output.serve import dynamic_shapes, serving
 from optimizer.paths import cache_dir
-from optimizer.serve import dynamic_shapes, serving
-from optimizer.study import StudySettings, export_trial, run_study
+from optimizer.study.run import StudySettings, export_trial, run_study
 
 
 def main() -> None:

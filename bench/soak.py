@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from optimizer import examples
-from optimizer.loadgen import MeasureSettings
+from optimizer.measurement.builtin import MeasureSettings
+from optimizer.model import examples
 from optimizer.serving.embedded import EmbeddedTriton
-from optimizer.study import QuietReporter, StudySettings, run_study
+from optimizer.study.run import QuietReporter, StudySettings, run_study
 
 
 def _rss_kib(pid: int) -> int:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import optuna
 
-from optimizer.loadgen import MeasureSettings
-from optimizer.study import StudySettings, run_study
+from optimizer.measurement.builtin import MeasureSettings
+from optimizer.study.run import StudySettings, run_study
 
 
 def main() -> None:

@@ -19,12 +19,12 @@ import onnxruntime as ort
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import np_to_triton_dtype
 
-from optimizer import examples
-from optimizer.intake import inspect_model, parse_shape_args, resolve_shapes, synthetic_inputs
+from optimizer.config.render import render_config, to_json
+from optimizer.config.space import Candidate
+from optimizer.model import examples
+from optimizer.model.intake import inspect_model, parse_shape_args, resolve_shapes, synthetic_inputs
 from optimizer.paths import cache_dir
-from optimizer.render import render_config, to_json
 from optimizer.serving.embedded import EmbeddedTriton
-from optimizer.space import Candidate
 
 CONFIGS = {
     "untuned": Candidate(),

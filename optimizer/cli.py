@@ -52,7 +52,7 @@ def inspect(
     from rich.markup import escape
     from rich.table import Table
 
-    from optimizer.intake import inspect_model, parse_shape_args, resolve_shapes
+    from optimizer.model.intake import inspect_model, parse_shape_args, resolve_shapes
     from optimizer.paths import cache_dir
 
     info = inspect_model(model, cache=cache_dir())
@@ -204,14 +204,14 @@ def study(
     ] = None,
 ) -> None:
     """Run (or resume) the Bayesian study and export the best configuration."""
-    from optimizer.intake import parse_shape_args
-    from optimizer.loadgen import MeasureSettings
-    from optimizer.measure import DEFAULT_LEVELS, parse_levels, parse_rates
-    from optimizer.progress import RichReporter, print_summary
+    from optimizer.config.space import load_space
+    from optimizer.measurement.builtin import MeasureSettings
+    from optimizer.measurement.sweep import DEFAULT_LEVELS, parse_levels, parse_rates
+    from optimizer.model.intake import parse_shape_args
     from optimizer.serving.targets import check_target_options, make_target, parse_headers
-    from optimizer.space import load_space
-    from optimizer.storage import parse_cpus
-    from optimizer.study import StudySettings, run_study
+    from optimizer.study.progress import RichReporter, print_summary
+    from optimizer.study.run import StudySettings, run_study
+    from optimizer.study.storage import parse_cpus
 
     target_options = dict(
         triton_binary=triton_binary,
@@ -314,7 +314,7 @@ def export(
     ] = "triton",
 ) -> None:
     """Write a trial's config and model file as a Triton model repository (and deployment manifests)."""
-    from optimizer.deploy import export_deployment
+    from optimizer.output.deploy import export_deployment
 
     deployment = export_deployment(study_name, out, fmt=fmt, trial=trial, storage=storage)
     typer.echo(f"wrote {deployment.model_dir}")
@@ -348,8 +348,8 @@ def serve(
 ) -> None:
     """Serve a model repository (or a study's trial) on the embedded Triton until Ctrl-C."""
     from optimizer.errors import UsageError
-    from optimizer.intake import parse_shape_args
-    from optimizer.serve import serve_repository, serve_study
+    from optimizer.model.intake import parse_shape_args
+    from optimizer.output.serve import serve_repository, serve_study
 
     if (repo is None) == (study_name is None):
         raise UsageError("give a model repository REPO or --study-name NAME (one of them)")
@@ -389,7 +389,7 @@ def _write_study_report(summary) -> None:
 
         from optimizer.paths import studies_dir
         from optimizer.report import write_report
-        from optimizer.storage import open_storage
+        from optimizer.study.storage import open_storage
 
         study = optuna.load_study(study_name=summary.study_name, storage=open_storage(summary.storage_url))
         out = studies_dir() / summary.study_name / "report"
@@ -418,7 +418,7 @@ def report(
     from optimizer.paths import studies_dir
     from optimizer.report import write_report
     from optimizer.report.source import load_stored_study
-    from optimizer.storage import count_finished
+    from optimizer.study.storage import count_finished
 
     study = load_stored_study(study_name, storage)
     if count_finished(study) == 0:
@@ -442,7 +442,7 @@ def dashboard(
     ] = "127.0.0.1",
 ) -> None:
     """Start optuna-dashboard on a study's storage and print its URL; Ctrl-C stops it."""
-    from optimizer.dashboard import serve_dashboard
+    from optimizer.report.dashboard import serve_dashboard
     from optimizer.report.source import storage_url_for
 
     url = storage_url_for(study_name, storage)
@@ -465,7 +465,7 @@ def migrate(
     ] = None,
 ) -> None:
     """Copy a study between storages, e.g. a laptop's SQLite study into the team's PostgreSQL."""
-    from optimizer.storage import copy_study
+    from optimizer.study.storage import copy_study
 
     name = copy_study(from_url, to_url, study_name)
     typer.echo(f"copied study {name!r}")

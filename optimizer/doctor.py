@@ -93,7 +93,7 @@ _PROVIDER_FIXES = {
 
 
 def check_providers() -> Check:
-    from optimizer.providers import ORT_NAMES, runnable_providers
+    from optimizer.model.providers import ORT_NAMES, runnable_providers
 
     runnable = runnable_providers()
     missing = [name for name in ORT_NAMES if name not in runnable]
@@ -122,7 +122,7 @@ def check_gpus() -> Check:
 
 def check_perf_analyzer() -> Check:
     try:
-        from optimizer.perf_analyzer import find_perf_analyzer, install_command
+        from optimizer.measurement.perf_analyzer import find_perf_analyzer, install_command
     except ImportError:
         found = shutil.which("perf_analyzer")
         if found:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from optimizer import examples
+from optimizer.model import examples
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper
 from test_study import _settings
 
 from optimizer.cli import main
-from optimizer.study import run_study
+from optimizer.study.run import run_study
 
 pytestmark = pytest.mark.server
 
@@ -295,7 +295,7 @@ def test_the_catalogue_has_at_least_thirty_cases():
 
 
 def test_perf_analyzer_engine_that_cannot_be_installed_is_one_line(models, tmp_path, monkeypatch, capsys):
-    from optimizer import perf_analyzer
+    from optimizer.measurement import perf_analyzer
 
     monkeypatch.setenv("PATH", "/usr/bin:/bin")  # no perf_analyzer on PATH
     monkeypatch.setenv("OPTIMIZE_CACHE_DIR", str(tmp_path / "cache"))  # none installed in the cache

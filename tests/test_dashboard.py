@@ -18,7 +18,7 @@ import pytest
 from procs import listening_addresses
 
 from optimizer.cli import main
-from optimizer.dashboard import dashboard_url
+from optimizer.report.dashboard import dashboard_url
 
 STARTUP_S = 60
 

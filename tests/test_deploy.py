@@ -10,7 +10,10 @@ import yaml
 from tritonclient.grpc import model_config_pb2 as mc
 
 from optimizer.cli import main
-from optimizer.deploy import (
+from optimizer.config.render import config_from_json, config_from_pbtxt
+from optimizer.errors import OptimizeError
+from optimizer.measurement.builtin import MeasureSettings
+from optimizer.output.deploy import (
     AZUREML_CPU_INSTANCE,
     AZUREML_GPU_INSTANCE,
     KSERVE_STORAGE_PLACEHOLDER,
@@ -21,10 +24,7 @@ from optimizer.deploy import (
     write_manifest,
     write_manifests,
 )
-from optimizer.errors import OptimizeError
-from optimizer.loadgen import MeasureSettings
-from optimizer.render import config_from_json, config_from_pbtxt
-from optimizer.study import StudySettings, best_trial, run_study
+from optimizer.study.run import StudySettings, best_trial, run_study
 
 FAST = MeasureSettings(warmup_s=0.1, window_s=0.3, min_requests=10, max_window_s=1.0)
 

@@ -11,7 +11,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from optimizer import examples
+from optimizer.model import examples
 
 # Small encoder so the shape/mask tests stay fast; the default size is covered separately.
 SMALL_ENCODER: dict[str, int] = {

@@ -17,16 +17,16 @@ import pytest
 from procs import children
 from test_study import FAST_CLI, _load, _settings, _trial_states
 
-from optimizer import export as export_module
-from optimizer.intake import inspect_model
-from optimizer.loadgen import MeasureSettings
+from optimizer.config.render import render_config
+from optimizer.config.space import Candidate
+from optimizer.measurement.builtin import MeasureSettings
+from optimizer.model.intake import inspect_model
+from optimizer.model.variants import variant_path
+from optimizer.output import export as export_module
 from optimizer.paths import cache_dir
-from optimizer.render import render_config
 from optimizer.serving.embedded import EmbeddedTriton
-from optimizer.space import Candidate
-from optimizer.storage import count_finished
-from optimizer.study import QuietReporter, run_study
-from optimizer.variants import variant_path
+from optimizer.study.run import QuietReporter, run_study
+from optimizer.study.storage import count_finished
 
 pytestmark = pytest.mark.server
 

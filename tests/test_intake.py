@@ -1,4 +1,4 @@
-"""Tests for optimizer.intake: reading real ONNX models, shape arguments, and synthetic inputs."""
+"""Tests for optimizer.model.intake: reading real ONNX models, shape arguments, and synthetic inputs."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from optimizer import examples
 from optimizer.errors import ModelError, UsageError
-from optimizer.intake import (
+from optimizer.model import examples
+from optimizer.model.intake import (
     ModelInfo,
     TensorSpec,
     inspect_model,
@@ -30,7 +30,7 @@ NO_BATCH_NOTE = (
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Small real models from optimizer.examples, built once for this module."""
+    """Small real models from optimizer.model.examples, built once for this module."""
     root = tmp_path_factory.mktemp("intake_models")
     return {
         "mlp": examples.build_mlp(root / "mlp.onnx", in_features=8, hidden=16, out_features=4),

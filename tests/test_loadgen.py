@@ -10,9 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from optimizer.intake import inspect_model, resolve_shapes, synthetic_inputs
-from optimizer.loadgen import LoadGenerator, MeasureSettings
-from optimizer.render import render_config, to_json
+from optimizer.config.render import render_config, to_json
+from optimizer.config.space import Candidate
+from optimizer.measurement.builtin import LoadGenerator, MeasureSettings
+from optimizer.measurement.stopping import (
+    StoppingRule,
+    estimate_uncertainty,
+    quantile_half_width,
+    should_stop,
+    t_quantile,
+)
+from optimizer.model.intake import inspect_model, resolve_shapes, synthetic_inputs
 from optimizer.serving.metrics import (
     _rss_kib,
     fetch_metrics,
@@ -22,14 +30,6 @@ from optimizer.serving.metrics import (
     server_resources,
 )
 from optimizer.serving.statistics import breakdown
-from optimizer.space import Candidate
-from optimizer.stopping import (
-    StoppingRule,
-    estimate_uncertainty,
-    quantile_half_width,
-    should_stop,
-    t_quantile,
-)
 
 RULE = StoppingRule(throughput_ci=0.05, p99_ci=0.10, min_window_s=1.0, max_window_s=8.0, min_requests=30)
 

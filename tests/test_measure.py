@@ -1,4 +1,4 @@
-"""Tests for optimizer.measure (the sweep's stopping rule and score) and loadgen.summarise_level."""
+"""Tests for optimizer.measurement.sweep (the sweep's stopping rule and score) and loadgen.summarise_level."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from optimizer.errors import InferenceError, UsageError
-from optimizer.loadgen import LevelResult, summarise_level
-from optimizer.measure import best_feasible, next_step, parse_levels, parse_rates
+from optimizer.measurement.builtin import LevelResult, summarise_level
+from optimizer.measurement.sweep import best_feasible, next_step, parse_levels, parse_rates
 
 BUDGET_MS = 10.0
 
@@ -289,8 +289,8 @@ def test_parse_rates_refuses_what_is_not_positive_and_ascending(text):
 
 
 def test_a_trial_of_an_open_loop_study_is_shown_at_its_rate():
-    from optimizer.progress import format_trial
-    from optimizer.results import TrialReport
+    from optimizer.study.progress import format_trial
+    from optimizer.study.results import TrialReport
 
     report = TrialReport(3, "complete", "cpu fp32", 99.0, 8.0, request_rate=100.0)
     assert format_trial(report).endswith("99.0 inf/s, p99 8.0 ms at request rate 100/s")

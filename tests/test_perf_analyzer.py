@@ -9,21 +9,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from optimizer import perf_analyzer
+from optimizer.config.render import render_config, to_json
+from optimizer.config.space import Candidate
 from optimizer.errors import PerfAnalyzerError
-from optimizer.export import write_repository
-from optimizer.intake import inspect_model, synthetic_inputs
-from optimizer.perf_analyzer import (
+from optimizer.measurement import perf_analyzer
+from optimizer.measurement.perf_analyzer import (
     PerfResult,
     parse_csv,
     perf_analyzer_args,
     run_perf_analyzer,
     write_input_data,
 )
-from optimizer.render import render_config, to_json
-from optimizer.serve import serving
+from optimizer.model.intake import inspect_model, synthetic_inputs
+from optimizer.output.export import write_repository
+from optimizer.output.serve import serving
 from optimizer.serving.statistics import ServerBreakdown
-from optimizer.space import Candidate
 
 # What perf_analyzer 2.51.0 wrote here with -f (latencies in microseconds).
 CSV = """Concurrency,Inferences/Second,Client Send,Network+Server Send/Recv,Server Queue,Server Compute Input,Server Compute Infer,Server Compute Output,Client Recv,p50 latency,p90 latency,p95 latency,p99 latency
@@ -222,7 +222,7 @@ def test_perf_analyzer_measures_a_served_repository_with_the_studys_requests(bin
 
 @pytest.mark.server
 def test_perf_analyzer_engine_sweeps_levels_like_the_builtin_generator(binary, triton, models, tmp_path):
-    from optimizer.loadgen import MeasureSettings, make_load_generator
+    from optimizer.measurement.builtin import MeasureSettings, make_load_generator
     from optimizer.serving.metrics import server_resources
 
     info = inspect_model(models["mlp"])

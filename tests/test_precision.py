@@ -7,16 +7,16 @@ import onnxruntime as ort
 import pytest
 from test_study import _load, _settings
 
-from optimizer.accuracy import compare_outputs
 from optimizer.cli import main
+from optimizer.config.render import render_config, to_json
+from optimizer.config.space import Candidate
 from optimizer.errors import SpaceError, UsageError
-from optimizer.intake import inspect_model, load_input_data, synthetic_inputs
+from optimizer.model.accuracy import compare_outputs
+from optimizer.model.intake import inspect_model, load_input_data, synthetic_inputs
+from optimizer.model.providers import check_providers
+from optimizer.model.variants import model_files, variant_path
 from optimizer.paths import cache_dir
-from optimizer.providers import check_providers
-from optimizer.render import render_config, to_json
-from optimizer.space import Candidate
-from optimizer.study import run_study
-from optimizer.variants import model_files, variant_path
+from optimizer.study.run import run_study
 
 
 def _space(tmp_path, precisions):

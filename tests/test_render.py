@@ -1,4 +1,4 @@
-"""Tests for optimizer.render: a Candidate becomes Triton's ModelConfig and round-trips exactly."""
+"""Tests for optimizer.config.render: a Candidate becomes Triton's ModelConfig and round-trips exactly."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from tritonclient.grpc import model_config_pb2 as mc
 
-from optimizer.intake import ModelInfo, TensorSpec
-from optimizer.render import (
+from optimizer.config.render import (
     MODEL_FILENAMES,
     TRT_WORKSPACE_BYTES,
     config_from_json,
@@ -22,7 +21,8 @@ from optimizer.render import (
     to_json,
     to_pbtxt,
 )
-from optimizer.space import CPU_PROVIDERS, GPU_PROVIDERS, GRAPH_LEVELS, PRECISIONS, Candidate
+from optimizer.config.space import CPU_PROVIDERS, GPU_PROVIDERS, GRAPH_LEVELS, PRECISIONS, Candidate
+from optimizer.model.intake import ModelInfo, TensorSpec
 
 
 def _info(inputs: list[TensorSpec], outputs: list[TensorSpec], *, batching: bool = True) -> ModelInfo:

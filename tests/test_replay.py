@@ -15,8 +15,8 @@ from optuna.trial import TrialState
 
 from optimizer.cli import main
 from optimizer.errors import UsageError
-from optimizer.replay import ReplayTarget, draw_repeat, load_surface, replay_sweep
-from optimizer.study import StudySettings, run_study
+from optimizer.serving.replay import ReplayTarget, draw_repeat, load_surface, replay_sweep
+from optimizer.study.run import StudySettings, run_study
 
 DATA = Path(__file__).resolve().parent.parent / "bench" / "data"
 ENCODER = DATA / "encoder"
@@ -182,7 +182,7 @@ def test_a_bad_replay_target_is_one_line(target: str, fragment: str, tmp_path: P
 
 
 def test_starting_points_are_measured_right_after_the_baseline(tmp_path: Path, monkeypatch) -> None:
-    from optimizer import study as study_module
+    from optimizer.study import run as study_module
 
     monkeypatch.setattr(study_module, "STARTING_POINTS", ("batching", "batching-lowp"))
     _, study = _replay(ENCODER, tmp_path, budget=4)

@@ -13,9 +13,9 @@ from optuna.trial import TrialState, create_trial
 from playwright.sync_api import sync_playwright
 
 from optimizer.cli import main
-from optimizer.loadgen import MeasureSettings
+from optimizer.config.render import config_from_json, config_from_pbtxt
+from optimizer.measurement.builtin import MeasureSettings
 from optimizer.paths import studies_dir
-from optimizer.render import config_from_json, config_from_pbtxt
 from optimizer.report import build_report_data, write_report
 from optimizer.report.data import (
     ORT_TUNED,
@@ -27,7 +27,7 @@ from optimizer.report.data import (
     trial_records,
 )
 from optimizer.serving.embedded import EmbeddedTriton
-from optimizer.study import StudySettings, best_trial, run_study
+from optimizer.study.run import StudySettings, best_trial, run_study
 
 pytestmark = pytest.mark.server
 

@@ -18,8 +18,8 @@ from postgres import postgres_server
 from test_study import FAST_CLI, _settings
 
 from optimizer.errors import StudyError
-from optimizer.storage import count_finished
-from optimizer.study import run_study
+from optimizer.study.run import run_study
+from optimizer.study.storage import count_finished
 
 pytestmark = pytest.mark.server
 
@@ -33,7 +33,7 @@ def postgres_url():
 @pytest.fixture(scope="module")
 def pg(postgres_url):
     """One storage for the test's own reads, closed at the end (unclosed connections warn)."""
-    from optimizer.storage import open_storage
+    from optimizer.study.storage import open_storage
 
     storage = open_storage(postgres_url)
     yield storage

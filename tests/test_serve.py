@@ -18,14 +18,14 @@ import optuna
 import pytest
 
 from optimizer.cli import main
+from optimizer.config.render import render_config
+from optimizer.config.space import Candidate
 from optimizer.errors import ModelError, UsageError
-from optimizer.export import write_repository
-from optimizer.intake import inspect_model, synthetic_inputs
-from optimizer.loadgen import MeasureSettings
-from optimizer.render import render_config
-from optimizer.serve import binding_warning, check_repository, perf_analyzer_command
-from optimizer.space import Candidate
-from optimizer.study import StudySettings, best_trial, run_study
+from optimizer.measurement.builtin import MeasureSettings
+from optimizer.model.intake import inspect_model, synthetic_inputs
+from optimizer.output.export import write_repository
+from optimizer.output.serve import binding_warning, check_repository, perf_analyzer_command
+from optimizer.study.run import StudySettings, best_trial, run_study
 
 READY_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 60.0
@@ -192,7 +192,7 @@ def _infer_grpc(port: int, model: str, feeds: dict[str, np.ndarray], output: str
 @pytest.fixture(scope="module")
 def study(tmp_path_factory: pytest.TempPathFactory):
     """A 2-trial study on the example MLP, and the repository `optimize export` wrote from it."""
-    from optimizer import examples
+    from optimizer.model import examples
 
     root = tmp_path_factory.mktemp("serve-study")
     model = examples.build_mlp(root / "mlp.onnx")

@@ -13,12 +13,12 @@ import onnxruntime as ort
 import pytest
 from procs import group_members, listening_addresses
 
+from optimizer.config.render import render_config, to_json
+from optimizer.config.space import Candidate
 from optimizer.errors import ConfigRejected, ServerDiedError
-from optimizer.intake import inspect_model, synthetic_inputs
-from optimizer.render import render_config, to_json
+from optimizer.model.intake import inspect_model, synthetic_inputs
 from optimizer.serving.control import load_files
 from optimizer.serving.embedded import EmbeddedTriton
-from optimizer.space import Candidate
 
 pytestmark = pytest.mark.server
 

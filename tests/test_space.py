@@ -1,4 +1,4 @@
-"""Tests for optimizer.space: validated search spaces and the Optuna trial -> Candidate mapping."""
+"""Tests for optimizer.config.space: validated search spaces and the Optuna trial -> Candidate mapping."""
 
 from __future__ import annotations
 
@@ -11,10 +11,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from optimizer.errors import SpaceError
-from optimizer.intake import ModelInfo, TensorSpec
-from optimizer.render import render_config
-from optimizer.space import (
+from optimizer.config.render import render_config
+from optimizer.config.space import (
     PREFERRED_DIVISORS,
     SPACES_DIR,
     Candidate,
@@ -27,6 +25,8 @@ from optimizer.space import (
     space_from_dict,
     suggest_candidate,
 )
+from optimizer.errors import SpaceError
+from optimizer.model.intake import ModelInfo, TensorSpec
 
 REPO_SPACES = Path(__file__).resolve().parent.parent / "spaces"
 
@@ -102,8 +102,9 @@ def _assert_candidate_invariants(candidate: Candidate, space: SearchSpace, *, ba
 def test_load_space_by_name_resolves_the_bundled_yaml(name: str, device: str) -> None:
     space = load_space(name)
 
-    assert SPACES_DIR == REPO_SPACES
-    assert space.source == str(REPO_SPACES / f"{name}.yaml")
+    # The package reads the checkout's spaces/ (linked into the package, so a wheel carries them).
+    assert Path(str(SPACES_DIR)).resolve() == REPO_SPACES.resolve()
+    assert Path(space.source).resolve() == (REPO_SPACES / f"{name}.yaml").resolve()
     assert space.name == name
     assert space.device == device
     assert load_space(str(REPO_SPACES / f"{name}.yaml")) == space
@@ -163,7 +164,7 @@ def test_load_space_by_name_ignores_a_same_named_directory_in_the_working_direct
     (tmp_path / "cpu").mkdir()
     monkeypatch.chdir(tmp_path)
 
-    assert load_space("cpu").source == str(REPO_SPACES / "cpu.yaml")
+    assert Path(load_space("cpu").source).resolve() == (REPO_SPACES / "cpu.yaml").resolve()
 
 
 def test_load_space_rejects_invalid_yaml_in_one_line_naming_the_path(tmp_path: Path) -> None:
@@ -533,7 +534,7 @@ def test_fit_params_keeps_what_the_space_can_propose_and_refuses_the_rest() -> N
 
 
 def test_starting_points_are_the_baseline_with_batching_turned_up() -> None:
-    from optimizer.space import starting_points
+    from optimizer.config.space import starting_points
 
     cpu = SPACES["cpu"]
     batching, lowp = starting_points(cpu, ("batching", "batching-lowp"))

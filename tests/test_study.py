@@ -16,12 +16,12 @@ import pytest
 from procs import alive, children, group_members
 
 from optimizer.cli import main
+from optimizer.config.render import config_from_pbtxt, to_json
 from optimizer.errors import StudyError
-from optimizer.loadgen import MeasureSettings
-from optimizer.render import config_from_pbtxt, to_json
+from optimizer.measurement.builtin import MeasureSettings
 from optimizer.serving.embedded import EmbeddedTriton
-from optimizer.storage import count_finished
-from optimizer.study import QuietReporter, StudySettings, run_study
+from optimizer.study.run import QuietReporter, StudySettings, run_study
+from optimizer.study.storage import count_finished
 
 pytestmark = pytest.mark.server
 

@@ -23,19 +23,19 @@ from procs import listening_addresses
 from test_study import FAST, CrashOnTrial, _settings
 
 from optimizer.cli import main
+from optimizer.config.render import render_config, to_json
+from optimizer.config.space import Candidate
 from optimizer.errors import ServerDiedError, ServerStartError, UsageError
-from optimizer.intake import inspect_model, synthetic_inputs
-from optimizer.loadgen import GrpcLoadGenerator
-from optimizer.render import render_config, to_json
+from optimizer.measurement.builtin import GrpcLoadGenerator
+from optimizer.model.intake import inspect_model, synthetic_inputs
 from optimizer.serving.docker import DockerTriton, PullProgress, container_spec, image_name
 from optimizer.serving.embedded import EmbeddedTriton, bundle_environment, prepare_bundle
 from optimizer.serving.local import LocalTriton
 from optimizer.serving.metrics import gpus_in_metrics
 from optimizer.serving.remote import RemoteTriton, TlsOptions, parse_grpc_url
 from optimizer.serving.targets import make_target, parse_headers
-from optimizer.space import Candidate
-from optimizer.storage import count_finished
-from optimizer.study import inference_client_options, run_study
+from optimizer.study.run import inference_client_options, run_study
+from optimizer.study.storage import count_finished
 
 GPU_METRICS = """\
 # HELP nv_gpu_utilization GPU utilization rate [0.0 - 1.0)
@@ -210,7 +210,7 @@ def test_remote_refuses_to_replace_a_model_it_did_not_load(remote_server, models
 
 @pytest.mark.server
 def test_remote_server_that_dies_ends_the_study_and_keeps_finished_trials(models, tmp_path):
-    from optimizer.loadgen import MeasureSettings
+    from optimizer.measurement.builtin import MeasureSettings
 
     server = EmbeddedTriton()
     server.start()

@@ -7,8 +7,8 @@ import optuna
 import pytest
 from test_study import _load, _settings
 
-from optimizer.loadgen import MeasureSettings
-from optimizer.study import run_study
+from optimizer.measurement.builtin import MeasureSettings
+from optimizer.study.run import run_study
 
 pytestmark = pytest.mark.server
 

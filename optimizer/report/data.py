@@ -300,7 +300,7 @@ def _float_or_none(value: Any) -> float | None:
 
 def precision_of(config: Mapping[str, Any]) -> str:
     """The precision a rendered config serves: from its model file, or TensorRT's precision mode."""
-    from optimizer.render import MODEL_FILENAMES
+    from optimizer.config.render import MODEL_FILENAMES
 
     by_file = {name: precision for precision, name in MODEL_FILENAMES.items()}
     precision = by_file.get(config.get("default_model_filename") or "model.onnx", "fp32")
@@ -347,7 +347,7 @@ def _feasible(trials: Sequence[TrialRecord]) -> list[TrialRecord]:
 
 
 def _best(trials: Sequence[TrialRecord]) -> TrialRecord | None:
-    # The first of equals wins, as in optimizer.study.best_trial (the exported trial).
+    # The first of equals wins, as in optimizer.study.run.best_trial (the exported trial).
     return max(_feasible(trials), key=lambda t: t.throughput or 0.0, default=None)
 
 
@@ -366,7 +366,7 @@ def _pbtxt(config: Mapping[str, Any]) -> str:
 
     from google.protobuf.json_format import ParseError
 
-    from optimizer.render import config_from_json, to_pbtxt
+    from optimizer.config.render import config_from_json, to_pbtxt
 
     try:
         return to_pbtxt(config_from_json(dict(config)))

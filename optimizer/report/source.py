@@ -18,7 +18,7 @@ def storage_url_for(study_name: str | None, storage: str | None) -> str:
         StudyError: if the default SQLite file, or the file of a ``sqlite:///`` URL, does not exist.
     """
     from optimizer.paths import check_name, studies_dir
-    from optimizer.storage import default_storage_url
+    from optimizer.study.storage import default_storage_url
 
     if storage is None and study_name is None:
         raise UsageError("give --study-name NAME (for studies/NAME.db) or --storage URL")
@@ -46,7 +46,7 @@ def load_stored_study(study_name: str, storage: str | None = None) -> Any:
     """
     import optuna
 
-    from optimizer.storage import open_storage
+    from optimizer.study.storage import open_storage
 
     url = storage_url_for(study_name, storage)
     try:

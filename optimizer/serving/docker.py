@@ -28,9 +28,9 @@ from typing import Any
 
 from optimizer.errors import ConfigRejected, ServerDiedError, ServerStartError
 from optimizer.serving import Capabilities
-from optimizer.serving._process import _log_errors
 from optimizer.serving.control import ModelControl, load_files
 from optimizer.serving.metrics import read_gpus
+from optimizer.serving.process import _log_errors
 
 __all__ = [
     "DEFAULT_TAG",

@@ -2,7 +2,7 @@
 
 ``prepare_bundle()`` copies the bundled server, its Python backend, the stub for the running Python
 and our Python-based ``onnxruntime`` backend into the cache once. ``EmbeddedTriton`` runs that server
-with :class:`~optimizer.serving._process.TritonProcess` (loopback, free ports, explicit model control,
+with :class:`~optimizer.serving.process.TritonProcess` (loopback, free ports, explicit model control,
 readiness deadline, log kept, clean stop, crash noticed, never outliving the CLI).
 """
 
@@ -20,7 +20,7 @@ from typing import Any
 
 from optimizer.errors import ServerStartError
 from optimizer.paths import cache_dir
-from optimizer.serving._process import STARTUP_TIMEOUT_S, TritonProcess
+from optimizer.serving.process import STARTUP_TIMEOUT_S, TritonProcess
 
 __all__ = ["STARTUP_TIMEOUT_S", "EmbeddedTriton", "bundle_environment", "prepare_bundle"]
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from optimizer.errors import ServerStartError
-from optimizer.serving._process import TritonProcess
+from optimizer.serving.process import TritonProcess
 
 __all__ = ["DEFAULT_BACKEND_DIRECTORY", "LocalTriton", "find_backend_directory", "find_binary"]
 

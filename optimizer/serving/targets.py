@@ -92,7 +92,7 @@ def make_target(
     given = check_target_options(kind, **options)
     kind, _, argument = kind.partition(":")
     if kind == "replay":
-        from optimizer.replay import ReplayTarget
+        from optimizer.serving.replay import ReplayTarget
 
         return ReplayTarget(argument, seed=seed)  # type: ignore[return-value]
     if kind == "embedded":

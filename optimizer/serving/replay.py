@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from optimizer.errors import ConfigRejected, UsageError
-from optimizer.loadgen import LevelResult
-from optimizer.measure import best_feasible, next_step
+from optimizer.measurement.builtin import LevelResult
+from optimizer.measurement.sweep import best_feasible, next_step
 from optimizer.serving import Capabilities
 
 __all__ = [
@@ -80,13 +80,13 @@ class Surface:
 
 
 def build_recorded_model(model_name: str, builder: str, args: Mapping) -> Path:
-    """The recorded model, rebuilt into the cache by its builder in optimizer.examples (deterministic).
+    """The recorded model, rebuilt into the cache by its builder in optimizer.model.examples (deterministic).
 
     The file keeps the recorded model name (its stem): the name is part of every recorded config.
     """
     import os
 
-    from optimizer import examples
+    from optimizer.model import examples
     from optimizer.paths import cache_dir
 
     if not builder.startswith("build_") or not callable(getattr(examples, builder, None)):
@@ -274,7 +274,7 @@ class ReplayTarget:
         from google.protobuf import json_format
         from tritonclient.grpc import model_config_pb2
 
-        from optimizer.render import config_digest
+        from optimizer.config.render import config_digest
 
         key = config_digest(json_format.Parse(config_json, model_config_pb2.ModelConfig()))
         if key not in self.surface.configs:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tritonclient.grpc import model_config_pb2 as mc
 
-from optimizer.render import to_pbtxt
+from optimizer.config.render import to_pbtxt
 
 __all__ = ["choose_trial", "export_from_storage", "load_stored_study", "write_repository"]
 
@@ -44,7 +44,7 @@ def export_from_storage(
     study_name: str, out_dir: Path, *, trial: int | None = None, storage: str | None = None
 ) -> Path:
     """Export trial ``trial`` (default: the best feasible) of a stored study; return the model directory."""
-    from optimizer.study import export_trial
+    from optimizer.study.run import export_trial
 
     study = load_stored_study(study_name, storage)
     return export_trial(study, choose_trial(study, trial), out_dir)
@@ -56,7 +56,7 @@ def load_stored_study(study_name: str, storage: str | None = None):
 
     from optimizer.errors import StudyError
     from optimizer.paths import check_name, studies_dir
-    from optimizer.storage import default_storage_url, open_storage
+    from optimizer.study.storage import default_storage_url, open_storage
 
     check_name(study_name, "study name")
     url = storage or default_storage_url(studies_dir(), study_name)
@@ -71,7 +71,7 @@ def load_stored_study(study_name: str, storage: str | None = None):
 def choose_trial(study, number: int | None = None):
     """Trial ``number`` if it was measured, or (None) the best feasible trial; StudyError otherwise."""
     from optimizer.errors import StudyError
-    from optimizer.study import best_trial
+    from optimizer.study.run import best_trial
 
     chosen = best_trial(study) if number is None else _trial_by_number(study, number)
     if chosen is None:

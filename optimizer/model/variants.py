@@ -11,9 +11,9 @@ import os
 import tempfile
 from pathlib import Path
 
+from optimizer.config.render import MODEL_FILENAMES
 from optimizer.errors import ModelError
-from optimizer.intake import ModelInfo
-from optimizer.render import MODEL_FILENAMES
+from optimizer.model.intake import ModelInfo
 
 __all__ = ["variant_path", "model_files"]
 

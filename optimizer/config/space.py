@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from optimizer.errors import SpaceError
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
 
 __all__ = [
     "CPU_PROVIDERS",
@@ -41,7 +45,9 @@ NO_DELAY_BELOW_US = 10
 # Preferred batch sizes are chosen relative to the max batch size: max, max/2, max/4.
 PREFERRED_DIVISORS = (1, 2, 4)
 
-SPACES_DIR = Path(__file__).resolve().parent.parent / "spaces"
+# The spaces shipped with the package: the checkout's top-level spaces/, linked into the package as
+# optimizer/spaces so that a wheel carries them and an editable install reads the checkout's files.
+SPACES_DIR: Traversable = resources.files("optimizer") / "spaces"
 
 
 @dataclass(frozen=True)
@@ -158,11 +164,11 @@ def load_space(name_or_path: str) -> SearchSpace:
         raise SpaceError(f"space file {str(path)!r} cannot be read: {exc.strerror}") from exc
     if not isinstance(data, dict):
         raise SpaceError(f"space file {str(path)!r} must hold a mapping of fields, got {type(data).__name__}")
-    data.setdefault("name", path.stem)
+    data.setdefault("name", Path(path.name).stem)
     return space_from_dict(data, source=str(path))
 
 
-def _space_path(name_or_path: str) -> Path:
+def _space_path(name_or_path: str) -> Path | Traversable:
     candidate = Path(name_or_path)
     looks_like_path = candidate.suffix in (".yaml", ".yml") or "/" in name_or_path or candidate.is_file()
     if looks_like_path:
@@ -173,7 +179,7 @@ def _space_path(name_or_path: str) -> Path:
         return candidate
     bundled = SPACES_DIR / f"{name_or_path}.yaml"
     if not bundled.is_file():
-        names = sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
+        names = sorted(p.name.removesuffix(".yaml") for p in SPACES_DIR.iterdir() if p.name.endswith(".yaml"))
         raise SpaceError(
             f"no space named {name_or_path!r}: use one of {', '.join(names)} or a path to a .yaml file"
         )

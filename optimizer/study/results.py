@@ -6,11 +6,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from optimizer.config.render import config_from_json
 from optimizer.errors import StudyError
-from optimizer.intake import ModelInfo, inspect_model
+from optimizer.model.intake import ModelInfo, inspect_model
+from optimizer.model.variants import model_files
 from optimizer.paths import cache_dir
-from optimizer.render import config_from_json
-from optimizer.variants import model_files
 
 __all__ = [
     "StudySummary",
@@ -99,7 +99,7 @@ def best_trial(study):
 
 def export_trial(study, trial, out_dir: Path, model: ModelInfo | None = None) -> Path:
     """Write ``trial``'s config and model file as a Triton model repository under ``out_dir``."""
-    from optimizer.export import write_repository
+    from optimizer.output.export import write_repository
 
     if model is None:
         model = _stored_model(study)
@@ -109,7 +109,7 @@ def export_trial(study, trial, out_dir: Path, model: ModelInfo | None = None) ->
 
 
 def _precision_of(config) -> str:
-    from optimizer.render import MODEL_FILENAMES
+    from optimizer.config.render import MODEL_FILENAMES
 
     by_file = {name: precision for precision, name in MODEL_FILENAMES.items()}
     return by_file.get(config.default_model_filename or "model.onnx", "fp32")

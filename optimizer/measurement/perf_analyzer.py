@@ -420,7 +420,7 @@ class PerfAnalyzerLoadGenerator:
         return self.run_levels([level], lambda index, result: False)[0]
 
     def _level(self, level: float, data: Path):
-        from optimizer.loadgen import LevelResult
+        from optimizer.measurement.builtin import LevelResult
 
         started = time.perf_counter()
         result, stability, resources = self._settled(level, data)

@@ -1,6 +1,6 @@
 """Deployment manifests for an exported model repository: Azure ML and KServe, both serving it with Triton.
 
-``triton`` is the model repository alone (:mod:`optimizer.export`). ``azureml`` and ``kserve`` write the
+``triton`` is the model repository alone (:mod:`optimizer.output.export`). ``azureml`` and ``kserve`` write the
 repository under ``<out>/models/`` and their manifests beside it:
 
 - ``azureml``: ``endpoint.yml`` (managed online endpoint) and ``deployment.yml`` (managed online
@@ -251,8 +251,8 @@ def export_deployment(
         UsageError: for an unknown format.
         StudyError: if the study or the trial does not exist.
     """
-    from optimizer.export import export_from_storage
-    from optimizer.render import config_from_pbtxt
+    from optimizer.config.render import config_from_pbtxt
+    from optimizer.output.export import export_from_storage
 
     if fmt not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")

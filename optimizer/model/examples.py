@@ -37,6 +37,7 @@ IR_VERSION = 9
 EXAMPLE_MODEL_NAME = "example_encoder"
 EXAMPLE_SHAPES: dict[str, tuple[int, ...]] = {"input_ids": (128,), "attention_mask": (128,)}
 
+# The producer name is part of every built file, so of its sha256: recordings pin those hashes, so keep it.
 _PRODUCER = "optimizer.examples"
 _Dim = int | str
 

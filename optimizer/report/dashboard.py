@@ -94,7 +94,7 @@ def serve_dashboard(
     """
     import optuna_dashboard
 
-    from optimizer.storage import open_storage
+    from optimizer.study.storage import open_storage
 
     storage = open_storage(storage_url, create_dirs=False)
     study_id = None

@@ -13,18 +13,18 @@ import socket
 import time
 from typing import TYPE_CHECKING
 
+from optimizer.config.render import config_digest, render_config, to_dict, to_json
+from optimizer.config.space import Candidate, suggest_candidate
 from optimizer.errors import ConfigRejected, InferenceError, ServerDiedError
-from optimizer.intake import ModelInfo
-from optimizer.loadgen import LevelResult, make_load_generator
-from optimizer.measure import SweepOutcome, best_feasible, next_step
+from optimizer.measurement.builtin import LevelResult, make_load_generator
+from optimizer.measurement.sweep import SweepOutcome, best_feasible, next_step
+from optimizer.model.intake import ModelInfo
+from optimizer.model.variants import model_files
 from optimizer.paths import cache_dir
-from optimizer.render import config_digest, render_config, to_dict, to_json
-from optimizer.space import Candidate, suggest_candidate
-from optimizer.storage import count_finished, worker_id
-from optimizer.variants import model_files
+from optimizer.study.storage import count_finished, worker_id
 
 if TYPE_CHECKING:
-    from optimizer.study import StudySettings
+    from optimizer.study.run import StudySettings
 
 __all__ = [
     "CONSTRAINT",

@@ -9,7 +9,7 @@ percentiles of every request that finished inside it, Triton's own breakdown of 
 How long a window runs is the ``rule`` of :class:`MeasureSettings`:
 
 - ``"ci"``: until the 95% intervals of throughput and p99 are narrower than their targets
-  (:mod:`optimizer.stopping`), between ``window_s`` and ``max_window_s``;
+  (:mod:`optimizer.measurement.stopping`), between ``window_s`` and ``max_window_s``;
 - ``"fixed"``: ``window_s``, extended (up to ``max_window_s``) until ``min_requests`` finished.
 
 In request-rate mode the offered load is fixed and throughput follows it, so only p99 must settle; a
@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 
 from optimizer.errors import InferenceError
+from optimizer.measurement.stopping import StoppingRule, Uncertainty, estimate_uncertainty, should_stop
 from optimizer.serving.statistics import ServerBreakdown, breakdown
-from optimizer.stopping import StoppingRule, Uncertainty, estimate_uncertainty, should_stop
 
 __all__ = [
     "ENGINES",
@@ -339,7 +339,7 @@ def make_load_generator(
     """The load generator a study asked for, aimed at ``target``'s endpoint for ``protocol``.
 
     ``engine`` is ``"builtin"`` (:class:`LoadGenerator`) or ``"perf_analyzer"``
-    (:class:`~optimizer.perf_analyzer.PerfAnalyzerLoadGenerator`); both have ``run_levels`` and ``measure``.
+    (:class:`~optimizer.measurement.perf_analyzer.PerfAnalyzerLoadGenerator`); both have ``run_levels`` and ``measure``.
 
     Raises:
         UsageError: the combination needs what this target or engine lacks (HTTP address, TLS).
@@ -356,7 +356,7 @@ def make_load_generator(
             "TLS to the server is supported by the built-in gRPC load generator only: drop --protocol http / --load-generator perf_analyzer"
         )
     if engine == "perf_analyzer":
-        from optimizer.perf_analyzer import PerfAnalyzerLoadGenerator
+        from optimizer.measurement.perf_analyzer import PerfAnalyzerLoadGenerator
 
         return PerfAnalyzerLoadGenerator(
             url,

@@ -14,8 +14,8 @@ from typing import Any
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from optimizer.intake import ModelInfo
-from optimizer.space import Candidate
+from optimizer.config.space import Candidate
+from optimizer.model.intake import ModelInfo
 
 __all__ = [
     "MODEL_FILENAMES",

@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from optimizer.config.render import config_from_pbtxt
 from optimizer.errors import ModelError, ServerDiedError, UsageError
-from optimizer.perf_analyzer import perf_analyzer_args
-from optimizer.render import config_from_pbtxt
+from optimizer.measurement.perf_analyzer import perf_analyzer_args
 
 if TYPE_CHECKING:
     from optimizer.serving.embedded import EmbeddedTriton
@@ -370,8 +370,8 @@ def serve_study(
     The perf_analyzer command uses the study's request shapes (``shapes`` overrides some) and the
     concurrency the trial was best at.
     """
-    from optimizer.export import choose_trial, load_stored_study
-    from optimizer.study import export_trial
+    from optimizer.output.export import choose_trial, load_stored_study
+    from optimizer.study.run import export_trial
 
     study = load_stored_study(study_name, storage)
     chosen = choose_trial(study, trial)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from optimizer.loadgen import LevelResult
+from optimizer.measurement.builtin import LevelResult
 
 __all__ = ["DEFAULT_LEVELS", "SweepOutcome", "best_feasible", "next_step", "parse_levels", "parse_rates"]
 

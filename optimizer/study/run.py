@@ -14,12 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from optimizer.accuracy import DEFAULT_TOLERANCE, check_variant
+from optimizer.config.space import SearchSpace, baseline_params, grid_of, load_space
 from optimizer.errors import (
     StorageError,
     StudyError,
 )
-from optimizer.intake import (
+from optimizer.measurement.builtin import MeasureSettings
+from optimizer.measurement.sweep import DEFAULT_LEVELS
+from optimizer.model.accuracy import DEFAULT_TOLERANCE, check_variant
+from optimizer.model.intake import (
     ModelInfo,
     check_model_runs,
     inspect_model,
@@ -28,13 +31,18 @@ from optimizer.intake import (
     shapes_from_samples,
     synthetic_inputs,
 )
-from optimizer.loadgen import MeasureSettings
-from optimizer.measure import DEFAULT_LEVELS
+from optimizer.model.providers import check_providers
+from optimizer.model.variants import variant_path
 from optimizer.paths import cache_dir, check_name, studies_dir
-from optimizer.providers import check_providers
-from optimizer.results import StudySummary, TrialReport, best_throughput, best_trial, export_trial, report_of
-from optimizer.space import SearchSpace, baseline_params, grid_of, load_space
-from optimizer.storage import (
+from optimizer.study.results import (
+    StudySummary,
+    TrialReport,
+    best_throughput,
+    best_trial,
+    export_trial,
+    report_of,
+)
+from optimizer.study.storage import (
     count_finished,
     count_running,
     default_storage_url,
@@ -43,8 +51,7 @@ from optimizer.storage import (
     register_worker,
     worker_id,
 )
-from optimizer.trial import TrialFailed, TrialRunner, first_line, inference_client_options
-from optimizer.variants import variant_path
+from optimizer.study.trial import TrialFailed, TrialRunner, first_line, inference_client_options
 
 __all__ = [
     "QuietReporter",
@@ -262,7 +269,7 @@ def _check_settings(settings: StudySettings) -> None:
 
 def _check_measure_settings(settings: StudySettings) -> None:
     from optimizer.errors import UsageError
-    from optimizer.loadgen import ENGINES, PROTOCOLS, RULES
+    from optimizer.measurement.builtin import ENGINES, PROTOCOLS, RULES
 
     checks = [
         (settings.load_generator in ENGINES, f"--load-generator must be one of {', '.join(ENGINES)}"),
@@ -280,7 +287,7 @@ def _check_measure_settings(settings: StudySettings) -> None:
             raise UsageError(message)
     _check_window(settings.measure)
     if settings.load_generator == "perf_analyzer":
-        from optimizer.perf_analyzer import ensure_perf_analyzer
+        from optimizer.measurement.perf_analyzer import ensure_perf_analyzer
 
         ensure_perf_analyzer()  # found, or installed now: never a missing binary in the middle of a study
 
@@ -302,7 +309,7 @@ SYNTHETIC_SAMPLES = 32
 
 def _intake(settings: StudySettings) -> tuple[ModelInfo, dict[str, tuple[int, ...]], list[dict]]:
     """The model, the request shapes, and the request samples (the user's data or synthetic)."""
-    from optimizer import examples
+    from optimizer.model import examples
 
     shapes = dict(settings.shapes)
     if settings.model_path is None:
@@ -439,7 +446,7 @@ def _latency_budget(study, runner: TrialRunner, settings: StudySettings, reporte
 
 
 def _record_study_attrs(study, model, shapes, space: SearchSpace, server, budget_ms: float, settings) -> None:
-    from optimizer.environment import hardware
+    from optimizer.study.environment import hardware
 
     attrs = {
         "model_sha256": model.sha256,
@@ -465,7 +472,7 @@ def _enqueue_baseline(study, space: SearchSpace) -> None:
 
 
 # Configs measured right after the baseline in a new study, before the sampler's own proposals
-# (names of optimizer.space.starting_points; chosen with bench/replay_search.py).
+# (names of optimizer.config.space.starting_points; chosen with bench/replay_search.py).
 STARTING_POINTS: tuple[str, ...] = ()
 
 
@@ -475,7 +482,7 @@ def _enqueue_starting_points(study, plan: _Plan, space: SearchSpace) -> None:
     Done once the space is settled (a precision that failed its accuracy check is not in it), and only
     while the study holds nothing but its baseline, so a resumed study or a joining worker adds none.
     """
-    from optimizer.space import fit_params, starting_points
+    from optimizer.config.space import fit_params, starting_points
 
     if len(study.get_trials(deepcopy=False)) > 1:
         return
@@ -496,7 +503,7 @@ def _warm_start_params(settings: StudySettings, model: ModelInfo, space: SearchS
     import optuna
     from optuna.trial import TrialState
 
-    from optimizer.space import fit_params
+    from optimizer.config.space import fit_params
 
     name = settings.warm_start
     assert name is not None
