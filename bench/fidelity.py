@@ -38,7 +38,8 @@ from onnx import TensorProto, helper
 from optimizer.config.render import render_config, to_json
 from optimizer.config.space import Candidate
 from optimizer.measurement import perf_analyzer
-from optimizer.measurement.builtin import LevelResult, LoadGenerator, MeasureSettings
+from optimizer.measurement.builtin import LoadGenerator
+from optimizer.measurement.levels import LevelResult, MeasureSettings
 from optimizer.measurement.sweep import next_step
 from optimizer.model import examples
 from optimizer.model.intake import inspect_model, resolve_shapes, synthetic_inputs
@@ -85,6 +86,7 @@ def main() -> None:
         window_s=args.fixed_window_s,
         max_window_s=args.fixed_window_s,
         min_requests=30,
+        rule="fixed",
     )
     perf_analyzer.ensure_perf_analyzer()
     started = time.perf_counter()

@@ -30,12 +30,13 @@ import optuna
 
 from optimizer.config.render import config_key, render_config
 from optimizer.config.space import load_space, suggest_candidate
-from optimizer.measurement.builtin import MeasureSettings
+from optimizer.measurement.levels import MeasureSettings
+from optimizer.measurement.replay import build_recorded_model
 from optimizer.model import examples
 from optimizer.model.intake import inspect_model
 from optimizer.paths import cache_dir
-from optimizer.serving.replay import build_recorded_model
-from optimizer.study.run import StudySettings, run_study
+from optimizer.study.run import run_study
+from optimizer.study.settings import StudySettings
 
 # How each recorded model is built (deterministic: the same seed writes the same bytes).
 MODELS = {
@@ -43,7 +44,7 @@ MODELS = {
     "cnn": {"builder": "build_cnn", "args": {"size": 96}, "shapes": {}},
 }
 # Shorter windows than the CLI default keep a recording of 2 x 2 x 72 sweeps under an hour.
-RECORD_MEASURE = MeasureSettings(warmup_s=0.5, window_s=1.0, min_requests=20, max_window_s=4.0)
+RECORD_MEASURE = MeasureSettings(warmup_s=0.5, window_s=1.0, min_requests=20, max_window_s=4.0, rule="fixed")
 LEVEL_FIELDS = ("concurrency", "throughput", "p50_ms", "p95_ms", "p99_ms", "requests", "duration_s")
 
 

@@ -85,13 +85,14 @@ def grid_points(surface) -> list[Point]:
 # --- searches ------------------------------------------------------------------------------------------
 
 
-def run_optuna(surface_dir: str, sampler: str, seed: int, budget: int) -> Run:
+def run_optuna(surface_dir: str, sampler: str, seed: int, budget: int, search=None) -> Run:
     """A real study (run_study) against the replay target."""
     import optuna
     from record_surface import MODELS, build_model
 
-    from optimizer.serving.replay import ReplayTarget
-    from optimizer.study.run import StudySettings, run_study
+    from optimizer.measurement.replay import ReplayTarget
+    from optimizer.study.run import run_study
+    from optimizer.study.settings import StudySettings
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     target = ReplayTarget(surface_dir, seed=seed)
@@ -109,6 +110,7 @@ def run_optuna(surface_dir: str, sampler: str, seed: int, budget: int) -> Run:
                 seed=seed,
                 sampler=sampler,
                 latency_budget_ms=target.surface.latency_budget_ms,
+                **({"search": search} if search is not None else {}),
             ),
             target=target,
             storage=storage,
@@ -188,8 +190,8 @@ def measure_recorded(surface, key: str, rng: random.Random) -> tuple[float | Non
     Returns the best feasible throughput (None: infeasible or failed) and the seconds it was measured.
     """
     from optimizer.errors import ConfigRejected
+    from optimizer.measurement.replay import draw_repeat, replay_sweep
     from optimizer.measurement.sweep import DEFAULT_LEVELS, best_feasible, next_step
-    from optimizer.serving.replay import draw_repeat, replay_sweep
 
     config = surface.configs[key]
     budget = surface.latency_budget_ms
@@ -282,28 +284,34 @@ def trials_to_reach(truth: dict[str, float], run: Run, fraction: float) -> int |
     return None
 
 
-def apply_overrides(overrides: list[str]) -> None:
-    """``study.TPE_OPTIONS={"n_startup_trials": 10}``: set a module constant of optimizer (tuning runs)."""
-    import importlib
+def search_settings(overrides: list[str]):
+    """``tpe_startup_trials=10`` ...: the study's SearchSettings with these fields changed (tuning runs)."""
+    import dataclasses
     import json
 
+    from optimizer.study.settings import SearchSettings
+
+    fields = {field.name for field in dataclasses.fields(SearchSettings)}
+    changes = {}
     for override in overrides:
-        target, _, value = override.partition("=")
-        module_name, _, attribute = target.rpartition(".")
-        module = importlib.import_module(f"optimizer.{module_name}")
-        if not hasattr(module, attribute):
-            raise SystemExit(f"--set {override!r}: optimizer.{module_name} has no {attribute}")
-        setattr(module, attribute, json.loads(value))
+        name, _, value = override.partition("=")
+        if name not in fields:
+            raise SystemExit(
+                f"--set {override!r}: SearchSettings has no field {name!r} ({', '.join(sorted(fields))})"
+            )
+        parsed = json.loads(value)
+        changes[name] = tuple(parsed) if isinstance(parsed, list) else parsed
+    return SearchSettings(**changes)
 
 
 def _one(job) -> tuple:
     surface_dir, search, seed, budget, overrides = job
-    from optimizer.serving.replay import load_surface
+    from optimizer.measurement.replay import load_surface
 
-    apply_overrides(overrides)
+    settings = search_settings(overrides)
     surface = load_surface(surface_dir)
     if search in ("optimize", "random"):
-        run = run_optuna(surface_dir, "tpe" if search == "optimize" else "random", seed, budget)
+        run = run_optuna(surface_dir, "tpe" if search == "optimize" else "random", seed, budget, settings)
     else:
         points = grid_points(surface)
         run = (run_grid if search == "grid" else run_hill)(surface, points, seed, budget)
@@ -320,13 +328,13 @@ def main() -> None:
         "--set",
         action="append",
         default=[],
-        metavar="MODULE.NAME=JSON",
-        help="try other settings, e.g. study.TPE_OPTIONS='{\"n_startup_trials\": 10}' (repeatable)",
+        metavar="FIELD=JSON",
+        help="try other SearchSettings, e.g. tpe_startup_trials=10 or prune_percentile=null (repeatable)",
     )
     args = parser.parse_args()
     surfaces = args.surfaces.split(",")
     searches = args.searches.split(",")
-    apply_overrides(args.set)  # fail early on a typo
+    search_settings(args.set)  # fail early on a typo
     jobs = [
         (s, search, seed, max(BUDGETS), args.set)
         for s in surfaces
@@ -343,7 +351,7 @@ def main() -> None:
 
 
 def print_table(results, surfaces, searches) -> None:
-    from optimizer.serving.replay import load_surface
+    from optimizer.measurement.replay import load_surface
 
     for surface_dir in surfaces:
         surface = load_surface(surface_dir)
@@ -392,7 +400,7 @@ def repeat_agreement(surface) -> float:
     """Correlation between the scores of a config's first two repeats: 1 means noiseless measurements."""
     import numpy as np
 
-    from optimizer.serving.replay import _replayed_best
+    from optimizer.measurement.replay import _replayed_best
 
     pairs = [
         [_replayed_best(sweep, surface.latency_budget_ms) for sweep in config.sweeps[:2]]

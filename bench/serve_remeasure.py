@@ -27,12 +27,16 @@ from pathlib import Path
 
 from optimizer.errors import PerfAnalyzerError
 from optimizer.measurement import perf_analyzer
-from optimizer.measurement.builtin import GrpcLoadGenerator, LevelResult, MeasureSettings
+from optimizer.measurement.builtin import LoadGenerator
+from optimizer.measurement.levels import LevelResult, MeasureSettings
 from optimizer.model.intake import inspect_model, synthetic_inputs
-from optimizer.output.export import choose_trial, load_stored_study
+from optimizer.output.export import choose_trial
 from optimizer.output.serve import dynamic_shapes, serving
 from optimizer.paths import cache_dir
-from optimizer.study.run import StudySettings, export_trial, run_study
+from optimizer.study.results import export_trial
+from optimizer.study.run import run_study
+from optimizer.study.settings import StudySettings
+from optimizer.study.storage import load_stored_study
 
 
 def main() -> None:
@@ -50,7 +54,7 @@ def main() -> None:
     name, storage = args.study_name, args.storage
     if name is None:
         name = f"remeasure-b{args.budget}-s{args.seed}-{int(time.time())}"
-        measure = MeasureSettings(warmup_s=0.5, window_s=2.0, min_requests=30, max_window_s=8.0)
+        measure = MeasureSettings(warmup_s=0.5, window_s=2.0, min_requests=30, max_window_s=8.0, rule="fixed")
         summary = run_study(
             StudySettings(
                 budget=args.budget,
@@ -79,7 +83,7 @@ def main() -> None:
             url = served.server.grpc_url
             shapes, _ = dynamic_shapes(model.config, study.user_attrs.get("shapes") or {})
             concurrency = int(trial.user_attrs["concurrency"])
-            ours = GrpcLoadGenerator(url, model.name, samples, MEASURE_NOW)
+            ours = LoadGenerator(url, model.name, samples, MEASURE_NOW)
             before = ours.measure(concurrency)
             result, stability = _measure(model.name, url, concurrency, shapes, data, args)
             after = ours.measure(concurrency)
@@ -131,7 +135,7 @@ def main() -> None:
         print(f"{label:<{width}}  {value}")
 
 
-MEASURE_NOW = MeasureSettings(warmup_s=1.0, window_s=5.0, min_requests=60, max_window_s=15.0)
+MEASURE_NOW = MeasureSettings(warmup_s=1.0, window_s=5.0, min_requests=60, max_window_s=15.0, rule="fixed")
 
 
 def _study_requests(study):

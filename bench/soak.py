@@ -18,10 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from optimizer.measurement.builtin import MeasureSettings
+from optimizer.measurement.levels import MeasureSettings
 from optimizer.model import examples
 from optimizer.serving.embedded import EmbeddedTriton
-from optimizer.study.run import QuietReporter, StudySettings, run_study
+from optimizer.study.run import QuietReporter, run_study
+from optimizer.study.settings import StudySettings
 
 
 def _rss_kib(pid: int) -> int:
@@ -95,7 +96,7 @@ def main() -> None:
         output_dir=args.out,
         concurrency=(1, 2, 4),
         seed=0,
-        measure=MeasureSettings(warmup_s=0.2, window_s=0.5, min_requests=20, max_window_s=2.0),
+        measure=MeasureSettings(warmup_s=0.2, window_s=0.5, min_requests=20, max_window_s=2.0, rule="fixed"),
     )
     started = time.perf_counter()
     summary = run_study(settings, sampler, target=target)

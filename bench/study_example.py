@@ -16,8 +16,9 @@ from pathlib import Path
 
 import optuna
 
-from optimizer.measurement.builtin import MeasureSettings
-from optimizer.study.run import StudySettings, run_study
+from optimizer.measurement.levels import MeasureSettings
+from optimizer.study.run import run_study
+from optimizer.study.settings import StudySettings
 
 
 def main() -> None:
@@ -30,7 +31,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     name = args.study_name or f"example-b{args.budget}-s{args.seed}-{int(time.time())}"
-    measure = MeasureSettings(warmup_s=0.5, window_s=2.0, min_requests=30, max_window_s=8.0)
+    measure = MeasureSettings(warmup_s=0.5, window_s=2.0, min_requests=30, max_window_s=8.0, rule="fixed")
     started = time.perf_counter()
     summary = run_study(
         StudySettings(

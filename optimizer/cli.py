@@ -1,25 +1,41 @@
 """The ``optimize`` command line.
 
-Only ``main()`` turns errors into exit codes: an :class:`OptimizeError` prints one ``Error: …`` line
-and exits with its code (``--debug`` shows the traceback). Heavy imports (optuna, onnx, tritonclient)
-happen inside the commands, so ``optimize --help`` stays fast.
+Only ``main()`` turns errors into exit codes: an :class:`OptimizeError` (and a usage error of the parser)
+prints one ``Error: …`` line and exits with its code; an unexpected exception is a bug: its traceback is
+saved to a file whose path is printed, and it exits with :data:`BUG_EXIT_CODE`. ``--debug`` (anywhere on
+the line) shows tracebacks instead. Heavy imports (optuna, onnx, tritonclient) happen inside the
+commands, so ``optimize --help`` stays fast.
 """
 
 from __future__ import annotations
 
+import datetime
+import os
 import signal
 import sys
 import threading
+import traceback
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
-from optimizer.errors import OptimizeError
+from optimizer.errors import OptimizeError, StudyError, UsageError
+from optimizer.measurement.levels import DEFAULT_MAX_WINDOW_S, Engine, MeasureSettings, Protocol, StopRule
+from optimizer.output.formats import ExportFormat
+from optimizer.paths import cache_dir, studies_dir
+from optimizer.study.settings import Sampler
+
+# Exit codes besides those of the OptimizeError subclasses (errors.py) and the parser's usage errors (2).
+BUG_EXIT_CODE = 70  # EX_SOFTWARE: an unexpected exception, i.e. a bug in optimize
+INTERRUPTED_EXIT_CODE = 130  # Ctrl-C or SIGTERM
+
+# Typer carries its own copy of click and exports only BadParameter; the parser's errors share its base.
+_ClickException: Any = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 
 
 class Interrupted(OptimizeError):
-    exit_code = 130
+    exit_code = INTERRUPTED_EXIT_CODE
 
 
 app = typer.Typer(
@@ -31,15 +47,36 @@ app = typer.Typer(
 
 _state = {"debug": False}
 
+MODEL, SEARCH, MEASUREMENT, TARGET, SCALE_OUT = "Model", "Search", "Measurement", "Target", "Scale-out"
+_DEFAULT_MEASURE = MeasureSettings()
+TARGET_CHOICES = "embedded|local|docker|remote|replay:DIR"
+
 ShapeOption = Annotated[
     Optional[list[str]],
-    typer.Option("--shape", help="Shape of a dynamic input without the batch dim, NAME:D1,D2 (repeatable)."),
+    typer.Option(
+        "--shape",
+        help="Shape of a dynamic input without the batch dim, NAME:D1,D2 (repeatable).",
+        rich_help_panel=MODEL,
+    ),
 ]
 
 
 @app.callback()
-def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False) -> None:
-    _state["debug"] = _state["debug"] or debug
+def _root(
+    debug: Annotated[
+        bool,
+        typer.Option("--debug", help="Show tracebacks instead of one-line errors (anywhere on the line)."),
+    ] = False,
+) -> None:
+    _state["debug"] = debug
+
+
+def _target_kind(value: str) -> str:
+    """``--target``'s parser: a known kind (``replay`` takes ``:DIR``), checked before any work."""
+    kind = value.partition(":")[0]
+    if kind not in TARGET_CHOICES.replace(":DIR", "").split("|"):
+        raise typer.BadParameter(f"{value!r} is not one of {TARGET_CHOICES.replace('|', ', ')}")
+    return value
 
 
 @app.command()
@@ -53,7 +90,6 @@ def inspect(
     from rich.table import Table
 
     from optimizer.model.intake import inspect_model, parse_shape_args, resolve_shapes
-    from optimizer.paths import cache_dir
 
     info = inspect_model(model, cache=cache_dir())
     given = parse_shape_args(shape or [])
@@ -77,141 +113,239 @@ def inspect(
 @app.command()
 def study(
     model: Annotated[
-        Optional[Path], typer.Option("--model", help="ONNX model (default: the bundled example).")
+        Optional[Path],
+        typer.Option("--model", help="ONNX model (default: the bundled example).", rich_help_panel=MODEL),
     ] = None,
-    budget: Annotated[int, typer.Option(help="Total number of trials in the study.")] = 40,
+    budget: Annotated[
+        int, typer.Option(help="Total number of trials in the study.", rich_help_panel=SEARCH)
+    ] = 40,
     latency_budget_ms: Annotated[
         Optional[float],
-        typer.Option("--latency-budget-ms", help="p99 latency budget (default: 10x baseline p99)."),
+        typer.Option(
+            "--latency-budget-ms",
+            help="p99 latency budget (default: 10x baseline p99).",
+            rich_help_panel=SEARCH,
+        ),
     ] = None,
     space: Annotated[
         Optional[str],
         typer.Option(
-            help="Search space: a name under spaces/ or a YAML path (default cpu; replay: its own)."
+            help="Search space: a name under spaces/ or a YAML path (default cpu; replay: its own).",
+            rich_help_panel=SEARCH,
         ),
     ] = None,
     study_name: Annotated[
-        Optional[str], typer.Option("--study-name", help="Default: the model's file name.")
+        Optional[str],
+        typer.Option("--study-name", help="Default: the model's file name.", rich_help_panel=SEARCH),
     ] = None,
     storage: Annotated[
-        Optional[str], typer.Option(help="Optuna storage URL (default sqlite:///studies/NAME.db).")
+        Optional[str],
+        typer.Option(
+            help="Optuna storage URL (default sqlite:///studies/NAME.db).", rich_help_panel=SCALE_OUT
+        ),
     ] = None,
     shape: ShapeOption = None,
     input_data: Annotated[
         Optional[Path],
-        typer.Option("--input-data", help=".npz with one array per input (samples on axis 0)."),
+        typer.Option(
+            "--input-data", help=".npz with one array per input (samples on axis 0).", rich_help_panel=MODEL
+        ),
     ] = None,
     accuracy_tolerance: Annotated[
         float,
         typer.Option(
-            "--accuracy-tolerance", help="Max 1 - cosine similarity of a fp16/int8 variant vs fp32."
+            "--accuracy-tolerance",
+            help="Max 1 - cosine similarity of a fp16/int8 variant vs fp32.",
+            rich_help_panel=MODEL,
         ),
     ] = 0.01,
-    concurrency: Annotated[Optional[str], typer.Option(help="Concurrency levels, e.g. 1,2,4,8,16.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Sampler seed.")] = None,
+    concurrency: Annotated[
+        Optional[str], typer.Option(help="Concurrency levels, e.g. 1,2,4,8,16.", rich_help_panel=MEASUREMENT)
+    ] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Sampler seed.", rich_help_panel=SEARCH)] = None,
     sampler: Annotated[
-        str, typer.Option(help="tpe (Bayesian, default), random, or grid (a space of listed values).")
-    ] = "tpe",
+        Sampler,
+        typer.Option(
+            help="tpe (Bayesian), random, or grid (every point of a space of listed values).",
+            rich_help_panel=SEARCH,
+        ),
+    ] = Sampler.tpe,
     warm_start: Annotated[
         Optional[str],
         typer.Option(
-            "--warm-start", help="A finished study of this model: its best configs are measured first."
+            "--warm-start",
+            help="A finished study of this model: its best configs are measured first.",
+            rich_help_panel=SEARCH,
         ),
     ] = None,
     window_s: Annotated[
         float,
         typer.Option(
-            "--window-s", help="Seconds measured per level (fixed rule) or the shortest window (ci)."
+            "--window-s",
+            help="Seconds measured per level (fixed rule) or the shortest window (ci).",
+            rich_help_panel=MEASUREMENT,
         ),
-    ] = 1.0,
+    ] = _DEFAULT_MEASURE.window_s,
     warmup_s: Annotated[
-        float, typer.Option("--warmup-s", help="Warm-up seconds per concurrency level.")
-    ] = 0.5,
+        float,
+        typer.Option(
+            "--warmup-s", help="Warm-up seconds per concurrency level.", rich_help_panel=MEASUREMENT
+        ),
+    ] = _DEFAULT_MEASURE.warmup_s,
     allow_shared_host: Annotated[
         bool,
-        typer.Option("--allow-shared-host", help="Let another worker of this study measure on this machine."),
+        typer.Option(
+            "--allow-shared-host",
+            help="Let another worker of this study measure on this machine.",
+            rich_help_panel=SCALE_OUT,
+        ),
     ] = False,
     cpus: Annotated[
-        Optional[str], typer.Option(help="Pin this worker and its server to cores, e.g. 0-3.")
+        Optional[str],
+        typer.Option(help="Pin this worker and its server to cores, e.g. 0-3.", rich_help_panel=SCALE_OUT),
     ] = None,
-    gpus: Annotated[Optional[str], typer.Option(help="GPUs this worker's server may use, e.g. 0,1.")] = None,
+    gpus: Annotated[
+        Optional[str],
+        typer.Option(help="GPUs this worker's server may use, e.g. 0,1.", rich_help_panel=SCALE_OUT),
+    ] = None,
     target: Annotated[
         str,
         typer.Option(
             help="Triton to tune: embedded (bundled), local (--triton-binary), docker, remote (--url), "
-            "or replay:DIR (a recorded surface, no server)."
+            "or replay:DIR (a recorded surface, no server).",
+            parser=_target_kind,
+            metavar=f"[{TARGET_CHOICES}]",
+            rich_help_panel=TARGET,
         ),
     ] = "embedded",
     triton_binary: Annotated[
         Optional[Path],
-        typer.Option("--triton-binary", help="local: tritonserver to run (default: the one on PATH)."),
+        typer.Option(
+            "--triton-binary",
+            help="local: tritonserver to run (default: the one on PATH).",
+            rich_help_panel=TARGET,
+        ),
     ] = None,
     backend_directory: Annotated[
         Optional[Path],
-        typer.Option("--backend-directory", help="local: its backends (default: next to its bin/)."),
+        typer.Option(
+            "--backend-directory",
+            help="local: its backends (default: next to its bin/).",
+            rich_help_panel=TARGET,
+        ),
     ] = None,
     docker_image_tag: Annotated[
         Optional[str],
-        typer.Option("--docker-image-tag", help="docker: nvcr.io/nvidia/tritonserver:TAG-py3 (24.10)."),
+        typer.Option(
+            "--docker-image-tag",
+            help="docker: nvcr.io/nvidia/tritonserver:TAG-py3 (24.10).",
+            rich_help_panel=TARGET,
+        ),
     ] = None,
     url: Annotated[
-        Optional[str], typer.Option(help="remote: HOST:PORT of the server's gRPC endpoint.")
+        Optional[str],
+        typer.Option(help="remote: HOST:PORT of the server's gRPC endpoint.", rich_help_panel=TARGET),
     ] = None,
     metrics_url: Annotated[
-        Optional[str], typer.Option("--metrics-url", help="remote: its /metrics URL, to see its GPUs.")
+        Optional[str],
+        typer.Option(
+            "--metrics-url", help="remote: its /metrics URL, to see its GPUs.", rich_help_panel=TARGET
+        ),
     ] = None,
     ssl_root_cert: Annotated[
         Optional[Path],
-        typer.Option("--ssl-root-cert", help="remote: PEM of the CA of the server's TLS certificate."),
+        typer.Option(
+            "--ssl-root-cert",
+            help="remote: PEM of the CA of the server's TLS certificate.",
+            rich_help_panel=TARGET,
+        ),
     ] = None,
     ssl_client_cert: Annotated[
-        Optional[Path], typer.Option("--ssl-client-cert", help="remote: PEM client certificate (mutual TLS).")
+        Optional[Path],
+        typer.Option(
+            "--ssl-client-cert", help="remote: PEM client certificate (mutual TLS).", rich_help_panel=TARGET
+        ),
     ] = None,
     ssl_client_key: Annotated[
-        Optional[Path], typer.Option("--ssl-client-key", help="remote: PEM key of --ssl-client-cert.")
+        Optional[Path],
+        typer.Option(
+            "--ssl-client-key", help="remote: PEM key of --ssl-client-cert.", rich_help_panel=TARGET
+        ),
     ] = None,
     header: Annotated[
         Optional[list[str]],
-        typer.Option("--header", help="remote: KEY:VALUE sent with every call (repeatable)."),
+        typer.Option(
+            "--header", help="remote: KEY:VALUE sent with every call (repeatable).", rich_help_panel=TARGET
+        ),
     ] = None,
-    # --- measurement (issue 7) ---
     load_generator: Annotated[
-        str,
-        typer.Option("--load-generator", help="builtin (asyncio, one process) or perf_analyzer (Triton's)."),
-    ] = "builtin",
-    protocol: Annotated[str, typer.Option(help="Protocol of the measured requests: grpc or http.")] = "grpc",
+        Engine,
+        typer.Option(
+            "--load-generator",
+            help="builtin (asyncio, one process) or perf_analyzer (Triton's).",
+            rich_help_panel=MEASUREMENT,
+        ),
+    ] = Engine.builtin,
+    protocol: Annotated[
+        Protocol, typer.Option(help="Protocol of the measured requests.", rich_help_panel=MEASUREMENT)
+    ] = Protocol.grpc,
     request_rate: Annotated[
         Optional[str],
-        typer.Option("--request-rate", help="Open loop: Poisson arrivals at these rates/s, e.g. 50,100,200."),
+        typer.Option(
+            "--request-rate",
+            help="Open loop: Poisson arrivals at these rates/s, e.g. 50,100,200.",
+            rich_help_panel=MEASUREMENT,
+        ),
     ] = None,
     stop_rule: Annotated[
-        str,
-        typer.Option("--stop-rule", help="ci: stop a window once throughput and p99 are pinned; fixed."),
-    ] = "ci",
+        StopRule,
+        typer.Option(
+            "--stop-rule",
+            help="ci: stop a window once throughput and p99 are pinned; fixed: --window-s.",
+            rich_help_panel=MEASUREMENT,
+        ),
+    ] = StopRule.ci,
     max_window_s: Annotated[
         Optional[float],
-        typer.Option("--max-window-s", help="Longest window per level (default: max(8, 4 x --window-s))."),
+        typer.Option(
+            "--max-window-s",
+            help=f"Longest window per level (default: max({DEFAULT_MAX_WINDOW_S:g}, 4 x --window-s)).",
+            rich_help_panel=MEASUREMENT,
+        ),
     ] = None,
     throughput_ci: Annotated[
-        float, typer.Option("--throughput-ci", help="ci: throughput known within this fraction (95%).")
-    ] = 0.05,
+        float,
+        typer.Option(
+            "--throughput-ci",
+            help="ci: throughput known within this fraction (95%).",
+            rich_help_panel=MEASUREMENT,
+        ),
+    ] = _DEFAULT_MEASURE.throughput_ci,
     p99_ci: Annotated[
-        float, typer.Option("--p99-ci", help="ci: p99 known within this fraction (95%).")
-    ] = 0.10,
+        float,
+        typer.Option(
+            "--p99-ci", help="ci: p99 known within this fraction (95%).", rich_help_panel=MEASUREMENT
+        ),
+    ] = _DEFAULT_MEASURE.p99_ci,
     max_memory_mb: Annotated[
         Optional[float],
-        typer.Option("--max-memory-mb", help="Constraint: the server's process-tree RSS (MiB) under load."),
+        typer.Option(
+            "--max-memory-mb",
+            help="Constraint: the server's process-tree RSS (MiB) under load.",
+            rich_help_panel=MEASUREMENT,
+        ),
     ] = None,
 ) -> None:
     """Run (or resume) the Bayesian study and export the best configuration."""
     from optimizer.config.space import load_space
-    from optimizer.measurement.builtin import MeasureSettings
+    from optimizer.measurement.replay import ReplayTarget
     from optimizer.measurement.sweep import DEFAULT_LEVELS, parse_levels, parse_rates
     from optimizer.model.intake import parse_shape_args
-    from optimizer.serving.targets import check_target_options, make_target, parse_headers
     from optimizer.study.progress import RichReporter, print_summary
-    from optimizer.study.run import StudySettings, run_study
+    from optimizer.study.run import run_study
+    from optimizer.study.settings import StudySettings
     from optimizer.study.storage import parse_cpus
+    from optimizer.study.targets import check_target_options, make_target, parse_headers
 
     target_options = dict(
         triton_binary=triton_binary,
@@ -226,8 +360,6 @@ def study(
     )
     check_target_options(target, **target_options)  # before any work: a stray --url is an error
     if request_rate and concurrency:
-        from optimizer.errors import UsageError
-
         raise UsageError("give --concurrency (closed loop) or --request-rate (open loop), not both")
     server = None  # embedded: run_study's default
     if target != "embedded":
@@ -239,7 +371,8 @@ def study(
             seed=seed,
             **target_options,
         )
-    replayed = getattr(server, "surface", None)  # a recording answers for its own model and space only
+    # A recording answers for its own model and space only.
+    replayed = server.surface if isinstance(server, ReplayTarget) else None
     if replayed is not None and model is None:
         model, shape = (
             replayed.model_path(),
@@ -257,14 +390,13 @@ def study(
         shapes=parse_shape_args(shape or []),
         concurrency=parse_levels(concurrency) if concurrency else DEFAULT_LEVELS,
         seed=seed,
-        sampler=sampler,
+        sampler=sampler.value,
         warm_start=warm_start,
-        measure=MeasureSettings(
+        measure=MeasureSettings.with_window(
+            window_s,
+            max_window_s,
             warmup_s=warmup_s,
-            window_s=window_s,
-            min_requests=30,
-            max_window_s=max_window_s if max_window_s is not None else max(8.0, 4 * window_s),
-            rule=stop_rule,
+            rule=stop_rule.value,
             throughput_ci=throughput_ci,
             p99_ci=p99_ci,
         ),
@@ -273,8 +405,8 @@ def study(
         allow_shared_host=allow_shared_host,
         cpus=parse_cpus(cpus) if cpus else frozenset(),
         gpus=gpus,
-        load_generator=load_generator,
-        protocol=protocol,
+        load_generator=load_generator.value,
+        protocol=protocol.value,
         request_rates=parse_rates(request_rate) if request_rate else (),
         max_memory_mb=max_memory_mb,
     )
@@ -290,8 +422,6 @@ def study(
 
 
 def _no_feasible(summary) -> OptimizeError:
-    from optimizer.errors import StudyError
-
     return StudyError(
         f"no configuration met the {summary.latency_budget_ms:g} ms latency budget in {summary.finished} trials: "
         "raise --latency-budget-ms (with a new --study-name) or widen the space"
@@ -305,18 +435,18 @@ def export(
     trial: Annotated[Optional[int], typer.Option(help="Trial number (default: the best feasible).")] = None,
     storage: Annotated[Optional[str], typer.Option(help="Optuna storage URL.")] = None,
     fmt: Annotated[
-        str,
+        ExportFormat,
         typer.Option(
             "--format",
             help="triton: the model repository; azureml / kserve: the repository under OUT/models "
             "plus deployment manifests.",
         ),
-    ] = "triton",
+    ] = ExportFormat.triton,
 ) -> None:
     """Write a trial's config and model file as a Triton model repository (and deployment manifests)."""
     from optimizer.output.deploy import export_deployment
 
-    deployment = export_deployment(study_name, out, fmt=fmt, trial=trial, storage=storage)
+    deployment = export_deployment(study_name, out, fmt=fmt.value, trial=trial, storage=storage)
     typer.echo(f"wrote {deployment.model_dir}")
     for manifest in deployment.manifests:
         typer.echo(f"wrote {manifest}")
@@ -347,7 +477,6 @@ def serve(
     shape: ShapeOption = None,
 ) -> None:
     """Serve a model repository (or a study's trial) on the embedded Triton until Ctrl-C."""
-    from optimizer.errors import UsageError
     from optimizer.model.intake import parse_shape_args
     from optimizer.output.serve import serve_repository, serve_study
 
@@ -387,7 +516,6 @@ def _write_study_report(summary) -> None:
     try:
         import optuna
 
-        from optimizer.paths import studies_dir
         from optimizer.report import write_report
         from optimizer.study.storage import open_storage
 
@@ -414,11 +542,8 @@ def report(
     ] = None,
 ) -> None:
     """Write the HTML report (opens offline) and the CSV of every trial of a study."""
-    from optimizer.errors import StudyError
-    from optimizer.paths import studies_dir
     from optimizer.report import write_report
-    from optimizer.report.source import load_stored_study
-    from optimizer.study.storage import count_finished
+    from optimizer.study.storage import count_finished, load_stored_study
 
     study = load_stored_study(study_name, storage)
     if count_finished(study) == 0:
@@ -443,7 +568,7 @@ def dashboard(
 ) -> None:
     """Start optuna-dashboard on a study's storage and print its URL; Ctrl-C stops it."""
     from optimizer.report.dashboard import serve_dashboard
-    from optimizer.report.source import storage_url_for
+    from optimizer.study.storage import storage_url_for
 
     url = storage_url_for(study_name, storage)
     serve_dashboard(
@@ -504,31 +629,54 @@ def _install_thread_excepthook() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: run the CLI, turning our errors into one line and an exit code."""
+    """Entry point: run the CLI, turning errors into one line and an exit code (see the README's table)."""
     _install_sigterm_handler()
     _install_thread_excepthook()
     args = list(sys.argv[1:] if argv is None else argv)
-    _state["debug"] = False
-    if "--debug" in args:  # accepted anywhere on the line, not only before the command
+    if "--debug" in args:  # accepted anywhere on the line: move it where the root callback reads it
         args.remove("--debug")
-        _state["debug"] = True
+        args.insert(0, "--debug")
+    _state["debug"] = False
     try:
-        app(args=args, prog_name="optimize")  # Typer prints its own usage errors and exits
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        code = app(args=args, prog_name="optimize", standalone_mode=False)
+        return code if isinstance(code, int) else 0
+    except _ClickException as exc:  # the parser's own usage errors: bad choice, unknown option, ...
+        message = exc.format_message()
+        if message:  # empty when it already printed the help (no arguments)
+            typer.echo(f"Error: {message}", err=True)
+        return exc.exit_code
+    except (KeyboardInterrupt, typer.Abort):
+        typer.echo("Error: interrupted", err=True)
+        return INTERRUPTED_EXIT_CODE
     except OptimizeError as exc:
         if _state["debug"]:
             raise
         typer.echo(f"Error: {exc.message}", err=True)
         return exc.exit_code
-    except Exception as exc:  # a bug or an unexpected environment: still one line unless --debug
+    except Exception as exc:  # a bug, or an environment nobody foresaw: say so, keep the traceback
         if _state["debug"]:
             raise
+        report = _save_traceback(exc)
         typer.echo(
-            f"Error: unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", err=True
+            f"Error: internal error {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''} "
+            f"- a bug in optimize; the traceback is in {report} (please attach it to an issue)",
+            err=True,
         )
-        return 1
-    return 0
+        return BUG_EXIT_CODE
+
+
+def _save_traceback(exc: BaseException) -> Path:
+    """Write ``exc``'s traceback to a file under the cache (``crashes/``); its path, or a note if that failed."""
+    text = "".join(traceback.format_exception(exc))
+    try:
+        folder = cache_dir() / "crashes"
+        folder.mkdir(parents=True, exist_ok=True)
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        path = folder / f"{stamp}-{os.getpid()}.txt"
+        path.write_text(f"optimize {' '.join(sys.argv[1:])}\n\n{text}")
+        return path
+    except OSError:
+        return Path("(unwritable cache: rerun with --debug)")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,13 @@ import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from optimizer.errors import OptimizeError
+from optimizer.measurement.perf_analyzer import find_perf_analyzer, install_command
+from optimizer.model.providers import ORT_NAMES, runnable_providers
+from optimizer.serving.docker import DockerUnreachable, connect
+from optimizer.serving.embedded import EmbeddedTriton
+from optimizer.serving.local import find_backend_directory, find_binary
+
 __all__ = ["Check", "format_check", "run_checks"]
 
 
@@ -26,8 +33,6 @@ class Check:
 
 
 def check_embedded() -> Check:
-    from optimizer.errors import OptimizeError
-    from optimizer.serving.embedded import EmbeddedTriton
 
     try:
         with EmbeddedTriton(startup_timeout=60.0) as server:
@@ -43,8 +48,6 @@ def check_embedded() -> Check:
 
 
 def check_local() -> Check:
-    from optimizer.errors import OptimizeError
-    from optimizer.serving.local import find_backend_directory, find_binary
 
     fix = (
         "install Triton Inference Server (or run inside nvcr.io/nvidia/tritonserver:<tag>-py3) and put "
@@ -62,7 +65,6 @@ def check_local() -> Check:
 
 
 def check_docker() -> Check:
-    from optimizer.serving.docker import DockerUnreachable, connect
 
     try:
         client = connect()
@@ -93,7 +95,6 @@ _PROVIDER_FIXES = {
 
 
 def check_providers() -> Check:
-    from optimizer.model.providers import ORT_NAMES, runnable_providers
 
     runnable = runnable_providers()
     missing = [name for name in ORT_NAMES if name not in runnable]
@@ -121,17 +122,6 @@ def check_gpus() -> Check:
 
 
 def check_perf_analyzer() -> Check:
-    try:
-        from optimizer.measurement.perf_analyzer import find_perf_analyzer, install_command
-    except ImportError:
-        found = shutil.which("perf_analyzer")
-        if found:
-            return Check("perf_analyzer", True, found)
-        return Check(
-            "perf_analyzer", False, "not found", "pip install tritonclient==2.51.0 --no-deps (its binary)"
-        )
-    from optimizer.errors import OptimizeError
-
     try:
         return Check("perf_analyzer", True, str(find_perf_analyzer()))
     except OptimizeError:

@@ -15,7 +15,7 @@ from pathlib import Path
 def _bindir() -> Path:
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
     if not found and os.geteuid() == 0:
-        # The issue asks the test set-up to install it when missing (CI installs it in .ci/run).
+        # Installed here when missing, so the tests run on a fresh machine (CI installs it in .ci/run).
         subprocess.run(["apt-get", "update", "-qq"], check=False, capture_output=True)
         subprocess.run(["apt-get", "install", "-y", "-qq", "postgresql"], check=True, capture_output=True)
         found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))

@@ -11,10 +11,10 @@ import onnx
 import optuna
 import pytest
 from onnx import TensorProto, helper
-from test_study import _settings
 
 from optimizer.cli import main
 from optimizer.study.run import run_study
+from studies import study_settings
 
 pytestmark = pytest.mark.server
 
@@ -23,8 +23,8 @@ pytestmark = pytest.mark.server
 def existing(models, tmp_path_factory) -> dict[str, Path]:
     """A finished real study (budget 1) and one whose only trial met no latency budget."""
     root = tmp_path_factory.mktemp("existing")
-    run_study(_settings(models["mlp"], root, budget=1, study_name="s"))
-    run_study(_settings(models["mlp"], root, budget=1, study_name="nofeasible", latency_budget_ms=0.001))
+    run_study(study_settings(models["mlp"], root, budget=1, study_name="s"))
+    run_study(study_settings(models["mlp"], root, budget=1, study_name="nofeasible", latency_budget_ms=0.001))
     files = {"root": root, "db": root / "s.db"}
     files["custom"] = _custom_op_model(root / "custom.onnx")
     files["npz_wrong_dtype"] = _npz(root / "dtype.npz", x=np.ones((2, 64), np.float64))
@@ -150,13 +150,18 @@ CASES = [
     ),
     ("max-memory-zero", lambda m, f, t: ["--max-memory-mb", "0"], 2, "positive number of MiB"),
     ("max-memory-negative", lambda m, f, t: ["--max-memory-mb", "-1"], 2, "positive number of MiB"),
-    ("load-generator-unknown", lambda m, f, t: ["--load-generator", "locust"], 2, "builtin, perf_analyzer"),
-    ("protocol-unknown", lambda m, f, t: ["--protocol", "udp"], 2, "--protocol must be one of grpc, http"),
+    (
+        "load-generator-unknown",
+        lambda m, f, t: ["--load-generator", "locust"],
+        2,
+        "Invalid value for '--load-generator'",
+    ),
+    ("protocol-unknown", lambda m, f, t: ["--protocol", "udp"], 2, "'udp' is not one of 'grpc', 'http'"),
     (
         "stop-rule-unknown",
         lambda m, f, t: ["--stop-rule", "never"],
         2,
-        "--stop-rule must be one of ci, fixed",
+        "'never' is not one of 'ci', 'fixed'",
     ),
     (
         "window-over-cap",
@@ -170,7 +175,7 @@ CASES = [
         "sampler-unknown",
         lambda m, f, t: ["--sampler", "cmaes"],
         2,
-        "--sampler must be one of tpe, random, grid",
+        "'cmaes' is not one of 'tpe', 'random', 'grid'",
     ),
     ("grid-of-a-range", lambda m, f, t: ["--sampler", "grid"], 4, "a grid needs max_queue_delay_us as"),
     (

@@ -12,7 +12,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from optimizer.cli import main
 from optimizer.config.render import config_from_json, config_from_pbtxt
 from optimizer.errors import OptimizeError
-from optimizer.measurement.builtin import MeasureSettings
+from optimizer.measurement.levels import MeasureSettings
 from optimizer.output.deploy import (
     AZUREML_CPU_INSTANCE,
     AZUREML_GPU_INSTANCE,
@@ -24,9 +24,11 @@ from optimizer.output.deploy import (
     write_manifest,
     write_manifests,
 )
-from optimizer.study.run import StudySettings, best_trial, run_study
+from optimizer.study.results import best_trial
+from optimizer.study.run import run_study
+from optimizer.study.settings import StudySettings
 
-FAST = MeasureSettings(warmup_s=0.1, window_s=0.3, min_requests=10, max_window_s=1.0)
+FAST = MeasureSettings(warmup_s=0.1, window_s=0.3, min_requests=10, max_window_s=1.0, rule="fixed")
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +129,7 @@ def test_unknown_format_is_one_line_and_writes_nothing(stored, tmp_path, capsys)
         ]
     )
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert code == 2 and len(lines) == 1 and "--format must be one of triton, azureml, kserve" in lines[0]
+    assert code == 2 and len(lines) == 1 and "is not one of 'triton', 'azureml', 'kserve'" in lines[0]
     assert not (tmp_path / "x").exists()
 
 

@@ -15,18 +15,18 @@ from pathlib import Path
 import optuna
 import pytest
 from procs import children
-from test_study import FAST_CLI, _load, _settings, _trial_states
 
+from optimizer.config import repository as repository_module
 from optimizer.config.render import render_config
 from optimizer.config.space import Candidate
-from optimizer.measurement.builtin import MeasureSettings
+from optimizer.measurement.levels import MeasureSettings
 from optimizer.model.intake import inspect_model
 from optimizer.model.variants import variant_path
-from optimizer.output import export as export_module
 from optimizer.paths import cache_dir
 from optimizer.serving.embedded import EmbeddedTriton
 from optimizer.study.run import QuietReporter, run_study
 from optimizer.study.storage import count_finished
+from studies import FAST_CLI, load_study, study_settings, trial_states
 
 pytestmark = pytest.mark.server
 
@@ -46,13 +46,13 @@ class HangOnTrial(QuietReporter):
 def test_hung_server_fails_its_trial_by_timeout_and_a_fresh_server_takes_over(models, tmp_path):
     target = EmbeddedTriton()
     measure = MeasureSettings(
-        warmup_s=0.5, window_s=1.5, min_requests=10, max_window_s=3.0, request_timeout_s=2.0
+        warmup_s=0.5, window_s=1.5, min_requests=10, max_window_s=3.0, request_timeout_s=2.0, rule="fixed"
     )
     reporter = HangOnTrial(target, 1)
     summary = run_study(
-        _settings(models["mlp"], tmp_path, budget=4, measure=measure), reporter, target=target
+        study_settings(models["mlp"], tmp_path, budget=4, measure=measure), reporter, target=target
     )
-    study = _load(tmp_path)
+    study = load_study(tmp_path)
     hung = study.trials[1]
     assert hung.state == optuna.trial.TrialState.FAIL
     assert "hung" in hung.user_attrs["reason"]
@@ -68,7 +68,7 @@ def test_hung_server_fails_its_trial_by_timeout_and_a_fresh_server_takes_over(mo
 def test_variant_that_fails_to_initialise_fails_only_its_trials(models, tmp_path):
     space = tmp_path / "space.yaml"
     space.write_text("precisions: [fp32, int8]\nmax_batch_size: [1, 4]\ninstance_count: [1, 2]\n")
-    settings = _settings(models["cnn"], tmp_path, budget=1, space=str(space), seed=11)
+    settings = study_settings(models["cnn"], tmp_path, budget=1, space=str(space), seed=11)
     run_study(settings)  # the accuracy check passes and is recorded
     broken = variant_path(inspect_model(models["cnn"]), "int8", cache_dir())
     original = broken.read_bytes()
@@ -77,7 +77,7 @@ def test_variant_that_fails_to_initialise_fails_only_its_trials(models, tmp_path
         run_study(settings.__class__(**{**settings.__dict__, "budget": 8}))
     finally:
         broken.write_bytes(original)
-    study = _load(tmp_path)
+    study = load_study(tmp_path)
     int8 = [t for t in study.trials if t.params.get("precision") == "int8"]
     fp32 = [t for t in study.trials[1:] if t.params.get("precision") == "fp32"]
     assert int8 and fp32, [t.params for t in study.trials]
@@ -134,7 +134,7 @@ def test_storage_turning_read_only_mid_study_stops_cleanly_and_a_rerun_completes
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        states = _trial_states(db)  # plain sqlite3: optuna would race the worker creating its tables
+        states = trial_states(db)  # plain sqlite3: optuna would race the worker creating its tables
         if states.count("COMPLETE") + states.count("PRUNED") >= 2:
             break
         time.sleep(0.2)
@@ -160,16 +160,16 @@ def test_storage_turning_read_only_mid_study_stops_cleanly_and_a_rerun_completes
 def test_export_cut_short_leaves_the_previous_repository_intact(models, tmp_path, monkeypatch):
     info = inspect_model(models["mlp"])
     config = render_config(info, Candidate(), model_name="mlp")
-    first = export_module.write_repository(tmp_path, config, {"1/model.onnx": info.path})
+    first = repository_module.write_repository(tmp_path, config, {"1/model.onnx": info.path})
     before = (first / "config.pbtxt").read_text()
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt  # as if the process were interrupted halfway through the copy
 
-    monkeypatch.setattr(export_module.shutil, "copy2", crash)
+    monkeypatch.setattr(repository_module.shutil, "copy2", crash)
     changed = render_config(info, Candidate(max_batch_size=8, instance_count=2), model_name="mlp")
     with pytest.raises(KeyboardInterrupt):
-        export_module.write_repository(tmp_path, changed, {"1/model.onnx": info.path})
+        repository_module.write_repository(tmp_path, changed, {"1/model.onnx": info.path})
     assert (first / "config.pbtxt").read_text() == before
     assert (first / "1" / "model.onnx").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp"]  # no half-written staging directory left

@@ -12,7 +12,8 @@ import pytest
 
 from optimizer.config.render import render_config, to_json
 from optimizer.config.space import Candidate
-from optimizer.measurement.builtin import LoadGenerator, MeasureSettings
+from optimizer.measurement.builtin import LoadGenerator
+from optimizer.measurement.levels import MeasureSettings
 from optimizer.measurement.stopping import (
     StoppingRule,
     estimate_uncertainty,
@@ -27,7 +28,6 @@ from optimizer.serving.metrics import (
     memory_figure,
     process_tree_rss_mb,
     resource_usage,
-    server_resources,
 )
 from optimizer.serving.statistics import breakdown
 
@@ -99,7 +99,7 @@ def test_the_p99_interval_narrows_as_requests_accumulate():
 
 
 def test_a_fixed_window_ignores_the_targets_and_a_ci_window_follows_them():
-    fixed = MeasureSettings(window_s=3.0, max_window_s=6.0, min_requests=10).stopping_rule()
+    fixed = MeasureSettings(window_s=3.0, max_window_s=6.0, min_requests=10, rule="fixed").stopping_rule()
     times, latencies = _stream(rate=50, seconds=3.0)  # unsettled p99
     assert should_stop(estimate_uncertainty(times, latencies, 0.0, 3.0), fixed)
     ci = MeasureSettings(rule="ci", window_s=1.0, max_window_s=6.0).stopping_rule()
@@ -200,15 +200,13 @@ def test_server_rss_counts_the_backend_stubs_of_loaded_models(triton, mlp):
     alone = process_tree_rss_mb(triton.pid)
     server_only = _rss_kib(Path(f"/proc/{triton.pid}")) / 1024  # tritonserver by itself
     assert alone is not None and alone > server_only + 10  # the stub of lg_mlp holds its own memory
-    assert server_resources(triton)["server_rss_mb"] == pytest.approx(alone, rel=0.2)
+    assert triton.resources()["server_rss_mb"] == pytest.approx(alone, rel=0.2)
 
 
 @pytest.mark.server
 def test_ci_rule_measures_a_closed_loop_with_its_uncertainty_breakdown_and_resources(triton, mlp):
     settings = MeasureSettings(warmup_s=0.3, window_s=0.5, max_window_s=4.0, rule="ci", min_requests=30)
-    generator = LoadGenerator(
-        triton.grpc_url, "lg_mlp", mlp, settings, resources=lambda: server_resources(triton)
-    )
+    generator = LoadGenerator(triton.grpc_url, "lg_mlp", mlp, settings, resources=triton.resources)
     result = generator.measure(4)
     assert 0.5 <= result.duration_s <= 4.0 + 0.5
     assert result.requests > 30 and result.throughput == pytest.approx(result.requests / result.duration_s)
@@ -235,7 +233,7 @@ def test_open_loop_follows_the_request_rate_and_counts_latency_from_the_due_time
 
 @pytest.mark.server
 def test_http_measures_the_same_server(triton, mlp):
-    settings = MeasureSettings(warmup_s=0.2, window_s=0.5, max_window_s=1.0, min_requests=10)
+    settings = MeasureSettings(warmup_s=0.2, window_s=0.5, max_window_s=1.0, min_requests=10, rule="fixed")
     url = triton.http_url.split("://", 1)[1]
     result = LoadGenerator(url, "lg_mlp", mlp, settings, protocol="http").measure(2)
     assert result.requests >= 10 and result.server is not None and result.server.requests > 0
@@ -246,7 +244,7 @@ def test_a_failing_request_ends_the_level_with_an_inference_error(triton, mlp):
     from optimizer.errors import InferenceError
 
     wrong = [{name: array.astype(np.float64) for name, array in sample.items()} for sample in mlp]
-    settings = MeasureSettings(warmup_s=0.2, window_s=0.5, max_window_s=1.0)
+    settings = MeasureSettings(warmup_s=0.2, window_s=0.5, max_window_s=1.0, rule="fixed")
     for mode in ("concurrency", "request_rate"):
         with pytest.raises(InferenceError, match="a request failed"):
             LoadGenerator(triton.grpc_url, "lg_mlp", wrong, settings, mode=mode).measure(2)

@@ -7,7 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from optimizer.errors import InferenceError, UsageError
-from optimizer.measurement.builtin import LevelResult, summarise_level
+from optimizer.measurement.builtin import summarise_level
+from optimizer.measurement.levels import LevelResult
 from optimizer.measurement.sweep import best_feasible, next_step, parse_levels, parse_rates
 
 BUDGET_MS = 10.0

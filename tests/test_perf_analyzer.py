@@ -10,18 +10,18 @@ import numpy as np
 import pytest
 
 from optimizer.config.render import render_config, to_json
+from optimizer.config.repository import write_repository
 from optimizer.config.space import Candidate
 from optimizer.errors import PerfAnalyzerError
 from optimizer.measurement import perf_analyzer
+from optimizer.measurement.levels import LevelResult
 from optimizer.measurement.perf_analyzer import (
-    PerfResult,
     parse_csv,
     perf_analyzer_args,
     run_perf_analyzer,
     write_input_data,
 )
 from optimizer.model.intake import inspect_model, synthetic_inputs
-from optimizer.output.export import write_repository
 from optimizer.output.serve import serving
 from optimizer.serving.statistics import ServerBreakdown
 
@@ -39,20 +39,22 @@ def _server(queue: float, compute_input: float, infer: float, output: float) -> 
 def test_parse_csv_reads_throughput_percentiles_and_server_columns_in_milliseconds():
     results = parse_csv(CSV)
     assert results == [
-        PerfResult(
+        LevelResult(
             concurrency=2,
+            requests=0,
+            duration_s=0.0,
             throughput=2858.25,
             p50_ms=0.586,
-            p90_ms=0.912,
             p95_ms=1.028,
             p99_ms=2.966,
             server=_server(0.118, 0.012, 0.142, 0.103),
         ),
-        PerfResult(
+        LevelResult(
             concurrency=4,
+            requests=0,
+            duration_s=0.0,
             throughput=3100.5,
             p50_ms=1.2,
-            p90_ms=1.5,
             p95_ms=1.8,
             p99_ms=4.1,
             server=_server(0.3, 0.012, 0.15, 0.103),
@@ -213,7 +215,7 @@ def test_perf_analyzer_measures_a_served_repository_with_the_studys_requests(bin
             max_trials=10,
         )
         assert result.concurrency == 2 and result.throughput > 0
-        assert 0 < result.p50_ms <= result.p90_ms <= result.p95_ms <= result.p99_ms
+        assert 0 < result.p50_ms <= result.p95_ms <= result.p99_ms
         with pytest.raises(PerfAnalyzerError, match="perf_analyzer failed"):
             run_perf_analyzer(
                 "no_such_model", served.server.grpc_url, concurrency=1, measurement_interval_ms=500
@@ -222,8 +224,8 @@ def test_perf_analyzer_measures_a_served_repository_with_the_studys_requests(bin
 
 @pytest.mark.server
 def test_perf_analyzer_engine_sweeps_levels_like_the_builtin_generator(binary, triton, models, tmp_path):
-    from optimizer.measurement.builtin import MeasureSettings, make_load_generator
-    from optimizer.serving.metrics import server_resources
+    from optimizer.measurement.engines import make_load_generator
+    from optimizer.measurement.levels import MeasureSettings
 
     info = inspect_model(models["mlp"])
     config = render_config(info, Candidate(max_batch_size=4), model_name="pa_mlp")
@@ -233,10 +235,10 @@ def test_perf_analyzer_engine_sweeps_levels_like_the_builtin_generator(binary, t
         triton,
         "pa_mlp",
         samples,
-        MeasureSettings(window_s=0.5),
+        MeasureSettings(window_s=0.5, rule="fixed"),
         engine="perf_analyzer",
         batched=True,
-        resources=lambda: server_resources(triton),
+        resources=triton.resources,
     )
     seen = []
     results = generator.run_levels([1, 2, 4], lambda index, result: seen.append(index) or index < 1)
@@ -247,6 +249,11 @@ def test_perf_analyzer_engine_sweeps_levels_like_the_builtin_generator(binary, t
         assert result.server is not None and result.server.compute_infer_ms > 0
         assert result.resources["server_rss_mb"] > 0
     rate = make_load_generator(
-        triton, "pa_mlp", samples, MeasureSettings(window_s=0.5), engine="perf_analyzer", mode="request_rate"
+        triton,
+        "pa_mlp",
+        samples,
+        MeasureSettings(window_s=0.5, rule="fixed"),
+        engine="perf_analyzer",
+        mode="request_rate",
     ).measure(100)
     assert rate.request_rate == 100.0 and rate.throughput == pytest.approx(100, rel=0.3)

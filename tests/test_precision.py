@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 import pytest
-from test_study import _load, _settings
 
 from optimizer.cli import main
 from optimizer.config.render import render_config, to_json
@@ -17,6 +16,7 @@ from optimizer.model.providers import check_providers
 from optimizer.model.variants import model_files, variant_path
 from optimizer.paths import cache_dir
 from optimizer.study.run import run_study
+from studies import load_study, study_settings
 
 
 def _space(tmp_path, precisions):
@@ -106,11 +106,11 @@ def test_variants_are_cached_by_content_and_never_written_next_to_the_model(mode
 
 @pytest.mark.server
 def test_variant_outside_tolerance_is_recorded_and_never_served(models, tmp_path):
-    settings = _settings(
+    settings = study_settings(
         models["mlp"], tmp_path, budget=3, space=_space(tmp_path, ["fp32", "int8"]), accuracy_tolerance=0.0
     )
     run_study(settings)
-    study = _load(tmp_path)
+    study = load_study(tmp_path)
     record = study.user_attrs["variants"]["int8"]
     assert record["ok"] is False and "outside the accuracy tolerance" in record["reason"]
     assert record["max_abs"] > 0
@@ -120,7 +120,7 @@ def test_variant_outside_tolerance_is_recorded_and_never_served(models, tmp_path
 
 @pytest.mark.server
 def test_study_explores_int8_when_it_keeps_accuracy_and_a_rerun_does_not_rebuild_it(models, tmp_path):
-    settings = _settings(
+    settings = study_settings(
         models["encoder"],
         tmp_path,
         budget=6,
@@ -129,7 +129,7 @@ def test_study_explores_int8_when_it_keeps_accuracy_and_a_rerun_does_not_rebuild
         seed=3,
     )
     run_study(settings)
-    study = _load(tmp_path)
+    study = load_study(tmp_path)
     record = study.user_attrs["variants"]["int8"]
     assert record["ok"] is True and 0.99 <= record["cosine"] <= 1.0
     precisions = {t.params.get("precision") for t in study.trials}

@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 from tritonclient.grpc import model_config_pb2 as mc
 
 from optimizer.config.render import (
-    MODEL_FILENAMES,
     TRT_WORKSPACE_BYTES,
     config_from_json,
     config_from_pbtxt,
@@ -23,6 +22,7 @@ from optimizer.config.render import (
 )
 from optimizer.config.space import CPU_PROVIDERS, GPU_PROVIDERS, GRAPH_LEVELS, PRECISIONS, Candidate
 from optimizer.model.intake import ModelInfo, TensorSpec
+from optimizer.model.variants import MODEL_FILENAMES
 
 
 def _info(inputs: list[TensorSpec], outputs: list[TensorSpec], *, batching: bool = True) -> ModelInfo:

@@ -15,8 +15,9 @@ from optuna.trial import TrialState
 
 from optimizer.cli import main
 from optimizer.errors import UsageError
-from optimizer.serving.replay import ReplayTarget, draw_repeat, load_surface, replay_sweep
-from optimizer.study.run import StudySettings, run_study
+from optimizer.measurement.replay import ReplayTarget, draw_repeat, load_surface, replay_sweep
+from optimizer.study.run import run_study
+from optimizer.study.settings import SearchSettings, StudySettings
 
 DATA = Path(__file__).resolve().parent.parent / "bench" / "data"
 ENCODER = DATA / "encoder"
@@ -181,11 +182,9 @@ def test_a_bad_replay_target_is_one_line(target: str, fragment: str, tmp_path: P
     assert not (tmp_path / "r.db").exists()
 
 
-def test_starting_points_are_measured_right_after_the_baseline(tmp_path: Path, monkeypatch) -> None:
-    from optimizer.study import run as study_module
-
-    monkeypatch.setattr(study_module, "STARTING_POINTS", ("batching", "batching-lowp"))
-    _, study = _replay(ENCODER, tmp_path, budget=4)
+def test_starting_points_are_measured_right_after_the_baseline(tmp_path: Path) -> None:
+    search = SearchSettings(starting_points=("batching", "batching-lowp"))
+    _, study = _replay(ENCODER, tmp_path, budget=4, search=search)
     trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
     assert trials[0].user_attrs["baseline"] is True
     assert [t.user_attrs.get("starting_point") for t in trials[1:3]] == [True, True]

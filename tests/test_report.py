@@ -14,7 +14,7 @@ from playwright.sync_api import sync_playwright
 
 from optimizer.cli import main
 from optimizer.config.render import config_from_json, config_from_pbtxt
-from optimizer.measurement.builtin import MeasureSettings
+from optimizer.measurement.levels import MeasureSettings
 from optimizer.paths import studies_dir
 from optimizer.report import build_report_data, write_report
 from optimizer.report.data import (
@@ -27,7 +27,9 @@ from optimizer.report.data import (
     trial_records,
 )
 from optimizer.serving.embedded import EmbeddedTriton
-from optimizer.study.run import StudySettings, best_trial, run_study
+from optimizer.study.results import best_trial
+from optimizer.study.run import run_study
+from optimizer.study.settings import StudySettings
 
 pytestmark = pytest.mark.server
 
@@ -41,7 +43,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-FAST = MeasureSettings(warmup_s=0.1, window_s=0.3, min_requests=10, max_window_s=1.0)
+FAST = MeasureSettings(warmup_s=0.1, window_s=0.3, min_requests=10, max_window_s=1.0, rule="fixed")
 FAST_CLI = ["--window-s", "0.3", "--warmup-s", "0.1", "--concurrency", "1,2,4", "--stop-rule", "fixed"]
 HOSTILE = '</script><script>alert("x")</script><img src=x onerror=alert(1)>'
 

@@ -15,11 +15,11 @@ from collections import Counter
 import optuna
 import pytest
 from postgres import postgres_server
-from test_study import FAST_CLI, _settings
 
 from optimizer.errors import StudyError
 from optimizer.study.run import run_study
 from optimizer.study.storage import count_finished
+from studies import FAST_CLI, study_settings
 
 pytestmark = pytest.mark.server
 
@@ -142,12 +142,14 @@ def test_worker_killed_mid_trial_has_its_trial_retried_by_the_other(models, post
 
 
 def test_a_worker_with_another_model_or_latency_budget_is_refused(models, postgres_url, tmp_path):
-    run_study(_settings(models["mlp"], tmp_path, budget=1, storage=postgres_url, study_name="strict"))
+    run_study(study_settings(models["mlp"], tmp_path, budget=1, storage=postgres_url, study_name="strict"))
     with pytest.raises(StudyError, match="different model"):
-        run_study(_settings(models["cnn"], tmp_path, budget=2, storage=postgres_url, study_name="strict"))
+        run_study(
+            study_settings(models["cnn"], tmp_path, budget=2, storage=postgres_url, study_name="strict")
+        )
     with pytest.raises(StudyError, match="latency budget"):
         run_study(
-            _settings(
+            study_settings(
                 models["mlp"],
                 tmp_path,
                 budget=2,
@@ -161,7 +163,7 @@ def test_a_worker_with_another_model_or_latency_budget_is_refused(models, postgr
 def test_migrate_copies_a_sqlite_study_into_postgresql(models, postgres_url, pg, tmp_path, capsys):
     from optimizer.cli import main
 
-    run_study(_settings(models["mlp"], tmp_path, budget=2, study_name="laptop"))
+    run_study(study_settings(models["mlp"], tmp_path, budget=2, study_name="laptop"))
     source = f"sqlite:///{tmp_path}/laptop.db"
     assert main(["migrate", "--from", source, "--to", postgres_url]) == 0
     copied = optuna.load_study(study_name="laptop", storage=pg)

@@ -19,13 +19,15 @@ import pytest
 
 from optimizer.cli import main
 from optimizer.config.render import render_config
+from optimizer.config.repository import write_repository
 from optimizer.config.space import Candidate
 from optimizer.errors import ModelError, UsageError
-from optimizer.measurement.builtin import MeasureSettings
+from optimizer.measurement.levels import MeasureSettings
 from optimizer.model.intake import inspect_model, synthetic_inputs
-from optimizer.output.export import write_repository
 from optimizer.output.serve import binding_warning, check_repository, perf_analyzer_command
-from optimizer.study.run import StudySettings, best_trial, run_study
+from optimizer.study.results import best_trial
+from optimizer.study.run import run_study
+from optimizer.study.settings import StudySettings
 
 READY_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 60.0
@@ -196,7 +198,7 @@ def study(tmp_path_factory: pytest.TempPathFactory):
 
     root = tmp_path_factory.mktemp("serve-study")
     model = examples.build_mlp(root / "mlp.onnx")
-    measure = MeasureSettings(warmup_s=0.1, window_s=0.3, min_requests=10, max_window_s=1.0)
+    measure = MeasureSettings(warmup_s=0.1, window_s=0.3, min_requests=10, max_window_s=1.0, rule="fixed")
     settings = StudySettings(
         model_path=model,
         budget=2,

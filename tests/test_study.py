@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import sqlite3
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -18,39 +15,18 @@ from procs import alive, children, group_members
 from optimizer.cli import main
 from optimizer.config.render import config_from_pbtxt, to_json
 from optimizer.errors import StudyError
-from optimizer.measurement.builtin import MeasureSettings
+from optimizer.measurement.levels import MeasureSettings
 from optimizer.serving.embedded import EmbeddedTriton
-from optimizer.study.run import QuietReporter, StudySettings, run_study
+from optimizer.study.run import run_study
 from optimizer.study.storage import count_finished
+from studies import FAST_CLI, CrashOnTrial, load_study, study_settings, trial_states
 
 pytestmark = pytest.mark.server
 
-FAST = MeasureSettings(warmup_s=0.1, window_s=0.3, min_requests=10, max_window_s=1.0)
-FAST_CLI = ["--window-s", "0.3", "--warmup-s", "0.1", "--concurrency", "1,2,4", "--stop-rule", "fixed"]
-
-
-def _settings(model: Path, tmp_path: Path, **overrides) -> StudySettings:
-    values = dict(
-        model_path=model,
-        budget=4,
-        latency_budget_ms=200.0,
-        study_name="s",
-        output_dir=tmp_path,
-        concurrency=(1, 2, 4),
-        seed=1,
-        measure=FAST,
-    )
-    values.update(overrides)
-    return StudySettings(**values)
-
-
-def _load(tmp_path: Path, name: str = "s") -> optuna.Study:
-    return optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / name}.db")
-
 
 def test_study_runs_to_budget_records_everything_and_exports_the_best(models, tmp_path):
-    summary = run_study(_settings(models["mlp"], tmp_path, budget=5))
-    study = _load(tmp_path)
+    summary = run_study(study_settings(models["mlp"], tmp_path, budget=5))
+    study = load_study(tmp_path)
     assert summary.finished == count_finished(study) == 5
     assert study.trials[0].user_attrs["baseline"] is True
     assert summary.baseline is not None and summary.baseline.number == 0
@@ -74,7 +50,7 @@ def test_study_runs_to_budget_records_everything_and_exports_the_best(models, tm
 
 
 def test_exported_repository_loads_in_a_fresh_triton_as_is(models, tmp_path):
-    run_study(_settings(models["mlp"], tmp_path, budget=2))
+    run_study(study_settings(models["mlp"], tmp_path, budget=2))
     repository = tmp_path / "repo"
     assert (
         main(
@@ -97,12 +73,12 @@ def test_exported_repository_loads_in_a_fresh_triton_as_is(models, tmp_path):
 
 
 def test_rerun_resumes_and_a_larger_budget_extends_without_touching_finished_trials(models, tmp_path):
-    run_study(_settings(models["mlp"], tmp_path, budget=3))
-    before = {t.number: (t.state, t.value, t.user_attrs.get("sweep")) for t in _load(tmp_path).trials}
-    summary = run_study(_settings(models["mlp"], tmp_path, budget=3))
-    assert summary.finished == count_finished(_load(tmp_path)) == 3  # the rerun measured nothing more
-    run_study(_settings(models["mlp"], tmp_path, budget=5))
-    study = _load(tmp_path)
+    run_study(study_settings(models["mlp"], tmp_path, budget=3))
+    before = {t.number: (t.state, t.value, t.user_attrs.get("sweep")) for t in load_study(tmp_path).trials}
+    summary = run_study(study_settings(models["mlp"], tmp_path, budget=3))
+    assert summary.finished == count_finished(load_study(tmp_path)) == 3  # the rerun measured nothing more
+    run_study(study_settings(models["mlp"], tmp_path, budget=5))
+    study = load_study(tmp_path)
     assert count_finished(study) == 5
     assert sum(1 for t in study.trials if t.user_attrs.get("baseline")) == 1
     for number, recorded in before.items():
@@ -111,12 +87,12 @@ def test_rerun_resumes_and_a_larger_budget_extends_without_touching_finished_tri
 
 
 def test_resuming_with_another_model_or_latency_budget_is_refused(models, tmp_path):
-    run_study(_settings(models["mlp"], tmp_path, budget=1))
+    run_study(study_settings(models["mlp"], tmp_path, budget=1))
     with pytest.raises(StudyError, match="different model"):
-        run_study(_settings(models["cnn"], tmp_path, budget=2))
+        run_study(study_settings(models["cnn"], tmp_path, budget=2))
     with pytest.raises(StudyError, match="latency budget of 200 ms"):
-        run_study(_settings(models["mlp"], tmp_path, budget=2, latency_budget_ms=50.0))
-    assert count_finished(_load(tmp_path)) == 1
+        run_study(study_settings(models["mlp"], tmp_path, budget=2, latency_budget_ms=50.0))
+    assert count_finished(load_study(tmp_path)) == 1
 
 
 def test_impossible_latency_budget_ends_with_a_clear_error_and_keeps_the_database(models, tmp_path, capsys):
@@ -140,7 +116,7 @@ def test_impossible_latency_budget_ends_with_a_clear_error_and_keeps_the_databas
     assert code != 0
     assert "no configuration met the 0.001 ms latency budget" in err
     assert "Traceback" not in err
-    study = _load(tmp_path, "tight")
+    study = load_study(tmp_path, "tight")
     assert count_finished(study) == 2
     assert all(t.state == optuna.trial.TrialState.PRUNED for t in study.trials)
     assert all(
@@ -164,8 +140,8 @@ class RejectingTriton(EmbeddedTriton):
 
 def test_rejected_config_fails_only_its_trial(models, tmp_path):
     target = RejectingTriton()
-    summary = run_study(_settings(models["mlp"], tmp_path, budget=4), target=target)
-    study = _load(tmp_path)
+    summary = run_study(study_settings(models["mlp"], tmp_path, budget=4), target=target)
+    study = load_study(tmp_path)
     states = [t.state for t in study.trials]
     assert summary.finished == 4 and states.count(optuna.trial.TrialState.FAIL) == 1
     failed = next(t for t in study.trials if t.state == optuna.trial.TrialState.FAIL)
@@ -174,45 +150,20 @@ def test_rejected_config_fails_only_its_trial(models, tmp_path):
     assert later and all(t.state != optuna.trial.TrialState.FAIL for t in later)
 
 
-class CrashOnTrial(QuietReporter):
-    """Kills the real server with SIGKILL shortly after trial ``number`` starts measuring."""
-
-    def __init__(self, target: EmbeddedTriton, number: int):
-        self.target, self.number = target, number
-
-    def trial_started(self, number, summary, done, budget):
-        if number == self.number:
-            threading.Timer(2.2, lambda: os.kill(self.target.pid, signal.SIGKILL)).start()
-
-
 def test_server_crash_mid_trial_fails_only_that_trial_and_the_study_goes_on(models, tmp_path):
     target = EmbeddedTriton()
-    slow = MeasureSettings(warmup_s=0.5, window_s=1.5, min_requests=10, max_window_s=3.0)
+    slow = MeasureSettings(warmup_s=0.5, window_s=1.5, min_requests=10, max_window_s=3.0, rule="fixed")
     summary = run_study(
-        _settings(models["mlp"], tmp_path, budget=4, measure=slow), CrashOnTrial(target, 1), target=target
+        study_settings(models["mlp"], tmp_path, budget=4, measure=slow),
+        CrashOnTrial(target, 1),
+        target=target,
     )
-    study = _load(tmp_path)
+    study = load_study(tmp_path)
     crashed = study.trials[1]
     assert crashed.state == optuna.trial.TrialState.FAIL
     assert "crashed" in crashed.user_attrs["reason"]
     assert summary.finished == 4
     assert all(t.state != optuna.trial.TrialState.FAIL for t in study.trials[2:])
-
-
-def _trial_states(db: Path) -> list[str]:
-    """Trial states, with MEASURING for a running trial that already loaded its config."""
-    if not db.exists():
-        return []
-    query = (
-        "select t.state, exists(select 1 from trial_user_attributes a where a.trial_id = t.trial_id and a.key = 'load_s')"
-        " from trials t order by t.number"
-    )
-    with sqlite3.connect(db, timeout=30) as connection:
-        try:
-            rows = connection.execute(query).fetchall()
-        except sqlite3.OperationalError:
-            return []
-    return ["MEASURING" if state == "RUNNING" and loaded else state for state, loaded in rows]
 
 
 def test_sigkill_mid_study_then_rerun_finishes_at_exactly_the_budget(models, tmp_path):
@@ -237,19 +188,21 @@ def test_sigkill_mid_study_then_rerun_finishes_at_exactly_the_budget(models, tmp
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
-        states = _trial_states(db)
+        states = trial_states(db)
         if states.count("COMPLETE") + states.count("PRUNED") >= 2 and "MEASURING" in states:
             break
         time.sleep(0.05)
     else:
         process.kill()
-        pytest.fail(f"the study never reached a running third trial: {_trial_states(db)}")
+        pytest.fail(f"the study never reached a running third trial: {trial_states(db)}")
     server_pids = children(process.pid, "tritonserver")
     stub_pids = [pid for server in server_pids for pid in group_members(server) if pid != server]
     assert stub_pids  # the backend stubs, children of the server: they outlive it unless reaped
     process.send_signal(signal.SIGKILL)
     process.wait()
-    finished_before = {t.number: t.value for t in _load(tmp_path, "killed").trials if t.state.is_finished()}
+    finished_before = {
+        t.number: t.value for t in load_study(tmp_path, "killed").trials if t.state.is_finished()
+    }
     time.sleep(0.5)
     assert all(
         not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
@@ -257,7 +210,7 @@ def test_sigkill_mid_study_then_rerun_finishes_at_exactly_the_budget(models, tmp
     )  # the server died with its parent
     assert main(command[3:]) == 0
     assert not [pid for pid in stub_pids if alive(pid)]  # the rerun reaped the orphaned stubs
-    study = _load(tmp_path, "killed")
+    study = load_study(tmp_path, "killed")
     assert count_finished(study) == 5
     assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
     for number, value in finished_before.items():

@@ -20,22 +20,22 @@ from pathlib import Path
 import optuna
 import pytest
 from procs import listening_addresses
-from test_study import FAST, CrashOnTrial, _settings
 
 from optimizer.cli import main
 from optimizer.config.render import render_config, to_json
 from optimizer.config.space import Candidate
 from optimizer.errors import ServerDiedError, ServerStartError, UsageError
-from optimizer.measurement.builtin import GrpcLoadGenerator
+from optimizer.measurement.builtin import LoadGenerator
 from optimizer.model.intake import inspect_model, synthetic_inputs
 from optimizer.serving.docker import DockerTriton, PullProgress, container_spec, image_name
 from optimizer.serving.embedded import EmbeddedTriton, bundle_environment, prepare_bundle
 from optimizer.serving.local import LocalTriton
 from optimizer.serving.metrics import gpus_in_metrics
 from optimizer.serving.remote import RemoteTriton, TlsOptions, parse_grpc_url
-from optimizer.serving.targets import make_target, parse_headers
-from optimizer.study.run import inference_client_options, run_study
+from optimizer.study.run import run_study
 from optimizer.study.storage import count_finished
+from optimizer.study.targets import make_target, parse_headers
+from studies import FAST, CrashOnTrial, study_settings
 
 GPU_METRICS = """\
 # HELP nv_gpu_utilization GPU utilization rate [0.0 - 1.0)
@@ -111,7 +111,7 @@ def _local_target(**options) -> LocalTriton:
 def test_local_target_runs_a_real_study_with_the_binarys_own_backends(models, tmp_path):
     target = _local_target()
     assert target.backend_directory == prepare_bundle() / "backends"  # found next to its bin/
-    summary = run_study(_settings(models["mlp"], tmp_path, budget=3), target=target)
+    summary = run_study(study_settings(models["mlp"], tmp_path, budget=3), target=target)
     study = _study(tmp_path)
     assert summary.finished == count_finished(study) == 3
     assert study.user_attrs["target"] == "local"
@@ -165,7 +165,7 @@ def test_remote_study_sends_the_model_files_and_leaves_the_server_as_found(remot
     private.mkdir()
     model = Path(shutil.copy(models["mlp"], private / "mlp.onnx"))
     target = RemoteTriton(remote_server.grpc_url, metrics_url=remote_server.metrics_url)
-    summary = run_study(_settings(model, tmp_path, budget=3), target=target)
+    summary = run_study(study_settings(model, tmp_path, budget=3), target=target)
     study = _study(tmp_path)
     assert summary.finished == 3 and summary.best is not None
     assert study.user_attrs["target"] == "remote"
@@ -210,16 +210,16 @@ def test_remote_refuses_to_replace_a_model_it_did_not_load(remote_server, models
 
 @pytest.mark.server
 def test_remote_server_that_dies_ends_the_study_and_keeps_finished_trials(models, tmp_path):
-    from optimizer.measurement.builtin import MeasureSettings
+    from optimizer.measurement.levels import MeasureSettings
 
     server = EmbeddedTriton()
     server.start()
     try:
         target = RemoteTriton(server.grpc_url)
-        slow = MeasureSettings(warmup_s=0.5, window_s=1.5, min_requests=10, max_window_s=3.0)
+        slow = MeasureSettings(warmup_s=0.5, window_s=1.5, min_requests=10, max_window_s=3.0, rule="fixed")
         with pytest.raises(ServerDiedError, match="the remote server cannot be restarted by optimize"):
             run_study(
-                _settings(models["mlp"], tmp_path, budget=4, measure=slow),
+                study_settings(models["mlp"], tmp_path, budget=4, measure=slow),
                 CrashOnTrial(server, 1),
                 target=target,
             )
@@ -412,9 +412,9 @@ def test_remote_over_tls_checks_and_loads_and_plaintext_to_it_is_refused(models,
                 {"1/model.onnx": info.path},
             )
             assert target.control.is_model_ready("mlp")
-            options, headers = inference_client_options(target)
+            options, headers = target.client_options(), target.request_headers() or None
             samples = [synthetic_inputs(info, {"x": (64,)}, 1)]
-            generator = GrpcLoadGenerator(
+            generator = LoadGenerator(
                 target.grpc_url, "mlp", samples, FAST, client_options=options, headers=headers
             )
             assert (

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import optuna
 import pytest
-from test_study import _load, _settings
 
-from optimizer.measurement.builtin import MeasureSettings
+from optimizer.measurement.levels import MeasureSettings
 from optimizer.study.run import run_study
+from studies import load_study, study_settings
 
 pytestmark = pytest.mark.server
 
@@ -20,8 +20,8 @@ def _measured(study) -> list:
 
 
 def test_trials_record_uncertainty_breakdown_resources_and_memory(models, tmp_path):
-    run_study(_settings(models["mlp"], tmp_path, budget=2, measure=CI_FAST, max_memory_mb=100_000))
-    trials = _measured(_load(tmp_path))
+    run_study(study_settings(models["mlp"], tmp_path, budget=2, measure=CI_FAST, max_memory_mb=100_000))
+    trials = _measured(load_study(tmp_path))
     assert trials
     for trial in trials:
         attrs = trial.user_attrs
@@ -38,14 +38,16 @@ def test_trials_record_uncertainty_breakdown_resources_and_memory(models, tmp_pa
 
 
 def test_a_config_over_max_memory_is_infeasible_with_its_reason(models, tmp_path):
-    run_study(_settings(models["mlp"], tmp_path, budget=1, study_name="free", measure=CI_FAST))
-    loaded = _measured(_load(tmp_path, "free"))[0].user_attrs["memory_mb"]
+    run_study(study_settings(models["mlp"], tmp_path, budget=1, study_name="free", measure=CI_FAST))
+    loaded = _measured(load_study(tmp_path, "free"))[0].user_attrs["memory_mb"]
     # Below what the server needs with the model loaded, above what it needs idle (no backend stub).
     limit = loaded - 20
     summary = run_study(
-        _settings(models["mlp"], tmp_path, budget=1, study_name="tight", measure=CI_FAST, max_memory_mb=limit)
+        study_settings(
+            models["mlp"], tmp_path, budget=1, study_name="tight", measure=CI_FAST, max_memory_mb=limit
+        )
     )
-    (trial,) = _measured(_load(tmp_path, "tight"))
+    (trial,) = _measured(load_study(tmp_path, "tight"))
     assert summary.best is None
     assert trial.state == optuna.trial.TrialState.PRUNED
     assert trial.user_attrs["feasible"] is False
@@ -54,9 +56,9 @@ def test_a_config_over_max_memory_is_infeasible_with_its_reason(models, tmp_path
 
 
 def test_request_rate_study_sweeps_rates_and_records_the_rate(models, tmp_path):
-    fixed = MeasureSettings(warmup_s=0.1, window_s=0.5, min_requests=10, max_window_s=1.0)
-    run_study(_settings(models["mlp"], tmp_path, budget=1, measure=fixed, request_rates=(50.0, 100.0)))
-    (trial,) = _measured(_load(tmp_path))
+    fixed = MeasureSettings(warmup_s=0.1, window_s=0.5, min_requests=10, max_window_s=1.0, rule="fixed")
+    run_study(study_settings(models["mlp"], tmp_path, budget=1, measure=fixed, request_rates=(50.0, 100.0)))
+    (trial,) = _measured(load_study(tmp_path))
     assert [level["request_rate"] for level in trial.user_attrs["sweep"]] == [50.0, 100.0][
         : len(trial.user_attrs["sweep"])
     ]
@@ -64,9 +66,11 @@ def test_request_rate_study_sweeps_rates_and_records_the_rate(models, tmp_path):
 
 
 def test_a_study_measured_by_perf_analyzer_records_its_engine_and_stability(models, tmp_path):
-    fixed = MeasureSettings(warmup_s=0.1, window_s=0.3, min_requests=10, max_window_s=1.0)
-    run_study(_settings(models["mlp"], tmp_path, budget=1, measure=fixed, load_generator="perf_analyzer"))
-    (trial,) = _measured(_load(tmp_path))
+    fixed = MeasureSettings(warmup_s=0.1, window_s=0.3, min_requests=10, max_window_s=1.0, rule="fixed")
+    run_study(
+        study_settings(models["mlp"], tmp_path, budget=1, measure=fixed, load_generator="perf_analyzer")
+    )
+    (trial,) = _measured(load_study(tmp_path))
     attrs = trial.user_attrs
     assert attrs["load_generator"] == "perf_analyzer"
     assert attrs["throughput"] > 0 and attrs["uncertainty"]["stability_pct"] in (10.0, 25.0, 50.0)

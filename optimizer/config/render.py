@@ -16,9 +16,9 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from optimizer.config.space import Candidate
 from optimizer.model.intake import ModelInfo
+from optimizer.model.variants import MODEL_FILENAMES
 
 __all__ = [
-    "MODEL_FILENAMES",
     "config_from_json",
     "config_from_pbtxt",
     "config_key",
@@ -29,8 +29,6 @@ __all__ = [
     "to_pbtxt",
 ]
 
-# The file inside the version directory that each precision serves (``default_model_filename``).
-MODEL_FILENAMES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
 
 _TRITON_TYPES = {
     "bool": mc.TYPE_BOOL,

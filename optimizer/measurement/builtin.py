@@ -6,11 +6,7 @@ thread-safe). A level warms up, then measures a window and returns the throughpu
 percentiles of every request that finished inside it, Triton's own breakdown of where the time went
 (statistics API), and, when a probe is given, the server's memory and utilisation under that load.
 
-How long a window runs is the ``rule`` of :class:`MeasureSettings`:
-
-- ``"ci"``: until the 95% intervals of throughput and p99 are narrower than their targets
-  (:mod:`optimizer.measurement.stopping`), between ``window_s`` and ``max_window_s``;
-- ``"fixed"``: ``window_s``, extended (up to ``max_window_s``) until ``min_requests`` finished.
+How long a window runs is the ``rule`` of :class:`~optimizer.measurement.levels.MeasureSettings`.
 
 In request-rate mode the offered load is fixed and throughput follows it, so only p99 must settle; a
 request's latency is counted from when it was due, so a client that falls behind shows it (no
@@ -24,105 +20,23 @@ import gc
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
 from optimizer.errors import InferenceError
-from optimizer.measurement.stopping import StoppingRule, Uncertainty, estimate_uncertainty, should_stop
-from optimizer.serving.statistics import ServerBreakdown, breakdown
+from optimizer.measurement.levels import MODES, PROTOCOLS, RULES, LevelResult, MeasureSettings
+from optimizer.measurement.stopping import Uncertainty, estimate_uncertainty, should_stop
+from optimizer.serving.control import triton_error_parts
+from optimizer.serving.statistics import breakdown
 
-__all__ = [
-    "ENGINES",
-    "MODES",
-    "PROTOCOLS",
-    "RULES",
-    "GrpcLoadGenerator",
-    "LevelResult",
-    "LoadGenerator",
-    "MeasureSettings",
-    "make_load_generator",
-    "summarise_level",
-]
+__all__ = ["LoadGenerator", "describe_failure", "summarise_level"]
 
-ENGINES = ("builtin", "perf_analyzer")
-MODES = ("concurrency", "request_rate")
-PROTOCOLS = ("grpc", "http")
-RULES = ("ci", "fixed")
 # An open loop whose server falls this far behind stops sending more: its p99 already says enough.
 MAX_OUTSTANDING = 1024
-
-
-@dataclass(frozen=True)
-class MeasureSettings:
-    """How long each level runs (see the module docstring for the two rules)."""
-
-    warmup_s: float = 1.0
-    window_s: float = 3.0  # fixed: the window; ci: the shortest window
-    min_requests: int = 60
-    max_window_s: float = 12.0
-    request_timeout_s: float = 30.0
-    rule: str = "fixed"
-    throughput_ci: float = 0.05  # ci: target relative half-width of throughput's 95% interval
-    p99_ci: float = 0.10  # ci: the same for p99
-    check_s: float = 0.25  # ci: how often the interval is recomputed (at least; 10% of the window later on)
-
-    def stopping_rule(self, mode: str = "concurrency") -> StoppingRule:
-        """The rule a window follows; a fixed window is a rule whose targets are never met early."""
-        if self.rule == "fixed":
-            return StoppingRule(math.inf, math.inf, self.window_s, self.max_window_s, self.min_requests)
-        return self.targets(mode)
-
-    def targets(self, mode: str = "concurrency") -> StoppingRule:
-        """The ci rule; under a fixed window too, it says whether the window happened to settle."""
-        throughput_ci = math.inf if mode == "request_rate" else self.throughput_ci
-        return StoppingRule(throughput_ci, self.p99_ci, self.window_s, self.max_window_s, self.min_requests)
-
-
-@dataclass(frozen=True)
-class LevelResult:
-    """What one level (a concurrency, or a request rate) measured."""
-
-    concurrency: int  # 0 in request-rate mode
-    throughput: float  # inferences per second
-    p50_ms: float
-    p95_ms: float
-    p99_ms: float
-    requests: int
-    duration_s: float
-    request_rate: float | None = None
-    uncertainty: Mapping[str, float | None] | None = None  # what the window reached (see stopping.py)
-    server: ServerBreakdown | None = None
-    resources: Mapping[str, float] | None = field(default=None, compare=False)
-    measure_s: float = field(default=0.0, compare=False)  # warm-up + window, wall time
-
-    @property
-    def load(self) -> str:
-        """The offered load in words: ``concurrency 4`` or ``request rate 50/s``."""
-        if self.request_rate is not None:
-            return f"request rate {self.request_rate:g}/s"
-        return f"concurrency {self.concurrency}"
-
-    def to_dict(self) -> dict[str, Any]:
-        record: dict[str, Any] = {
-            "concurrency": self.concurrency,
-            "throughput": round(self.throughput, 3),
-            "p50_ms": round(self.p50_ms, 3),
-            "p95_ms": round(self.p95_ms, 3),
-            "p99_ms": round(self.p99_ms, 3),
-            "requests": self.requests,
-            "duration_s": round(self.duration_s, 3),
-        }
-        extras = {
-            "request_rate": self.request_rate,
-            "uncertainty": dict(self.uncertainty) if self.uncertainty else None,
-            "server": self.server.to_dict() if self.server else None,
-            "resources": dict(self.resources) if self.resources else None,
-            "measure_s": round(self.measure_s, 3) if self.measure_s else None,
-        }
-        record.update({key: value for key, value in extras.items() if value is not None})
-        return record
+# Defaults of a generator made without settings: the library's and the command line's.
+DEFAULT_SETTINGS = MeasureSettings()
 
 
 def summarise_level(
@@ -182,7 +96,7 @@ class LoadGenerator:
         url: str,
         model_name: str,
         samples: Sequence[Mapping[str, np.ndarray]],
-        settings: MeasureSettings = MeasureSettings(),
+        settings: MeasureSettings = DEFAULT_SETTINGS,
         *,
         protocol: str = "grpc",
         mode: str = "concurrency",
@@ -203,10 +117,6 @@ class LoadGenerator:
         self.client_options = dict(client_options or {})
         self.headers = dict(headers) if headers else None
         self.resources = resources
-
-    @property
-    def grpc_url(self) -> str:  # the name callers used before HTTP was an option
-        return self.url
 
     def run_levels(self, levels: Sequence[float], on_level) -> list[LevelResult]:
         """Measure ``levels`` in order; ``on_level(index, result)`` returns False to stop the sweep."""
@@ -319,74 +229,6 @@ class LoadGenerator:
         _raise_failures(task for task in outcomes if isinstance(task, BaseException))
 
 
-GrpcLoadGenerator = LoadGenerator  # the name of the gRPC-only generator it grew from
-
-
-def make_load_generator(
-    target,
-    model_name: str,
-    samples: Sequence[Mapping[str, np.ndarray]],
-    settings: MeasureSettings,
-    *,
-    engine: str = "builtin",
-    protocol: str = "grpc",
-    mode: str = "concurrency",
-    batched: bool = True,
-    client_options: Mapping[str, Any] | None = None,
-    headers: Mapping[str, str] | None = None,
-    resources: Callable[[], Mapping[str, float]] | None = None,
-):
-    """The load generator a study asked for, aimed at ``target``'s endpoint for ``protocol``.
-
-    ``engine`` is ``"builtin"`` (:class:`LoadGenerator`) or ``"perf_analyzer"``
-    (:class:`~optimizer.measurement.perf_analyzer.PerfAnalyzerLoadGenerator`); both have ``run_levels`` and ``measure``.
-
-    Raises:
-        UsageError: the combination needs what this target or engine lacks (HTTP address, TLS).
-    """
-    from optimizer.errors import UsageError
-
-    url = target.grpc_url if protocol == "grpc" else _host_port(getattr(target, "http_url", "") or "")
-    if not url:
-        raise UsageError(
-            f"--protocol {protocol} needs the server's {protocol} address, which the {target.name} target lacks"
-        )
-    if client_options and (protocol == "http" or engine == "perf_analyzer"):
-        raise UsageError(
-            "TLS to the server is supported by the built-in gRPC load generator only: drop --protocol http / --load-generator perf_analyzer"
-        )
-    if engine == "perf_analyzer":
-        from optimizer.measurement.perf_analyzer import PerfAnalyzerLoadGenerator
-
-        return PerfAnalyzerLoadGenerator(
-            url,
-            model_name,
-            samples,
-            settings,
-            batched=batched,
-            protocol=protocol,
-            mode=mode,
-            headers=headers,
-            resources=resources,
-        )
-    return LoadGenerator(
-        url,
-        model_name,
-        samples,
-        settings,
-        protocol=protocol,
-        mode=mode,
-        client_options=client_options,
-        headers=headers,
-        resources=resources,
-    )
-
-
-def _host_port(url: str) -> str:
-    """``http://host:port`` -> ``host:port``, the form tritonclient's HTTP client and perf_analyzer take."""
-    return url.split("://", 1)[-1].rstrip("/")
-
-
 def _forget_if_fine(pending: set[asyncio.Task]):
     """A done-callback dropping a finished request from ``pending``; failed ones stay, to be raised."""
 
@@ -451,7 +293,7 @@ class _Client:
                 )
         except Exception as exc:
             stop.set()
-            raise InferenceError(_describe_failure(exc, self.timeout_s)) from exc
+            raise InferenceError(describe_failure(exc, self.timeout_s)) from exc
 
     async def statistics(self) -> Mapping[str, Any] | None:
         """Triton's cumulative statistics of the model, or None when the server will not say."""
@@ -476,10 +318,10 @@ async def _sleep_or_fail(seconds: float, tasks) -> None:
             raise task.exception()
 
 
-def _describe_failure(exc: Exception, timeout_s: float) -> str:
+def describe_failure(exc: Exception, timeout_s: float) -> str:
     if isinstance(exc, asyncio.TimeoutError):
         return f"a request timed out after {timeout_s:g} s (server hung or overloaded)"
-    message = exc.message() if hasattr(exc, "message") and callable(exc.message) else str(exc)
+    _, message = triton_error_parts(exc)
     message = (message or type(exc).__name__).strip().splitlines()[0]
     if "deadline" in message.lower():
         return f"a request timed out after {timeout_s:g} s (server hung or overloaded)"

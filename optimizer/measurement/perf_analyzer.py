@@ -24,18 +24,18 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from optimizer.errors import PerfAnalyzerError
+from optimizer.measurement.levels import LevelResult, MeasureSettings
 from optimizer.paths import cache_dir
 from optimizer.serving.statistics import ServerBreakdown
 
 __all__ = [
     "PerfAnalyzerLoadGenerator",
-    "PerfResult",
     "ensure_perf_analyzer",
     "find_perf_analyzer",
     "install_perf_analyzer",
@@ -50,20 +50,6 @@ TRITONCLIENT_WITH_BINARY = "tritonclient==2.51.0"
 RUN_TIMEOUT_S = 600.0
 # Shared libraries the binary links, and the nvidia-pytriton copies that stand in for them.
 _SHIMS = {"libcudart.so.12": "libcudart-*.so.12*", "libb64.so.0d": "libb64-*.so.0d"}
-
-
-@dataclass(frozen=True)
-class PerfResult:
-    """One level (a concurrency or a request rate) as perf_analyzer measured it (client-side latencies)."""
-
-    concurrency: int  # 0 in request-rate mode
-    throughput: float  # inferences per second
-    p50_ms: float
-    p90_ms: float
-    p95_ms: float
-    p99_ms: float
-    request_rate: float | None = None
-    server: ServerBreakdown | None = field(default=None, repr=False)  # its Server Queue/Compute columns
 
 
 def perf_analyzer_args(
@@ -231,7 +217,7 @@ def run_perf_analyzer(
     timeout_s: float = RUN_TIMEOUT_S,
     request_rate: float | None = None,
     protocol: str = "grpc",
-) -> PerfResult:
+) -> LevelResult:
     """Measure ``model`` at one concurrency (or ``request_rate``) with perf_analyzer; return its figures.
 
     perf_analyzer repeats windows of ``measurement_interval_ms`` until ``3`` in a row agree within
@@ -316,7 +302,7 @@ def _last_lines(text: str, lines: int = 3) -> str:
     return " | ".join(kept[-lines:]) or "no output"
 
 
-def parse_csv(text: str) -> list[PerfResult]:
+def parse_csv(text: str) -> list[LevelResult]:
     """perf_analyzer's ``-f`` CSV (latencies in µs) as results in milliseconds, one per level.
 
     The first column is ``Concurrency``, or ``Request Rate`` in request-rate mode.
@@ -329,19 +315,19 @@ def parse_csv(text: str) -> list[PerfResult]:
         "Concurrency or Request Rate",
         "Inferences/Second",
         "p50 latency",
-        "p90 latency",
         "p95 latency",
         "p99 latency",
     )
     try:
         return [
-            PerfResult(
+            LevelResult(
                 concurrency=int(row["Concurrency"]) if "Request Rate" not in row else 0,
                 throughput=float(row["Inferences/Second"]),
                 p50_ms=float(row["p50 latency"]) / 1000,
-                p90_ms=float(row["p90 latency"]) / 1000,
                 p95_ms=float(row["p95 latency"]) / 1000,
                 p99_ms=float(row["p99 latency"]) / 1000,
+                requests=0,  # perf_analyzer reports rates, not counts
+                duration_s=0.0,
                 request_rate=float(row["Request Rate"]) if "Request Rate" in row else None,
                 server=_server_columns(row),
             )
@@ -387,7 +373,7 @@ class PerfAnalyzerLoadGenerator:
         url: str,
         model_name: str,
         samples: Sequence[Mapping[str, np.ndarray]],
-        settings,
+        settings: MeasureSettings,
         *,
         batched: bool,
         protocol: str = "grpc",
@@ -419,22 +405,12 @@ class PerfAnalyzerLoadGenerator:
     def measure(self, level: float):
         return self.run_levels([level], lambda index, result: False)[0]
 
-    def _level(self, level: float, data: Path):
-        from optimizer.measurement.builtin import LevelResult
-
+    def _level(self, level: float, data: Path) -> LevelResult:
         started = time.perf_counter()
         result, stability, resources = self._settled(level, data)
-        return LevelResult(
-            concurrency=result.concurrency,
-            throughput=result.throughput,
-            p50_ms=result.p50_ms,
-            p95_ms=result.p95_ms,
-            p99_ms=result.p99_ms,
-            requests=0,  # perf_analyzer reports rates, not counts
-            duration_s=0.0,
-            request_rate=result.request_rate,
+        return replace(
+            result,
             uncertainty={"stability_pct": stability, "settled": stability == self.STABILITY[0]},
-            server=result.server,
             resources=resources,
             measure_s=time.perf_counter() - started,
         )

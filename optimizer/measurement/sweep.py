@@ -7,10 +7,12 @@ throughput among the levels whose p99 stayed within the budget.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from optimizer.measurement.builtin import LevelResult
+from optimizer.errors import UsageError
+from optimizer.measurement.levels import LevelResult
 
 __all__ = ["DEFAULT_LEVELS", "SweepOutcome", "best_feasible", "next_step", "parse_levels", "parse_rates"]
 
@@ -68,7 +70,6 @@ def _levels_without_gain(throughputs: Sequence[float]) -> int:
 
 def parse_levels(text: str) -> tuple[int, ...]:
     """``"1,2,4,8"`` -> (1, 2, 4, 8); ascending, each >= 1."""
-    from optimizer.errors import UsageError
 
     rule = f"--concurrency {text!r} must list distinct whole numbers >= 1 in ascending order, e.g. 1,2,4,8"
     try:
@@ -82,9 +83,6 @@ def parse_levels(text: str) -> tuple[int, ...]:
 
 def parse_rates(text: str) -> tuple[float, ...]:
     """``"50,100,200"`` -> (50.0, 100.0, 200.0): request rates per second, positive and ascending."""
-    import math
-
-    from optimizer.errors import UsageError
 
     rule = (
         f"--request-rate {text!r} must list distinct positive requests/s in ascending order, e.g. 50,100,200"

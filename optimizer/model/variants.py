@@ -7,15 +7,19 @@ repository carries exactly the file that was measured.
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
-from optimizer.config.render import MODEL_FILENAMES
 from optimizer.errors import ModelError
 from optimizer.model.intake import ModelInfo
 
 __all__ = ["variant_path", "model_files"]
+
+# The file inside the version directory that each precision serves (``default_model_filename``).
+MODEL_FILENAMES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
 
 
 def variant_path(info: ModelInfo, precision: str, cache: Path) -> Path:
@@ -42,18 +46,22 @@ def variant_path(info: ModelInfo, precision: str, cache: Path) -> Path:
 
 
 def _int8(source: Path, target: Path) -> None:
-    import logging
-
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    # quantize_dynamic logs advice to the root logger; keep the user's terminal for our own lines.
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
-    finally:
-        root.setLevel(level)
+    # quantize_dynamic writes "<source>-inferred.onnx" beside its input and deletes it after: give it a
+    # private copy, so two processes quantizing one model do not delete each other's file, and nothing
+    # is written next to the user's model.
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".quantize-") as work:
+        private = Path(work) / "model.onnx"
+        shutil.copyfile(source, private)
+        # quantize_dynamic logs advice to the root logger; keep the user's terminal for our own lines.
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)
+        try:
+            quantize_dynamic(str(private), str(target), weight_type=QuantType.QInt8)
+        finally:
+            root.setLevel(level)
 
 
 def _fp16(source: Path, target: Path) -> None:

@@ -24,7 +24,10 @@ from typing import Any
 
 import yaml
 
+from optimizer.config.render import config_from_pbtxt
 from optimizer.errors import OptimizeError, UsageError
+from optimizer.output.export import export_from_storage
+from optimizer.output.formats import FORMATS
 
 __all__ = [
     "FORMATS",
@@ -39,7 +42,6 @@ __all__ = [
     "write_manifests",
 ]
 
-FORMATS = ("triton", "azureml", "kserve")
 REPOSITORY_DIR = "models"
 AZUREML_ENDPOINT_SCHEMA = "https://azuremlschemas.azureedge.net/latest/managedOnlineEndpoint.schema.json"
 AZUREML_DEPLOYMENT_SCHEMA = "https://azuremlschemas.azureedge.net/latest/managedOnlineDeployment.schema.json"
@@ -251,8 +253,6 @@ def export_deployment(
         UsageError: for an unknown format.
         StudyError: if the study or the trial does not exist.
     """
-    from optimizer.config.render import config_from_pbtxt
-    from optimizer.output.export import export_from_storage
 
     if fmt not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")

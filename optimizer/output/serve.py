@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
@@ -27,9 +26,10 @@ from tritonclient.grpc import model_config_pb2 as mc
 from optimizer.config.render import config_from_pbtxt
 from optimizer.errors import ModelError, ServerDiedError, UsageError
 from optimizer.measurement.perf_analyzer import perf_analyzer_args
-
-if TYPE_CHECKING:
-    from optimizer.serving.embedded import EmbeddedTriton
+from optimizer.output.export import choose_trial
+from optimizer.serving.embedded import EmbeddedTriton
+from optimizer.study.results import export_trial
+from optimizer.study.storage import load_stored_study
 
 __all__ = [
     "RepositoryModel",
@@ -260,7 +260,6 @@ def serving(
     Ports left None are chosen free. Raises what ``check_repository`` raises, ServerStartError when a
     port is taken or the server does not start, and ConfigRejected when Triton refuses a model.
     """
-    from optimizer.serving.embedded import EmbeddedTriton
 
     repository, chosen = check_repository(repo, models)
     server = EmbeddedTriton(
@@ -370,8 +369,6 @@ def serve_study(
     The perf_analyzer command uses the study's request shapes (``shapes`` overrides some) and the
     concurrency the trial was best at.
     """
-    from optimizer.output.export import choose_trial, load_stored_study
-    from optimizer.study.run import export_trial
 
     study = load_stored_study(study_name, storage)
     chosen = choose_trial(study, trial)

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from optimizer.report.csv import trials_frame
 from optimizer.report.data import ReportData, build_report_data
+from optimizer.report.html import render_html
 
 __all__ = [
     "CSV_NAME",
@@ -48,8 +50,6 @@ def write_report(study: Any, out_dir: Path, *, repository: Path | None = None) -
     Returns:
         The paths of the two files.
     """
-    from optimizer.report.csv import trials_frame
-    from optimizer.report.html import render_html
 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = ReportPaths(html=out_dir / HTML_NAME, csv=out_dir / CSV_NAME)

@@ -16,7 +16,10 @@ from contextlib import contextmanager
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+import optuna_dashboard
+
 from optimizer.errors import StudyError, UsageError
+from optimizer.study.storage import open_storage
 
 __all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "dashboard_url", "serve_dashboard"]
 
@@ -92,9 +95,6 @@ def serve_dashboard(
         UsageError: if the port cannot be bound.
         StudyError: if ``study_name`` is not in the storage.
     """
-    import optuna_dashboard
-
-    from optimizer.study.storage import open_storage
 
     storage = open_storage(storage_url, create_dirs=False)
     study_id = None

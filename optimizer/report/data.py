@@ -9,12 +9,20 @@ attributes (``model_name``, ``latency_budget_ms``, ``hardware``, optional ``vari
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from optimizer.config.render import config_from_json, to_pbtxt
+from optimizer.model.variants import MODEL_FILENAMES
+from optimizer.paths import studies_dir
 
 __all__ = [
     "Curve",
@@ -219,8 +227,6 @@ def build_report_data(study: Any, *, repository: Path | None = None) -> ReportDa
     budget = _float_or_none(attrs.get("latency_budget_ms"))
     info = study_info(study.study_name, attrs, trials)
     if repository is None:
-        from optimizer.paths import studies_dir
-
         repository = studies_dir() / study.study_name / "best" / info.model_name
     return ReportData(
         info=info,
@@ -300,7 +306,6 @@ def _float_or_none(value: Any) -> float | None:
 
 def precision_of(config: Mapping[str, Any]) -> str:
     """The precision a rendered config serves: from its model file, or TensorRT's precision mode."""
-    from optimizer.config.render import MODEL_FILENAMES
 
     by_file = {name: precision for precision, name in MODEL_FILENAMES.items()}
     precision = by_file.get(config.get("default_model_filename") or "model.onnx", "fp32")
@@ -362,11 +367,8 @@ def headline(trials: Sequence[TrialRecord], repository: str) -> Headline:
 
 
 def _pbtxt(config: Mapping[str, Any]) -> str:
-    import json
 
     from google.protobuf.json_format import ParseError
-
-    from optimizer.config.render import config_from_json, to_pbtxt
 
     try:
         return to_pbtxt(config_from_json(dict(config)))
@@ -480,8 +482,6 @@ def importance_data(study: Any) -> ImportanceData:
     direction: a high importance means the parameter matters for reaching the top throughputs.
     With too few completed trials, or when the evaluator fails, the record holds a note and no values.
     """
-    import optuna
-    from optuna.trial import TrialState
 
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if len(complete) < MIN_IMPORTANCE_TRIALS:

@@ -11,6 +11,8 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from tritonclient.utils import InferenceServerException
+
 from optimizer.errors import ConfigRejected, ServerDiedError
 
 __all__ = ["ModelControl", "load_files"]
@@ -56,8 +58,6 @@ class ModelControl:
             ConfigRejected: Triton refused the config or the model failed to initialise with it.
             ServerDiedError: the server is gone.
         """
-        from tritonclient.utils import InferenceServerException
-
         started = time.perf_counter()
         outcome: dict[str, BaseException | None] = {}
 
@@ -99,24 +99,18 @@ class ModelControl:
         return time.perf_counter() - started
 
     def unload(self, name: str, *, timeout: float | None = None) -> None:
-        from tritonclient.utils import InferenceServerException
-
         try:
             self._client.unload_model(name, headers=self._headers, client_timeout=timeout)
         except InferenceServerException as exc:
             self._raise_for(exc, f"unloading model {name!r}")
 
     def is_model_ready(self, name: str) -> bool:
-        from tritonclient.utils import InferenceServerException
-
         try:
             return bool(self._client.is_model_ready(name, headers=self._headers))
         except InferenceServerException:
             return False
 
     def server_metadata(self, *, timeout: float | None = None) -> dict:
-        from tritonclient.utils import InferenceServerException
-
         try:
             metadata = self._client.get_server_metadata(
                 headers=self._headers, as_json=True, client_timeout=timeout
@@ -133,21 +127,29 @@ class ModelControl:
 
     def is_live(self, *, timeout: float = 5.0) -> bool:
         """Whether the server answers its liveness call within ``timeout`` seconds."""
-        from tritonclient.utils import InferenceServerException
-
         try:
             return bool(self._client.is_server_live(headers=self._headers, client_timeout=timeout))
         except InferenceServerException:
             return False
 
     def _raise_for(self, exc: Exception, doing: str) -> None:
-        message = _clean_message(exc.message() if hasattr(exc, "message") else str(exc))
-        status = str(exc.status()) if hasattr(exc, "status") and exc.status() else ""
+        status, message = triton_error_parts(exc)
+        message = _clean_message(message)
         if not self._is_alive() or status.endswith("UNAVAILABLE"):
             raise ServerDiedError(f"the Triton server stopped answering while {doing}: {message}") from exc
         if status.endswith("DEADLINE_EXCEEDED"):
             raise ServerDiedError(f"the Triton server did not answer in time (hung?) while {doing}") from exc
         raise ConfigRejected(message) from exc
+
+
+def triton_error_parts(exc: BaseException) -> tuple[str, str]:
+    """The gRPC status (e.g. ``StatusCode.UNAVAILABLE``, or "") and the message of a tritonclient error.
+
+    The one place tritonclient's exceptions are read: their status and message are methods, not fields.
+    """
+    if isinstance(exc, InferenceServerException):
+        return str(exc.status() or ""), exc.message() or str(exc)
+    return "", str(exc)
 
 
 def _clean_message(message: str | None) -> str:

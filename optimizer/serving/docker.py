@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from optimizer.errors import ConfigRejected, ServerDiedError, ServerStartError
-from optimizer.serving import Capabilities
+from optimizer.serving.base import Capabilities, ServingTarget
 from optimizer.serving.control import ModelControl, load_files
 from optimizer.serving.metrics import read_gpus
 from optimizer.serving.process import _log_errors
@@ -202,7 +202,7 @@ def _owner_is_dead(owner: str) -> bool:
     return False
 
 
-class DockerTriton:
+class DockerTriton(ServingTarget):
     """Triton in NVIDIA's container, reached on 127.0.0.1; model files sent with each load request.
 
     Args:
@@ -216,7 +216,6 @@ class DockerTriton:
     """
 
     name = "docker"
-    can_restart = True
 
     def __init__(
         self,
@@ -472,7 +471,9 @@ def _logs(container: Any, lines: int, **options: Any) -> str:
 
 
 def _explain(exc: Exception) -> str:
-    explanation = getattr(exc, "explanation", None) or str(exc)
+    from docker.errors import APIError
+
+    explanation = (exc.explanation if isinstance(exc, APIError) else None) or str(exc)
     text = " ".join(str(explanation).split())
     return text if len(text) <= 300 else text[:297] + "..."
 

@@ -93,7 +93,6 @@ class EmbeddedTriton(TritonProcess):
     """
 
     name = "embedded"
-    can_restart = True
 
     def __init__(self, **options: Any) -> None:
         bundle = prepare_bundle()

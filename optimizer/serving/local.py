@@ -78,7 +78,6 @@ class LocalTriton(TritonProcess):
     """
 
     name = "local"
-    can_restart = True
 
     def __init__(
         self,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import http.client
 import ssl
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -24,7 +25,6 @@ __all__ = [
     "process_tree_rss_mb",
     "read_gpus",
     "resource_usage",
-    "server_resources",
 ]
 
 GPU_METRIC_PREFIX = "nv_gpu_"
@@ -68,7 +68,7 @@ def describe_metrics_error(exc: Exception) -> str:
         return "the answer is not HTTP"
     if isinstance(exc, ValueError):
         return "the answer is not Prometheus metrics text"
-    reason = getattr(exc, "reason", None) or exc
+    reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
     return " ".join(str(reason).split())[:200]
 
 
@@ -134,27 +134,6 @@ def _rss_kib(proc: Path) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0  # a zombie has no resident memory
-
-
-def server_resources(target) -> dict[str, float]:
-    """``target``'s memory and utilisation now: its /metrics figures and, for a child process, its RSS.
-
-    Anything that cannot be read is left out: resources are recorded, they never fail a measurement.
-    """
-    usage: dict[str, float] = {}
-    url = getattr(target, "metrics_url", "") or ""
-    if url:
-        tls = getattr(target, "tls", None)
-        context = tls.ssl_context() if tls is not None and url.startswith("https:") else None
-        try:
-            usage.update(resource_usage(fetch_metrics(url, timeout=2.0, context=context)))
-        except METRICS_ERRORS:
-            pass
-    pid = getattr(target, "pid", None)
-    rss = process_tree_rss_mb(pid) if isinstance(pid, int) else None
-    if rss is not None:
-        usage["server_rss_mb"] = rss
-    return usage
 
 
 def memory_figure(usage: dict[str, float]) -> tuple[float, str] | None:

@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from optimizer.errors import ConfigRejected, ServerDiedError, ServerStartError
-from optimizer.serving import Capabilities
+from optimizer.serving.base import Capabilities, ServingTarget
 from optimizer.serving.control import ModelControl
 from optimizer.serving.metrics import read_gpus
 
@@ -117,7 +117,7 @@ def _die_with_parent() -> None:
         pass
 
 
-class TritonProcess:
+class TritonProcess(ServingTarget):
     """A ``tritonserver`` child process bound to ``host``, with explicit model control.
 
     Args:
@@ -134,7 +134,6 @@ class TritonProcess:
     """
 
     name = "process"
-    can_restart = True
     capabilities = Capabilities(can_restart=True, gpu_metrics=True, shared_filesystem=True)
 
     def __init__(

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from optimizer.errors import ConfigRejected, ServerDiedError, ServerError, ServerStartError, UsageError
-from optimizer.serving import Capabilities
-from optimizer.serving.control import ModelControl, load_files
+from optimizer.serving.base import Capabilities, ServingTarget
+from optimizer.serving.control import ModelControl, load_files, triton_error_parts
 from optimizer.serving.metrics import METRICS_ERRORS, describe_metrics_error, fetch_metrics, gpus_in_metrics
 
 __all__ = ["PROBE_MODEL", "RemoteTriton", "TlsOptions", "describe_connection_failure", "parse_grpc_url"]
@@ -146,13 +146,11 @@ def _short(message: str) -> str:
 
 def _cause(exc: Exception) -> tuple[str, str]:
     """gRPC status and message of the tritonclient exception behind one of ours."""
-    cause = exc.__cause__ or exc
-    status = str(cause.status()) if hasattr(cause, "status") and cause.status() else ""
-    message = cause.message() if hasattr(cause, "message") and callable(cause.message) else str(cause)
+    status, message = triton_error_parts(exc.__cause__ or exc)
     return status, message or str(exc)
 
 
-class RemoteTriton:
+class RemoteTriton(ServingTarget):
     """A running Triton server reached over gRPC; model files are sent with every load request.
 
     Args:
@@ -165,7 +163,6 @@ class RemoteTriton:
     """
 
     name = "remote"
-    can_restart = False
 
     def __init__(
         self,
@@ -177,9 +174,9 @@ class RemoteTriton:
         headers: Mapping[str, str] | None = None,
         timeout: float = CONNECT_TIMEOUT_S,
     ) -> None:
-        self.grpc_url = parse_grpc_url(url)
-        self.metrics_url = metrics_url or ""
-        self.http_url = http_url or ""
+        self._grpc_url = parse_grpc_url(url)
+        self._metrics_url = metrics_url or ""
+        self._http_url = http_url or ""
         tls.check()
         self.tls = tls
         self.headers = dict(headers or {})
@@ -190,13 +187,6 @@ class RemoteTriton:
         self._control: ModelControl | None = None
         self._version = "unknown"
         self._loaded: set[str] = set()
-
-    def __enter__(self) -> RemoteTriton:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
 
     # --- lifecycle: the checks before any trial -----------------------------------------------------
 
@@ -256,8 +246,7 @@ class RemoteTriton:
             ) from exc
 
     def _fetch_metrics(self) -> str:
-        context = self.tls.ssl_context() if self.metrics_url.startswith("https:") else None
-        return fetch_metrics(self.metrics_url, timeout=self.timeout, context=context)
+        return fetch_metrics(self.metrics_url, timeout=self.timeout, context=self.metrics_ssl_context())
 
     def stop(self) -> None:
         """Unload the models this run loaded (the server is someone's: leave it as found); close the channel."""
@@ -284,6 +273,27 @@ class RemoteTriton:
     # --- state ---------------------------------------------------------------------------------------
 
     @property
+    def grpc_url(self) -> str:
+        return self._grpc_url
+
+    @property
+    def http_url(self) -> str:
+        return self._http_url
+
+    @property
+    def metrics_url(self) -> str:
+        return self._metrics_url
+
+    def client_options(self) -> dict[str, Any]:
+        return self.tls.client_options()
+
+    def request_headers(self) -> dict[str, str]:
+        return dict(self.headers)
+
+    def metrics_ssl_context(self) -> ssl.SSLContext | None:
+        return self.tls.ssl_context() if self.metrics_url.startswith("https:") else None
+
+    @property
     def control(self) -> ModelControl:
         if self._control is None:
             raise ServerDiedError(f"not connected to the Triton server at {self.grpc_url}")
@@ -302,7 +312,7 @@ class RemoteTriton:
         except METRICS_ERRORS:
             return None
 
-    def log_tail(self, lines: int = 20) -> str:  # noqa: ARG002 - the protocol's signature
+    def log_tail(self, lines: int = 20) -> str:  # noqa: ARG002 - the base class's signature
         return f"(the log of the remote server at {self.grpc_url} is on its own machine)"
 
     # --- models --------------------------------------------------------------------------------------

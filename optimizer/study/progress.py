@@ -6,7 +6,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from optimizer.study.run import StudySummary, TrialReport
+from optimizer.study.results import StudySummary, TrialReport
 
 __all__ = ["RichReporter", "print_summary"]
 

@@ -6,10 +6,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from optuna.trial import TrialState
+
 from optimizer.config.render import config_from_json
+from optimizer.config.repository import write_repository
 from optimizer.errors import StudyError
 from optimizer.model.intake import ModelInfo, inspect_model
-from optimizer.model.variants import model_files
+from optimizer.model.variants import MODEL_FILENAMES, model_files
 from optimizer.paths import cache_dir
 
 __all__ = [
@@ -60,8 +63,6 @@ class StudySummary:
 
 
 def report_of(trial) -> TrialReport:
-    from optuna.trial import TrialState
-
     state = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned"}.get(trial.state, "failed")
     attrs = trial.user_attrs
     return TrialReport(
@@ -77,8 +78,6 @@ def report_of(trial) -> TrialReport:
 
 
 def _feasible_complete(study) -> list:
-    from optuna.trial import TrialState
-
     return [
         t
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -99,7 +98,6 @@ def best_trial(study):
 
 def export_trial(study, trial, out_dir: Path, model: ModelInfo | None = None) -> Path:
     """Write ``trial``'s config and model file as a Triton model repository under ``out_dir``."""
-    from optimizer.output.export import write_repository
 
     if model is None:
         model = _stored_model(study)
@@ -109,8 +107,6 @@ def export_trial(study, trial, out_dir: Path, model: ModelInfo | None = None) ->
 
 
 def _precision_of(config) -> str:
-    from optimizer.config.render import MODEL_FILENAMES
-
     by_file = {name: precision for precision, name in MODEL_FILENAMES.items()}
     return by_file.get(config.default_model_filename or "model.onnx", "fp32")
 

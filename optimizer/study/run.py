@@ -8,20 +8,38 @@ trial with its reason and the study goes on; bad input stops the run before any 
 from __future__ import annotations
 
 import math
+import os
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
-from optimizer.config.space import SearchSpace, baseline_params, grid_of, load_space
+import optuna
+from optuna.exceptions import StorageInternalError
+from optuna.storages import RDBStorage, fail_stale_trials
+from optuna.trial import TrialState
+from sqlalchemy.exc import SQLAlchemyError
+
+from optimizer.config.space import (
+    SearchSpace,
+    baseline_params,
+    fit_params,
+    grid_of,
+    load_space,
+    starting_points,
+)
 from optimizer.errors import (
     StorageError,
     StudyError,
+    UsageError,
 )
-from optimizer.measurement.builtin import MeasureSettings
-from optimizer.measurement.sweep import DEFAULT_LEVELS
-from optimizer.model.accuracy import DEFAULT_TOLERANCE, check_variant
+from optimizer.measurement.levels import ENGINES, PROTOCOLS, RULES, MeasureSettings
+from optimizer.measurement.perf_analyzer import ensure_perf_analyzer
+from optimizer.model import examples
+from optimizer.model.accuracy import check_variant
 from optimizer.model.intake import (
     ModelInfo,
     check_model_runs,
@@ -34,6 +52,8 @@ from optimizer.model.intake import (
 from optimizer.model.providers import check_providers
 from optimizer.model.variants import variant_path
 from optimizer.paths import cache_dir, check_name, studies_dir
+from optimizer.serving.base import ServingTarget
+from optimizer.serving.embedded import EmbeddedTriton
 from optimizer.study.results import (
     StudySummary,
     TrialReport,
@@ -42,6 +62,7 @@ from optimizer.study.results import (
     export_trial,
     report_of,
 )
+from optimizer.study.settings import SAMPLERS, SearchSettings, StudySettings
 from optimizer.study.storage import (
     count_finished,
     count_running,
@@ -51,52 +72,13 @@ from optimizer.study.storage import (
     register_worker,
     worker_id,
 )
-from optimizer.study.trial import TrialFailed, TrialRunner, first_line, inference_client_options
+from optimizer.study.trial import TrialFailed, TrialRunner, first_line
 
-__all__ = [
-    "QuietReporter",
-    "StudySettings",
-    "StudySummary",
-    "TrialReport",
-    "best_trial",
-    "export_trial",
-    "inference_client_options",
-    "run_study",
-]
+__all__ = ["QuietReporter", "Reporter", "run_study"]
 
 # Without --latency-budget-ms, the budget is this multiple of the baseline's single-request p99.
 DEFAULT_BUDGET_FACTOR = 10.0
 MIN_DEFAULT_BUDGET_MS = 5.0
-
-
-@dataclass(frozen=True)
-class StudySettings:
-    """Everything ``optimize study`` was asked to do."""
-
-    model_path: Path | None = None  # None: the bundled example model
-    budget: int = 40
-    latency_budget_ms: float | None = None
-    space: str = "cpu"
-    study_name: str | None = None
-    storage: str | None = None
-    shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
-    concurrency: tuple[int, ...] = DEFAULT_LEVELS
-    seed: int | None = None
-    measure: MeasureSettings = MeasureSettings()
-    output_dir: Path | None = None  # default: studies/
-    input_data: Path | None = None  # .npz with one array per input; default: realistic synthetic inputs
-    accuracy_tolerance: float = DEFAULT_TOLERANCE
-    allow_shared_host: bool = False  # let several workers of one study measure on the same machine
-    cpus: frozenset[int] = frozenset()  # pin this worker (and its server) to these CPU cores
-    gpus: str | None = None  # CUDA_VISIBLE_DEVICES for this worker's server
-    sampler: str = "tpe"  # tpe (the default), random, or grid (every point of a listed space, once)
-    warm_start: str | None = None  # a finished study of the same model whose best configs go first
-    pruning: bool = True  # stop trials early that trail the median of earlier ones
-    # How trials are measured (issue 7): engine, protocol, open-loop rates, and a memory limit.
-    load_generator: str = "builtin"  # or "perf_analyzer"
-    protocol: str = "grpc"  # or "http"
-    request_rates: tuple[float, ...] = ()  # Poisson arrivals at these rates instead of the concurrency sweep
-    max_memory_mb: float | None = None  # the server's process-tree RSS (see serving/metrics.memory_figure)
 
 
 class Reporter(Protocol):
@@ -119,18 +101,28 @@ class QuietReporter:
 
 
 def run_study(
-    settings: StudySettings, reporter: Reporter | None = None, *, target=None, storage=None
+    settings: StudySettings,
+    reporter: Reporter | None = None,
+    *,
+    target: ServingTarget | None = None,
+    storage: optuna.storages.BaseStorage | None = None,
 ) -> StudySummary:
     """Run (or resume) a study to its budget and export the best config. See the module docstring.
 
-    ``storage``: an Optuna storage object to use instead of ``settings.storage`` (the replay benchmark
-    passes an in-memory one: thousands of replayed trials, none worth a database).
+    Args:
+        settings: what to study and how.
+        reporter: told about each trial (default: nothing is shown).
+        target: the server to measure on (default: a new embedded Triton). One that is already running
+            is used as it is and left running (tests share one server); one that is not is started and
+            stopped here.
+        storage: an Optuna storage object to use instead of ``settings.storage`` (the replay benchmark
+            passes an in-memory one: thousands of replayed trials, none worth a database).
     """
     reporter = reporter or QuietReporter()
     plan = _plan(settings)
     storage = storage if storage is not None else open_storage(plan.storage_url)
     try:
-        study, created = _open_study(storage, plan.study_name, pruning=settings.pruning)
+        study, created = _open_study(storage, plan.study_name, settings)
         if created:  # first thing, so workers joining a moment later find it and do not enqueue another
             _enqueue_baseline(study, plan.space)
         space = _join(study, plan, settings, reporter)
@@ -148,15 +140,12 @@ def run_study(
             "finished trials are kept; fix the storage (disk full? read-only? server down?) and rerun the same command"
         ) from exc
     finally:
-        if hasattr(storage, "engine"):
+        if isinstance(storage, RDBStorage):
             storage.engine.dispose()  # close the database connections now, not at garbage collection
 
 
 def _database_error_in(exc: BaseException) -> BaseException | None:
     """The database error behind ``exc``, if any (Optuna can mask it while reporting the trial)."""
-    from optuna.exceptions import StorageInternalError
-    from sqlalchemy.exc import SQLAlchemyError
-
     seen: BaseException | None = exc
     while seen is not None:
         if isinstance(seen, (StorageInternalError, SQLAlchemyError)):
@@ -217,23 +206,35 @@ def _join(study, plan: _Plan, settings: StudySettings, reporter: Reporter) -> Se
 
 
 def _measure(
-    study, plan: _Plan, space: SearchSpace, settings: StudySettings, reporter: Reporter, target
+    study,
+    plan: _Plan,
+    space: SearchSpace,
+    settings: StudySettings,
+    reporter: Reporter,
+    target: ServingTarget | None,
 ) -> None:
-    """Start the server and run trials until the study reaches its budget."""
-    from optimizer.serving.embedded import EmbeddedTriton
-
+    """Start the server (unless it runs already) and run trials until the study reaches its budget."""
     _pin_worker(settings)
-    with target or EmbeddedTriton() as server:
-        if hasattr(server, "check_model"):  # a recording answers for the model it recorded only
-            server.check_model(plan.model.sha256)
+    with _serving(target) as server:
+        server.check_model(plan.model.sha256)  # a recording answers for the model it recorded only
         runner = TrialRunner(server, plan.model, plan.samples, space, plan.model_name, settings, reporter)
         runner.check_memory_limit()
         runner.latency_budget_ms = _latency_budget(study, runner, settings, reporter)
         _record_study_attrs(study, plan.model, plan.shapes, space, server, runner.latency_budget_ms, settings)
         if not study.get_trials(deepcopy=False):  # a crash between creating the study and enqueuing
             _enqueue_baseline(study, plan.space)
-        _enqueue_starting_points(study, plan, space)
-        _run_trials(study, runner, settings.budget, reporter)
+        _enqueue_starting_points(study, plan, space, settings.search)
+        _run_trials(study, runner, settings, reporter)
+
+
+@contextmanager
+def _serving(target: ServingTarget | None) -> Iterator[ServingTarget]:
+    """The target, started and stopped here unless the caller runs it already (then it is the caller's)."""
+    if target is not None and target.is_alive():
+        yield target
+        return
+    with target or EmbeddedTriton() as server:
+        yield server
 
 
 # --- set-up --------------------------------------------------------------------------------------------
@@ -241,8 +242,6 @@ def _measure(
 
 def _pin_worker(settings: StudySettings) -> None:
     # The server is our child: it inherits the CPU affinity and the visible GPUs.
-    import os
-
     if settings.cpus:
         os.sched_setaffinity(0, settings.cpus)
     if settings.gpus is not None:
@@ -250,8 +249,6 @@ def _pin_worker(settings: StudySettings) -> None:
 
 
 def _check_settings(settings: StudySettings) -> None:
-    from optimizer.errors import UsageError
-
     if settings.budget < 1:
         raise UsageError(f"--budget must be at least 1 trial, got {settings.budget}")
     if settings.sampler not in SAMPLERS:
@@ -268,9 +265,6 @@ def _check_settings(settings: StudySettings) -> None:
 
 
 def _check_measure_settings(settings: StudySettings) -> None:
-    from optimizer.errors import UsageError
-    from optimizer.measurement.builtin import ENGINES, PROTOCOLS, RULES
-
     checks = [
         (settings.load_generator in ENGINES, f"--load-generator must be one of {', '.join(ENGINES)}"),
         (settings.protocol in PROTOCOLS, f"--protocol must be one of {', '.join(PROTOCOLS)}"),
@@ -287,14 +281,10 @@ def _check_measure_settings(settings: StudySettings) -> None:
             raise UsageError(message)
     _check_window(settings.measure)
     if settings.load_generator == "perf_analyzer":
-        from optimizer.measurement.perf_analyzer import ensure_perf_analyzer
-
         ensure_perf_analyzer()  # found, or installed now: never a missing binary in the middle of a study
 
 
 def _check_window(measure: MeasureSettings) -> None:
-    from optimizer.errors import UsageError
-
     if not (measure.warmup_s >= 0 and 0 < measure.window_s <= measure.max_window_s):
         raise UsageError(
             f"--window-s ({measure.window_s:g}) must be positive and at most --max-window-s "
@@ -309,8 +299,6 @@ SYNTHETIC_SAMPLES = 32
 
 def _intake(settings: StudySettings) -> tuple[ModelInfo, dict[str, tuple[int, ...]], list[dict]]:
     """The model, the request shapes, and the request samples (the user's data or synthetic)."""
-    from optimizer.model import examples
-
     shapes = dict(settings.shapes)
     if settings.model_path is None:
         path = examples.example_model(cache_dir() / "examples")
@@ -333,15 +321,16 @@ def _model_name(model: ModelInfo) -> str:
     return stem.lstrip("_-.") or "model"
 
 
-def _open_study(storage, study_name: str, *, pruning: bool = True):
+def _open_study(storage, study_name: str, settings: StudySettings):
     """Create the study, or join it; also say whether this worker created it (it enqueues the baseline)."""
-    import optuna
-
-    pruner = (
-        optuna.pruners.PercentilePruner(**PRUNER_OPTIONS)
-        if pruning and PRUNER_OPTIONS is not None
-        else optuna.pruners.NopPruner()
-    )
+    search = settings.search
+    pruner: optuna.pruners.BasePruner = optuna.pruners.NopPruner()
+    if settings.pruning and search.prune_percentile is not None:
+        pruner = optuna.pruners.PercentilePruner(
+            search.prune_percentile,
+            n_startup_trials=search.prune_startup_trials,
+            n_warmup_steps=search.prune_warmup_steps,
+        )
     try:
         study = optuna.create_study(
             storage=storage, study_name=study_name, direction="maximize", pruner=pruner
@@ -353,21 +342,7 @@ def _open_study(storage, study_name: str, *, pruning: bool = True):
         raise StorageError(f"cannot create or open study {study_name!r}: {first_line(str(exc))}") from exc
 
 
-# Big batches and long queue delays start slow and win late: only prune after a few levels, and only
-# trials in the bottom quarter at that level (percentile 75 keeps the top 75%). On the recorded surfaces
-# the median pruner (percentile 50) dropped the encoder's optimum too often: 90.8% of it at budget 20
-# against 95.6% here, for 17% more measuring time (bench/replay_search.py, bench/README.md).
-PRUNER_OPTIONS: dict | None = {"percentile": 75.0, "n_startup_trials": 5, "n_warmup_steps": 2}
-SAMPLERS = ("tpe", "random", "grid")
-# The default sampler's settings, chosen with bench/replay_search.py on the recorded surfaces.
-TPE_OPTIONS: dict = {"n_startup_trials": 5, "multivariate": True, "constant_liar": True}
-
-
 def _sampler(settings: StudySettings, space: SearchSpace, *, batching: bool, per_worker: bool):
-    import zlib
-
-    import optuna
-
     seed = settings.seed
     if seed is not None and per_worker:
         # Workers joining one study must not replay each other's proposals: derive a seed of their own.
@@ -376,7 +351,13 @@ def _sampler(settings: StudySettings, space: SearchSpace, *, batching: bool, per
         return optuna.samplers.RandomSampler(seed=seed)
     if settings.sampler == "grid":
         return optuna.samplers.GridSampler(grid_of(space, batching=batching), seed=seed)
-    return optuna.samplers.TPESampler(seed=seed, **TPE_OPTIONS)
+    search = settings.search
+    return optuna.samplers.TPESampler(
+        seed=seed,
+        n_startup_trials=search.tpe_startup_trials,
+        multivariate=search.tpe_multivariate,
+        constant_liar=search.tpe_constant_liar,
+    )
 
 
 def _check_same_study(study, model: ModelInfo, settings: StudySettings) -> None:
@@ -409,8 +390,6 @@ def _accurate_precisions(
     Each variant's figures are recorded in the study (``variants``) once and reused on resume, so the
     space, and with it every trial's parameter distributions, stays the same across restarts.
     """
-    from dataclasses import replace
-
     variants = dict(study.user_attrs.get("variants", {}))
     kept = []
     for precision in space.precisions:
@@ -445,9 +424,9 @@ def _latency_budget(study, runner: TrialRunner, settings: StudySettings, reporte
     return float(budget)
 
 
-def _record_study_attrs(study, model, shapes, space: SearchSpace, server, budget_ms: float, settings) -> None:
-    from optimizer.study.environment import hardware
-
+def _record_study_attrs(
+    study, model, shapes, space: SearchSpace, server: ServingTarget, budget_ms: float, settings
+) -> None:
     attrs = {
         "model_sha256": model.sha256,
         "model_path": str(model.source_path),
@@ -457,7 +436,7 @@ def _record_study_attrs(study, model, shapes, space: SearchSpace, server, budget
         "space": space.to_dict(),
         "server_version": server.server_version(),
         "target": server.name,
-        "hardware": server.hardware() if hasattr(server, "hardware") else hardware(),  # replay: recorded
+        "hardware": server.hardware(),  # a replay: the recording's machine
         "budget": settings.budget,
         "concurrency_levels": list(settings.concurrency),
     }
@@ -471,40 +450,24 @@ def _enqueue_baseline(study, space: SearchSpace) -> None:
     study.enqueue_trial(baseline_params(space), user_attrs={"baseline": True}, skip_if_exists=True)
 
 
-# Configs measured right after the baseline in a new study, before the sampler's own proposals
-# (names of optimizer.config.space.starting_points; chosen with bench/replay_search.py).
-STARTING_POINTS: tuple[str, ...] = ()
-
-
-def _enqueue_starting_points(study, plan: _Plan, space: SearchSpace) -> None:
+def _enqueue_starting_points(study, plan: _Plan, space: SearchSpace, search: SearchSettings) -> None:
     """In a new study: the warm-start study's best configs, then the fixed starting points.
 
     Done once the space is settled (a precision that failed its accuracy check is not in it), and only
     while the study holds nothing but its baseline, so a resumed study or a joining worker adds none.
     """
-    from optimizer.config.space import fit_params, starting_points
-
     if len(study.get_trials(deepcopy=False)) > 1:
         return
     batching = plan.model.batching
     warm = [fitted for params in plan.warm_start if (fitted := fit_params(space, params, batching=batching))]
     for params in warm:
         study.enqueue_trial(params, user_attrs={"warm_start": True}, skip_if_exists=True)
-    for params in starting_points(space, STARTING_POINTS):
+    for params in starting_points(space, search.starting_points):
         study.enqueue_trial(params, user_attrs={"starting_point": True}, skip_if_exists=True)
-
-
-# How many of the warm-start study's best feasible configs are measured again first.
-WARM_START_CONFIGS = 3
 
 
 def _warm_start_params(settings: StudySettings, model: ModelInfo, space: SearchSpace, out_dir: Path):
     """The parameters of the best configs of study ``settings.warm_start`` that this space can propose."""
-    import optuna
-    from optuna.trial import TrialState
-
-    from optimizer.config.space import fit_params
-
     name = settings.warm_start
     assert name is not None
     url = settings.storage or default_storage_url(out_dir, name)
@@ -531,35 +494,34 @@ def _warm_start_params(settings: StudySettings, model: ModelInfo, space: SearchS
         params = fit_params(space, trial.params, batching=model.batching)
         if params is not None and params not in fitted:
             fitted.append(params)
-    return tuple(fitted[:WARM_START_CONFIGS])
+    return tuple(fitted[: settings.search.warm_start_configs])
 
 
 # --- the trials ----------------------------------------------------------------------------------------
 
 
 WAIT_FOR_OTHERS_S = 2.0
-# Proposals of already-measured configs cost nothing and do not count toward the budget; this many in
-# a row means the sampler has nothing new to try.
-MAX_REPEATED_CONFIGS = 25
 
 
-def _run_trials(study, runner: TrialRunner, budget: int, reporter: Reporter) -> None:
+def _run_trials(study, runner: TrialRunner, settings: StudySettings, reporter: Reporter) -> None:
     """Run trials until the study-wide count of finished trials reaches the budget.
 
     Trials running elsewhere count toward the budget (so workers never overshoot it); when they are
     all that is missing, wait for them to finish, or for their heartbeats to go stale (a dead worker),
     in which case Optuna fails them and re-enqueues their parameters for us to run.
     """
-    from optuna.storages import fail_stale_trials
-
+    # Proposals of already-measured configs cost nothing and do not count toward the budget; many in a
+    # row mean the sampler has nothing new to try.
+    budget = settings.budget
     waiting_noted, repeats = False, 0
     while (done := count_finished(study)) < budget:
-        if repeats >= MAX_REPEATED_CONFIGS:
+        if repeats >= settings.search.max_repeated_configs:
             reporter.note(
                 f"the last {repeats} proposals repeated measured configs: the space looks exhausted"
             )
             return
         if done + count_running(study) >= budget:
+            _check_none_left_running_by_us(study)
             if not waiting_noted:
                 reporter.note(f"waiting for {count_running(study)} trial(s) running in other workers")
                 waiting_noted = True
@@ -576,9 +538,22 @@ def _run_trials(study, runner: TrialRunner, budget: int, reporter: Reporter) -> 
         reporter.trial_finished(report_of(last), best_throughput(study))
 
 
-def _summarise(study, plan: _Plan, budget: int) -> StudySummary:
-    from optuna.trial import TrialState
+def _check_none_left_running_by_us(study) -> None:
+    """Between trials none of this worker's trials runs: one still RUNNING is one the database did not
+    let us finish (it went read-only or away mid-write), and waiting for it would wait forever."""
+    mine = [
+        t.number
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if t.user_attrs.get("worker") == worker_id()
+    ]
+    if mine:
+        raise StorageError(
+            f"the study database stopped accepting reads or writes (the end of trial {mine[0]} was not recorded): "
+            "finished trials are kept; fix the storage (disk full? read-only? server down?) and rerun the same command"
+        )
 
+
+def _summarise(study, plan: _Plan, budget: int) -> StudySummary:
     trials = study.get_trials(deepcopy=False)
     reports = [
         report_of(t) for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)

@@ -16,7 +16,12 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from optimizer.errors import StorageError
+import optuna
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import TrialState
+
+from optimizer.errors import StorageError, StudyError, UsageError
+from optimizer.paths import check_name, studies_dir
 
 __all__ = [
     "HEARTBEAT_INTERVAL_S",
@@ -40,7 +45,6 @@ def default_storage_url(studies_dir: Path, study_name: str) -> str:
 
 def open_storage(url: str, *, create_dirs: bool = True):  # -> optuna.storages.RDBStorage
     """An Optuna RDB storage with heartbeats, so a trial whose worker died never stays RUNNING."""
-    import optuna
 
     engine_kwargs: dict[str, Any] = {}
     if url.startswith("sqlite:///"):
@@ -75,8 +79,6 @@ def open_storage(url: str, *, create_dirs: bool = True):  # -> optuna.storages.R
 
 
 def _rdb_storage(url: str, engine_kwargs: dict[str, Any]):
-    import optuna
-    from optuna.storages import RDBStorage
 
     with warnings.catch_warnings():
         # Heartbeats are "experimental" in Optuna 5.0 yet documented as the way to recover trials.
@@ -96,8 +98,6 @@ def _is_schema_race(exc: Exception) -> bool:
 
 
 def _retry_callback():
-    import optuna
-    from optuna.storages import RetryHeartbeatStaleTrialCallback
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -119,7 +119,6 @@ def worker_id() -> str:
 
 
 def _finished_states():
-    from optuna.trial import TrialState
 
     return (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
@@ -130,7 +129,6 @@ def count_finished(study) -> int:
     A trial that failed because its worker died (no reason recorded) is retried, so it does not count;
     nor does a proposal of a config that was already measured (it reused that measurement).
     """
-    from optuna.trial import TrialState
 
     count = 0
     for trial in study.get_trials(deepcopy=False, states=_finished_states()):
@@ -142,7 +140,6 @@ def count_finished(study) -> int:
 
 
 def count_running(study) -> int:
-    from optuna.trial import TrialState
 
     return len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
 
@@ -163,7 +160,6 @@ def recover_dead_local_trials(study) -> list[int]:
     Heartbeats do the same after a grace period for workers anywhere; on this host the check is exact
     and immediate, so a rerun after a crash does not wait.
     """
-    from optuna.trial import TrialState
 
     host = socket.gethostname()
     recovered = []
@@ -184,7 +180,6 @@ def register_worker(study, settings) -> bool:
     Workers that share a machine disturb each other's measurements, so a second live worker on this host
     is refused unless both are pinned to disjoint CPU sets (or GPU sets) or ``allow_shared_host`` is set.
     """
-    from optimizer.errors import StudyError
 
     host, me = socket.gethostname(), worker_id()
     workers = dict(study.user_attrs.get("workers", {}))
@@ -216,7 +211,6 @@ def _pinned_apart(mine: dict, other: dict) -> bool:
 
 def parse_cpus(text: str) -> frozenset[int]:
     """``"0-3,6"`` -> {0, 1, 2, 3, 6}, checked against the cores this process may use."""
-    from optimizer.errors import UsageError
 
     cpus: set[int] = set()
     try:
@@ -235,7 +229,6 @@ def parse_cpus(text: str) -> frozenset[int]:
 
 def copy_study(from_url: str, to_url: str, study_name: str | None = None) -> str:
     """Copy a study between storages (e.g. a laptop's SQLite into the team's PostgreSQL); return its name."""
-    import optuna
 
     source = open_storage(from_url, create_dirs=False)
     try:
@@ -262,3 +255,41 @@ def copy_study(from_url: str, to_url: str, study_name: str | None = None) -> str
     finally:
         source.engine.dispose()
     return study_name
+
+
+def storage_url_for(study_name: str | None, storage: str | None) -> str:
+    """The storage URL to read: ``storage`` if given, else the default SQLite file of ``study_name``.
+
+    Raises:
+        UsageError: if neither is given, or the name is not a valid study name.
+        StudyError: if the default SQLite file, or the file of a ``sqlite:///`` URL, does not exist.
+    """
+    if storage is None and study_name is None:
+        raise UsageError("give --study-name NAME (for studies/NAME.db) or --storage URL")
+    if study_name is not None:
+        check_name(study_name, "study name")
+    if storage is None:
+        if not (studies_dir() / f"{study_name}.db").exists():
+            raise StudyError(
+                f"no study {study_name!r} in {studies_dir()}/: check --study-name or give --storage"
+            )
+        return default_storage_url(studies_dir(), str(study_name))
+    if storage.startswith("sqlite:///") and not Path(storage[len("sqlite:///") :]).is_file():
+        raise StudyError(
+            f"the study database {storage[len('sqlite:///') :]!r} does not exist: check --storage"
+        )
+    return storage
+
+
+def load_stored_study(study_name: str, storage: str | None = None) -> optuna.Study:
+    """Open the existing study ``study_name`` (an ``optuna.Study``) without creating anything.
+
+    Raises:
+        StudyError: if there is no such study (a clear one-line message).
+        StorageError: if the storage cannot be opened.
+    """
+    url = storage_url_for(study_name, storage)
+    try:
+        return optuna.load_study(study_name=study_name, storage=open_storage(url, create_dirs=False))
+    except KeyError as exc:
+        raise StudyError(f"no study named {study_name!r} in that storage: check --study-name") from exc

@@ -11,20 +11,23 @@ from __future__ import annotations
 import math
 import socket
 import time
-from typing import TYPE_CHECKING
+
+import optuna
+from optuna.trial import TrialState
 
 from optimizer.config.render import config_digest, render_config, to_dict, to_json
-from optimizer.config.space import Candidate, suggest_candidate
-from optimizer.errors import ConfigRejected, InferenceError, ServerDiedError
-from optimizer.measurement.builtin import LevelResult, make_load_generator
+from optimizer.config.space import Candidate, SearchSpace, suggest_candidate
+from optimizer.errors import ConfigRejected, InferenceError, OptimizeError, ServerDiedError, StudyError
+from optimizer.measurement.engines import LevelSource, make_load_generator
+from optimizer.measurement.levels import LevelResult
 from optimizer.measurement.sweep import SweepOutcome, best_feasible, next_step
 from optimizer.model.intake import ModelInfo
 from optimizer.model.variants import model_files
 from optimizer.paths import cache_dir
+from optimizer.serving.base import ServingTarget
+from optimizer.serving.metrics import memory_figure
+from optimizer.study.settings import StudySettings
 from optimizer.study.storage import count_finished, worker_id
-
-if TYPE_CHECKING:
-    from optimizer.study.run import StudySettings
 
 __all__ = [
     "CONSTRAINT",
@@ -32,7 +35,6 @@ __all__ = [
     "TrialFailed",
     "TrialRunner",
     "first_line",
-    "inference_client_options",
 ]
 
 CONSTRAINT = "latency_budget"
@@ -55,7 +57,14 @@ class TrialRunner:
     """The objective: render, hot-reload, sweep, score one trial."""
 
     def __init__(
-        self, target, model: ModelInfo, samples, space, model_name: str, settings: StudySettings, reporter
+        self,
+        target: ServingTarget,
+        model: ModelInfo,
+        samples,
+        space: SearchSpace,
+        model_name: str,
+        settings: StudySettings,
+        reporter,
     ):
         self.target = target
         self.model = model
@@ -74,8 +83,6 @@ class TrialRunner:
         return self._load_generator(mode="concurrency").measure(1).p99_ms
 
     def __call__(self, trial) -> float:
-        import optuna
-
         if _is_surplus(trial, self.settings.budget):
             trial.set_user_attr("surplus", True)
             raise TrialFailed("surplus: other workers' trials already fill the budget")
@@ -152,16 +159,8 @@ class TrialRunner:
             raise self._server_fault("during measurement", exc) from exc
         return SweepOutcome(tuple(levels), best_feasible(levels, budget), stop[0] if stop else "")
 
-    def _load_generator(self, mode: str | None = None):
+    def _load_generator(self, mode: str | None = None) -> LevelSource:
         """The engine, protocol and mode the study asked for (closed loop unless it gave request rates)."""
-        from optimizer.serving.metrics import server_resources
-
-        replaying = getattr(self.target, "load_generator", None)
-        if replaying is not None:  # a recorded surface answers instead of a server
-            return replaying()
-
-        # A remote target may need TLS and auth headers for inference too, not only for model control.
-        options, headers = inference_client_options(self.target)
         settings = self.settings
         return make_load_generator(
             self.target,
@@ -172,9 +171,10 @@ class TrialRunner:
             protocol=settings.protocol,
             mode=mode or ("request_rate" if settings.request_rates else "concurrency"),
             batched=self.model.batching,
-            client_options=options,
-            headers=headers,
-            resources=lambda: server_resources(self.target),
+            # A remote target may need TLS and auth headers for inference too, not only for model control.
+            client_options=self.target.client_options(),
+            headers=self.target.request_headers() or None,
+            resources=self.target.resources,
         )
 
     def check_memory_limit(self) -> None:
@@ -183,13 +183,10 @@ class TrialRunner:
         Raises:
             StudyError: the server's memory is unreadable, or the server alone already uses more.
         """
-        from optimizer.errors import StudyError
-        from optimizer.serving.metrics import memory_figure, server_resources
-
         limit = self.settings.max_memory_mb
         if limit is None:
             return
-        figure = memory_figure(server_resources(self.target))
+        figure = memory_figure(self.target.resources())
         if figure is None:
             raise StudyError(
                 f"--max-memory-mb needs the server's memory, which the {self.target.name} target does not "
@@ -205,9 +202,9 @@ class TrialRunner:
     def _server_fault(self, when: str, exc: Exception) -> TrialFailed:
         """Turn a crash or hang into a failed trial, restarting the server so later trials are unaffected."""
         alive = _still_alive(self.target)
-        detail = first_line(getattr(exc, "message", str(exc)))
+        detail = first_line(exc.message if isinstance(exc, OptimizeError) else str(exc))
         reason = f"the server crashed {when}" if not alive else f"{detail} {when}"
-        if not getattr(self.target, "can_restart", False):
+        if not self.target.can_restart:
             raise ServerDiedError(
                 f"{reason}; the {self.target.name} server cannot be restarted by optimize"
             ) from exc
@@ -241,8 +238,6 @@ class TrialRunner:
 
     def _record_memory(self, trial, outcome: SweepOutcome) -> str | None:
         """Record the most memory any level needed; why the trial breaks ``--max-memory-mb``, or None."""
-        from optimizer.serving.metrics import memory_figure
-
         figures = [memory_figure(dict(level.resources or {})) for level in outcome.levels]
         known = [figure for figure in figures if figure is not None]
         if not known:
@@ -259,21 +254,12 @@ class TrialRunner:
         return f"{source} {used:.0f} MiB broke the --max-memory-mb {limit:g} limit"
 
 
-def inference_client_options(target) -> tuple[dict, dict | None]:
-    """TLS options and headers for inference requests to ``target`` (none for local servers)."""
-    tls = getattr(target, "tls", None)
-    options = tls.client_options() if tls is not None else {}
-    return options, (getattr(target, "headers", None) or None)
-
-
 def _is_surplus(trial, budget: int) -> bool:
     """True when earlier trials (finished, or running in other workers) already fill the budget.
 
     Two workers can pass the budget check in _run_trials at the same moment; the later-numbered trial
     steps back, so the study ends at exactly its budget.
     """
-    from optuna.trial import TrialState
-
     earlier_running = [
         t
         for t in trial.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
@@ -304,8 +290,6 @@ _COPIED_ATTRS = (
 
 def _measured_config(study, key: str):
     """The trial that already measured the config with this key (canonicalisation), or None."""
-    from optuna.trial import TrialState
-
     for trial in study.get_trials(
         deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
     ):
@@ -319,9 +303,6 @@ def _measured_config(study, key: str):
 
 def _reuse_measurement(trial, earlier) -> float:
     """Record ``earlier``'s result on ``trial`` without measuring: two parameter sets, one config."""
-    import optuna
-    from optuna.trial import TrialState
-
     trial.set_user_attr("same_config_as", earlier.number)
     for key in _COPIED_ATTRS:
         if key in earlier.user_attrs:

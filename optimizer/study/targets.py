@@ -11,7 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from optimizer.errors import UsageError
-from optimizer.serving import ServingTarget
+from optimizer.measurement.replay import ReplayTarget
+from optimizer.serving.base import ServingTarget
+from optimizer.serving.docker import DEFAULT_TAG, DockerTriton
+from optimizer.serving.embedded import EmbeddedTriton
+from optimizer.serving.local import LocalTriton
+from optimizer.serving.remote import RemoteTriton, TlsOptions
 
 __all__ = ["TARGET_KINDS", "check_target_options", "make_target", "parse_headers"]
 
@@ -92,20 +97,12 @@ def make_target(
     given = check_target_options(kind, **options)
     kind, _, argument = kind.partition(":")
     if kind == "replay":
-        from optimizer.serving.replay import ReplayTarget
-
         return ReplayTarget(argument, seed=seed)  # type: ignore[return-value]
     if kind == "embedded":
-        from optimizer.serving.embedded import EmbeddedTriton
-
         return EmbeddedTriton()
     if kind == "local":
-        from optimizer.serving.local import LocalTriton
-
         return LocalTriton(given.get("triton_binary"), given.get("backend_directory"))
     if kind == "docker":
-        from optimizer.serving.docker import DEFAULT_TAG, DockerTriton
-
         return DockerTriton(
             tag=given.get("docker_image_tag", DEFAULT_TAG), gpus=gpu_space, gpu_devices=gpu_devices
         )
@@ -113,7 +110,6 @@ def make_target(
 
 
 def _remote(given: dict[str, Any]) -> ServingTarget:
-    from optimizer.serving.remote import RemoteTriton, TlsOptions
 
     if "url" not in given:
         raise UsageError("--target remote needs --url HOST:PORT of the server's gRPC endpoint")

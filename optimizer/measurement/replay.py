@@ -11,16 +11,20 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import random
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from optimizer.config.render import config_digest
 from optimizer.errors import ConfigRejected, UsageError
-from optimizer.measurement.builtin import LevelResult
+from optimizer.measurement.levels import LevelResult
 from optimizer.measurement.sweep import best_feasible, next_step
-from optimizer.serving import Capabilities
+from optimizer.model import examples
+from optimizer.paths import cache_dir
+from optimizer.serving.base import Capabilities, ServingTarget
 
 __all__ = [
     "RecordedConfig",
@@ -84,10 +88,6 @@ def build_recorded_model(model_name: str, builder: str, args: Mapping) -> Path:
 
     The file keeps the recorded model name (its stem): the name is part of every recorded config.
     """
-    import os
-
-    from optimizer.model import examples
-    from optimizer.paths import cache_dir
 
     if not builder.startswith("build_") or not callable(getattr(examples, builder, None)):
         raise UsageError(f"the recording names an unknown model builder {builder!r}")
@@ -206,35 +206,41 @@ class ReplayLoadGenerator:
     def __init__(self, target: ReplayTarget) -> None:
         self.target = target
 
-    def run_levels(self, levels: Sequence[int], on_level) -> list[LevelResult]:
+    def run_levels(
+        self, levels: Sequence[float], on_level: Callable[[int, LevelResult], bool]
+    ) -> list[LevelResult]:
         config, drawn = self.target.loaded()
-        return replay_sweep(config, drawn, levels, on_level, self.target.rng)
+        return replay_sweep(config, drawn, [int(level) for level in levels], on_level, self.target.rng)
 
-    def measure(self, concurrency: int) -> LevelResult:
-        results = self.run_levels([concurrency], lambda index, result: False)
+    def measure(self, level: float) -> LevelResult:
+        results = self.run_levels([level], lambda index, result: False)
         if not results:
-            raise ConfigRejected(f"concurrency {concurrency} was not recorded for this config")
+            raise ConfigRejected(f"concurrency {level:g} was not recorded for this config")
         return results[0]
 
 
-class ReplayTarget:
-    """A serving target that answers from a recorded surface instead of a server."""
+class ReplayTarget(ServingTarget):
+    """A serving target that answers from a recorded surface instead of a server.
+
+    It lives with the measurements, not the servers: what it serves is a recording of measured levels,
+    and :func:`optimizer.measurement.engines.make_load_generator` hands out its replayed sweeps.
+    """
 
     name = "replay"
-    can_restart = True
     capabilities = Capabilities(can_restart=True, gpu_metrics=False, shared_filesystem=False)
-    grpc_url = http_url = metrics_url = "replay"
 
     def __init__(self, path: Path | str, seed: int | None = None) -> None:
         self.surface = load_surface(path)
         self.rng = random.Random(seed)
         self._loaded: tuple[RecordedConfig, tuple[LevelResult, ...]] | None = None
 
-    def __enter__(self) -> ReplayTarget:
-        return self
+    @property
+    def grpc_url(self) -> str:
+        return "replay"
 
-    def __exit__(self, *exc) -> None:
-        return None
+    @property
+    def http_url(self) -> str:
+        return "replay"
 
     def start(self) -> None:
         pass
@@ -251,15 +257,9 @@ class ReplayTarget:
     def server_version(self) -> str:
         return f"replay of {self.surface.meta.get('server_version', '?')}"
 
-    def gpus(self) -> tuple[str, ...] | None:
-        return None
-
     def hardware(self) -> dict:
         """The machine the recording was made on (the study's figures are that machine's)."""
         return dict(self.surface.meta.get("hardware", {}))
-
-    def log_tail(self, lines: int = 20) -> str:
-        return ""
 
     def check_model(self, sha256: str) -> None:
         """Refuse a study of another model than the one recorded."""
@@ -273,8 +273,6 @@ class ReplayTarget:
     def load_model(self, name: str, config_json: str, files: Mapping[str, Path]) -> float:
         from google.protobuf import json_format
         from tritonclient.grpc import model_config_pb2
-
-        from optimizer.config.render import config_digest
 
         key = config_digest(json_format.Parse(config_json, model_config_pb2.ModelConfig()))
         if key not in self.surface.configs:

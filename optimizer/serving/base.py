@@ -1,0 +1,143 @@
+"""The serving-target contract: what the study, the trial and the load generators ask of a Triton server.
+
+:class:`ServingTarget` declares the hooks every target fills (start, stop, load a model, where its
+endpoints are) and gives defaults for the rest (no TLS, no auth headers, no process of ours, this
+machine's hardware, any model accepted). Callers rely on the contract, never on probing attributes:
+a target that can do more says so by overriding a method or by its :class:`Capabilities`.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from optimizer.serving.environment import hardware
+from optimizer.serving.metrics import METRICS_ERRORS, fetch_metrics, process_tree_rss_mb, resource_usage
+
+__all__ = ["Capabilities", "ServingTarget"]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a target can do, so the study (and the user) know what to expect of it.
+
+    Attributes:
+        can_restart: optimize can start a fresh server after a crash (else a crash ends the study).
+        gpu_metrics: the server's own /metrics is readable, so its GPUs are seen from the server's side.
+        shared_filesystem: model files are placed in the server's repository; else they travel in the
+            load request.
+    """
+
+    can_restart: bool
+    gpu_metrics: bool
+    shared_filesystem: bool
+
+
+class ServingTarget:
+    """A Triton server a study loads configs into and measures; a context manager (start ... stop).
+
+    Subclasses fill the abstract hooks; the defaults below fit a server on this machine reached without
+    TLS. ``name`` is the ``--target`` it is chosen by.
+    """
+
+    name: str = "target"
+    capabilities: Capabilities = Capabilities(can_restart=False, gpu_metrics=False, shared_filesystem=False)
+
+    def __enter__(self) -> ServingTarget:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    # --- hooks every target fills ----------------------------------------------------------------
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def restart(self) -> None:
+        raise NotImplementedError
+
+    def is_alive(self) -> bool:
+        raise NotImplementedError
+
+    @property
+    def grpc_url(self) -> str:
+        raise NotImplementedError
+
+    def server_version(self) -> str:
+        raise NotImplementedError
+
+    def load_model(self, name: str, config_json: str, files: Mapping[str, Path]) -> float:
+        """Load or hot-reload ``name``; ``files`` maps repository-relative paths to local files; seconds taken."""
+        raise NotImplementedError
+
+    # --- defaults ---------------------------------------------------------------------------------
+
+    @property
+    def can_restart(self) -> bool:
+        return self.capabilities.can_restart
+
+    @property
+    def http_url(self) -> str:
+        """``http://host:port``, or "" when the target has no HTTP endpoint optimize can reach."""
+        return ""
+
+    @property
+    def metrics_url(self) -> str:
+        """The server's /metrics URL, or "" when it cannot be read."""
+        return ""
+
+    @property
+    def pid(self) -> int | None:
+        """The server's process when it is a child of ours (its tree's memory is the server's)."""
+        return None
+
+    def gpus(self) -> tuple[str, ...] | None:
+        """UUIDs of the GPUs the server reports in its own /metrics; None when it cannot be read."""
+        return None
+
+    def log_tail(self, lines: int = 20) -> str:  # noqa: ARG002 - subclasses with a log use it
+        return ""
+
+    def client_options(self) -> dict[str, Any]:
+        """tritonclient gRPC options for inference requests (TLS); none for a server on loopback."""
+        return {}
+
+    def request_headers(self) -> dict[str, str]:
+        """Headers sent with every request (auth); none by default."""
+        return {}
+
+    def metrics_ssl_context(self) -> ssl.SSLContext | None:
+        """The SSL context for an https /metrics URL; None for plain http."""
+        return None
+
+    def hardware(self) -> dict[str, Any]:
+        """The machine the measurements describe (recorded with the study)."""
+        return hardware()
+
+    def check_model(self, sha256: str) -> None:
+        """Refuse a model this target cannot serve; every model is accepted by default."""
+
+    def resources(self) -> dict[str, float]:
+        """The server's memory and utilisation now: its /metrics figures and, for a child process, its RSS.
+
+        Anything that cannot be read is left out: resources are recorded, they never fail a measurement.
+        """
+        usage: dict[str, float] = {}
+        if self.metrics_url:
+            try:
+                text = fetch_metrics(self.metrics_url, timeout=2.0, context=self.metrics_ssl_context())
+                usage.update(resource_usage(text))
+            except METRICS_ERRORS:
+                pass
+        rss = process_tree_rss_mb(self.pid) if self.pid is not None else None
+        if rss is not None:
+            usage["server_rss_mb"] = rss
+        return usage

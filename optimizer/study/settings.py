@@ -1,0 +1,88 @@
+"""What a study is asked to do: the leaf record the run, the trial and the command line share."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from optimizer.measurement.levels import MeasureSettings
+from optimizer.measurement.sweep import DEFAULT_LEVELS
+from optimizer.model.accuracy import DEFAULT_TOLERANCE
+
+__all__ = ["SAMPLERS", "Sampler", "SearchSettings", "StudySettings"]
+
+
+class Sampler(str, Enum):
+    """How the study proposes configs."""
+
+    tpe = "tpe"  # Bayesian (Optuna's TPE), the default
+    random = "random"
+    grid = "grid"  # every point of a space of listed values, once
+
+
+SAMPLERS = tuple(s.value for s in Sampler)
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """How the sampler and the pruner search, chosen with bench/replay_search.py on the recorded surfaces.
+
+    A study takes these as data (``StudySettings.search``); a benchmark trying others passes its own.
+
+    Attributes:
+        tpe_startup_trials, tpe_multivariate, tpe_constant_liar: the default sampler's settings.
+        prune_percentile: a trial in the bottom (100 - this) percent at a level is pruned; None: no pruner.
+            Big batches and long queue delays start slow and win late: only trials in the bottom quarter
+            are pruned, and only after a few levels. The median pruner (50) dropped the encoder's
+            optimum too often on the recordings: 90.8% of it at budget 20 against 95.6% at 75.
+        prune_startup_trials, prune_warmup_steps: trials and levels before the pruner may act.
+        starting_points: names of :func:`optimizer.config.space.starting_points` measured right after the
+            baseline in a new study (none: they hurt on the encoder recording).
+        warm_start_configs: how many of a warm-start study's best configs are measured first.
+        max_repeated_configs: proposals of measured configs in a row that end the study (space exhausted).
+    """
+
+    tpe_startup_trials: int = 5
+    tpe_multivariate: bool = True
+    tpe_constant_liar: bool = True
+    prune_percentile: float | None = 75.0
+    prune_startup_trials: int = 5
+    prune_warmup_steps: int = 2
+    starting_points: tuple[str, ...] = ()
+    warm_start_configs: int = 3
+    max_repeated_configs: int = 25
+
+
+@dataclass(frozen=True)
+class StudySettings:
+    """Everything ``optimize study`` was asked to do."""
+
+    model_path: Path | None = None  # None: the bundled example model
+    budget: int = 40
+    latency_budget_ms: float | None = None
+    space: str = "cpu"
+    study_name: str | None = None
+    storage: str | None = None
+    shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    concurrency: tuple[int, ...] = DEFAULT_LEVELS
+    seed: int | None = None
+    measure: MeasureSettings = MeasureSettings()
+    output_dir: Path | None = None  # default: studies/
+    input_data: Path | None = None  # .npz with one array per input; default: realistic synthetic inputs
+    accuracy_tolerance: float = DEFAULT_TOLERANCE
+    allow_shared_host: bool = False  # let several workers of one study measure on the same machine
+    cpus: frozenset[int] = frozenset()  # pin this worker (and its server) to these CPU cores
+    gpus: str | None = None  # CUDA_VISIBLE_DEVICES for this worker's server
+    sampler: str = (
+        "tpe"  # a Sampler: tpe (the default), random, or grid (every point of a listed space, once)
+    )
+    warm_start: str | None = None  # a finished study of the same model whose best configs go first
+    pruning: bool = True  # stop trials early that trail earlier ones (see SearchSettings)
+    search: SearchSettings = SearchSettings()
+    # How trials are measured: engine, protocol, open-loop rates, and a memory limit.
+    load_generator: str = "builtin"  # or "perf_analyzer"
+    protocol: str = "grpc"  # or "http"
+    request_rates: tuple[float, ...] = ()  # Poisson arrivals at these rates instead of the concurrency sweep
+    max_memory_mb: float | None = None  # the server's process-tree RSS (see serving/metrics.memory_figure)
