@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 from pathlib import Path
 
+import optuna
 import pytest
 
+from optimizer.cli import main
 from optimizer.model import examples
+from optimizer.serving.embedded import EmbeddedTriton
+from optimizer.study.run import run_study
+from studies import FAST_CLI, FinishedStudy, RejectingTarget, study_settings
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -41,8 +48,36 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def triton():
-    """One real embedded Triton shared by the serving tests (tests that break it use their own)."""
-    from optimizer.serving.embedded import EmbeddedTriton
+    """One real embedded Triton shared by the serving tests and by the studies that leave it intact.
 
+    ``run_study`` uses a running server as it is and leaves it running; tests that kill, hang or count
+    the memory of a server start their own.
+    """
     with EmbeddedTriton() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def mixed_study(models, triton, tmp_path_factory) -> FinishedStudy:
+    """A real five-trial study of the MLP whose third config Triton rejects: complete trials, one failed.
+
+    The study, report and export tests read it; none of them changes it.
+    """
+    root = tmp_path_factory.mktemp("mixed")
+    settings = study_settings(models["mlp"], root, budget=5, study_name="mixed", seed=3)
+    summary = run_study(settings, target=RejectingTarget(triton))
+    study = optuna.load_study(study_name="mixed", storage=f"sqlite:///{root}/mixed.db")
+    return FinishedStudy(root, study, summary=summary)
+
+
+@pytest.fixture(scope="session")
+def tight_study(models, tmp_path_factory) -> FinishedStudy:
+    """``optimize study`` with a budget nothing meets (0.001 ms): two infeasible trials, exit code and stderr."""
+    root = tmp_path_factory.mktemp("tight")
+    args = ["study", "--model", str(models["mlp"]), "--budget", "2", "--latency-budget-ms", "0.001"]
+    args += ["--study-name", "tight", "--storage", f"sqlite:///{root}/tight.db", *FAST_CLI]
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        code = main(args)
+    study = optuna.load_study(study_name="tight", storage=f"sqlite:///{root}/tight.db")
+    return FinishedStudy(root, study, exit_code=code, stderr=stderr.getvalue())

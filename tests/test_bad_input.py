@@ -20,11 +20,14 @@ pytestmark = pytest.mark.server
 
 
 @pytest.fixture(scope="module")
-def existing(models, tmp_path_factory) -> dict[str, Path]:
+def existing(models, triton, tmp_path_factory) -> dict[str, Path]:
     """A finished real study (budget 1) and one whose only trial met no latency budget."""
     root = tmp_path_factory.mktemp("existing")
-    run_study(study_settings(models["mlp"], root, budget=1, study_name="s"))
-    run_study(study_settings(models["mlp"], root, budget=1, study_name="nofeasible", latency_budget_ms=0.001))
+    run_study(study_settings(models["mlp"], root, budget=1, study_name="s"), target=triton)
+    run_study(
+        study_settings(models["mlp"], root, budget=1, study_name="nofeasible", latency_budget_ms=0.001),
+        target=triton,
+    )
     files = {"root": root, "db": root / "s.db"}
     files["custom"] = _custom_op_model(root / "custom.onnx")
     files["npz_wrong_dtype"] = _npz(root / "dtype.npz", x=np.ones((2, 64), np.float64))

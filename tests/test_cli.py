@@ -97,6 +97,47 @@ def test_debug_shows_the_traceback(tmp_path):
         main(["inspect", str(tmp_path / "missing.onnx"), "--debug"])
 
 
+def test_debug_before_the_command_shows_the_traceback_too(tmp_path):
+    with pytest.raises(Exception, match="does not exist"):
+        main(["--debug", "inspect", str(tmp_path / "missing.onnx")])
+
+
+def test_help_lists_each_fixed_choice_and_groups_the_study_options_in_panels(capsys):
+    code, out, _ = _run(["study", "--help"], capsys)
+    assert code == 0
+    for choices in (
+        "tpe|random|grid",
+        "builtin|perf_analyzer",
+        "grpc|http",
+        "ci|fixed",
+        "embedded|local|docker",
+    ):
+        assert choices in out, choices
+    for panel in ("Model", "Search", "Measurement", "Target", "Scale-out"):
+        assert f"─ {panel} " in out, panel
+
+
+def test_unknown_option_or_choice_is_one_line_from_the_parser(capsys):
+    code, _, err = _run(["study", "--sampler", "cmaes"], capsys)
+    assert code == 2 and "'cmaes' is not one of 'tpe', 'random', 'grid'" in _one_error_line(err)
+    code, _, err = _run(["study", "--no-such-option"], capsys)
+    assert code == 2 and "No such option: --no-such-option" in _one_error_line(err)
+
+
+def test_an_unexpected_exception_is_reported_as_a_bug_with_its_traceback_saved(monkeypatch, capsys):
+    from optimizer import doctor
+
+    def broken():
+        raise ZeroDivisionError("division by zero in a check")
+
+    monkeypatch.setattr(doctor, "run_checks", broken)
+    code, _, err = _run(["doctor"], capsys)
+    line = _one_error_line(err)
+    assert code == 70 and "internal error ZeroDivisionError: division by zero in a check" in line
+    saved = Path(line.split("the traceback is in ", 1)[1].split(" (please", 1)[0])
+    assert saved.is_file() and "Traceback" in saved.read_text() and "ZeroDivisionError" in saved.read_text()
+
+
 def _write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path

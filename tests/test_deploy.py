@@ -32,7 +32,7 @@ FAST = MeasureSettings(warmup_s=0.1, window_s=0.3, min_requests=10, max_window_s
 
 
 @pytest.fixture(scope="module")
-def stored(models, tmp_path_factory) -> tuple[str, optuna.Study]:
+def stored(models, triton, tmp_path_factory) -> tuple[str, optuna.Study]:
     """A real two-trial study of the MLP; returns its storage URL and the study."""
     root = tmp_path_factory.mktemp("deploy-study")
     settings = StudySettings(
@@ -45,7 +45,7 @@ def stored(models, tmp_path_factory) -> tuple[str, optuna.Study]:
         seed=1,
         measure=FAST,
     )
-    run_study(settings)
+    run_study(settings, target=triton)
     url = f"sqlite:///{root}/dep.db"
     return url, optuna.load_study(study_name="dep", storage=url)
 

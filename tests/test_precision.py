@@ -105,11 +105,11 @@ def test_variants_are_cached_by_content_and_never_written_next_to_the_model(mode
 
 
 @pytest.mark.server
-def test_variant_outside_tolerance_is_recorded_and_never_served(models, tmp_path):
+def test_variant_outside_tolerance_is_recorded_and_never_served(models, triton, tmp_path):
     settings = study_settings(
         models["mlp"], tmp_path, budget=3, space=_space(tmp_path, ["fp32", "int8"]), accuracy_tolerance=0.0
     )
-    run_study(settings)
+    run_study(settings, target=triton)
     study = load_study(tmp_path)
     record = study.user_attrs["variants"]["int8"]
     assert record["ok"] is False and "outside the accuracy tolerance" in record["reason"]
@@ -119,7 +119,7 @@ def test_variant_outside_tolerance_is_recorded_and_never_served(models, tmp_path
 
 
 @pytest.mark.server
-def test_study_explores_int8_when_it_keeps_accuracy_and_a_rerun_does_not_rebuild_it(models, tmp_path):
+def test_study_explores_int8_when_it_keeps_accuracy_and_a_rerun_does_not_rebuild_it(models, triton, tmp_path):
     settings = study_settings(
         models["encoder"],
         tmp_path,
@@ -128,14 +128,14 @@ def test_study_explores_int8_when_it_keeps_accuracy_and_a_rerun_does_not_rebuild
         shapes={"input_ids": (16,), "attention_mask": (16,)},
         seed=3,
     )
-    run_study(settings)
+    run_study(settings, target=triton)
     study = load_study(tmp_path)
     record = study.user_attrs["variants"]["int8"]
     assert record["ok"] is True and 0.99 <= record["cosine"] <= 1.0
     precisions = {t.params.get("precision") for t in study.trials}
     assert {"fp32", "int8"} <= precisions
     built = variant_path(inspect_model(models["encoder"]), "int8", cache_dir()).stat().st_mtime_ns
-    run_study(settings.__class__(**{**settings.__dict__, "budget": 7}))
+    run_study(settings.__class__(**{**settings.__dict__, "budget": 7}), target=triton)
     assert variant_path(inspect_model(models["encoder"]), "int8", cache_dir()).stat().st_mtime_ns == built
 
 

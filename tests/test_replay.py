@@ -18,6 +18,7 @@ from optimizer.errors import UsageError
 from optimizer.measurement.replay import ReplayTarget, draw_repeat, load_surface, replay_sweep
 from optimizer.study.run import run_study
 from optimizer.study.settings import SearchSettings, StudySettings
+from studies import replay_settings
 
 DATA = Path(__file__).resolve().parent.parent / "bench" / "data"
 ENCODER = DATA / "encoder"
@@ -25,18 +26,7 @@ SURFACES = sorted(path for path in DATA.iterdir() if (path / "meta.json").is_fil
 
 
 def _replay_settings(surface, tmp_path: Path, **overrides) -> StudySettings:
-    values = dict(
-        model_path=surface.model_path(),
-        shapes=surface.shapes,
-        budget=8,
-        space=str(surface.space_path),
-        study_name="replay",
-        output_dir=tmp_path,
-        seed=0,
-        latency_budget_ms=surface.latency_budget_ms,
-    )
-    values.update(overrides)
-    return StudySettings(**values)
+    return replay_settings(surface.path, tmp_path, **overrides)
 
 
 def _replay(surface_dir: Path, tmp_path: Path, seed: int = 0, **overrides):

@@ -14,7 +14,6 @@ from playwright.sync_api import sync_playwright
 
 from optimizer.cli import main
 from optimizer.config.render import config_from_json, config_from_pbtxt
-from optimizer.measurement.levels import MeasureSettings
 from optimizer.paths import studies_dir
 from optimizer.report import build_report_data, write_report
 from optimizer.report.data import (
@@ -26,10 +25,7 @@ from optimizer.report.data import (
     precision_rows,
     trial_records,
 )
-from optimizer.serving.embedded import EmbeddedTriton
 from optimizer.study.results import best_trial
-from optimizer.study.run import run_study
-from optimizer.study.settings import StudySettings
 
 pytestmark = pytest.mark.server
 
@@ -43,68 +39,22 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-FAST = MeasureSettings(warmup_s=0.1, window_s=0.3, min_requests=10, max_window_s=1.0, rule="fixed")
-FAST_CLI = ["--window-s", "0.3", "--warmup-s", "0.1", "--concurrency", "1,2,4", "--stop-rule", "fixed"]
 HOSTILE = '</script><script>alert("x")</script><img src=x onerror=alert(1)>'
 
 
-class RejectingTriton(EmbeddedTriton):
-    """A real server that receives one deliberately invalid config (the third load): one failed trial."""
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.loads = 0
-
-    def load_model(self, name, config_json, files):
-        self.loads += 1
-        if self.loads == 3:
-            config_json = config_json.replace('"max_batch_size"', '"max_batch_size": -5, "ignored"', 1)
-        return super().load_model(name, config_json, files)
+@pytest.fixture(scope="module")
+def root(mixed_study) -> Path:
+    return mixed_study.root
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("report-studies")
-
-
-@pytest.fixture(scope="module")
-def studies(models, root) -> dict[str, optuna.Study]:
+def studies(mixed_study, tight_study) -> dict[str, optuna.Study]:
     """Two real studies of the MLP: ``mixed`` (complete + one failed trial) and ``tight`` (all infeasible).
 
-    ``tight`` runs through the ``optimize study`` command, which must write its report at the end.
+    ``tight`` ran through the ``optimize study`` command, which must write its report at the end.
     """
-    settings = StudySettings(
-        model_path=models["mlp"],
-        budget=5,
-        latency_budget_ms=200.0,
-        study_name="mixed",
-        output_dir=root,
-        concurrency=(1, 2, 4),
-        seed=3,
-        measure=FAST,
-    )
-    run_study(settings, target=RejectingTriton())
-    code = main(
-        [
-            "study",
-            "--model",
-            str(models["mlp"]),
-            "--budget",
-            "2",
-            "--latency-budget-ms",
-            "0.001",
-            "--study-name",
-            "tight",
-            "--storage",
-            f"sqlite:///{root}/tight.db",
-            *FAST_CLI,
-        ]
-    )
-    assert code == 6  # no feasible configuration, yet the report is written
-    return {
-        name: optuna.load_study(study_name=name, storage=f"sqlite:///{root}/{name}.db")
-        for name in ("mixed", "tight")
-    }
+    assert tight_study.exit_code == 6  # no feasible configuration, yet the report is written
+    return {"mixed": mixed_study.study, "tight": tight_study.study}
 
 
 @pytest.fixture(scope="module")

@@ -113,7 +113,8 @@ def test_a_second_worker_on_the_same_host_is_refused_without_pinning(models, pos
 
 
 def test_worker_killed_mid_trial_has_its_trial_retried_by_the_other(models, postgres_url, pg):
-    slow = ["--budget", "7", "--allow-shared-host", "--window-s", "1", "--stop-rule", "fixed"]
+    # Windows of 0.6 s at three levels: a trial measures long enough to be killed in the middle of it.
+    slow = ["--budget", "4", "--allow-shared-host", "--window-s", "0.6", "--stop-rule", "fixed"]
     victim = _worker(models["mlp"], postgres_url, "retry", *slow)
     deadline = time.monotonic() + 120
     killed = None
@@ -137,12 +138,15 @@ def test_worker_killed_mid_trial_has_its_trial_retried_by_the_other(models, post
     assert study.trials[killed.number].state == optuna.trial.TrialState.FAIL
     retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed.number]
     assert len(retries) == 1 and retries[0].state.is_finished() and retries[0].params == killed.params
-    assert count_finished(study) == 7
+    assert count_finished(study) == 4
     assert not study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
 
 
-def test_a_worker_with_another_model_or_latency_budget_is_refused(models, postgres_url, tmp_path):
-    run_study(study_settings(models["mlp"], tmp_path, budget=1, storage=postgres_url, study_name="strict"))
+def test_a_worker_with_another_model_or_latency_budget_is_refused(models, triton, postgres_url, tmp_path):
+    run_study(
+        study_settings(models["mlp"], tmp_path, budget=1, storage=postgres_url, study_name="strict"),
+        target=triton,
+    )
     with pytest.raises(StudyError, match="different model"):
         run_study(
             study_settings(models["cnn"], tmp_path, budget=2, storage=postgres_url, study_name="strict")
@@ -160,10 +164,10 @@ def test_a_worker_with_another_model_or_latency_budget_is_refused(models, postgr
         )
 
 
-def test_migrate_copies_a_sqlite_study_into_postgresql(models, postgres_url, pg, tmp_path, capsys):
+def test_migrate_copies_a_sqlite_study_into_postgresql(models, triton, postgres_url, pg, tmp_path, capsys):
     from optimizer.cli import main
 
-    run_study(study_settings(models["mlp"], tmp_path, budget=2, study_name="laptop"))
+    run_study(study_settings(models["mlp"], tmp_path, budget=2, study_name="laptop"), target=triton)
     source = f"sqlite:///{tmp_path}/laptop.db"
     assert main(["migrate", "--from", source, "--to", postgres_url]) == 0
     copied = optuna.load_study(study_name="laptop", storage=pg)

@@ -18,7 +18,7 @@ import optuna
 import pytest
 
 from optimizer.cli import main
-from optimizer.config.render import render_config
+from optimizer.config.render import config_from_pbtxt, render_config
 from optimizer.config.repository import write_repository
 from optimizer.config.space import Candidate
 from optimizer.errors import ModelError, UsageError
@@ -192,7 +192,7 @@ def _infer_grpc(port: int, model: str, feeds: dict[str, np.ndarray], output: str
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory: pytest.TempPathFactory):
+def study(triton, tmp_path_factory: pytest.TempPathFactory):
     """A 2-trial study on the example MLP, and the repository `optimize export` wrote from it."""
     from optimizer.model import examples
 
@@ -209,12 +209,15 @@ def study(tmp_path_factory: pytest.TempPathFactory):
         seed=1,
         measure=measure,
     )
-    run_study(settings)
+    run_study(settings, target=triton)
     storage = f"sqlite:///{root}/s.db"
     repository = root / "exported"
     assert main(["export", "--study-name", "s", "--out", str(repository), "--storage", storage]) == 0
     best = best_trial(optuna.load_study(study_name="s", storage=storage))
-    return {"model": model, "storage": storage, "repository": repository, "best": best}
+    # The file the exported config serves (the best may be the int8 variant): what answers must match.
+    config = config_from_pbtxt((repository / "mlp" / "config.pbtxt").read_text())
+    served = repository / "mlp" / "1" / (config.default_model_filename or "model.onnx")
+    return {"model": model, "storage": storage, "repository": repository, "best": best, "served": served}
 
 
 # --- without a server ------------------------------------------------------------------------------------------
@@ -323,7 +326,7 @@ def test_served_repository_answers_http_and_grpc_like_onnxruntime_and_ctrl_c_lea
         max_batch = max(1, study["best"].user_attrs["config"].get("max_batch_size", 1))
         for batch in sorted({1, min(3, max_batch)}):
             feeds = synthetic_inputs(info, {"x": (64,)}, batch, seed=batch)
-            expected = _direct(study["model"], feeds)["logits"]
+            expected = _direct(study["served"], feeds)["logits"]
             for infer, port in ((_infer_http, served.http), (_infer_grpc, served.grpc)):
                 got = infer(port, "mlp", feeds, "logits")
                 assert got.shape == expected.shape
@@ -348,7 +351,7 @@ def test_serving_a_study_uses_its_best_trial_and_concurrency(study, tmp_path):
         served.wait_ready("mlp")
         feeds = synthetic_inputs(inspect_model(study["model"]), {"x": (64,)}, 1, seed=7)
         got = _infer_grpc(served.grpc, "mlp", feeds, "logits")
-        assert float(np.max(np.abs(got - _direct(study["model"], feeds)["logits"]))) <= 1e-5
+        assert float(np.max(np.abs(got - _direct(study["served"], feeds)["logits"]))) <= 1e-5
         out = served.output()
         best = study["best"]
         assert f"trial {best.number} of study 's'" in out

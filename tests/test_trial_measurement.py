@@ -19,8 +19,9 @@ def _measured(study) -> list:
     return [t for t in study.trials if "sweep" in t.user_attrs and "same_config_as" not in t.user_attrs]
 
 
-def test_trials_record_uncertainty_breakdown_resources_and_memory(models, tmp_path):
-    run_study(study_settings(models["mlp"], tmp_path, budget=2, measure=CI_FAST, max_memory_mb=100_000))
+def test_trials_record_uncertainty_breakdown_resources_and_memory(models, triton, tmp_path):
+    settings = study_settings(models["mlp"], tmp_path, budget=2, measure=CI_FAST, max_memory_mb=100_000)
+    run_study(settings, target=triton)
     trials = _measured(load_study(tmp_path))
     assert trials
     for trial in trials:
@@ -55,9 +56,12 @@ def test_a_config_over_max_memory_is_infeasible_with_its_reason(models, tmp_path
     assert trial.constraints["memory"] > 0
 
 
-def test_request_rate_study_sweeps_rates_and_records_the_rate(models, tmp_path):
+def test_request_rate_study_sweeps_rates_and_records_the_rate(models, triton, tmp_path):
     fixed = MeasureSettings(warmup_s=0.1, window_s=0.5, min_requests=10, max_window_s=1.0, rule="fixed")
-    run_study(study_settings(models["mlp"], tmp_path, budget=1, measure=fixed, request_rates=(50.0, 100.0)))
+    run_study(
+        study_settings(models["mlp"], tmp_path, budget=1, measure=fixed, request_rates=(50.0, 100.0)),
+        target=triton,
+    )
     (trial,) = _measured(load_study(tmp_path))
     assert [level["request_rate"] for level in trial.user_attrs["sweep"]] == [50.0, 100.0][
         : len(trial.user_attrs["sweep"])
@@ -65,10 +69,11 @@ def test_request_rate_study_sweeps_rates_and_records_the_rate(models, tmp_path):
     assert trial.user_attrs["request_rate"] in (50.0, 100.0) and "concurrency" not in trial.user_attrs
 
 
-def test_a_study_measured_by_perf_analyzer_records_its_engine_and_stability(models, tmp_path):
+def test_a_study_measured_by_perf_analyzer_records_its_engine_and_stability(models, triton, tmp_path):
     fixed = MeasureSettings(warmup_s=0.1, window_s=0.3, min_requests=10, max_window_s=1.0, rule="fixed")
     run_study(
-        study_settings(models["mlp"], tmp_path, budget=1, measure=fixed, load_generator="perf_analyzer")
+        study_settings(models["mlp"], tmp_path, budget=1, measure=fixed, load_generator="perf_analyzer"),
+        target=triton,
     )
     (trial,) = _measured(load_study(tmp_path))
     attrs = trial.user_attrs
