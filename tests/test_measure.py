@@ -295,3 +295,13 @@ def test_a_trial_of_an_open_loop_study_is_shown_at_its_rate():
 
     report = TrialReport(3, "complete", "cpu fp32", 99.0, 8.0, request_rate=100.0)
     assert format_trial(report).endswith("99.0 inf/s, p99 8.0 ms at request rate 100/s")
+
+
+def test_trial_line_says_where_the_time_went():
+    from optimizer.study.progress import format_trial
+    from optimizer.study.results import TrialReport
+
+    report = TrialReport(4, "complete", "cpu fp32", 99.0, 8.0, 2, load_s=1.4, measure_s=6.04, trial_s=7.61)
+    assert format_trial(report).endswith("at concurrency 2 (load 1.4 s + measure 6.0 s of 7.6 s)")
+    reused = TrialReport(5, "complete", "cpu fp32", 99.0, 8.0, 2)
+    assert format_trial(reused).endswith("at concurrency 2")

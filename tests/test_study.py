@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from optimizer.errors import StudyError
 from optimizer.measurement.levels import MeasureSettings
 from optimizer.measurement.replay import ReplayTarget
 from optimizer.serving.embedded import EmbeddedTriton
-from optimizer.study.run import run_study
+from optimizer.study.run import QuietReporter, run_study
 from optimizer.study.storage import count_finished
 from studies import (
     ENCODER_RECORDING,
@@ -202,3 +203,28 @@ def test_bad_space_file_and_bad_storage_url_give_one_line_errors(models, tmp_pat
     assert "max_batch_size" in lines[0] and "48" in lines[0]
     assert "malformed" in lines[1]
     assert "cannot open study storage" in lines[2]
+
+
+class NoteTaker(QuietReporter):
+    def __init__(self):
+        self.notes: list[str] = []
+
+    def note(self, message):
+        self.notes.append(message)
+
+
+def test_default_latency_budget_is_ten_times_the_median_of_five_probes_and_says_how(models, triton, tmp_path):
+    reporter = NoteTaker()
+    summary = run_study(
+        study_settings(models["mlp"], tmp_path, budget=1, latency_budget_ms=None), reporter, target=triton
+    )
+    study = load_study(tmp_path)
+    source = study.user_attrs["latency_budget_source"]
+    assert len(source["probes_ms"]) == 5 and all(p99 > 0 for p99 in source["probes_ms"])
+    assert source["median_ms"] == sorted(source["probes_ms"])[2]
+    expected = max(5.0, math.ceil(source["median_ms"] * 10))
+    assert (
+        summary.latency_budget_ms == study.user_attrs["latency_budget_ms"] == pytest.approx(expected, abs=1)
+    )
+    (note,) = [n for n in reporter.notes if n.startswith("latency budget:")]
+    assert "median single-request p99" in note and "over 5 probes ranging" in note

@@ -55,9 +55,10 @@ class RichReporter:
 
 def format_trial(report: TrialReport) -> str:
     head = f"#{report.number:<3} {report.summary}"
+    timing = f" ({report.timing})" if report.timing else ""
     if report.state == "complete":
-        return f"{head} -> {report.throughput:.1f} inf/s, p99 {report.p99_ms:.1f} ms at {report.load}"
-    return f"{head} -> {report.state}: {report.reason}"
+        return f"{head} -> {report.throughput:.1f} inf/s, p99 {report.p99_ms:.1f} ms at {report.load}{timing}"
+    return f"{head} -> {report.state}: {report.reason}{timing}"
 
 
 def print_summary(summary: StudySummary, console: Console | None = None) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import socket
 import time
+from dataclasses import replace
 
 import optuna
 from optuna.trial import TrialState
@@ -76,11 +77,17 @@ class TrialRunner:
         self.latency_budget_ms = math.inf
         self.progress = (0, settings.budget)
 
-    def probe_baseline_p99(self) -> float:
-        """Single-request p99 of the untuned config: the base of the default latency budget."""
+    def probe_baseline_p99s(self, probes: int) -> list[float]:
+        """Single-request p99 of the untuned config, ``probes`` times: the base of the default latency budget.
+
+        Each probe is one fixed window (at least ``min_requests`` requests), so a moment of other work on
+        the machine spoils one probe, not the budget: the caller takes their median.
+        """
         config = render_config(self.model, Candidate(max_batch_size=1), model_name=self.model_name)
         self._load(config, "fp32")
-        return self._load_generator(mode="concurrency").measure(1).p99_ms
+        probe = replace(self.settings, measure=replace(self.settings.measure, rule="fixed"))
+        generator = self._load_generator(mode="concurrency", settings=probe)
+        return [generator.measure(1).p99_ms for _ in range(probes)]
 
     def __call__(self, trial) -> float:
         if _is_surplus(trial, self.settings.budget):
@@ -159,9 +166,9 @@ class TrialRunner:
             raise self._server_fault("during measurement", exc) from exc
         return SweepOutcome(tuple(levels), best_feasible(levels, budget), stop[0] if stop else "")
 
-    def _load_generator(self, mode: str | None = None) -> LevelSource:
+    def _load_generator(self, mode: str | None = None, settings: StudySettings | None = None) -> LevelSource:
         """The engine, protocol and mode the study asked for (closed loop unless it gave request rates)."""
-        settings = self.settings
+        settings = settings or self.settings
         return make_load_generator(
             self.target,
             self.model_name,
