@@ -35,6 +35,7 @@ from optimizer.measurement.replay import build_recorded_model
 from optimizer.model import examples
 from optimizer.model.intake import inspect_model
 from optimizer.paths import cache_dir
+from optimizer.serving.environment import available_cores
 from optimizer.study.run import run_study
 from optimizer.study.settings import StudySettings
 
@@ -44,6 +45,7 @@ MODELS = {
     "cnn": {"builder": "build_cnn", "args": {"size": 96}, "shapes": {}},
 }
 # Shorter windows than the CLI default keep a recording of 2 x 2 x 72 sweeps under an hour.
+CORES = available_cores()  # what the recorded server's instances shared
 RECORD_MEASURE = MeasureSettings(warmup_s=0.5, window_s=1.0, min_requests=20, max_window_s=4.0, rule="fixed")
 LEVEL_FIELDS = ("concurrency", "throughput", "p50_ms", "p95_ms", "p99_ms", "requests", "duration_s")
 
@@ -63,7 +65,7 @@ def distinct_configs(model_path: Path, space_name: str, model_name: str) -> int:
     keys = set()
     for values in itertools.product(*grid.values()):
         trial = optuna.trial.FixedTrial(dict(zip(grid, values)))
-        candidate = suggest_candidate(trial, space, batching=model.batching)
+        candidate = suggest_candidate(trial, space, batching=model.batching, cores=CORES)
         keys.add(config_key(render_config(model, candidate, model_name=model_name)))
     return len(keys)
 
@@ -71,7 +73,7 @@ def distinct_configs(model_path: Path, space_name: str, model_name: str) -> int:
 def _grid(space, batching: bool):
     from optimizer.config.space import grid_of
 
-    return grid_of(space, batching=batching)
+    return grid_of(space, batching=batching, cores=CORES)
 
 
 def record(args) -> None:

@@ -72,11 +72,14 @@ def grid_points(surface) -> list[Point]:
 
     model = inspect_model(build_model(surface.meta["model"]["name"]), cache=cache_dir())
     space = load_space(str(surface.space_path))
-    grid = grid_of(space, batching=model.batching)
+    cores = int(surface.meta["hardware"]["cores"])  # the recording machine's
+    grid = grid_of(space, batching=model.batching, cores=cores)
     points = []
     for values in itertools.product(*grid.values()):
         params = dict(zip(grid, values))
-        candidate = suggest_candidate(optuna.trial.FixedTrial(params), space, batching=model.batching)
+        candidate = suggest_candidate(
+            optuna.trial.FixedTrial(params), space, batching=model.batching, cores=cores
+        )
         config = render_config(model, candidate, model_name=surface.meta["model_name"])
         points.append(Point(params, config_digest(config)))
     return points
@@ -85,7 +88,9 @@ def grid_points(surface) -> list[Point]:
 # --- searches ------------------------------------------------------------------------------------------
 
 
-def run_optuna(surface_dir: str, sampler: str, seed: int, budget: int, search=None) -> Run:
+def run_optuna(
+    surface_dir: str, sampler: str, seed: int, budget: int, search=None, space: str | None = None
+) -> Run:
     """A real study (run_study) against the replay target."""
     import optuna
     from record_surface import MODELS, build_model
@@ -104,7 +109,7 @@ def run_optuna(surface_dir: str, sampler: str, seed: int, budget: int, search=No
                 model_path=build_model(meta["model"]["name"]),
                 shapes=MODELS[meta["model"]["name"]]["shapes"],
                 budget=budget,
-                space=str(target.surface.space_path),
+                space=space or str(target.surface.space_path),
                 study_name="replay",
                 output_dir=Path(tmp),
                 seed=seed,
@@ -305,13 +310,14 @@ def search_settings(overrides: list[str]):
 
 
 def _one(job) -> tuple:
-    surface_dir, search, seed, budget, overrides = job
+    surface_dir, search, seed, budget, overrides, space = job
     from optimizer.measurement.replay import load_surface
 
     settings = search_settings(overrides)
     surface = load_surface(surface_dir)
     if search in ("optimize", "random"):
-        run = run_optuna(surface_dir, "tpe" if search == "optimize" else "random", seed, budget, settings)
+        sampler = "tpe" if search == "optimize" else "random"
+        run = run_optuna(surface_dir, sampler, seed, budget, settings, space)
     else:
         points = grid_points(surface)
         run = (run_grid if search == "grid" else run_hill)(surface, points, seed, budget)
@@ -331,18 +337,25 @@ def main() -> None:
         metavar="FIELD=JSON",
         help="try other SearchSettings, e.g. tpe_startup_trials=10 or prune_percentile=null (repeatable)",
     )
+    parser.add_argument(
+        "--space",
+        default=None,
+        help="a part of the recorded space for optimize and random to search, e.g. bench/data/shared-cores.yaml",
+    )
     args = parser.parse_args()
     surfaces = args.surfaces.split(",")
     searches = args.searches.split(",")
     search_settings(args.set)  # fail early on a typo
     jobs = [
-        (s, search, seed, max(BUDGETS), args.set)
+        (s, search, seed, max(BUDGETS), args.set, args.space)
         for s in surfaces
         for search in searches
         for seed in range(args.seeds)
     ]
     if args.set:
         print("settings: " + "; ".join(args.set))
+    if args.space:
+        print(f"optimize and random search the space {args.space} (a part of each recording's)")
     started = time.perf_counter()
     with ProcessPoolExecutor(args.jobs) as pool:
         results = list(pool.map(_one, jobs))

@@ -74,7 +74,8 @@ def test_variant_that_fails_to_initialise_fails_only_its_trials(models, triton, 
     original = broken.read_bytes()
     broken.write_bytes(original[: len(original) // 4])  # the cached int8 file no longer loads
     try:
-        run_study(settings.__class__(**{**settings.__dict__, "budget": 8}), target=triton)
+        # 6 of the space's 8 configs (4 int8, 4 fp32): at least two of each precision get measured.
+        run_study(settings.__class__(**{**settings.__dict__, "budget": 6}), target=triton)
     finally:
         broken.write_bytes(original)
     study = load_study(tmp_path)
@@ -85,7 +86,7 @@ def test_variant_that_fails_to_initialise_fails_only_its_trials(models, triton, 
         assert trial.state == optuna.trial.TrialState.FAIL
         assert trial.user_attrs["reason"].startswith("Triton rejected the config")
     assert all(t.state != optuna.trial.TrialState.FAIL for t in fp32)
-    assert count_finished(study) == 8
+    assert count_finished(study) == 6
 
 
 @contextmanager

@@ -73,7 +73,7 @@ def _measured(study):
 
 def test_two_workers_share_one_study_to_exactly_its_budget(models, postgres_url, pg):
     workers = [
-        _worker(models["mlp"], postgres_url, "shared", "--budget", "8", "--seed", "1", "--allow-shared-host")
+        _worker(models["mlp"], postgres_url, "shared", "--budget", "6", "--seed", "1", "--allow-shared-host")
         for _ in range(2)
     ]
     for worker in workers:
@@ -81,7 +81,7 @@ def test_two_workers_share_one_study_to_exactly_its_budget(models, postgres_url,
         assert worker.returncode == 0, err
     study = optuna.load_study(study_name="shared", storage=pg)
     measured = _measured(study)
-    assert count_finished(study) == len(measured) == 8
+    assert count_finished(study) == len(measured) == 6
     assert sum(1 for t in study.trials if t.user_attrs.get("baseline")) == 1
     keys = Counter(t.user_attrs["config_key"] for t in measured)
     assert max(keys.values()) == 1  # no config measured twice

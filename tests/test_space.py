@@ -19,8 +19,10 @@ from optimizer.config.space import (
     IntRange,
     SearchSpace,
     baseline_params,
+    derived_threads,
     fit_params,
     grid_of,
+    instance_span,
     load_space,
     space_from_dict,
     suggest_candidate,
@@ -29,6 +31,8 @@ from optimizer.errors import SpaceError
 from optimizer.model.intake import ModelInfo, TensorSpec
 
 REPO_SPACES = Path(__file__).resolve().parent.parent / "spaces"
+# The cores the server may use in these tests (this machine has two).
+CORES = 2
 
 # Every parameter has more than one value, so every branch of suggest_candidate asks the trial.
 WIDE = space_from_dict(
@@ -64,6 +68,7 @@ LISTED = space_from_dict(
         "max_queue_delay_us": {"choices": [0, 5000]},
         "instance_count": {"choices": [1, 3]},
         "intra_op_threads": {"choices": [0, 2]},
+        "oversubscribe": True,
     }
 )
 SPACES = {
@@ -81,7 +86,10 @@ def _assert_candidate_invariants(candidate: Candidate, space: SearchSpace, *, ba
     assert candidate.precision in space.precisions
     assert candidate.graph_level in space.graph_levels
     assert space.instance_count.low <= candidate.instance_count <= space.instance_count.high
-    assert space.intra_op_threads.low <= candidate.intra_op_threads <= space.intra_op_threads.high
+    if space.oversubscribe:
+        assert space.intra_op_threads.low <= candidate.intra_op_threads <= space.intra_op_threads.high
+    else:  # the instances share the cores: never more threads in all than cores
+        assert candidate.instance_count * (candidate.intra_op_threads or CORES) <= CORES
     if not batching:
         assert candidate.max_batch_size == 0
     else:
@@ -121,6 +129,7 @@ def test_load_space_by_path_reads_and_validates_the_file(tmp_path: Path) -> None
         "max_queue_delay_us: [0, 1000]\n"
         "instance_count: [1, 3]\n"
         "intra_op_threads: [0, 2]\n"
+        "oversubscribe: true\n"
     )
 
     space = load_space(str(path))
@@ -137,6 +146,7 @@ def test_load_space_by_path_reads_and_validates_the_file(tmp_path: Path) -> None
         "instance_count": [1, 3],
         "intra_op_threads": [0, 2],
         "graph_levels": ["default"],
+        "oversubscribe": True,
     }
 
 
@@ -209,6 +219,7 @@ def test_space_from_dict_fills_every_omitted_field_with_its_default() -> None:
         instance_count=IntRange(1, 2),
         intra_op_threads=IntRange(0, 0),
         graph_levels=("default",),
+        oversubscribe=False,  # on CPU the instances share the cores unless the space says otherwise
     )
 
 
@@ -311,7 +322,7 @@ def test_suggested_candidates_keep_preferred_sizes_above_one_and_within_max_batc
     study = _study()
 
     for _ in range(40):
-        candidate = suggest_candidate(study.ask(), space, batching=True)
+        candidate = suggest_candidate(study.ask(), space, batching=True, cores=CORES)
         _assert_candidate_invariants(candidate, space, batching=True)
 
 
@@ -321,7 +332,7 @@ def test_non_batching_model_always_gets_max_batch_size_zero(space_name: str) -> 
     study = _study()
 
     for _ in range(20):
-        candidate = suggest_candidate(study.ask(), space, batching=False)
+        candidate = suggest_candidate(study.ask(), space, batching=False, cores=CORES)
         assert (
             candidate.max_batch_size,
             candidate.preferred_batch_sizes,
@@ -350,7 +361,7 @@ def test_enqueued_baseline_params_produce_the_untuned_candidate(space_name: str,
     study.enqueue_trial(baseline_params(space))
     trial = study.ask()
 
-    candidate = suggest_candidate(trial, space, batching=True)
+    candidate = suggest_candidate(trial, space, batching=True, cores=CORES)
 
     assert candidate == expected
     # Every parameter the trial asked for was fixed by the baseline: none left to the sampler.
@@ -366,7 +377,7 @@ def test_max_batch_size_one_drops_preferred_sizes_and_queue_delay() -> None:
     params = _cpu_params(max_batch_size_log2=0, max_queue_delay_us=5000)
     params.update({f"prefer_max_div_{d}": True for d in PREFERRED_DIVISORS})
 
-    candidate = suggest_candidate(optuna.trial.FixedTrial(params), SPACES["cpu"], batching=True)
+    candidate = suggest_candidate(optuna.trial.FixedTrial(params), SPACES["cpu"], batching=True, cores=CORES)
 
     assert candidate.max_batch_size == 1
     assert candidate.preferred_batch_sizes == ()
@@ -388,7 +399,7 @@ def test_preferred_sizes_are_max_halves_and_quarters_above_one(
     params = _cpu_params(max_batch_size_log2=log2, max_queue_delay_us=100)
     params.update({f"prefer_max_div_{d}": on for d, on in zip(PREFERRED_DIVISORS, prefer)})
 
-    candidate = suggest_candidate(optuna.trial.FixedTrial(params), SPACES["cpu"], batching=True)
+    candidate = suggest_candidate(optuna.trial.FixedTrial(params), SPACES["cpu"], batching=True, cores=CORES)
 
     assert candidate.preferred_batch_sizes == expected
 
@@ -397,7 +408,7 @@ def test_preferred_sizes_are_max_halves_and_quarters_above_one(
 def test_sampled_queue_delay_below_10_us_means_no_delay(sampled: int, delay: int) -> None:
     params = _cpu_params(max_batch_size_log2=3, max_queue_delay_us=sampled)
 
-    candidate = suggest_candidate(optuna.trial.FixedTrial(params), SPACES["cpu"], batching=True)
+    candidate = suggest_candidate(optuna.trial.FixedTrial(params), SPACES["cpu"], batching=True, cores=CORES)
 
     assert candidate.max_queue_delay_us == delay
 
@@ -410,7 +421,7 @@ def fixed_trials(draw: st.DrawFn) -> tuple[SearchSpace, dict[str, Any]]:
     """A space, and a value from its ranges for every parameter suggest_candidate asks for."""
     space = SPACES[draw(st.sampled_from(sorted(SPACES)))]
     if space.max_batch_size.choices:  # a listed space: every value of its grid
-        grid = grid_of(space) if space.max_queue_delay_us.choices else {}
+        grid = grid_of(space, cores=CORES) if space.max_queue_delay_us.choices else {}
         return space, {name: draw(st.sampled_from(values)) for name, values in grid.items()}
     params: dict[str, Any] = {}
     for name, choices in [
@@ -430,8 +441,12 @@ def fixed_trials(draw: st.DrawFn) -> tuple[SearchSpace, dict[str, Any]]:
         params["max_queue_delay_us"] = draw(
             st.integers(max(space.max_queue_delay_us.low, 1), space.max_queue_delay_us.high)
         )
-    params["instance_count"] = draw(st.integers(space.instance_count.low, space.instance_count.high))
-    params["intra_op_threads"] = draw(st.integers(space.intra_op_threads.low, space.intra_op_threads.high))
+    instances = instance_span(space, CORES)
+    params["instance_count"] = draw(st.integers(instances.low, instances.high))
+    if space.oversubscribe:
+        params["intra_op_threads"] = draw(
+            st.integers(space.intra_op_threads.low, space.intra_op_threads.high)
+        )
     return space, params
 
 
@@ -454,7 +469,7 @@ def test_any_point_of_the_space_gives_a_candidate_whose_config_prefers_sizes_wit
 ) -> None:
     space, params = drawn
 
-    candidate = suggest_candidate(optuna.trial.FixedTrial(params), space, batching=batching)
+    candidate = suggest_candidate(optuna.trial.FixedTrial(params), space, batching=batching, cores=CORES)
     config = render_config(_mlp_info(batching=batching), candidate, model_name="mlp")
 
     _assert_candidate_invariants(candidate, space, batching=batching)
@@ -472,7 +487,7 @@ def test_listed_values_are_suggested_only_from_their_list() -> None:
     study = _study()
     seen = set()
     for _ in range(60):
-        candidate = suggest_candidate(study.ask(), LISTED, batching=True)
+        candidate = suggest_candidate(study.ask(), LISTED, batching=True, cores=CORES)
         seen.add(candidate.max_batch_size)
         assert candidate.max_batch_size in (1, 8, 32)
         assert candidate.instance_count in (1, 3)
@@ -491,7 +506,7 @@ def test_a_listed_space_round_trips_through_its_stored_form() -> None:
 
 
 def test_grid_of_lists_every_value_of_every_parameter() -> None:
-    assert grid_of(LISTED) == {
+    assert grid_of(LISTED, cores=CORES) == {
         "precision": ["fp32", "int8"],
         "max_batch_size": [1, 8, 32],
         "preferred_batch_sizes": ["none", "max", "max,max/2"],
@@ -503,7 +518,7 @@ def test_grid_of_lists_every_value_of_every_parameter() -> None:
 
 def test_grid_of_a_space_with_a_delay_range_is_refused() -> None:
     with pytest.raises(SpaceError, match="max_queue_delay_us as \\{choices"):
-        grid_of(SPACES["cpu"])
+        grid_of(SPACES["cpu"], cores=CORES)
 
 
 @pytest.mark.parametrize(
@@ -527,10 +542,14 @@ def test_bad_listed_values_name_the_field(field: str, value: Any, message: str) 
 
 def test_fit_params_keeps_what_the_space_can_propose_and_refuses_the_rest() -> None:
     params = {**baseline_params(LISTED), "max_batch_size": 8, "preferred_batch_sizes": "max", "extra": 1}
-    assert fit_params(LISTED, params) == {k: v for k, v in params.items() if k != "extra"}
-    assert fit_params(LISTED, {**params, "max_batch_size": 16}) is None
-    assert fit_params(LISTED, baseline_params(SPACES["cpu"])) is None  # another encoding of the same field
-    assert fit_params(SPACES["cpu"], baseline_params(SPACES["cpu"])) == baseline_params(SPACES["cpu"])
+    assert fit_params(LISTED, params, cores=CORES) == {k: v for k, v in params.items() if k != "extra"}
+    assert fit_params(LISTED, {**params, "max_batch_size": 16}, cores=CORES) is None
+    assert (
+        fit_params(LISTED, baseline_params(SPACES["cpu"]), cores=CORES) is None
+    )  # another encoding of the same field
+    assert fit_params(SPACES["cpu"], baseline_params(SPACES["cpu"]), cores=CORES) == baseline_params(
+        SPACES["cpu"]
+    )
 
 
 def test_starting_points_are_the_baseline_with_batching_turned_up() -> None:
@@ -538,14 +557,14 @@ def test_starting_points_are_the_baseline_with_batching_turned_up() -> None:
 
     cpu = SPACES["cpu"]
     batching, lowp = starting_points(cpu, ("batching", "batching-lowp"))
-    first = suggest_candidate(optuna.trial.FixedTrial(batching), cpu, batching=True)
-    second = suggest_candidate(optuna.trial.FixedTrial(lowp), cpu, batching=True)
+    first = suggest_candidate(optuna.trial.FixedTrial(batching), cpu, batching=True, cores=CORES)
+    second = suggest_candidate(optuna.trial.FixedTrial(lowp), cpu, batching=True, cores=CORES)
     assert first == Candidate(max_batch_size=32, preferred_batch_sizes=(32,), max_queue_delay_us=1000)
     assert second == Candidate(
         precision="int8", max_batch_size=32, preferred_batch_sizes=(32,), max_queue_delay_us=1000
     )
     listed = suggest_candidate(
-        optuna.trial.FixedTrial(starting_points(LISTED, ("batching",))[0]), LISTED, batching=True
+        optuna.trial.FixedTrial(starting_points(LISTED, ("batching",))[0]), LISTED, batching=True, cores=CORES
     )
     assert (listed.max_batch_size, listed.preferred_batch_sizes, listed.max_queue_delay_us) == (
         32,
@@ -555,3 +574,52 @@ def test_starting_points_are_the_baseline_with_batching_turned_up() -> None:
     assert starting_points(NARROW, ("batching", "batching-lowp")) == []  # nothing to turn up
     with pytest.raises(SpaceError, match="unknown starting point 'fast'"):
         starting_points(cpu, ("fast",))
+
+
+# --- instances share the cores unless the space asks for more -------------------------------------
+
+
+@pytest.mark.parametrize("cores", [1, 2, 4, 16])
+def test_a_cpu_space_never_proposes_more_threads_than_cores_unless_it_oversubscribes(cores: int) -> None:
+    space = SPACES["cpu"]
+    assert space.oversubscribe is False
+    study = _study()
+    seen = set()
+    for _ in range(60):
+        candidate = suggest_candidate(study.ask(), space, batching=True, cores=cores)
+        threads = candidate.intra_op_threads or cores  # 0: ONNX Runtime's default, a thread per core
+        assert candidate.instance_count * threads <= cores, candidate
+        assert candidate.intra_op_threads == derived_threads(candidate.instance_count, cores)
+        seen.add(candidate.instance_count)
+    assert seen == set(range(1, min(4, cores) + 1))  # the space's 1-4 instances, capped at the cores
+
+
+def test_derived_threads_split_the_cores_between_the_instances() -> None:
+    assert [derived_threads(instances, 4) for instances in (1, 2, 3, 4)] == [0, 2, 1, 1]
+    assert derived_threads(2, 2) == 1 and derived_threads(1, 2) == 0
+
+
+def test_a_space_that_oversubscribes_searches_threads_and_instances_as_given() -> None:
+    space = space_from_dict({"instance_count": [1, 4], "intra_op_threads": [0, 4], "oversubscribe": True})
+    study = _study()
+    candidates = [suggest_candidate(study.ask(), space, batching=True, cores=2) for _ in range(60)]
+    assert any(c.instance_count * (c.intra_op_threads or 2) > 2 for c in candidates)
+
+
+def test_searched_threads_without_oversubscribe_are_refused_with_the_fix() -> None:
+    with pytest.raises(SpaceError, match="oversubscribe: true to search threads"):
+        space_from_dict({"intra_op_threads": [0, 4]})
+    with pytest.raises(SpaceError, match="oversubscribe must be true or false"):
+        space_from_dict({"oversubscribe": "sometimes"})
+
+
+def test_the_grid_of_a_shared_core_space_has_no_thread_parameter() -> None:
+    space = space_from_dict(
+        {
+            "max_batch_size": {"choices": [1, 8]},
+            "max_queue_delay_us": 0,
+            "instance_count": {"choices": [1, 2, 4]},
+        }
+    )
+    grid = grid_of(space, cores=2)
+    assert "intra_op_threads" not in grid and grid["instance_count"] == [1, 2]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -51,6 +52,13 @@ def test_study_runs_to_budget_records_everything_and_exports_the_best(mixed_stud
         assert trial.user_attrs["p99_ms"] <= 200.0
         assert trial.value == trial.user_attrs["throughput"]
         assert trial.constraints["latency_budget"] <= 0
+    # The default cpu space never proposes more threads in all than the server's cores.
+    cores = len(os.sched_getaffinity(0))
+    for trial in (t for t in study.trials if "config" in t.user_attrs):
+        config = trial.user_attrs["config"]
+        instances = config["instance_group"][0]["count"]
+        threads = int(config.get("parameters", {}).get("intra_op_thread_count", {}).get("string_value", 0))
+        assert instances * (threads or cores) <= cores, trial.user_attrs["candidate"]
     best = summary.best_repository
     assert best == mixed_study.root / "mixed" / "best" / "mlp"
     config = config_from_pbtxt((best / "config.pbtxt").read_text())

@@ -113,6 +113,10 @@ class SearchSpace:
     instance_count: IntRange
     intra_op_threads: IntRange
     graph_levels: tuple[str, ...] = ("default",)
+    # False: instances x threads never exceed the cores; the threads are derived from the instance count
+    # (see derived_threads) and the instance count is capped at the cores. True: both are searched as given,
+    # oversubscribed points included.
+    oversubscribe: bool = True
     # Listed sets of preferred batch sizes, as divisors of the max batch size ((): none). Empty: the
     # ``preferred_batch_sizes`` flag decides (one yes/no parameter per divisor in PREFERRED_DIVISORS).
     preferred_sets: tuple[tuple[int, ...], ...] = ()
@@ -135,6 +139,7 @@ class SearchSpace:
             "instance_count": self.instance_count.to_data(),
             "intra_op_threads": self.intra_op_threads.to_data(),
             "graph_levels": list(self.graph_levels),
+            "oversubscribe": self.oversubscribe,
         }
 
 
@@ -150,6 +155,7 @@ _KEYS = {
     "instance_count",
     "intra_op_threads",
     "graph_levels",
+    "oversubscribe",
 }
 
 
@@ -215,10 +221,31 @@ def space_from_dict(data: dict[str, Any], *, source: str = "") -> SearchSpace:
         intra_op_threads=_int_range(data, "intra_op_threads", minimum=0, default=(0, 0)),
         graph_levels=_choices(data, "graph_levels", GRAPH_LEVELS, default=["default"]),
         preferred_sets=_preferred_sets(data),
+        oversubscribe=_oversubscribe(data, device),
         source=source,
     )
     _check_holds_baseline(space)
+    _check_threads_are_derived(space)
     return space
+
+
+def _oversubscribe(data: dict[str, Any], device: str) -> bool:
+    # On CPU the instances share the cores: unless the space asks, none is given more threads than its
+    # share. A GPU space searches instances as given (its CPU threads matter little).
+    value = data.get("oversubscribe", device != "cpu")
+    if not isinstance(value, bool):
+        raise SpaceError(f"oversubscribe must be true or false, got {value!r}")
+    return value
+
+
+def _check_threads_are_derived(space: SearchSpace) -> None:
+    threads = space.intra_op_threads
+    if not space.oversubscribe and (threads.high > 0 or any(threads.choices)):
+        raise SpaceError(
+            f"intra_op_threads {threads.to_data()} is searched, but with oversubscribe: false each instance's "
+            "threads are derived from the cores (cores / instances): drop intra_op_threads, or set "
+            "oversubscribe: true to search threads and instances freely, oversubscribed points included"
+        )
 
 
 def _check_holds_baseline(space: SearchSpace) -> None:
@@ -351,15 +378,42 @@ def _power_of_two_range(data: dict[str, Any], key: str, *, default: tuple[int, i
 # --- from an Optuna trial to a candidate -------------------------------------------------------------
 
 
-def suggest_candidate(trial: Any, space: SearchSpace, *, batching: bool) -> Candidate:
-    """Ask ``trial`` (an ``optuna.Trial``) for every parameter of ``space`` and build the Candidate."""
+def derived_threads(instances: int, cores: int) -> int:
+    """Intra-op threads per instance when the instances share ``cores`` without oversubscribing them.
+
+    One instance keeps ONNX Runtime's default (a thread per core: the untuned baseline); ``k`` instances
+    get ``cores // k`` each (at least one).
+    """
+    return 0 if instances == 1 else max(1, cores // instances)
+
+
+def instance_span(space: SearchSpace, cores: int) -> IntRange:
+    """The instance counts ``space`` searches on ``cores`` cores: capped at the cores unless it oversubscribes."""
+    span = space.instance_count
+    if space.oversubscribe:
+        return span
+    if span.choices:
+        kept = tuple(c for c in span.choices if c <= cores) or (span.choices[0],)
+        return IntRange(kept[0], kept[-1], kept)
+    return IntRange(span.low, max(span.low, min(span.high, cores)))
+
+
+def suggest_candidate(trial: Any, space: SearchSpace, *, batching: bool, cores: int) -> Candidate:
+    """Ask ``trial`` (an ``optuna.Trial``) for every parameter of ``space`` and build the Candidate.
+
+    ``cores``: the CPU cores the server may use (the threads of a space that does not oversubscribe
+    are derived from them).
+    """
     provider = _categorical(trial, "execution_provider", space.execution_providers)
     precision = _categorical(trial, "precision", space.precisions)
     max_batch = _suggest_max_batch(trial, space.max_batch_size)
     divisors = _suggest_preferred(trial, space)
     delay = _suggest_delay(trial, space.max_queue_delay_us)
-    instances = _suggest_int(trial, "instance_count", space.instance_count)
-    threads = _suggest_int(trial, "intra_op_threads", space.intra_op_threads)
+    instances = _suggest_int(trial, "instance_count", instance_span(space, cores))
+    if space.oversubscribe:
+        threads = _suggest_int(trial, "intra_op_threads", space.intra_op_threads)
+    else:
+        threads = derived_threads(instances, cores)
     graph_level = _categorical(trial, "graph_level", space.graph_levels)
     if not batching:
         max_batch = 0
@@ -417,7 +471,9 @@ def _suggest_delay(trial: Any, span: IntRange) -> int:
 
 def baseline_params(space: SearchSpace) -> dict[str, Any]:
     """The parameters of the untuned config (1 instance, no dynamic batching, fp32, default provider)."""
-    params: dict[str, Any] = {"instance_count": 1, "intra_op_threads": 0}
+    params: dict[str, Any] = {"instance_count": 1}
+    if space.oversubscribe:
+        params["intra_op_threads"] = 0
     if space.max_batch_size.choices:
         params["max_batch_size"] = 1
     else:
@@ -478,7 +534,7 @@ def _batching_params(space: SearchSpace) -> dict[str, Any]:
     return params
 
 
-def grid_of(space: SearchSpace, *, batching: bool = True) -> dict[str, list[Any]]:
+def grid_of(space: SearchSpace, *, batching: bool = True, cores: int) -> dict[str, list[Any]]:
     """Every value of every parameter ``suggest_candidate`` asks for: the search space of a grid.
 
     Only spaces whose queue delay is listed (``{choices: …}``) or fixed at 0 have a grid; a log-scale
@@ -488,7 +544,7 @@ def grid_of(space: SearchSpace, *, batching: bool = True) -> dict[str, list[Any]
     if not delay.choices and delay.high > 0:
         raise SpaceError("a grid needs max_queue_delay_us as {choices: [...]} (or 0), not a range")
     recorder = _GridRecorder()
-    suggest_candidate(recorder, space, batching=batching)
+    suggest_candidate(recorder, space, batching=batching, cores=cores)
     return recorder.params
 
 
@@ -507,13 +563,15 @@ class _GridRecorder:
         return low
 
 
-def fit_params(space: SearchSpace, params: dict[str, Any], *, batching: bool = True) -> dict[str, Any] | None:
+def fit_params(
+    space: SearchSpace, params: dict[str, Any], *, batching: bool = True, cores: int
+) -> dict[str, Any] | None:
     """``params`` cut to what ``space`` asks for, or None when one is missing or outside the space.
 
     Used to enqueue another study's configs (warm start): only those this space can propose are kept.
     """
     checker = _ParamChecker(params)
-    suggest_candidate(checker, space, batching=batching)
+    suggest_candidate(checker, space, batching=batching, cores=cores)
     return checker.fitted if checker.fits else None
 
 

@@ -257,6 +257,10 @@ class ReplayTarget(ServingTarget):
     def server_version(self) -> str:
         return f"replay of {self.surface.meta.get('server_version', '?')}"
 
+    def cpu_cores(self) -> int:
+        """The cores of the machine the recording was made on."""
+        return int(self.surface.meta.get("hardware", {}).get("cores") or 1)
+
     def hardware(self) -> dict:
         """The machine the recording was made on (the study's figures are that machine's)."""
         return dict(self.surface.meta.get("hardware", {}))

@@ -1,1 +1,1 @@
-"""model"""
+"""What the model is and which files serve it: intake, precision variants, accuracy, providers, examples."""

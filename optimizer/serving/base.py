@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from optimizer.serving.environment import hardware
+from optimizer.serving.environment import available_cores, hardware
 from optimizer.serving.metrics import METRICS_ERRORS, fetch_metrics, process_tree_rss_mb, resource_usage
 
 __all__ = ["Capabilities", "ServingTarget"]
@@ -117,6 +117,10 @@ class ServingTarget:
     def metrics_ssl_context(self) -> ssl.SSLContext | None:
         """The SSL context for an https /metrics URL; None for plain http."""
         return None
+
+    def cpu_cores(self) -> int:
+        """The CPU cores the server's instances share: this process's (a child server inherits them)."""
+        return available_cores()
 
     def hardware(self) -> dict[str, Any]:
         """The machine the measurements describe (recorded with the study)."""

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-__all__ = ["hardware"]
+__all__ = ["available_cores", "hardware"]
 
 
 def _cpu_model() -> str:
@@ -29,6 +29,11 @@ def _memory_gib() -> float | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity: ``--cpus`` pinning and cgroup cpusets count)."""
+    return len(os.sched_getaffinity(0))
 
 
 def hardware() -> dict[str, Any]:

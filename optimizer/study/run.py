@@ -55,6 +55,7 @@ from optimizer.model.variants import variant_path
 from optimizer.paths import cache_dir, check_name, studies_dir
 from optimizer.serving.base import ServingTarget
 from optimizer.serving.embedded import EmbeddedTriton
+from optimizer.serving.environment import available_cores
 from optimizer.study.results import (
     StudySummary,
     TrialReport,
@@ -122,7 +123,7 @@ def run_study(
             passes an in-memory one: thousands of replayed trials, none worth a database).
     """
     reporter = reporter or QuietReporter()
-    plan = _plan(settings)
+    plan = _plan(settings, target)
     storage = storage if storage is not None else open_storage(plan.storage_url)
     try:
         study, created = _open_study(storage, plan.study_name, settings)
@@ -169,15 +170,19 @@ class _Plan:
     model_name: str
     out_dir: Path
     storage_url: str
+    cores: int  # the CPU cores the server's instances share
     warm_start: tuple[dict, ...] = ()  # parameters of another study's best configs, best first
 
 
-def _plan(settings: StudySettings) -> _Plan:
+def _plan(settings: StudySettings, target: ServingTarget | None) -> _Plan:
     _check_settings(settings)
     model, shapes, samples = _intake(settings)
     space = load_space(settings.space)
+    cores = _cores(settings, target)
     if settings.sampler == "grid":
-        grid_of(space, batching=model.batching)  # a space without a grid is refused before any work
+        grid_of(
+            space, batching=model.batching, cores=cores
+        )  # a space without a grid is refused before any work
     check_providers(space.execution_providers)
     study_name = check_name(settings.study_name or model.source_path.stem, "study name")
     out_dir = settings.output_dir or studies_dir()
@@ -191,8 +196,16 @@ def _plan(settings: StudySettings) -> _Plan:
         model_name=check_name(_model_name(model), "model name"),
         out_dir=out_dir,
         storage_url=storage_url,
-        warm_start=_warm_start_params(settings, model, space, out_dir) if settings.warm_start else (),
+        cores=cores,
+        warm_start=_warm_start_params(settings, model, space, out_dir, cores) if settings.warm_start else (),
     )
+
+
+def _cores(settings: StudySettings, target: ServingTarget | None) -> int:
+    """The cores this worker's server may use: ``--cpus``, else the target's (a recording's, or ours)."""
+    if settings.cpus:
+        return len(settings.cpus)
+    return target.cpu_cores() if target is not None else available_cores()
 
 
 def _join(study, plan: _Plan, settings: StudySettings, reporter: Reporter) -> SearchSpace:
@@ -202,7 +215,9 @@ def _join(study, plan: _Plan, settings: StudySettings, reporter: Reporter) -> Se
     space = _accurate_precisions(
         study, plan.model, plan.space, plan.samples, settings.accuracy_tolerance, reporter
     )
-    study.sampler = _sampler(settings, space, batching=plan.model.batching, per_worker=joined)
+    study.sampler = _sampler(
+        settings, space, batching=plan.model.batching, per_worker=joined, cores=plan.cores
+    )
     for number in recover_dead_local_trials(study):
         reporter.note(f"trial {number} was left running by a worker that died: it will be retried")
     return space
@@ -220,10 +235,12 @@ def _measure(
     _pin_worker(settings)
     with _serving(target) as server:
         server.check_model(plan.model.sha256)  # a recording answers for the model it recorded only
-        runner = TrialRunner(server, plan.model, plan.samples, space, plan.model_name, settings, reporter)
+        runner = TrialRunner(
+            server, plan.model, plan.samples, space, plan.model_name, settings, reporter, cores=plan.cores
+        )
         runner.check_memory_limit()
         runner.latency_budget_ms = _latency_budget(study, runner, settings, reporter)
-        _record_study_attrs(study, plan.model, plan.shapes, space, server, runner.latency_budget_ms, settings)
+        _record_study_attrs(study, plan, space, server, runner.latency_budget_ms, settings)
         if not study.get_trials(deepcopy=False):  # a crash between creating the study and enqueuing
             _enqueue_baseline(study, plan.space)
         _enqueue_starting_points(study, plan, space, settings.search)
@@ -345,7 +362,7 @@ def _open_study(storage, study_name: str, settings: StudySettings):
         raise StorageError(f"cannot create or open study {study_name!r}: {first_line(str(exc))}") from exc
 
 
-def _sampler(settings: StudySettings, space: SearchSpace, *, batching: bool, per_worker: bool):
+def _sampler(settings: StudySettings, space: SearchSpace, *, batching: bool, per_worker: bool, cores: int):
     seed = settings.seed
     if seed is not None and per_worker:
         # Workers joining one study must not replay each other's proposals: derive a seed of their own.
@@ -353,7 +370,7 @@ def _sampler(settings: StudySettings, space: SearchSpace, *, batching: bool, per
     if settings.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if settings.sampler == "grid":
-        return optuna.samplers.GridSampler(grid_of(space, batching=batching), seed=seed)
+        return optuna.samplers.GridSampler(grid_of(space, batching=batching, cores=cores), seed=seed)
     search = settings.search
     return optuna.samplers.TPESampler(
         seed=seed,
@@ -440,13 +457,14 @@ def _latency_budget(study, runner: TrialRunner, settings: StudySettings, reporte
 
 
 def _record_study_attrs(
-    study, model, shapes, space: SearchSpace, server: ServingTarget, budget_ms: float, settings
+    study, plan: _Plan, space: SearchSpace, server: ServingTarget, budget_ms: float, settings: StudySettings
 ) -> None:
+    model = plan.model
     attrs = {
         "model_sha256": model.sha256,
         "model_path": str(model.source_path),
         "model_name": _model_name(model),
-        "shapes": {name: list(dims) for name, dims in shapes.items()},
+        "shapes": {name: list(dims) for name, dims in plan.shapes.items()},
         "latency_budget_ms": budget_ms,
         "space": space.to_dict(),
         "server_version": server.server_version(),
@@ -454,6 +472,7 @@ def _record_study_attrs(
         "hardware": server.hardware(),  # a replay: the recording's machine
         "budget": settings.budget,
         "concurrency_levels": list(settings.concurrency),
+        "cpu_cores": plan.cores,  # what a space that does not oversubscribe derived its threads from
     }
     for key, value in attrs.items():
         if study.user_attrs.get(key) != value:
@@ -474,14 +493,20 @@ def _enqueue_starting_points(study, plan: _Plan, space: SearchSpace, search: Sea
     if len(study.get_trials(deepcopy=False)) > 1:
         return
     batching = plan.model.batching
-    warm = [fitted for params in plan.warm_start if (fitted := fit_params(space, params, batching=batching))]
+    warm = [
+        fitted
+        for params in plan.warm_start
+        if (fitted := fit_params(space, params, batching=batching, cores=plan.cores))
+    ]
     for params in warm:
         study.enqueue_trial(params, user_attrs={"warm_start": True}, skip_if_exists=True)
     for params in starting_points(space, search.starting_points):
         study.enqueue_trial(params, user_attrs={"starting_point": True}, skip_if_exists=True)
 
 
-def _warm_start_params(settings: StudySettings, model: ModelInfo, space: SearchSpace, out_dir: Path):
+def _warm_start_params(
+    settings: StudySettings, model: ModelInfo, space: SearchSpace, out_dir: Path, cores: int
+):
     """The parameters of the best configs of study ``settings.warm_start`` that this space can propose."""
     name = settings.warm_start
     assert name is not None
@@ -506,7 +531,7 @@ def _warm_start_params(settings: StudySettings, model: ModelInfo, space: SearchS
     done = [t for t in prior.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
     fitted = []
     for trial in sorted(done, key=lambda t: t.value or 0.0, reverse=True):
-        params = fit_params(space, trial.params, batching=model.batching)
+        params = fit_params(space, trial.params, batching=model.batching, cores=cores)
         if params is not None and params not in fitted:
             fitted.append(params)
     return tuple(fitted[: settings.search.warm_start_configs])

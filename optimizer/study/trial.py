@@ -66,6 +66,8 @@ class TrialRunner:
         model_name: str,
         settings: StudySettings,
         reporter,
+        *,
+        cores: int,
     ):
         self.target = target
         self.model = model
@@ -74,6 +76,7 @@ class TrialRunner:
         self.settings = settings
         self.reporter = reporter
         self.samples = samples
+        self.cores = cores  # the space's threads are derived from them (see suggest_candidate)
         self.latency_budget_ms = math.inf
         self.progress = (0, settings.budget)
 
@@ -93,7 +96,7 @@ class TrialRunner:
         if _is_surplus(trial, self.settings.budget):
             trial.set_user_attr("surplus", True)
             raise TrialFailed("surplus: other workers' trials already fill the budget")
-        candidate = suggest_candidate(trial, self.space, batching=self.model.batching)
+        candidate = suggest_candidate(trial, self.space, batching=self.model.batching, cores=self.cores)
         config = render_config(self.model, candidate, model_name=self.model_name)
         trial.set_user_attr("worker", worker_id())
         trial.set_user_attr("host", socket.gethostname())
