@@ -24,7 +24,7 @@ from optimizer.errors import OptimizeError, StudyError, UsageError
 from optimizer.measurement.levels import DEFAULT_MAX_WINDOW_S, Engine, MeasureSettings, Protocol, StopRule
 from optimizer.output.formats import ExportFormat
 from optimizer.paths import cache_dir, studies_dir
-from optimizer.study.settings import Sampler
+from optimizer.study.settings import Sampler, SearchSettings
 
 # Exit codes besides those of the OptimizeError subclasses (errors.py) and the parser's usage errors (2).
 BUG_EXIT_CODE = 70  # EX_SOFTWARE: an unexpected exception, i.e. a bug in optimize
@@ -170,6 +170,14 @@ def study(
             rich_help_panel=SEARCH,
         ),
     ] = Sampler.tpe,
+    confirm: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Re-measure the top N configs side by side before exporting; export the best mean (0: off).",
+            rich_help_panel=SEARCH,
+        ),
+    ] = SearchSettings().confirm_finalists,
     warm_start: Annotated[
         Optional[str],
         typer.Option(
@@ -391,6 +399,7 @@ def study(
         concurrency=parse_levels(concurrency) if concurrency else DEFAULT_LEVELS,
         seed=seed,
         sampler=sampler.value,
+        search=SearchSettings(confirm_finalists=confirm),
         warm_start=warm_start,
         measure=MeasureSettings.with_window(
             window_s,

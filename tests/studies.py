@@ -17,11 +17,24 @@ from optimizer.serving.base import ServingTarget
 from optimizer.serving.embedded import EmbeddedTriton
 from optimizer.study.results import StudySummary
 from optimizer.study.run import QuietReporter
-from optimizer.study.settings import StudySettings
+from optimizer.study.settings import SearchSettings, StudySettings
 
 # Fixed short windows: tests check behaviour, not figures.
 FAST = MeasureSettings(warmup_s=0.1, window_s=0.3, min_requests=10, max_window_s=1.0, rule="fixed")
-FAST_CLI = ["--window-s", "0.3", "--warmup-s", "0.1", "--concurrency", "1,2,4", "--stop-rule", "fixed"]
+FAST_CLI = [
+    "--window-s",
+    "0.3",
+    "--warmup-s",
+    "0.1",
+    "--concurrency",
+    "1,2,4",
+    "--stop-rule",
+    "fixed",
+    "--confirm",
+    "0",
+]
+# Tests of other things export the best single measurement; the confirmation has tests of its own.
+NO_CONFIRMATION = SearchSettings(confirm_finalists=0)
 
 
 def study_settings(model: Path, tmp_path: Path, **overrides) -> StudySettings:
@@ -35,6 +48,7 @@ def study_settings(model: Path, tmp_path: Path, **overrides) -> StudySettings:
         concurrency=(1, 2, 4),
         seed=1,
         measure=FAST,
+        search=NO_CONFIRMATION,
     )
     values.update(overrides)
     return StudySettings(**values)
@@ -56,6 +70,7 @@ def replay_settings(recording: Path, tmp_path: Path, **overrides) -> StudySettin
         output_dir=tmp_path,
         seed=0,
         latency_budget_ms=surface.latency_budget_ms,
+        search=NO_CONFIRMATION,
     )
     values.update(overrides)
     return StudySettings(**values)

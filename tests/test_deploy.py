@@ -27,6 +27,7 @@ from optimizer.output.deploy import (
 from optimizer.study.results import best_trial
 from optimizer.study.run import run_study
 from optimizer.study.settings import StudySettings
+from studies import NO_CONFIRMATION
 
 FAST = MeasureSettings(warmup_s=0.1, window_s=0.3, min_requests=10, max_window_s=1.0, rule="fixed")
 
@@ -44,6 +45,7 @@ def stored(models, triton, tmp_path_factory) -> tuple[str, optuna.Study]:
         concurrency=(1, 2),
         seed=1,
         measure=FAST,
+        search=NO_CONFIRMATION,
     )
     run_study(settings, target=triton)
     url = f"sqlite:///{root}/dep.db"

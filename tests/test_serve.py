@@ -28,6 +28,7 @@ from optimizer.output.serve import binding_warning, check_repository, perf_analy
 from optimizer.study.results import best_trial
 from optimizer.study.run import run_study
 from optimizer.study.settings import StudySettings
+from studies import NO_CONFIRMATION
 
 READY_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 60.0
@@ -208,6 +209,7 @@ def study(triton, tmp_path_factory: pytest.TempPathFactory):
         concurrency=(1, 2, 4),
         seed=1,
         measure=measure,
+        search=NO_CONFIRMATION,
     )
     run_study(settings, target=triton)
     storage = f"sqlite:///{root}/s.db"

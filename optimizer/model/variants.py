@@ -77,6 +77,12 @@ def _fp16(source: Path, target: Path) -> None:
 _CONVERTERS = {"int8": _int8, "fp16": _fp16}
 
 
+def precision_of(config) -> str:
+    """The precision a rendered config serves, read from its ``default_model_filename``."""
+    by_file = {name: precision for precision, name in MODEL_FILENAMES.items()}
+    return by_file.get(config.default_model_filename or "model.onnx", "fp32")
+
+
 def model_files(info: ModelInfo, precision: str, cache: Path) -> dict[str, Path]:
     """Repository-relative files of one candidate: ``{"1/model.int8.onnx": path}``."""
     return {f"1/{MODEL_FILENAMES[precision]}": variant_path(info, precision, cache)}

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import statistics
+
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -61,6 +64,35 @@ def format_trial(report: TrialReport) -> str:
     return f"{head} -> {report.state}: {report.reason}{timing}"
 
 
+def finalists_table(summary: StudySummary) -> Table:
+    """Each finalist's measurements (its trial's first), their mean and 95% interval; the exported one marked."""
+    table = Table(title="confirmed before export: the top configs re-measured, interleaved")
+    for column in (
+        "",
+        "trial",
+        "config",
+        "load",
+        "throughput (inf/s) per measurement",
+        "mean ± 95%",
+        "p99 median (ms)",
+    ):
+        table.add_column(column)
+    chosen = summary.best.number if summary.best is not None else None
+    for finalist in summary.finalists:
+        spread = "" if math.isnan(finalist.half_width) else f" ± {finalist.half_width:.1f}"
+        table.add_row(
+            "exported" if finalist.trial == chosen else "",
+            f"#{finalist.trial}",
+            finalist.candidate,
+            finalist.load,
+            ", ".join(f"{value:.1f}" for value in finalist.throughput)
+            + (f" ({finalist.failure})" if finalist.failure else ""),
+            f"{finalist.mean:.1f}{spread}",
+            f"{statistics.median(finalist.p99_ms):.1f}",
+        )
+    return table
+
+
 def print_summary(summary: StudySummary, console: Console | None = None) -> None:
     """Baseline vs best, counts of pruned and failed trials with reasons, and where the outputs are."""
     console = console or Console()
@@ -84,6 +116,8 @@ def print_summary(summary: StudySummary, console: Console | None = None) -> None
                 report.summary,
             )
     console.print(table)
+    if summary.finalists:
+        console.print(finalists_table(summary))
     if summary.baseline and summary.best and summary.baseline.throughput and summary.best.throughput:
         console.print(f"speed-up over baseline: {summary.best.throughput / summary.baseline.throughput:.2f}x")
     console.print(f"pruned: {summary.pruned}, failed: {summary.failed}")

@@ -12,8 +12,9 @@ from optimizer.config.render import config_from_json
 from optimizer.config.repository import write_repository
 from optimizer.errors import StudyError
 from optimizer.model.intake import ModelInfo, inspect_model
-from optimizer.model.variants import MODEL_FILENAMES, model_files
+from optimizer.model.variants import model_files, precision_of
 from optimizer.paths import cache_dir
+from optimizer.study.confirm import CONFIRMATION, Finalist
 
 __all__ = [
     "StudySummary",
@@ -21,6 +22,7 @@ __all__ = [
     "best_throughput",
     "best_trial",
     "export_trial",
+    "finalists",
     "report_of",
     "study_attrs",
 ]
@@ -75,6 +77,7 @@ class StudySummary:
     failed: int
     reasons: tuple[str, ...]
     best_repository: Path | None
+    finalists: tuple[Finalist, ...] = ()  # the top configs re-measured before export (see confirm.py)
 
 
 def report_of(trial) -> TrialReport:
@@ -109,9 +112,20 @@ def best_throughput(study) -> float | None:
 
 
 def best_trial(study):
-    """The best feasible completed trial, or None."""
+    """The trial the study exports: the confirmed finalist when the study confirmed its top configs, else
+    the best feasible completed trial; None when no trial is feasible."""
     trials = _feasible_complete(study)
+    chosen = (study.user_attrs.get(CONFIRMATION) or {}).get("chosen")
+    confirmed = [t for t in trials if t.number == chosen]
+    if confirmed:
+        return confirmed[0]
     return max(trials, key=lambda t: t.value, default=None)
+
+
+def finalists(study) -> tuple[Finalist, ...]:
+    """The confirmation's finalists with all their measurements, best-ranked first (none if not confirmed)."""
+    record = study.user_attrs.get(CONFIRMATION) or {}
+    return tuple(Finalist.from_dict(f) for f in record.get("finalists", []))
 
 
 def export_trial(study, trial, out_dir: Path, model: ModelInfo | None = None) -> Path:
@@ -120,13 +134,8 @@ def export_trial(study, trial, out_dir: Path, model: ModelInfo | None = None) ->
     if model is None:
         model = _stored_model(study)
     config = config_from_json(trial.user_attrs["config"])
-    precision = _precision_of(config)
+    precision = precision_of(config)
     return write_repository(out_dir, config, model_files(model, precision, cache_dir()))
-
-
-def _precision_of(config) -> str:
-    by_file = {name: precision for precision, name in MODEL_FILENAMES.items()}
-    return by_file.get(config.default_model_filename or "model.onnx", "fp32")
 
 
 def _stored_model(study) -> ModelInfo:

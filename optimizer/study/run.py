@@ -56,12 +56,14 @@ from optimizer.paths import cache_dir, check_name, studies_dir
 from optimizer.serving.base import ServingTarget
 from optimizer.serving.embedded import EmbeddedTriton
 from optimizer.serving.environment import available_cores
+from optimizer.study.confirm import CONFIRMATION, choose, confirm, finalists_of, stored_confirmation
 from optimizer.study.results import (
     StudySummary,
     TrialReport,
     best_throughput,
     best_trial,
     export_trial,
+    finalists,
     report_of,
 )
 from optimizer.study.settings import SAMPLERS, SearchSettings, StudySettings
@@ -130,10 +132,10 @@ def run_study(
         if created:  # first thing, so workers joining a moment later find it and do not enqueue another
             _enqueue_baseline(study, plan.space)
         space = _join(study, plan, settings, reporter)
-        if count_finished(study) >= settings.budget:
-            reporter.note(f"study {plan.study_name!r} already has {count_finished(study)} finished trials")
-        else:
+        if count_finished(study) < settings.budget or _unconfirmed(study, settings.search):
             _measure(study, plan, space, settings, reporter, target)
+        else:
+            reporter.note(f"study {plan.study_name!r} already has {count_finished(study)} finished trials")
         return _summarise(study, plan, settings.budget)
     except Exception as exc:
         database_error = _database_error_in(exc)
@@ -245,6 +247,7 @@ def _measure(
             _enqueue_baseline(study, plan.space)
         _enqueue_starting_points(study, plan, space, settings.search)
         _run_trials(study, runner, settings, reporter)
+        _confirm(study, runner, settings.search, reporter)  # the budget is in (or the space exhausted)
 
 
 @contextmanager
@@ -578,6 +581,40 @@ def _run_trials(study, runner: TrialRunner, settings: StudySettings, reporter: R
         reporter.trial_finished(report_of(last), best_throughput(study))
 
 
+# --- confirmation ----------------------------------------------------------------------------------
+
+
+def _unconfirmed(study, search: SearchSettings) -> bool:
+    """Whether the study's finalists still need re-measuring (none yet, or new trials changed the top)."""
+    finalists = finalists_of(study.get_trials(deepcopy=False), search.confirm_finalists)
+    return len(finalists) >= 2 and stored_confirmation(study.user_attrs, finalists) is None
+
+
+def _confirm(study, runner: TrialRunner, search: SearchSettings, reporter: Reporter) -> None:
+    """Re-measure the best few configs side by side and record which one the study exports (confirm.py)."""
+    finalists = finalists_of(study.get_trials(deepcopy=False), search.confirm_finalists)
+    if len(finalists) < 2 or search.confirm_rounds < 1:
+        return
+    if stored_confirmation(study.user_attrs, finalists) is not None:
+        reporter.note("the top configs were confirmed before and no new trial changed them")
+        return
+    numbers = ", ".join(f"#{t.number}" for t in finalists)
+    reporter.note(
+        f"confirming the top {len(finalists)} ({numbers}): {search.confirm_rounds} more measurements each, interleaved"
+    )
+    results = confirm(finalists, runner.remeasure, search.confirm_rounds)
+    chosen = choose(results, runner.latency_budget_ms)
+    study.set_user_attr(
+        CONFIRMATION,
+        {
+            "finalists": [f.to_dict() for f in results],
+            "rounds": search.confirm_rounds,
+            "chosen": chosen.trial if chosen is not None else None,
+            "rule": "highest mean throughput whose median p99 is within the latency budget",
+        },
+    )
+
+
 def _check_none_left_running_by_us(study) -> None:
     """Between trials none of this worker's trials runs: one still RUNNING is one the database did not
     let us finish (it went read-only or away mid-write), and waiting for it would wait forever."""
@@ -601,7 +638,7 @@ def _summarise(study, plan: _Plan, budget: int) -> StudySummary:
     baseline = next(
         (report_of(t) for t in trials if t.user_attrs.get("baseline") and t.state.is_finished()), None
     )
-    best = best_trial(study)
+    best = best_trial(study)  # the confirmed finalist when the study confirmed its top configs
     best_dir = plan.out_dir / plan.study_name / "best"
     repository = export_trial(study, best, best_dir, plan.model) if best is not None else None
     return StudySummary(
@@ -616,4 +653,5 @@ def _summarise(study, plan: _Plan, budget: int) -> StudySummary:
         failed=sum(r.state == "failed" for r in reports),
         reasons=tuple(f"#{r.number} {r.state}: {r.reason}" for r in reports if r.state != "complete"),
         best_repository=repository,
+        finalists=finalists(study),
     )

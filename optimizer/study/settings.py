@@ -42,6 +42,9 @@ class SearchSettings:
             baseline in a new study (none: they hurt on the encoder recording).
         warm_start_configs: how many of a warm-start study's best configs are measured first.
         max_repeated_configs: proposals of measured configs in a row that end the study (space exhausted).
+        confirm_finalists: how many of the best distinct configs are re-measured side by side before the
+            study exports (0 or 1: the best single measurement is exported as it is).
+        confirm_rounds: how many times each finalist is measured again (alternating their order).
     """
 
     tpe_startup_trials: int = 5
@@ -53,6 +56,8 @@ class SearchSettings:
     starting_points: tuple[str, ...] = ()
     warm_start_configs: int = 3
     max_repeated_configs: int = 25
+    confirm_finalists: int = 3
+    confirm_rounds: int = 2
 
 
 @dataclass(frozen=True)

@@ -16,17 +16,18 @@ from dataclasses import replace
 import optuna
 from optuna.trial import TrialState
 
-from optimizer.config.render import config_digest, render_config, to_dict, to_json
+from optimizer.config.render import config_digest, config_from_json, render_config, to_dict, to_json
 from optimizer.config.space import Candidate, SearchSpace, suggest_candidate
 from optimizer.errors import ConfigRejected, InferenceError, OptimizeError, ServerDiedError, StudyError
 from optimizer.measurement.engines import LevelSource, make_load_generator
 from optimizer.measurement.levels import LevelResult
 from optimizer.measurement.sweep import SweepOutcome, best_feasible, next_step
 from optimizer.model.intake import ModelInfo
-from optimizer.model.variants import model_files
+from optimizer.model.variants import model_files, precision_of
 from optimizer.paths import cache_dir
 from optimizer.serving.base import ServingTarget
 from optimizer.serving.metrics import memory_figure
+from optimizer.study.confirm import RemeasureFailed
 from optimizer.study.settings import StudySettings
 from optimizer.study.storage import count_finished, worker_id
 
@@ -91,6 +92,26 @@ class TrialRunner:
         probe = replace(self.settings, measure=replace(self.settings.measure, rule="fixed"))
         generator = self._load_generator(mode="concurrency", settings=probe)
         return [generator.measure(1).p99_ms for _ in range(probes)]
+
+    def remeasure(self, trial: optuna.trial.FrozenTrial) -> tuple[float, float]:
+        """Load ``trial``'s config again and measure it at the load it was best at: (inf/s, p99 ms).
+
+        Raises:
+            RemeasureFailed: the config was rejected, or the server crashed or hung (then restarted).
+        """
+        config = config_from_json(trial.user_attrs["config"])
+        rate = trial.user_attrs.get("request_rate")
+        try:
+            self._load(config, precision_of(config))
+            mode = "request_rate" if rate is not None else "concurrency"
+            level = self._load_generator(mode=mode).measure(
+                rate if rate is not None else trial.user_attrs["concurrency"]
+            )
+        except TrialFailed as exc:
+            raise RemeasureFailed(str(exc)) from exc
+        except (InferenceError, ServerDiedError) as exc:
+            raise RemeasureFailed(str(self._server_fault("while confirming", exc))) from exc
+        return level.throughput, level.p99_ms
 
     def __call__(self, trial) -> float:
         if _is_surplus(trial, self.settings.budget):
