@@ -14,6 +14,7 @@ from optimizer.cli import main
 from optimizer.model import examples
 from optimizer.serving.embedded import EmbeddedTriton
 from optimizer.study.run import run_study
+from optimizer.study.settings import SearchSettings
 from studies import FAST_CLI, FinishedStudy, RejectingTarget, study_settings
 
 
@@ -59,12 +60,14 @@ def triton():
 
 @pytest.fixture(scope="session")
 def mixed_study(models, triton, tmp_path_factory) -> FinishedStudy:
-    """A real five-trial study of the MLP whose third config Triton rejects: complete trials, one failed.
+    """A real five-trial study of the MLP whose third config Triton rejects: complete trials, one failed,
+    and its two best configs confirmed (measured once more each) before export.
 
-    The study, report and export tests read it; none of them changes it.
+    The study, report, export and confirmation tests read it; none of them changes it.
     """
     root = tmp_path_factory.mktemp("mixed")
-    settings = study_settings(models["mlp"], root, budget=5, study_name="mixed", seed=3)
+    confirmed = SearchSettings(confirm_finalists=2, confirm_rounds=1)
+    settings = study_settings(models["mlp"], root, budget=5, study_name="mixed", seed=3, search=confirmed)
     summary = run_study(settings, target=RejectingTarget(triton))
     study = optuna.load_study(study_name="mixed", storage=f"sqlite:///{root}/mixed.db")
     return FinishedStudy(root, study, summary=summary)

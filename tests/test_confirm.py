@@ -8,6 +8,8 @@ from optuna.trial import TrialState, create_trial
 
 from optimizer.config.render import config_from_pbtxt, to_dict
 from optimizer.measurement.replay import ReplayTarget
+from optimizer.report.data import build_report_data
+from optimizer.report.html import render_html
 from optimizer.study.confirm import (
     CONFIRMATION,
     Finalist,
@@ -20,7 +22,7 @@ from optimizer.study.confirm import (
 from optimizer.study.results import best_trial
 from optimizer.study.run import run_study
 from optimizer.study.settings import SearchSettings
-from studies import ENCODER_RECORDING, load_study, replay_settings, study_settings
+from studies import ENCODER_RECORDING, load_study, replay_settings
 
 
 def _trial(number: int, value: float, key: str, *, p99: float = 10.0, feasible: bool = True, **attrs):
@@ -115,16 +117,25 @@ def test_a_replayed_study_confirms_its_finalists_exports_the_best_mean_and_a_rer
 
 
 @pytest.mark.server
-def test_a_study_on_the_real_server_re_measures_its_finalists_before_export(models, triton, tmp_path):
-    search = SearchSettings(confirm_finalists=2, confirm_rounds=1)
-    summary = run_study(study_settings(models["mlp"], tmp_path, budget=4, search=search), target=triton)
-    study = load_study(tmp_path)
+def test_a_study_on_the_real_server_re_measures_its_finalists_before_export(mixed_study):
+    study, summary = mixed_study.study, mixed_study.summary
     record = study.user_attrs[CONFIRMATION]
-    assert [len(f["throughput"]) for f in record["finalists"]] == [2, 2]
+    assert [len(f["throughput"]) for f in record["finalists"]] == [2, 2]  # its trial's window, then one more
     assert all(v > 0 for f in record["finalists"] for v in f["throughput"] + f["p99_ms"])
-    assert summary.best is not None and summary.best.number == record["chosen"]
+    first = [study.trials[f["trial"]].user_attrs["throughput"] for f in record["finalists"]]
+    assert [f["throughput"][0] for f in record["finalists"]] == first
+    assert summary.best is not None and summary.best.number == record["chosen"] == best_trial(study).number
     exported = config_from_pbtxt((summary.best_repository / "config.pbtxt").read_text())
     assert to_dict(exported) == study.trials[record["chosen"]].user_attrs["config"]
+
+
+def test_the_report_shows_each_finalists_measurements_and_follows_the_export(mixed_study):
+    data = build_report_data(mixed_study.study)
+    record = mixed_study.study.user_attrs[CONFIRMATION]
+    assert [f.trial for f in data.finalists] == [f["trial"] for f in record["finalists"]]
+    assert data.chosen == record["chosen"] == data.headline.best.number
+    page = render_html(data)
+    assert "Confirmed before export" in page and f"#{record['chosen']} (exported)" in page
 
 
 def test_confirmation_off_exports_the_best_single_measurement(models, tmp_path):

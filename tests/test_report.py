@@ -156,7 +156,11 @@ def test_scatter_has_every_measured_trial_and_a_true_pareto_front(studies):
             and (o.throughput, o.p99_ms) != (point.throughput, point.p99_ms)
             for o in scatter.points
         )
-        assert (point.trial in scatter.pareto) == (not dominated)
+        # A repeat of a config (the same measurement reused) is on the front through its first trial.
+        same = [
+            o.trial for o in scatter.points if (o.throughput, o.p99_ms) == (point.throughput, point.p99_ms)
+        ]
+        assert any(trial in scatter.pareto for trial in same) == (not dominated)
 
 
 def test_history_is_each_feasible_throughput_and_the_running_best(studies):
@@ -170,7 +174,8 @@ def test_history_is_each_feasible_throughput_and_the_running_best(studies):
         expected_best.append(running)
     assert history.values[2] is None and history.statuses[2] == "failed"
     assert list(history.best_so_far) == expected_best
-    assert history.best_so_far[-1] == best_trial(study).value
+    feasible = [t.value for t in study.trials if t.state == TrialState.COMPLETE]
+    assert history.best_so_far[-1] == max(feasible)  # the best single window (the export may be another)
 
 
 def test_top_table_precisions_and_failures(studies):

@@ -23,6 +23,7 @@ from optuna.trial import TrialState
 from optimizer.config.render import config_from_json, to_pbtxt
 from optimizer.model.variants import MODEL_FILENAMES
 from optimizer.paths import studies_dir
+from optimizer.study.confirm import CONFIRMATION, Finalist
 
 __all__ = [
     "Curve",
@@ -206,6 +207,8 @@ class ReportData:
     top: tuple[TrialRecord, ...]
     precisions: tuple[PrecisionRow, ...]
     failures: tuple[FailureRow, ...]
+    finalists: tuple[Finalist, ...] = ()  # the top configs re-measured before export, when confirmed
+    chosen: int | None = None  # the confirmed finalist (the exported trial)
 
 
 # --- the whole report ----------------------------------------------------------------------------------
@@ -228,17 +231,21 @@ def build_report_data(study: Any, *, repository: Path | None = None) -> ReportDa
     info = study_info(study.study_name, attrs, trials)
     if repository is None:
         repository = studies_dir() / study.study_name / "best" / info.model_name
+    confirmation = attrs.get(CONFIRMATION) or {}
+    chosen = confirmation.get("chosen")
     return ReportData(
         info=info,
-        headline=headline(trials, str(repository)),
+        headline=headline(trials, str(repository), chosen=chosen),
         trials=trials,
-        curves=curves_data(trials, budget),
+        curves=curves_data(trials, budget, chosen=chosen),
         scatter=scatter_data(trials, budget),
         history=history_data(trials),
         importances=importance_data(study),
         top=top_trials(trials),
         precisions=precision_rows(trials, attrs.get("variants"), _space_precisions(attrs)),
         failures=failure_rows(trials),
+        finalists=tuple(Finalist.from_dict(f) for f in confirmation.get("finalists", [])),
+        chosen=chosen,
     )
 
 
@@ -351,15 +358,20 @@ def _feasible(trials: Sequence[TrialRecord]) -> list[TrialRecord]:
     return [t for t in trials if t.status == "feasible" and t.throughput is not None]
 
 
-def _best(trials: Sequence[TrialRecord]) -> TrialRecord | None:
-    # The first of equals wins, as in optimizer.study.run.best_trial (the exported trial).
-    return max(_feasible(trials), key=lambda t: t.throughput or 0.0, default=None)
+def _best(trials: Sequence[TrialRecord], chosen: int | None = None) -> TrialRecord | None:
+    # The exported trial, as optimizer.study.results.best_trial picks it: the confirmed finalist, else the
+    # highest throughput (the first of equals).
+    feasible = _feasible(trials)
+    confirmed = [t for t in feasible if t.number == chosen]
+    if confirmed:
+        return confirmed[0]
+    return max(feasible, key=lambda t: t.throughput or 0.0, default=None)
 
 
-def headline(trials: Sequence[TrialRecord], repository: str) -> Headline:
-    """Baseline vs best feasible trial, their ratio and the best config in readable form."""
+def headline(trials: Sequence[TrialRecord], repository: str, *, chosen: int | None = None) -> Headline:
+    """Baseline vs the exported trial, their ratio and its config in readable form."""
     baseline = next((t for t in trials if t.baseline), None)
-    best = _best(trials)
+    best = _best(trials, chosen)
     ratio = None
     if best is not None and baseline is not None and baseline.throughput:
         ratio = (best.throughput or 0.0) / baseline.throughput
@@ -411,21 +423,23 @@ def _text(value: Any) -> str:
 # --- figures -------------------------------------------------------------------------------------------
 
 
-def curves_data(trials: Sequence[TrialRecord], latency_budget_ms: float | None) -> CurvesData:
+def curves_data(
+    trials: Sequence[TrialRecord], latency_budget_ms: float | None, *, chosen: int | None = None
+) -> CurvesData:
     """Throughput vs concurrency of the baseline, the ONNX-Runtime-tuned and the best trial."""
     baseline = next((t for t in trials if t.baseline and t.sweep), None)
     runtime_only = [t for t in _feasible(trials) if not t.baseline and changes_only_runtime(t.config)]
-    chosen = [
+    picked = [
         ("baseline", baseline, "the baseline has no measured sweep"),
         (
             ORT_TUNED,
             _best(runtime_only),
             "no feasible trial changed only the provider or precision",
         ),
-        ("best overall", _best(trials), "no trial met the latency budget"),
+        ("best overall", _best(trials, chosen), "no trial met the latency budget"),
     ]
-    curves = tuple(Curve(label, t.number, t.candidate, t.sweep) for label, t, _ in chosen if t is not None)
-    missing = tuple(f"{label}: {why}" for label, t, why in chosen if t is None)
+    curves = tuple(Curve(label, t.number, t.candidate, t.sweep) for label, t, _ in picked if t is not None)
+    missing = tuple(f"{label}: {why}" for label, t, why in picked if t is None)
     return CurvesData(curves, latency_budget_ms, missing)
 
 

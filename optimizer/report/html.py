@@ -7,6 +7,8 @@ and in the figures' labels alike.
 
 from __future__ import annotations
 
+import math
+import statistics
 from collections.abc import Iterable, Sequence
 from html import escape
 
@@ -306,6 +308,7 @@ def render_html(data: ReportData) -> str:
             divs["scatter"],
         ),
         _section("Search", _e(data.importances.note), divs["history"] + divs["importances"]),
+        _finalists_section(data),
         _section("Top 10 configurations", "", _top_table(data.top, data.headline)),
         _section(
             "Precisions",
@@ -420,6 +423,30 @@ def _top_table(top: Sequence[TrialRecord], head: Headline) -> str:
     ]
     headers = ["trial", "inf/s", "p99 ms", "p50 ms", "concurrency", "vs baseline", "configuration"]
     return _table(headers, rows, "No trial met the latency budget yet.")
+
+
+def _finalists_section(data: ReportData) -> str:
+    """Each finalist's measurements, its mean with the 95% interval, and which one was exported."""
+    if not data.finalists:
+        return ""
+    rows = [
+        [
+            f"#{f.trial}" + (" (exported)" if f.trial == data.chosen else ""),
+            f"<code>{_e(f.candidate)}</code>",
+            _e(f.load),
+            _e(", ".join(f"{value:.1f}" for value in f.throughput))
+            + (f" ({_e(f.failure)})" if f.failure else ""),
+            _e(f"{f.mean:.1f}" + ("" if math.isnan(f.half_width) else f" ± {f.half_width:.1f}")),
+            _num(statistics.median(f.p99_ms)),
+        ]
+        for f in data.finalists
+    ]
+    headers = ["trial", "configuration", "load", "inf/s per measurement", "mean ± 95%", "median p99 ms"]
+    note = (
+        "The best configs measured again before export, in alternating order; the first figure is the "
+        "trial's own. The export is the highest mean whose median p99 is within the budget."
+    )
+    return _section("Confirmed before export", _e(note), _table(headers, rows, ""))
 
 
 def _precision_table(rows: Sequence[PrecisionRow]) -> str:
