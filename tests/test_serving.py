@@ -154,7 +154,14 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(triton, mo
                 inputs.append(tensor)
             calls.append(client.infer("encoder_b", inputs))
         results = await asyncio.gather(*calls)
-        stats = await client.get_inference_statistics("encoder_b", as_json=True)
+        # Triton counts a request after its response is sent: read the statistics once all eight are in
+        # (its JSON leaves out a count that is still zero).
+        deadline = time.monotonic() + 10
+        while True:
+            stats = await client.get_inference_statistics("encoder_b", as_json=True)
+            if int(stats["model_stats"][0].get("inference_count", 0)) >= 8 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
         await client.close()
         return results, stats
 
