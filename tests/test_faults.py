@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -174,3 +175,26 @@ def test_export_cut_short_leaves_the_previous_repository_intact(models, tmp_path
     assert (first / "config.pbtxt").read_text() == before
     assert (first / "1" / "model.onnx").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp"]  # no half-written staging directory left
+
+
+def test_a_trial_that_never_recorded_its_worker_is_recovered_once_no_other_worker_may_run_it(tmp_path):
+    from optimizer.study.storage import open_storage, recover_dead_local_trials
+
+    storage = open_storage(f"sqlite:///{tmp_path}/orphan.db")
+    study = optuna.create_study(storage=storage, study_name="orphan", direction="maximize")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    study.set_user_attr("workers", {f"{host}:{dead.pid}": {"host": host, "pid": dead.pid}})
+    with pytest.warns(UserWarning, match="Heartbeat"):  # ask() outside optimize(): this trial has no heartbeat
+        orphan = study.ask()  # RUNNING, and its worker stopped before it could say who it was
+    assert recover_dead_local_trials(study) == [orphan.number]
+    assert study.trials[orphan.number].state == optuna.trial.TrialState.FAIL
+    assert [t.state for t in study.trials[1:]] == [optuna.trial.TrialState.WAITING]  # its retry
+
+    study.set_user_attr("workers", {"elsewhere:1": {"host": "elsewhere", "pid": 1}})
+    with pytest.warns(UserWarning, match="Heartbeat"):
+        another = study.ask()  # a worker on another machine may still be running this one
+    assert recover_dead_local_trials(study) == []
+    assert study.trials[another.number].state == optuna.trial.TrialState.RUNNING
+    storage.engine.dispose()

@@ -158,20 +158,39 @@ def recover_dead_local_trials(study) -> list[int]:
     """Fail and re-enqueue RUNNING trials whose worker on this host is gone; return their numbers.
 
     Heartbeats do the same after a grace period for workers anywhere; on this host the check is exact
-    and immediate, so a rerun after a crash does not wait.
+    and immediate, so a rerun after a crash does not wait. A trial that recorded no worker is recovered
+    when no other worker of the study may be alive.
     """
 
     host = socket.gethostname()
     recovered = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = str(trial.user_attrs.get("worker", ""))
-        worker_host, _, pid = worker.rpartition(":")
-        if worker_host != host or not pid.isdigit() or _pid_alive(int(pid)):
-            continue
+        if not worker:
+            # It never recorded its worker (the database stopped taking writes, or the worker died at once),
+            # so it has no heartbeat either and would run forever: it is an orphan when no other worker
+            # of the study may still be running it.
+            if _another_worker_may_run(study, host):
+                continue
+        else:
+            worker_host, _, pid = worker.rpartition(":")
+            if worker_host != host or not pid.isdigit() or _pid_alive(int(pid)):
+                continue
         if study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
             _retry_callback()(study, study._storage.get_trial(trial._trial_id))
             recovered.append(trial.number)
     return recovered
+
+
+def _another_worker_may_run(study, host: str) -> bool:
+    """Whether a worker of ``study`` other than this one may be alive (one on another host always may)."""
+    me = worker_id()
+    for name, other in dict(study.user_attrs.get("workers", {})).items():
+        if name == me:
+            continue
+        if other.get("host") != host or _pid_alive(int(other.get("pid", 0))):
+            return True
+    return False
 
 
 def register_worker(study, settings) -> bool:
