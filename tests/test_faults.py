@@ -186,7 +186,9 @@ def test_a_trial_that_never_recorded_its_worker_is_recovered_once_no_other_worke
     dead.wait()
     host = socket.gethostname()
     study.set_user_attr("workers", {f"{host}:{dead.pid}": {"host": host, "pid": dead.pid}})
-    with pytest.warns(UserWarning, match="Heartbeat"):  # ask() outside optimize(): this trial has no heartbeat
+    with pytest.warns(
+        UserWarning, match="Heartbeat"
+    ):  # ask() outside optimize(): this trial has no heartbeat
         orphan = study.ask()  # RUNNING, and its worker stopped before it could say who it was
     assert recover_dead_local_trials(study) == [orphan.number]
     assert study.trials[orphan.number].state == optuna.trial.TrialState.FAIL
