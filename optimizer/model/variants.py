@@ -77,10 +77,15 @@ def _fp16(source: Path, target: Path) -> None:
 _CONVERTERS = {"int8": _int8, "fp16": _fp16}
 
 
-def precision_of(config) -> str:
-    """The precision a rendered config serves, read from its ``default_model_filename``."""
+def precision_of_file(filename: str | None) -> str:
+    """The precision a model file serves (``default_model_filename``; none means the fp32 ``model.onnx``)."""
     by_file = {name: precision for precision, name in MODEL_FILENAMES.items()}
-    return by_file.get(config.default_model_filename or "model.onnx", "fp32")
+    return by_file.get(filename or "model.onnx", "fp32")
+
+
+def precision_of(config) -> str:
+    """The precision a rendered config (a ``ModelConfig``) serves, read from its model file."""
+    return precision_of_file(config.default_model_filename)
 
 
 def model_files(info: ModelInfo, precision: str, cache: Path) -> dict[str, Path]:

@@ -21,7 +21,7 @@ import optuna
 from optuna.trial import TrialState
 
 from optimizer.config.render import config_from_json, to_pbtxt
-from optimizer.model.variants import MODEL_FILENAMES
+from optimizer.model.variants import precision_of_file
 from optimizer.paths import studies_dir
 from optimizer.study.confirm import CONFIRMATION, Finalist
 
@@ -313,9 +313,7 @@ def _float_or_none(value: Any) -> float | None:
 
 def precision_of(config: Mapping[str, Any]) -> str:
     """The precision a rendered config serves: from its model file, or TensorRT's precision mode."""
-
-    by_file = {name: precision for precision, name in MODEL_FILENAMES.items()}
-    precision = by_file.get(config.get("default_model_filename") or "model.onnx", "fp32")
+    precision = precision_of_file(config.get("default_model_filename"))
     for accelerator in _accelerators(config, "gpu_execution_accelerator"):
         if (
             accelerator.get("name") == "tensorrt"
