@@ -197,9 +197,19 @@ def study(
     warmup_s: Annotated[
         float,
         typer.Option(
-            "--warmup-s", help="Warm-up seconds per concurrency level.", rich_help_panel=MEASUREMENT
+            "--warmup-s",
+            help="Longest warm-up per level; it ends sooner once the completion rate settles.",
+            rich_help_panel=MEASUREMENT,
         ),
     ] = _DEFAULT_MEASURE.warmup_s,
+    screen_s: Annotated[
+        float,
+        typer.Option(
+            "--screen-s",
+            help="Screening window per level; full windows only where the answer is (0: every level full).",
+            rich_help_panel=MEASUREMENT,
+        ),
+    ] = _DEFAULT_MEASURE.screen_s,
     allow_shared_host: Annotated[
         bool,
         typer.Option(
@@ -405,6 +415,7 @@ def study(
             window_s,
             max_window_s,
             warmup_s=warmup_s,
+            screen_s=screen_s,
             rule=stop_rule.value,
             throughput_ci=throughput_ci,
             p99_ci=p99_ci,

@@ -222,6 +222,17 @@ def test_ci_rule_measures_a_closed_loop_with_its_uncertainty_breakdown_and_resou
 
 
 @pytest.mark.server
+def test_the_warm_up_ends_once_the_completion_rate_settles(triton, mlp):
+    settings = MeasureSettings(warmup_s=3.0, window_s=0.3, max_window_s=1.0, rule="fixed", min_requests=10)
+    closed = LoadGenerator(triton.grpc_url, "lg_mlp", mlp, settings).measure(2)
+    opened = LoadGenerator(triton.grpc_url, "lg_mlp", mlp, settings, mode="request_rate").measure(200)
+    # A warm, fast model settles within a few 0.1 s slices, far below the 3 s cap.
+    for result in (closed, opened):
+        assert result.warmup_s is not None and 0.2 <= result.warmup_s < 1.5
+        assert result.measure_s == pytest.approx(result.warmup_s + result.duration_s, abs=0.3)
+
+
+@pytest.mark.server
 def test_open_loop_follows_the_request_rate_and_counts_latency_from_the_due_time(triton, mlp):
     settings = MeasureSettings(warmup_s=0.3, window_s=2.0, max_window_s=2.0, rule="fixed", min_requests=10)
     result = LoadGenerator(triton.grpc_url, "lg_mlp", mlp, settings, mode="request_rate").measure(100)

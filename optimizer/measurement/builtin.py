@@ -26,7 +26,14 @@ from typing import Any
 import numpy as np
 
 from optimizer.errors import InferenceError
-from optimizer.measurement.levels import MODES, PROTOCOLS, RULES, LevelResult, MeasureSettings
+from optimizer.measurement.levels import (
+    MODES,
+    PROTOCOLS,
+    RULES,
+    WARMUP_AGREEMENT,
+    LevelResult,
+    MeasureSettings,
+)
 from optimizer.measurement.stopping import Uncertainty, estimate_uncertainty, should_stop
 from optimizer.serving.control import triton_error_parts
 from optimizer.serving.statistics import breakdown
@@ -37,6 +44,9 @@ __all__ = ["LoadGenerator", "describe_failure", "summarise_level"]
 MAX_OUTSTANDING = 1024
 # Defaults of a generator made without settings: the library's and the command line's.
 DEFAULT_SETTINGS = MeasureSettings()
+# The warm-up compares slices of this length (doubled while a slice sees too few requests to compare).
+WARMUP_SLICE_S = 0.1
+WARMUP_SLICE_REQUESTS = 5
 
 
 def summarise_level(
@@ -66,8 +76,13 @@ class _Window:
         self.end = math.inf
         self.finish_times: list[float] = []
         self.latencies: list[float] = []
+        # Every completion, warm-up included: the warm-up watches these settle.
+        self.completed = 0
+        self.latency_sum = 0.0
 
     def record(self, due: float, finished: float) -> None:
+        self.completed += 1
+        self.latency_sum += finished - due
         if self.start <= finished <= self.end:
             self.finish_times.append(finished)
             self.latencies.append(finished - due)
@@ -157,7 +172,7 @@ class LoadGenerator:
         else:
             tasks = [asyncio.create_task(self._open_loop(client, prepared, level, window, stop))]
         try:
-            await _sleep_or_fail(self.settings.warmup_s, tasks)
+            warmup_s = await self._warm_up(window, tasks)
             before = await client.statistics()
             window.start = time.perf_counter()
             reached = await self._wait_for_window(window, tasks)
@@ -180,7 +195,35 @@ class LoadGenerator:
             server=breakdown(before, after, self.model_name) if before and after else None,
             resources=resources,
             measure_s=time.perf_counter() - started,
+            warmup_s=warmup_s,
         )
+
+    async def _warm_up(self, window: _Window, tasks) -> float:
+        """Warm up as long as the config needs: until two slices in a row agree, at most ``warmup_s``.
+
+        A fresh load (new instances, new thread pools, first allocations) needs longer than a warm model
+        at a new level; a constant warm-up is too long for one and can be too short for the other. Slices
+        compare completion rates in a closed loop and mean latencies in an open one (whose rate is fixed).
+        Returns the seconds it took.
+        """
+        cap = self.settings.warmup_s
+        started = time.perf_counter()
+        slice_s, previous = WARMUP_SLICE_S, None
+        while (elapsed := time.perf_counter() - started) < cap:
+            count, latency_sum = window.completed, window.latency_sum
+            seconds = min(slice_s, cap - elapsed)
+            await _sleep_or_fail(seconds, tasks)
+            count = window.completed - count
+            if count < WARMUP_SLICE_REQUESTS:  # too few to compare: look at longer slices
+                slice_s, previous = slice_s * 2, None
+                continue
+            figure = (
+                count / seconds if self.mode == "concurrency" else (window.latency_sum - latency_sum) / count
+            )
+            if previous is not None and abs(figure - previous) <= WARMUP_AGREEMENT * max(figure, previous):
+                break
+            previous = figure
+        return time.perf_counter() - started
 
     async def _wait_for_window(self, window: _Window, tasks) -> Uncertainty:
         """Let the window run until the stopping rule says it has seen enough; what it reached."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
 
@@ -27,6 +27,7 @@ __all__ = [
     "Mode",
     "Protocol",
     "StopRule",
+    "WARMUP_AGREEMENT",
 ]
 
 
@@ -64,6 +65,9 @@ PROTOCOLS = tuple(p.value for p in Protocol)
 RULES = tuple(r.value for r in StopRule)
 # The shortest cap on a ci window: p99's interval needs about 400 requests, which slow configs take long to send.
 DEFAULT_MAX_WINDOW_S = 8.0
+# A warm-up ends when two slices in a row completed requests at rates this close (relative).
+WARMUP_AGREEMENT = 0.15
+SCREEN_MIN_REQUESTS = 20
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,11 @@ class MeasureSettings:
     - ``rule="ci"``: a window runs until the 95% intervals of throughput and p99 are narrower than their
       targets (:mod:`optimizer.measurement.stopping`), between ``window_s`` and ``max_window_s``;
     - ``rule="fixed"``: ``window_s``, extended (up to ``max_window_s``) until ``min_requests`` finished.
+
+    The warm-up before each window lasts until the completion rate settles (two slices in a row within
+    :data:`WARMUP_AGREEMENT`), at most ``warmup_s``. A trial screens its levels with ``screen_s`` windows
+    and spends the stopping rule's window only where the answer is (see :mod:`optimizer.study.trial`);
+    ``screen_s=0`` measures every level with the full window.
     """
 
     @classmethod
@@ -83,7 +92,7 @@ class MeasureSettings:
         cap = max_window_s if max_window_s is not None else max(DEFAULT_MAX_WINDOW_S, 4 * window_s)
         return cls(window_s=window_s, max_window_s=cap, **fields)
 
-    warmup_s: float = 0.5
+    warmup_s: float = 2.0  # the longest warm-up; it ends once the completion rate settles
     window_s: float = 1.0  # fixed: the window; ci: the shortest window
     min_requests: int = 30
     max_window_s: float = DEFAULT_MAX_WINDOW_S
@@ -92,6 +101,26 @@ class MeasureSettings:
     throughput_ci: float = 0.05  # ci: target relative half-width of throughput's 95% interval
     p99_ci: float = 0.10  # ci: the same for p99
     check_s: float = 0.25  # ci: how often the interval is recomputed (at least; 10% of the window later on)
+    screen_s: float = 0.25  # a trial's screening window per level; 0: no screening
+
+    @property
+    def screens(self) -> bool:
+        """Whether a screening window is shorter than a full one, so screening saves time."""
+        return 0 < self.screen_s and (self.rule == "ci" or self.screen_s < self.window_s)
+
+    def screening(self) -> MeasureSettings:
+        """A short fixed window that brackets the budget; 20 requests are enough to tell far from near."""
+        return replace(
+            self,
+            rule="fixed",
+            window_s=self.screen_s,
+            max_window_s=max(4 * self.screen_s, 1.0),
+            min_requests=min(self.min_requests, SCREEN_MIN_REQUESTS),
+        )
+
+    def throughput_only(self) -> MeasureSettings:
+        """The stopping rule without a p99 target: for a level whose p99 is far inside the budget."""
+        return replace(self, p99_ci=math.inf)
 
     def stopping_rule(self, mode: str = "concurrency") -> StoppingRule:
         """The rule a window follows; a fixed window is a rule whose targets are never met early."""
@@ -121,6 +150,8 @@ class LevelResult:
     server: ServerBreakdown | None = None
     resources: Mapping[str, float] | None = field(default=None, compare=False)
     measure_s: float = field(default=0.0, compare=False)  # warm-up + window, wall time
+    warmup_s: float | None = field(default=None, compare=False)  # how long the warm-up ran
+    phase: str | None = None  # in a trial: "screen" (a short window) or "precise" (the stopping rule's)
 
     @property
     def load(self) -> str:
@@ -145,6 +176,8 @@ class LevelResult:
             "server": self.server.to_dict() if self.server else None,
             "resources": dict(self.resources) if self.resources else None,
             "measure_s": round(self.measure_s, 3) if self.measure_s else None,
+            "warmup_s": round(self.warmup_s, 3) if self.warmup_s is not None else None,
+            "phase": self.phase,
         }
         record.update({key: value for key, value in extras.items() if value is not None})
         return record

@@ -1,20 +1,37 @@
-"""Measurement of one trial: the concurrency sweep and its stopping rule.
+"""Measurement of one trial: the concurrency sweep, its stopping rule, and which levels to pin down.
 
-The rule is pure and tested without a server: levels run in ascending order; the sweep stops when
-p99 breaks the latency budget or when throughput stops growing (two levels in a row without a 3% gain). The trial's score is the highest
-throughput among the levels whose p99 stayed within the budget.
+The rules are pure and tested without a server: levels run in ascending order; the sweep stops when
+p99 breaks the latency budget or when throughput stops growing (two levels in a row without a 3% gain).
+The trial's score is the highest throughput among the levels whose p99 stayed within the budget.
+
+A trial screens the levels with short windows and then measures precisely only the levels that can
+be its answer (:func:`precise_plan`): the best screened level within the budget first, and, if its
+precise p99 breaks the budget, the ones below it.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from optimizer.errors import UsageError
 from optimizer.measurement.levels import LevelResult
 
-__all__ = ["DEFAULT_LEVELS", "SweepOutcome", "best_feasible", "next_step", "parse_levels", "parse_rates"]
+__all__ = [
+    "DEFAULT_LEVELS",
+    "FAR_FROM_BUDGET",
+    "MAX_PRECISE_WINDOWS",
+    "SweepOutcome",
+    "best_feasible",
+    "merge_precise",
+    "load_of",
+    "next_step",
+    "parse_levels",
+    "pin_down",
+    "parse_rates",
+    "precise_plan",
+]
 
 DEFAULT_LEVELS = (1, 2, 4, 8, 16, 32, 64)
 # A level must beat the best throughput so far by this fraction, or it counts toward a plateau.
@@ -23,6 +40,13 @@ MIN_GAIN = 0.03
 # level (a dip from c=1 to c=2 in a config that peaks at c=16) ended 29 of 144 recorded sweeps of the
 # example encoder more than 25% below the other repeat of the same config.
 PLATEAU_PATIENCE = 2
+# A screened p99 under this fraction of the budget is far from it: its precise window pins throughput
+# only (p99's interval needs ~400 requests; far from the budget nothing depends on it).
+FAR_FROM_BUDGET = 0.5
+# A screening window that saw p99 up to this multiple of the budget may still be feasible: noise.
+SCREEN_DOUBT = 2.0
+# Precise windows per trial at most: the screened best and, while they break the budget, levels below.
+MAX_PRECISE_WINDOWS = 3
 
 
 @dataclass(frozen=True)
@@ -57,6 +81,50 @@ def next_step(levels: Sequence[LevelResult], budget_ms: float, remaining: int) -
             else "highest request rate reached"
         )
     return None
+
+
+def precise_plan(screened: Sequence[LevelResult], budget_ms: float) -> list[LevelResult]:
+    """The screened levels to measure precisely, in order, until one stays within the budget.
+
+    First the best screened level within the budget, then the levels below it (descending load). When
+    no level screened within the budget, the lowest one if its screened p99 was close enough for a short
+    window to have been wrong; otherwise nothing: the config is infeasible.
+    """
+    best = best_feasible(screened, budget_ms)
+    if best is None:
+        lowest = min(screened, key=load_of, default=None)
+        doubtful = lowest is not None and lowest.p99_ms <= SCREEN_DOUBT * budget_ms
+        return [lowest] if doubtful and lowest is not None else []
+    below = sorted((level for level in screened if load_of(level) < load_of(best)), key=load_of)
+    return [best, *reversed(below)][:MAX_PRECISE_WINDOWS]
+
+
+def pin_down(
+    screened: Sequence[LevelResult], budget_ms: float, measure: Callable[[LevelResult, bool], LevelResult]
+) -> list[LevelResult]:
+    """Full windows at the levels of :func:`precise_plan`, in order, until one stays within the budget.
+
+    ``measure(screened_level, far)`` measures that level's load with the full window; ``far`` says its
+    screened p99 was far inside the budget, so only throughput needs pinning.
+    """
+    precise: list[LevelResult] = []
+    for level in precise_plan(screened, budget_ms):
+        precise.append(measure(level, level.p99_ms < FAR_FROM_BUDGET * budget_ms))
+        if precise[-1].p99_ms <= budget_ms:
+            break
+    return precise
+
+
+def merge_precise(screened: Sequence[LevelResult], precise: Sequence[LevelResult]) -> tuple[LevelResult, ...]:
+    """The trial's sweep: each screened level, replaced by its precise window where one was measured."""
+    by_load = {load_of(level): level for level in screened}
+    by_load.update({load_of(level): level for level in precise})
+    return tuple(by_load[load] for load in sorted(by_load))
+
+
+def load_of(level: LevelResult) -> float:
+    """The level's offered load: its request rate, or its concurrency."""
+    return level.request_rate if level.request_rate is not None else level.concurrency
 
 
 def _levels_without_gain(throughputs: Sequence[float]) -> int:

@@ -43,17 +43,21 @@ class TrialReport:
     load_s: float | None = None  # where the trial's time went: the reload, the measuring, in all
     measure_s: float | None = None
     trial_s: float | None = None
+    screen_s: float | None = None  # of measure_s: the screening windows, and the full ones
+    precise_s: float | None = None
 
     @property
     def timing(self) -> str:
-        """``load 1.4 s + measure 6.0 s of 7.6 s``; empty for a trial that measured nothing."""
+        """``load 1.4 s + screen 2.0 s + precise 3.1 s of 6.7 s``; empty for a trial that measured nothing."""
         if self.trial_s is None:
             return ""
-        parts = [
-            f"{name} {value:.1f} s"
-            for name, value in (("load", self.load_s), ("measure", self.measure_s))
-            if value
-        ]
+        split = self.screen_s is not None or self.precise_s is not None
+        measured = (
+            (("screen", self.screen_s), ("precise", self.precise_s))
+            if split
+            else (("measure", self.measure_s),)
+        )
+        parts = [f"{name} {value:.1f} s" for name, value in (("load", self.load_s), *measured) if value]
         return f"{' + '.join(parts)} of {self.trial_s:.1f} s" if parts else f"{self.trial_s:.1f} s"
 
     @property
@@ -94,6 +98,8 @@ def report_of(trial) -> TrialReport:
         request_rate=attrs.get("request_rate"),
         load_s=attrs.get("load_s"),
         measure_s=attrs.get("measure_s"),
+        screen_s=attrs.get("screen_s"),
+        precise_s=attrs.get("precise_s"),
         trial_s=None if "same_config_as" in attrs else attrs.get("trial_s"),
     )
 

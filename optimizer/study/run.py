@@ -313,6 +313,8 @@ def _check_window(measure: MeasureSettings) -> None:
             f"--window-s ({measure.window_s:g}) must be positive and at most --max-window-s "
             f"({measure.max_window_s:g}), --warmup-s ({measure.warmup_s:g}) not negative"
         )
+    if not (math.isfinite(measure.screen_s) and measure.screen_s >= 0):
+        raise UsageError(f"--screen-s must be 0 (no screening) or positive seconds, got {measure.screen_s:g}")
     if not (0 < measure.throughput_ci and 0 < measure.p99_ci):
         raise UsageError("--throughput-ci and --p99-ci must be positive fractions, e.g. 0.05 for within 5%")
 

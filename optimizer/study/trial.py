@@ -1,5 +1,9 @@
 """One trial: render the candidate, hot-reload it, sweep the concurrency levels, score it.
 
+The sweep screens every level with a short window (bracketing the latency budget and the plateau),
+then measures with the full stopping rule only the level that can be the answer, stepping down while
+its precise p99 breaks the budget. The score is always a full window's throughput.
+
 ``TrialRunner`` is the Optuna objective. A config Triton rejects, a crash or a hang becomes
 ``TrialFailed`` (recorded on the trial with its reason; the server is restarted); a proposal whose config
 was already measured reuses that measurement (canonicalisation); a trial that would overshoot a budget
@@ -20,8 +24,15 @@ from optimizer.config.render import config_digest, config_from_json, render_conf
 from optimizer.config.space import Candidate, SearchSpace, suggest_candidate
 from optimizer.errors import ConfigRejected, InferenceError, OptimizeError, ServerDiedError, StudyError
 from optimizer.measurement.engines import LevelSource, make_load_generator
-from optimizer.measurement.levels import LevelResult
-from optimizer.measurement.sweep import SweepOutcome, best_feasible, next_step
+from optimizer.measurement.levels import LevelResult, MeasureSettings
+from optimizer.measurement.sweep import (
+    SweepOutcome,
+    best_feasible,
+    load_of,
+    merge_precise,
+    next_step,
+    pin_down,
+)
 from optimizer.model.intake import ModelInfo
 from optimizer.model.variants import model_files, precision_of
 from optimizer.paths import cache_dir
@@ -89,8 +100,8 @@ class TrialRunner:
         """
         config = render_config(self.model, Candidate(max_batch_size=1), model_name=self.model_name)
         self._load(config, "fp32")
-        probe = replace(self.settings, measure=replace(self.settings.measure, rule="fixed"))
-        generator = self._load_generator(mode="concurrency", settings=probe)
+        probe = replace(self.settings.measure, rule="fixed")
+        generator = self._load_generator(mode="concurrency", measure=probe)
         return [generator.measure(1).p99_ms for _ in range(probes)]
 
     def remeasure(self, trial: optuna.trial.FrozenTrial) -> tuple[float, float]:
@@ -166,12 +177,35 @@ class TrialRunner:
             raise self._server_fault("while loading the config", exc) from exc
 
     def _sweep(self, trial) -> SweepOutcome:
+        """Measure the levels; with screening, short windows first and full ones only where the answer is."""
+        loads = self.settings.request_rates or self.settings.concurrency
+        measure = self.settings.measure
+        screening = measure.screens and self.settings.load_generator == "builtin"
+        try:
+            if not screening:
+                levels, stop = self._walk(trial, loads, measure, phase=None)
+                return SweepOutcome(tuple(levels), best_feasible(levels, self.latency_budget_ms), stop)
+            screened, stop = self._walk(trial, loads, measure.screening(), phase="screen")
+            if stop.startswith("pruned"):
+                return SweepOutcome(tuple(screened), best_feasible(screened, self.latency_budget_ms), stop)
+            precise = self._pin_down(screened)
+        except (InferenceError, ServerDiedError) as exc:
+            raise self._server_fault("during measurement", exc) from exc
+        best = best_feasible(precise, self.latency_budget_ms)
+        if best is None and precise:
+            stop = f"p99 {min(level.p99_ms for level in precise):.1f} ms broke the budget in full windows"
+        return SweepOutcome(merge_precise(screened, precise), best, stop)
+
+    def _walk(
+        self, trial, loads, measure: MeasureSettings, phase: str | None
+    ) -> tuple[list[LevelResult], str]:
+        """Measure ``loads`` in order until the sweep's rule (or the pruner) stops: the levels and why."""
         levels: list[LevelResult] = []
         stop: list[str] = []
         budget = self.latency_budget_ms
 
         def on_level(index: int, level: LevelResult) -> bool:
-            levels.append(level)
+            levels.append(replace(level, phase=phase))
             best = best_feasible(levels, budget)
             if best is not None:
                 trial.report(best.throughput, step=index)
@@ -183,21 +217,26 @@ class TrialRunner:
                 stop.append(reason)
             return reason is None
 
-        loads = self.settings.request_rates or self.settings.concurrency
-        try:
-            self._load_generator().run_levels(loads, on_level)
-        except (InferenceError, ServerDiedError) as exc:
-            raise self._server_fault("during measurement", exc) from exc
-        return SweepOutcome(tuple(levels), best_feasible(levels, budget), stop[0] if stop else "")
+        self._load_generator(measure=measure).run_levels(loads, on_level)
+        return levels, stop[0] if stop else ""
 
-    def _load_generator(self, mode: str | None = None, settings: StudySettings | None = None) -> LevelSource:
+    def _pin_down(self, screened: list[LevelResult]) -> list[LevelResult]:
+        """Full windows where the answer is (sweep.pin_down); far from the budget, throughput only."""
+
+        def measure(level: LevelResult, far: bool) -> LevelResult:
+            settings = self.settings.measure.throughput_only() if far else self.settings.measure
+            return replace(self._load_generator(measure=settings).measure(load_of(level)), phase="precise")
+
+        return pin_down(screened, self.latency_budget_ms, measure)
+
+    def _load_generator(self, mode: str | None = None, measure: MeasureSettings | None = None) -> LevelSource:
         """The engine, protocol and mode the study asked for (closed loop unless it gave request rates)."""
-        settings = settings or self.settings
+        settings = self.settings
         return make_load_generator(
             self.target,
             self.model_name,
             self.samples,
-            settings.measure,
+            measure or settings.measure,
             engine=settings.load_generator,
             protocol=settings.protocol,
             mode=mode or ("request_rate" if settings.request_rates else "concurrency"),
@@ -249,6 +288,10 @@ class TrialRunner:
         trial.set_user_attr("feasible", outcome.feasible)
         trial.set_user_attr("load_generator", self.settings.load_generator)
         trial.set_user_attr("measure_s", round(sum(level.measure_s for level in outcome.levels), 3))
+        for phase in ("screen", "precise"):
+            seconds = [level.measure_s for level in outcome.levels if level.phase == phase]
+            if seconds:
+                trial.set_user_attr(f"{phase}_s", round(sum(seconds), 3))
         budget = self.latency_budget_ms
         if outcome.best is not None:
             best = outcome.best
@@ -311,6 +354,8 @@ _COPIED_ATTRS = (
     "reason",
     "load_generator",
     "measure_s",
+    "screen_s",
+    "precise_s",
     "uncertainty",
     "server",
     "resources",
