@@ -127,6 +127,16 @@ def test_a_study_on_the_real_server_re_measures_its_finalists_before_export(mixe
     assert summary.best is not None and summary.best.number == record["chosen"] == best_trial(study).number
     exported = config_from_pbtxt((summary.best_repository / "config.pbtxt").read_text())
     assert to_dict(exported) == study.trials[record["chosen"]].user_attrs["config"]
+    # The baseline is measured in the same rounds (unless it is a finalist itself): the speed-up is of means.
+    baseline = next(t for t in study.trials if t.user_attrs.get("baseline"))
+    if baseline.number not in [f["trial"] for f in record["finalists"]]:
+        assert record["baseline"]["trial"] == baseline.number and len(record["baseline"]["throughput"]) == 2
+    assert summary.confirmed_baseline is not None and summary.confirmed_baseline.trial == baseline.number
+    ratio, basis = summary.speed_up
+    chosen = next(f for f in summary.finalists if f.trial == record["chosen"])
+    assert basis == "confirmed means" and ratio == pytest.approx(
+        chosen.mean / summary.confirmed_baseline.mean
+    )
 
 
 def test_the_report_shows_each_finalists_measurements_and_follows_the_export(mixed_study):
@@ -136,6 +146,7 @@ def test_the_report_shows_each_finalists_measurements_and_follows_the_export(mix
     assert data.chosen == record["chosen"] == data.headline.best.number
     page = render_html(data)
     assert "Confirmed before export" in page and f"#{record['chosen']} (exported)" in page
+    assert data.confirmed_baseline is not None and "(baseline)" in page
 
 
 def test_confirmation_off_exports_the_best_single_measurement(models, tmp_path):

@@ -24,6 +24,7 @@ from optimizer.config.render import config_from_json, to_pbtxt
 from optimizer.model.variants import precision_of_file
 from optimizer.paths import studies_dir
 from optimizer.study.confirm import CONFIRMATION, Finalist
+from optimizer.study.results import confirmed_baseline
 
 __all__ = [
     "Curve",
@@ -208,6 +209,7 @@ class ReportData:
     precisions: tuple[PrecisionRow, ...]
     failures: tuple[FailureRow, ...]
     finalists: tuple[Finalist, ...] = ()  # the top configs re-measured before export, when confirmed
+    confirmed_baseline: Finalist | None = None  # the baseline, re-measured in the same rounds
     chosen: int | None = None  # the confirmed finalist (the exported trial)
 
 
@@ -246,6 +248,7 @@ def build_report_data(study: Any, *, repository: Path | None = None) -> ReportDa
         failures=failure_rows(trials),
         finalists=tuple(Finalist.from_dict(f) for f in confirmation.get("finalists", [])),
         chosen=chosen,
+        confirmed_baseline=confirmed_baseline(study),
     )
 
 

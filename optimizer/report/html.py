@@ -429,9 +429,12 @@ def _finalists_section(data: ReportData) -> str:
     """Each finalist's measurements, its mean with the 95% interval, and which one was exported."""
     if not data.finalists:
         return ""
+    baseline = (data.confirmed_baseline,) if data.confirmed_baseline else ()
     rows = [
         [
-            f"#{f.trial}" + (" (exported)" if f.trial == data.chosen else ""),
+            f"#{f.trial}"
+            + (" (exported)" if f.trial == data.chosen else "")
+            + (" (baseline)" if f in baseline else ""),
             f"<code>{_e(f.candidate)}</code>",
             _e(f.load),
             _e(", ".join(f"{value:.1f}" for value in f.throughput))
@@ -439,12 +442,13 @@ def _finalists_section(data: ReportData) -> str:
             _e(f"{f.mean:.1f}" + ("" if math.isnan(f.half_width) else f" ± {f.half_width:.1f}")),
             _num(statistics.median(f.p99_ms)),
         ]
-        for f in data.finalists
+        for f in dict.fromkeys((*data.finalists, *baseline))
     ]
     headers = ["trial", "configuration", "load", "inf/s per measurement", "mean ± 95%", "median p99 ms"]
     note = (
         "The best configs measured again before export, in alternating order; the first figure is the "
-        "trial's own. The export is the highest mean whose median p99 is within the budget."
+        "trial's own. The export is the highest mean whose median p99 is within the budget. The baseline is "
+        "measured in the same rounds, so the speed-up compares means over as many loads."
     )
     return _section("Confirmed before export", _e(note), _table(headers, rows, ""))
 

@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from optimizer.study.confirm import Finalist
 from optimizer.study.results import StudySummary, TrialReport
 
 __all__ = ["RichReporter", "print_summary"]
@@ -78,10 +79,11 @@ def finalists_table(summary: StudySummary) -> Table:
     ):
         table.add_column(column)
     chosen = summary.best.number if summary.best is not None else None
-    for finalist in summary.finalists:
+    rows = [*summary.finalists, *([summary.confirmed_baseline] if summary.confirmed_baseline else [])]
+    for finalist in dict.fromkeys(rows):  # the baseline once, also when it is a finalist
         spread = "" if math.isnan(finalist.half_width) else f" ± {finalist.half_width:.1f}"
         table.add_row(
-            "exported" if finalist.trial == chosen else "",
+            _finalist_role(finalist, chosen, summary.confirmed_baseline),
             f"#{finalist.trial}",
             finalist.candidate,
             finalist.load,
@@ -91,6 +93,11 @@ def finalists_table(summary: StudySummary) -> Table:
             f"{statistics.median(finalist.p99_ms):.1f}",
         )
     return table
+
+
+def _finalist_role(finalist: Finalist, chosen: int | None, baseline: Finalist | None) -> str:
+    roles = ["exported" if finalist.trial == chosen else "", "baseline" if finalist == baseline else ""]
+    return ", ".join(role for role in roles if role)
 
 
 def print_summary(summary: StudySummary, console: Console | None = None) -> None:
@@ -118,8 +125,9 @@ def print_summary(summary: StudySummary, console: Console | None = None) -> None
     console.print(table)
     if summary.finalists:
         console.print(finalists_table(summary))
-    if summary.baseline and summary.best and summary.baseline.throughput and summary.best.throughput:
-        console.print(f"speed-up over baseline: {summary.best.throughput / summary.baseline.throughput:.2f}x")
+    if summary.speed_up is not None:
+        ratio, basis = summary.speed_up
+        console.print(f"speed-up over baseline: {ratio:.2f}x ({basis})")
     console.print(f"pruned: {summary.pruned}, failed: {summary.failed}")
     for reason in summary.reasons[:20]:
         console.print(f"  {reason}")

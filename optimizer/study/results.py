@@ -82,6 +82,17 @@ class StudySummary:
     reasons: tuple[str, ...]
     best_repository: Path | None
     finalists: tuple[Finalist, ...] = ()  # the top configs re-measured before export (see confirm.py)
+    confirmed_baseline: Finalist | None = None  # the baseline, re-measured in the same rounds
+
+    @property
+    def speed_up(self) -> tuple[float, str] | None:
+        """Best over baseline, and what it compares: confirmed means when both were confirmed."""
+        chosen = next((f for f in self.finalists if self.best and f.trial == self.best.number), None)
+        if chosen is not None and self.confirmed_baseline is not None and self.confirmed_baseline.mean > 0:
+            return chosen.mean / self.confirmed_baseline.mean, "confirmed means"
+        if self.baseline and self.best and self.baseline.throughput and self.best.throughput:
+            return self.best.throughput / self.baseline.throughput, "single measurements"
+        return None
 
 
 def report_of(trial) -> TrialReport:
@@ -132,6 +143,17 @@ def finalists(study) -> tuple[Finalist, ...]:
     """The confirmation's finalists with all their measurements, best-ranked first (none if not confirmed)."""
     record = study.user_attrs.get(CONFIRMATION) or {}
     return tuple(Finalist.from_dict(f) for f in record.get("finalists", []))
+
+
+def confirmed_baseline(study) -> Finalist | None:
+    """The baseline as the confirmation re-measured it (with the finalists, or as one of them)."""
+    record = study.user_attrs.get(CONFIRMATION) or {}
+    if record.get("baseline"):
+        return Finalist.from_dict(record["baseline"])
+    baseline = next(
+        (t.number for t in study.get_trials(deepcopy=False) if t.user_attrs.get("baseline")), None
+    )
+    return next((f for f in finalists(study) if f.trial == baseline), None)
 
 
 def export_trial(study, trial, out_dir: Path, model: ModelInfo | None = None) -> Path:

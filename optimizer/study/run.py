@@ -21,7 +21,7 @@ from typing import Protocol
 import optuna
 from optuna.exceptions import StorageInternalError
 from optuna.storages import RDBStorage, fail_stale_trials
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.exc import SQLAlchemyError
 
 from optimizer.config.space import (
@@ -62,6 +62,7 @@ from optimizer.study.results import (
     TrialReport,
     best_throughput,
     best_trial,
+    confirmed_baseline,
     export_trial,
     finalists,
     report_of,
@@ -601,19 +602,38 @@ def _confirm(study, runner: TrialRunner, search: SearchSettings, reporter: Repor
         reporter.note("the top configs were confirmed before and no new trial changed them")
         return
     numbers = ", ".join(f"#{t.number}" for t in finalists)
+    # The baseline is measured in the same interleaved rounds: the speed-up's denominator is then a mean
+    # over as many loads as its numerator, not one draw of a config whose fresh loads spread most.
+    baseline = _feasible_baseline(study, finalists)
+    measured = [*finalists, baseline] if baseline is not None else list(finalists)
     reporter.note(
-        f"confirming the top {len(finalists)} ({numbers}): {search.confirm_rounds} more measurements each, interleaved"
+        f"confirming the top {len(finalists)} ({numbers}){' and the baseline' if baseline else ''}: "
+        f"{search.confirm_rounds} more measurements each, interleaved"
     )
-    results = confirm(finalists, runner.remeasure, search.confirm_rounds)
-    chosen = choose(results, runner.latency_budget_ms)
-    study.set_user_attr(
-        CONFIRMATION,
-        {
-            "finalists": [f.to_dict() for f in results],
-            "rounds": search.confirm_rounds,
-            "chosen": chosen.trial if chosen is not None else None,
-            "rule": "highest mean throughput whose median p99 is within the latency budget",
-        },
+    results = confirm(measured, runner.remeasure, search.confirm_rounds)
+    confirmed, reference = results[: len(finalists)], results[len(finalists) :]
+    chosen = choose(confirmed, runner.latency_budget_ms)
+    record = {
+        "finalists": [f.to_dict() for f in confirmed],
+        "rounds": search.confirm_rounds,
+        "chosen": chosen.trial if chosen is not None else None,
+        "rule": "highest mean throughput whose median p99 is within the latency budget",
+    }
+    if reference:
+        record["baseline"] = reference[0].to_dict()
+    study.set_user_attr(CONFIRMATION, record)
+
+
+def _feasible_baseline(study, finalists) -> FrozenTrial | None:
+    """The baseline trial to re-measure beside the finalists (None: infeasible, or a finalist itself)."""
+    numbers = {t.number for t in finalists}
+    return next(
+        (
+            t
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.user_attrs.get("baseline") and t.user_attrs.get("feasible") and t.number not in numbers
+        ),
+        None,
     )
 
 
@@ -656,4 +676,5 @@ def _summarise(study, plan: _Plan, budget: int) -> StudySummary:
         reasons=tuple(f"#{r.number} {r.state}: {r.reason}" for r in reports if r.state != "complete"),
         best_repository=repository,
         finalists=finalists(study),
+        confirmed_baseline=confirmed_baseline(study),
     )

@@ -142,8 +142,7 @@ class TrialRunner:
             return _reuse_measurement(trial, earlier)
         started = time.perf_counter()
         try:
-            trial.set_user_attr("load_s", round(self._load(config, candidate.precision), 3))
-            outcome = self._sweep(trial)
+            outcome = self.measure(trial, config, candidate.precision)
         except TrialFailed as exc:
             trial.set_user_attr("reason", str(exc))
             if exc.transient:
@@ -166,6 +165,14 @@ class TrialRunner:
             raise optuna.TrialPruned(outcome.stop_reason)
         assert outcome.best is not None  # feasible, checked above
         return round(outcome.best.throughput, 3)  # the same figure as the "throughput" attribute
+
+    def measure(self, trial, config, precision: str) -> SweepOutcome:
+        """Load ``config`` (its model file of ``precision``) and sweep it: the trial's measurement.
+
+        ``trial`` (an Optuna trial) receives the reload time and each screened level (for the pruner).
+        """
+        trial.set_user_attr("load_s", round(self._load(config, precision), 3))
+        return self._sweep(trial)
 
     def _load(self, config, precision: str) -> float:
         files = model_files(self.model, precision, cache_dir())
