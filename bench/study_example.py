@@ -98,7 +98,18 @@ def print_figures(study, summary, wall_s: float) -> None:
                     f"{finalist['throughput']} mean {finalist['mean']} ± {finalist['half_width']}",
                 )
             )
+        baseline_record = confirmation.get("baseline")
+        if baseline_record:
+            rows.append(
+                (
+                    f"baseline #{baseline_record['trial']} (inf/s per repeat)",
+                    f"{baseline_record['throughput']} mean {baseline_record['mean']} ± {baseline_record['half_width']}",
+                )
+            )
         rows.append(("confirmed pick", f"#{confirmation.get('chosen')}"))
+    if summary.speed_up is not None:
+        ratio, basis = summary.speed_up
+        rows.append(("speed-up the study prints", f"{ratio:.2f}x ({basis})"))
     for precision, figure in _best_per_precision(study).items():
         rows.append((f"best {precision} throughput (inf/s)", figure))
     for precision, record in study.user_attrs.get("variants", {}).items():
