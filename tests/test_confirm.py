@@ -147,6 +147,9 @@ def test_the_report_shows_each_finalists_measurements_and_follows_the_export(mix
     page = render_html(data)
     assert "Confirmed before export" in page and f"#{record['chosen']} (exported)" in page
     assert data.confirmed_baseline is not None and "(baseline)" in page
+    chosen = next(f for f in data.finalists if f.trial == record["chosen"])
+    assert data.headline.ratio_basis == "confirmed means" and "(confirmed means)" in page
+    assert data.headline.ratio == pytest.approx(chosen.mean / data.confirmed_baseline.mean)
 
 
 def test_confirmation_off_exports_the_best_single_measurement(models, tmp_path):
@@ -158,3 +161,6 @@ def test_confirmation_off_exports_the_best_single_measurement(models, tmp_path):
     assert CONFIRMATION not in study.user_attrs
     feasible = [t for t in study.trials if t.state == TrialState.COMPLETE and t.user_attrs.get("feasible")]
     assert best_trial(study).value == max(t.value for t in feasible)
+    head = build_report_data(study).headline
+    assert head.ratio_basis == "single measurements"
+    assert head.ratio == pytest.approx(head.best.throughput / head.baseline.throughput)

@@ -13,7 +13,7 @@ import json
 import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +127,7 @@ class Headline:
     ratio: float | None  # best / baseline throughput
     best_config: str  # config.pbtxt of the best trial, "" without one
     repository: str  # where the best trial's model repository is exported
+    ratio_basis: str = "single measurements"  # or "confirmed means" (both re-measured, interleaved)
 
 
 @dataclass(frozen=True)
@@ -235,9 +236,11 @@ def build_report_data(study: Any, *, repository: Path | None = None) -> ReportDa
         repository = studies_dir() / study.study_name / "best" / info.model_name
     confirmation = attrs.get(CONFIRMATION) or {}
     chosen = confirmation.get("chosen")
+    finalists = tuple(Finalist.from_dict(f) for f in confirmation.get("finalists", []))
+    baseline = confirmed_baseline(study)
     return ReportData(
         info=info,
-        headline=headline(trials, str(repository), chosen=chosen),
+        headline=_confirmed(headline(trials, str(repository), chosen=chosen), finalists, baseline),
         trials=trials,
         curves=curves_data(trials, budget, chosen=chosen),
         scatter=scatter_data(trials, budget),
@@ -246,9 +249,9 @@ def build_report_data(study: Any, *, repository: Path | None = None) -> ReportDa
         top=top_trials(trials),
         precisions=precision_rows(trials, attrs.get("variants"), _space_precisions(attrs)),
         failures=failure_rows(trials),
-        finalists=tuple(Finalist.from_dict(f) for f in confirmation.get("finalists", [])),
+        finalists=finalists,
         chosen=chosen,
-        confirmed_baseline=confirmed_baseline(study),
+        confirmed_baseline=baseline,
     )
 
 
@@ -377,6 +380,14 @@ def headline(trials: Sequence[TrialRecord], repository: str, *, chosen: int | No
     if best is not None and baseline is not None and baseline.throughput:
         ratio = (best.throughput or 0.0) / baseline.throughput
     return Headline(baseline, best, ratio, _pbtxt(best.config) if best else "", repository if best else "")
+
+
+def _confirmed(head: Headline, finalists: Sequence[Finalist], baseline: Finalist | None) -> Headline:
+    """The headline's ratio as the study prints it: of confirmed means when best and baseline have them."""
+    best = next((f for f in finalists if head.best is not None and f.trial == head.best.number), None)
+    if best is None or baseline is None or baseline.mean <= 0:
+        return head
+    return replace(head, ratio=best.mean / baseline.mean, ratio_basis="confirmed means")
 
 
 def _pbtxt(config: Mapping[str, Any]) -> str:

@@ -371,7 +371,7 @@ def _headline(head: Headline, info: StudyInfo) -> str:
     cards = [
         _trial_card("Baseline (untuned)", head.baseline),
         _trial_card("Best within the latency budget", head.best),
-        _card("Speed-up", ratio, "best / baseline throughput"),
+        _card("Speed-up", ratio, f"best / baseline throughput ({head.ratio_basis})"),
     ]
     if head.baseline is None and head.best is None:
         command = f"optimize study --study-name {_e(info.name)}"
