@@ -1,12 +1,16 @@
 """Record response surfaces: every config of a finite space measured on the real embedded Triton.
 
     .venv/bin/python bench/record_surface.py [--models encoder,cnn] [--repeats 2] [--space grid-small]
+        [--procedure study|fixed] [--suffix -quiet] [--work bench/out/surfaces-quiet]
 
 Each repeat of each model is one study with Optuna's GridSampler and no pruner, so every config gets the
 very sweep a study gives it (same load generator, same stopping rule, same latency budget). Repeats of
 the models are interleaved in time (encoder r0, cnn r0, encoder r1, ...) so a slow stretch of this
 shared machine does not fall on one model or one repeat only. The first repeat of a model settles its
 latency budget (the study default: 10 x the baseline's single-request p99); later repeats reuse it.
+``--procedure study`` (the default) measures as ``optimize study`` does (screening windows, the ci rule
+for the level that can be the answer, the adaptive warm-up), each trial on one load and nothing
+confirmed; ``fixed`` is the 1 s fixed windows the first two recordings used.
 
 Writes ``bench/data/<model>/``: ``levels.csv`` (one row per measured concurrency level per repeat),
 ``outcomes.csv`` (one row per config per repeat: complete, infeasible or failed, with the reason),
@@ -37,7 +41,7 @@ from optimizer.model.intake import inspect_model
 from optimizer.paths import cache_dir
 from optimizer.serving.environment import available_cores
 from optimizer.study.run import run_study
-from optimizer.study.settings import StudySettings
+from optimizer.study.settings import SearchSettings, StudySettings
 
 # How each recorded model is built (deterministic: the same seed writes the same bytes).
 MODELS = {
@@ -46,8 +50,23 @@ MODELS = {
 }
 # Shorter windows than the CLI default keep a recording of 2 x 2 x 72 sweeps under an hour.
 CORES = available_cores()  # what the recorded server's instances shared
-RECORD_MEASURE = MeasureSettings(warmup_s=0.5, window_s=1.0, min_requests=20, max_window_s=4.0, rule="fixed")
-LEVEL_FIELDS = ("concurrency", "throughput", "p50_ms", "p95_ms", "p99_ms", "requests", "duration_s")
+PROCEDURES = {
+    "fixed": MeasureSettings(warmup_s=0.5, window_s=1.0, min_requests=20, max_window_s=4.0, rule="fixed"),
+    "study": MeasureSettings(),  # what optimize study measures with
+}
+# A recording measures each config as it is, once per repeat: no second loads, no confirmation.
+RECORD_SEARCH = SearchSettings(confirm_finalists=0, second_load_margin=None)
+LEVEL_FIELDS = (
+    "concurrency",
+    "throughput",
+    "p50_ms",
+    "p95_ms",
+    "p99_ms",
+    "requests",
+    "duration_s",
+    "phase",
+    "warmup_s",
+)
 
 
 def build_model(name: str) -> Path:
@@ -97,7 +116,8 @@ def record(args) -> None:
                     seed=repeat,
                     sampler="grid",
                     pruning=False,
-                    measure=RECORD_MEASURE,
+                    measure=PROCEDURES[args.procedure],
+                    search=RECORD_SEARCH,
                     latency_budget_ms=budgets.get(name),
                 )
             )
@@ -123,7 +143,7 @@ def record(args) -> None:
 
 def dump(name: str, args) -> None:
     """Write bench/data/<name>/ from the recording studies of ``name`` found in ``--work``."""
-    out = args.out / name
+    out = args.out / f"{name}{args.suffix}"
     out.mkdir(parents=True, exist_ok=True)
     studies = _recorded_studies(name, args.work)
     level_rows, outcome_rows = [], []
@@ -145,13 +165,13 @@ def dump(name: str, args) -> None:
         "shapes": first.user_attrs["shapes"],
         "latency_budget_ms": first.user_attrs["latency_budget_ms"],
         "concurrency_levels": first.user_attrs["concurrency_levels"],
-        "measure": RECORD_MEASURE.__dict__,
+        "measure": {**PROCEDURES[args.procedure].__dict__, "procedure": args.procedure},
         "variants": first.user_attrs.get("variants", {}),
         "server_version": first.user_attrs["server_version"],
         "hardware": first.user_attrs["hardware"],
         "repeats": len(studies),
         "repeat_conditions": [study.user_attrs.get("recording", {}) for study in studies],
-        "priority": "nice -15 (other processes on the machine kept running)",
+        "priority": f"nice {args.nice} (other processes on the machine kept running)",
         "recorded": time.strftime("%Y-%m-%d", time.gmtime()),
         "command": "bench/record_surface.py",
     }
@@ -199,7 +219,7 @@ def _recorded_studies(name: str, work: Path) -> list:
 
 def _write_csv(path: Path, fields: list[str], rows: list[dict]) -> None:
     with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
 
@@ -213,6 +233,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("bench/out/surfaces"))
     parser.add_argument("--dump-only", action="store_true", help="rewrite bench/data from --work only")
     parser.add_argument("--nice", type=int, default=-15, help="scheduling priority of the recording")
+    parser.add_argument("--procedure", choices=sorted(PROCEDURES), default="study")
+    parser.add_argument("--suffix", default="", help="written to bench/data/<model><suffix>/")
     args = parser.parse_args()
     unknown = set(args.models) - set(MODELS)
     if unknown:

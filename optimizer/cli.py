@@ -20,6 +20,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from optimizer.config.space import parse_starting_points
 from optimizer.errors import OptimizeError, StudyError, UsageError
 from optimizer.measurement.levels import DEFAULT_MAX_WINDOW_S, Engine, MeasureSettings, Protocol, StopRule
 from optimizer.output.formats import ExportFormat
@@ -178,6 +179,17 @@ def study(
             rich_help_panel=SEARCH,
         ),
     ] = SearchSettings().confirm_finalists,
+    starting_points: Annotated[
+        str,
+        typer.Option(
+            "--starting-points",
+            help=(
+                "Configs measured right after the baseline, comma-separated: variants (a batching config "
+                "per provider x precision), batching, batching-lowp; 'none' for none."
+            ),
+            rich_help_panel=SEARCH,
+        ),
+    ] = ",".join(SearchSettings().starting_points) or "none",
     warm_start: Annotated[
         Optional[str],
         typer.Option(
@@ -409,7 +421,9 @@ def study(
         concurrency=parse_levels(concurrency) if concurrency else DEFAULT_LEVELS,
         seed=seed,
         sampler=sampler.value,
-        search=SearchSettings(confirm_finalists=confirm),
+        search=SearchSettings(
+            confirm_finalists=confirm, starting_points=parse_starting_points(starting_points)
+        ),
         warm_start=warm_start,
         measure=MeasureSettings.with_window(
             window_s,

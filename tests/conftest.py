@@ -66,7 +66,8 @@ def mixed_study(models, triton, tmp_path_factory) -> FinishedStudy:
     The study, report, export and confirmation tests read it; none of them changes it.
     """
     root = tmp_path_factory.mktemp("mixed")
-    confirmed = SearchSettings(confirm_finalists=2, confirm_rounds=1)
+    # One load per trial (no second loads), so the third load is the third trial's.
+    confirmed = SearchSettings(confirm_finalists=2, confirm_rounds=1, second_load_margin=None)
     settings = study_settings(models["mlp"], root, budget=5, study_name="mixed", seed=3, search=confirmed)
     summary = run_study(settings, target=RejectingTarget(triton))
     study = optuna.load_study(study_name="mixed", storage=f"sqlite:///{root}/mixed.db")

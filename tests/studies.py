@@ -34,7 +34,8 @@ FAST_CLI = [
     "0",
 ]
 # Tests of other things export the best single measurement; the confirmation has tests of its own.
-NO_CONFIRMATION = SearchSettings(confirm_finalists=0)
+# Every trial one load and no confirmation: the figures the tests check are single measurements.
+NO_CONFIRMATION = SearchSettings(confirm_finalists=0, second_load_margin=None)
 
 
 def study_settings(model: Path, tmp_path: Path, **overrides) -> StudySettings:

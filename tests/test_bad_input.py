@@ -180,6 +180,12 @@ CASES = [
         2,
         "'cmaes' is not one of 'tpe', 'random', 'grid'",
     ),
+    (
+        "starting-point-unknown",
+        lambda m, f, t: ["--starting-points", "variants,fast"],
+        4,
+        "unknown starting point 'fast'",
+    ),
     ("grid-of-a-range", lambda m, f, t: ["--sampler", "grid"], 4, "a grid needs max_queue_delay_us as"),
     (
         "warm-start-missing",

@@ -576,6 +576,28 @@ def test_starting_points_are_the_baseline_with_batching_turned_up() -> None:
         starting_points(cpu, ("fast",))
 
 
+def test_the_variants_starting_points_give_every_provider_and_precision_a_batching_config() -> None:
+    from optimizer.config.space import starting_points
+
+    space = space_from_dict(
+        {
+            "execution_providers": ["cpu", "openvino"],
+            "precisions": ["fp32", "fp16", "int8"],
+            "max_batch_size": [1, 32],
+        }
+    )
+    points = starting_points(space, ("variants",))
+    candidates = [
+        suggest_candidate(optuna.trial.FixedTrial(p), space, batching=True, cores=CORES) for p in points
+    ]
+    assert sorted((c.provider, c.precision) for c in candidates) == sorted(
+        (provider, precision) for provider in ("cpu", "openvino") for precision in ("fp32", "fp16", "int8")
+    )
+    assert all(c.max_batch_size == 32 and c.preferred_batch_sizes == (32,) for c in candidates)
+    # Another name asking for one of the same configs adds nothing twice.
+    assert starting_points(space, ("variants", "batching")) == points
+
+
 # --- instances share the cores unless the space asks for more -------------------------------------
 
 

@@ -9,6 +9,7 @@ import pytest
 from optimizer.measurement.levels import LevelResult, MeasureSettings
 from optimizer.measurement.sweep import MAX_PRECISE_WINDOWS, merge_precise, pin_down, precise_plan
 from optimizer.study.run import run_study
+from optimizer.study.settings import SearchSettings
 from studies import load_study, study_settings
 
 
@@ -87,8 +88,12 @@ def test_a_trial_screens_every_level_and_pins_down_only_its_answer(models, trito
         screens = [level for level in sweep if level["phase"] == "screen"]
         precise = [level for level in sweep if level["phase"] == "precise"]
         assert len(screens) + len(precise) == len(sweep) and len(precise) <= MAX_PRECISE_WINDOWS
-        # A screening window ends long before a full one could (its minimum is 0.5 s here).
-        assert all(level["duration_s"] < CI.window_s for level in screens)
+        # A screening window is a short fixed one: typically well under a full window's minimum (0.5 s
+        # here), never far over its own cap (a loaded CI machine can stretch a few past 0.5 s).
+        durations = sorted(level["duration_s"] for level in screens)
+        if durations:
+            assert durations[len(durations) // 2] < CI.window_s
+            assert durations[-1] <= CI.screening().max_window_s + 1.0
         assert all(level["duration_s"] >= CI.window_s for level in precise)
         broke += sum(level["p99_ms"] > budget_ms for level in sweep)
         if attrs.get("feasible"):
@@ -102,3 +107,38 @@ def test_a_trial_screens_every_level_and_pins_down_only_its_answer(models, trito
         # Warm-ups after the first level of a run find a warm model: they settle well before the cap.
         assert min(level["warmup_s"] for level in sweep) < CI.warmup_s
     assert broke, "no level broke the budget: the test did not reach the step-down path"
+
+
+@pytest.mark.server
+def test_a_score_near_the_best_is_measured_on_a_second_load_and_scored_by_the_mean(models, triton, tmp_path):
+    # A margin of 1: every feasible trial after the first is near enough to the best to be loaded again.
+    settings = study_settings(
+        models["mlp"],
+        tmp_path,
+        budget=3,
+        measure=CI,
+        pruning=False,
+        search=SearchSettings(confirm_finalists=0, second_load_margin=1.0),
+    )
+    run_study(settings, target=triton)
+    study = load_study(tmp_path)
+    budget_ms = study.user_attrs["latency_budget_ms"]
+    trials = sorted(study.trials, key=lambda t: t.number)
+    measured = [t for t in trials if "sweep" in t.user_attrs and "same_config_as" not in t.user_attrs]
+    assert "second_load" not in trials[0].user_attrs  # nothing to compare the first score with
+    repeated = [t for t in measured if "second_load" in t.user_attrs]
+    assert repeated, [t.user_attrs.get("reason") for t in measured]
+    for trial in repeated:
+        attrs, second = trial.user_attrs, trial.user_attrs["second_load"]
+        first = next(
+            level
+            for level in attrs["sweep"]
+            if level["phase"] == "precise" and level["concurrency"] == attrs["concurrency"]
+        )
+        assert second["seconds"] > 0 and attrs["trial_s"] >= second["seconds"]
+        assert attrs["p99_ms"] == pytest.approx(max(first["p99_ms"], second["p99_ms"]), abs=1e-3)
+        if trial.value is not None:  # feasible on both loads: scored by the mean of the two
+            assert trial.value == pytest.approx((first["throughput"] + second["throughput"]) / 2, abs=1e-2)
+            assert attrs["p99_ms"] <= budget_ms
+        else:
+            assert second["p99_ms"] > budget_ms and attrs["feasible"] is False

@@ -25,9 +25,11 @@ __all__ = [
     "CPU_PROVIDERS",
     "GPU_PROVIDERS",
     "Candidate",
+    "STARTING_POINT_NAMES",
     "SearchSpace",
     "baseline_params",
     "fit_params",
+    "parse_starting_points",
     "starting_points",
     "grid_of",
     "load_space",
@@ -495,25 +497,56 @@ def baseline_params(space: SearchSpace) -> dict[str, Any]:
     return params
 
 
+STARTING_POINT_NAMES = ("variants", "batching", "batching-lowp")
+
+
+def parse_starting_points(text: str) -> tuple[str, ...]:
+    """``variants,batching`` as names; ``none`` (or nothing) for no starting points."""
+    names = tuple(name.strip() for name in text.split(",") if name.strip() and name.strip() != "none")
+    unknown = [name for name in names if name not in STARTING_POINT_NAMES]
+    if unknown:
+        raise SpaceError(
+            f"unknown starting point {unknown[0]!r}: use {', '.join(STARTING_POINT_NAMES)} or none"
+        )
+    return names
+
+
 def starting_points(space: SearchSpace, names: tuple[str, ...]) -> list[dict[str, Any]]:
     """Well-known good configs to measure early, by name; each is the baseline with some fields changed.
 
-    ``batching``: the largest max batch size, preferring it, a short queue delay; ``batching-lowp``:
-    the same with the lowest precision in the space (int8, else fp16).
+    ``variants``: one batching config (below) per execution provider x precision, so that no variant is
+    written off on a random draw that gave it poor batching or threads; ``batching``: the largest max
+    batch size, preferring it, a short queue delay; ``batching-lowp``: the same with the lowest precision
+    in the space (int8, else fp16).
     """
-    points = []
+    points: list[dict[str, Any]] = []
     for name in names:
-        if name not in ("batching", "batching-lowp"):
-            raise SpaceError(f"unknown starting point {name!r}: use batching or batching-lowp")
-        params = {**baseline_params(space), **_batching_params(space)}
-        if name == "batching-lowp":
-            low = [p for p in ("int8", "fp16") if p in space.precisions]
-            if not low:
-                continue
-            params["precision"] = low[0]
-        if params not in points and params != baseline_params(space):
-            points.append(params)
+        if name not in STARTING_POINT_NAMES:
+            raise SpaceError(f"unknown starting point {name!r}: use {', '.join(STARTING_POINT_NAMES)}")
+        for variant in _variants_of(space, name):
+            params = {**baseline_params(space), **_batching_params(space), **variant}
+            if params not in points and params != baseline_params(space):
+                points.append(params)
     return points
+
+
+def _variants_of(space: SearchSpace, name: str) -> list[dict[str, Any]]:
+    """The provider/precision parameters each named starting point is measured with."""
+    if name == "batching":
+        return [{}]
+    if name == "batching-lowp":
+        low = [p for p in ("int8", "fp16") if p in space.precisions]
+        return [{"precision": low[0]}] if low else []
+    variants = []
+    for provider in space.execution_providers:
+        for precision in space.precisions:
+            variant: dict[str, Any] = {}
+            if len(space.execution_providers) > 1:
+                variant["execution_provider"] = provider
+            if len(space.precisions) > 1:
+                variant["precision"] = precision
+            variants.append(variant)
+    return variants
 
 
 def _batching_params(space: SearchSpace) -> dict[str, Any]:

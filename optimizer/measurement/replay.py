@@ -15,7 +15,7 @@ import os
 import random
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from optimizer.config.render import config_digest
@@ -27,6 +27,7 @@ from optimizer.paths import cache_dir
 from optimizer.serving.base import Capabilities, ServingTarget
 
 __all__ = [
+    "BadStarts",
     "RecordedConfig",
     "ReplayTarget",
     "Surface",
@@ -146,6 +147,9 @@ def _level(row: Mapping[str, str]) -> LevelResult:
         p99_ms=float(row["p99_ms"]),
         requests=int(row["requests"]),
         duration_s=float(row["duration_s"]),
+        # Recordings made with the study's procedure (screening, adaptive warm-up) say how long each took.
+        warmup_s=float(row["warmup_s"]) if row.get("warmup_s") else None,
+        phase=row.get("phase") or None,
     )
 
 
@@ -160,12 +164,41 @@ def _replayed_best(sweep: Sequence[LevelResult], budget_ms: float) -> float:
     return best.throughput if best is not None else 0.0
 
 
-def draw_repeat(config: RecordedConfig, rng: random.Random) -> tuple[LevelResult, ...]:
+@dataclass(frozen=True)
+class BadStarts:
+    """A noise model on top of the recorded repeats: some loads start slow and stay slow.
+
+    One config measured 440-884 inf/s on freshly started servers (median 533): a load's thread
+    placement can cost it near half its throughput for as long as it stays loaded. With probability
+    ``rate`` a drawn repeat has its throughput times ``factor`` and its latencies divided by it.
+    """
+
+    rate: float
+    factor: float = 0.6
+
+    def apply(self, sweep: tuple[LevelResult, ...], rng: random.Random) -> tuple[LevelResult, ...]:
+        if rng.random() >= self.rate:
+            return sweep
+        return tuple(
+            replace(
+                level,
+                throughput=level.throughput * self.factor,
+                p50_ms=level.p50_ms / self.factor,
+                p95_ms=level.p95_ms / self.factor,
+                p99_ms=level.p99_ms / self.factor,
+            )
+            for level in sweep
+        )
+
+
+def draw_repeat(
+    config: RecordedConfig, rng: random.Random, bad_starts: BadStarts | None = None
+) -> tuple[LevelResult, ...]:
     """One recorded repeat of ``config``, at random; a failed repeat raises ConfigRejected as it failed."""
     index = rng.randrange(_repeats(config))
     if index >= len(config.sweeps):
         raise ConfigRejected(f"recorded failure: {config.failures[index - len(config.sweeps)]}")
-    return config.sweeps[index]
+    return bad_starts.apply(config.sweeps[index], rng) if bad_starts else config.sweeps[index]
 
 
 def replay_sweep(
@@ -229,9 +262,12 @@ class ReplayTarget(ServingTarget):
     name = "replay"
     capabilities = Capabilities(can_restart=True, gpu_metrics=False, shared_filesystem=False)
 
-    def __init__(self, path: Path | str, seed: int | None = None) -> None:
+    def __init__(
+        self, path: Path | str, seed: int | None = None, bad_starts: BadStarts | None = None
+    ) -> None:
         self.surface = load_surface(path)
         self.rng = random.Random(seed)
+        self.bad_starts = bad_starts
         self._loaded: tuple[RecordedConfig, tuple[LevelResult, ...]] | None = None
 
     @property
@@ -285,7 +321,7 @@ class ReplayTarget(ServingTarget):
                 f"recorded (--space {self.surface.space_path})"
             )
         config = self.surface.configs[key]
-        self._loaded = (config, draw_repeat(config, self.rng))
+        self._loaded = (config, draw_repeat(config, self.rng, self.bad_starts))
         return 0.0
 
     def loaded(self) -> tuple[RecordedConfig, tuple[LevelResult, ...]]:

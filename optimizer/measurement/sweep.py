@@ -59,6 +59,11 @@ class SweepOutcome:
     def feasible(self) -> bool:
         return self.best is not None
 
+    @property
+    def lowest_p99_ms(self) -> float:
+        """How close the sweep came to the budget: its lowest p99."""
+        return min(level.p99_ms for level in self.levels)
+
 
 def best_feasible(levels: Sequence[LevelResult], budget_ms: float) -> LevelResult | None:
     """The level with the highest throughput whose p99 is within ``budget_ms``."""

@@ -144,27 +144,98 @@ class TrialRunner:
         try:
             outcome = self.measure(trial, config, candidate.precision)
         except TrialFailed as exc:
-            trial.set_user_attr("reason", str(exc))
-            if exc.transient:
-                trial.set_user_attr("transient_fault", True)
-            trial.set_constraint(CONSTRAINT, 1.0)
+            self._fail(trial, exc)
             raise
         finally:
             trial.set_user_attr("trial_s", round(time.perf_counter() - started, 3))
         self._record(trial, outcome)
         over_memory = self._record_memory(trial, outcome)
-        if over_memory:
-            trial.set_user_attr("feasible", False)
-            trial.set_user_attr("reason", f"infeasible: {over_memory}")
-            raise optuna.TrialPruned(over_memory)
-        if not outcome.feasible:
-            trial.set_user_attr("reason", f"infeasible: {outcome.stop_reason}")
-            raise optuna.TrialPruned(outcome.stop_reason)
-        if outcome.stop_reason.startswith("pruned"):
-            trial.set_user_attr("reason", outcome.stop_reason)
+        if over_memory or not outcome.feasible or outcome.stop_reason.startswith("pruned"):
+            self._constrain(trial, outcome.best.p99_ms if outcome.best else outcome.lowest_p99_ms)
+            if over_memory:
+                trial.set_user_attr("feasible", False)
+                trial.set_user_attr("reason", f"infeasible: {over_memory}")
+                raise optuna.TrialPruned(over_memory)
+            reason = outcome.stop_reason if outcome.feasible else f"infeasible: {outcome.stop_reason}"
+            trial.set_user_attr("reason", reason)
             raise optuna.TrialPruned(outcome.stop_reason)
         assert outcome.best is not None  # feasible, checked above
-        return round(outcome.best.throughput, 3)  # the same figure as the "throughput" attribute
+        if not self._worth_a_second_load(trial, outcome.best.throughput):
+            self._constrain(trial, outcome.best.p99_ms)
+            return round(outcome.best.throughput, 3)  # the same figure as the "throughput" attribute
+        return round(self._second_load(trial, config, candidate.precision, outcome.best), 3)
+
+    def _constrain(self, trial, p99_ms: float) -> None:
+        """The latency constraint (feasible iff <= 0); Optuna keeps the first value set, so set it once."""
+        trial.set_constraint(CONSTRAINT, (p99_ms - self.latency_budget_ms) / self.latency_budget_ms)
+
+    @staticmethod
+    def _fail(trial, exc: TrialFailed) -> None:
+        trial.set_user_attr("reason", str(exc))
+        if exc.transient:
+            trial.set_user_attr("transient_fault", True)
+        trial.set_constraint(CONSTRAINT, 1.0)
+
+    def _worth_a_second_load(self, trial, throughput: float) -> bool:
+        """Whether one load's draw would decide too much: a score near or above the best so far, or the
+        first feasible score of its execution provider x precision (which tells the sampler whether to
+        come back to that variant at all).
+
+        Each load starts new backend processes and thread pools, and one config measured 440-884 inf/s
+        on fresh loads: such a score is measured on a second load before it counts.
+        """
+        margin = self.settings.search.second_load_margin
+        if margin is None or self.settings.load_generator != "builtin":
+            return False
+        earlier = [
+            t
+            for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.number != trial.number and t.value is not None
+        ]
+        if not earlier:
+            return False
+        if throughput >= (1 - margin) * max(t.value for t in earlier):
+            return True
+        variant = _variant_of(trial.params)
+        return all(_variant_of(t.params) != variant for t in earlier)
+
+    def _second_load(self, trial, config, precision: str, first: LevelResult) -> float:
+        """Load the config again and measure the level it was best at: the score is the mean of both loads.
+
+        The p99 recorded is the worse of the two; a second load over the budget makes the trial infeasible.
+        """
+        started = time.perf_counter()
+        try:
+            self._load(config, precision)
+            second = self._load_generator().measure(load_of(first))
+        except (InferenceError, ServerDiedError) as exc:
+            fault = self._server_fault("while measuring a second load", exc)
+            self._fail(trial, fault)
+            raise fault from exc
+        except TrialFailed as exc:
+            self._fail(trial, exc)
+            raise
+        seconds = time.perf_counter() - started
+        trial.set_user_attr(
+            "second_load",
+            {
+                "throughput": round(second.throughput, 3),
+                "p99_ms": round(second.p99_ms, 3),
+                "seconds": round(seconds, 3),
+            },
+        )
+        trial.set_user_attr("trial_s", round(trial.user_attrs.get("trial_s", 0.0) + seconds, 3))
+        p99 = max(first.p99_ms, second.p99_ms)
+        trial.set_user_attr("p99_ms", round(p99, 3))
+        self._constrain(trial, p99)
+        if second.p99_ms > self.latency_budget_ms:
+            reason = f"p99 {second.p99_ms:.1f} ms broke the budget on a second load"
+            trial.set_user_attr("feasible", False)
+            trial.set_user_attr("reason", f"infeasible: {reason}")
+            raise optuna.TrialPruned(reason)
+        mean = (first.throughput + second.throughput) / 2
+        trial.set_user_attr("throughput", round(mean, 3))
+        return mean
 
     def measure(self, trial, config, precision: str) -> SweepOutcome:
         """Load ``config`` (its model file of ``precision``) and sweep it: the trial's measurement.
@@ -299,7 +370,6 @@ class TrialRunner:
             seconds = [level.measure_s for level in outcome.levels if level.phase == phase]
             if seconds:
                 trial.set_user_attr(f"{phase}_s", round(sum(seconds), 3))
-        budget = self.latency_budget_ms
         if outcome.best is not None:
             best = outcome.best
             trial.set_user_attr("throughput", round(best.throughput, 3))
@@ -312,10 +382,6 @@ class TrialRunner:
             for key in ("uncertainty", "server", "resources"):
                 if key in (record := best.to_dict()):
                     trial.set_user_attr(key, record[key])
-            trial.set_constraint(CONSTRAINT, (best.p99_ms - budget) / budget)
-        else:
-            lowest = min(level.p99_ms for level in outcome.levels)
-            trial.set_constraint(CONSTRAINT, (lowest - budget) / budget)
 
     def _record_memory(self, trial, outcome: SweepOutcome) -> str | None:
         """Record the most memory any level needed; why the trial breaks ``--max-memory-mb``, or None."""
@@ -333,6 +399,11 @@ class TrialRunner:
         if used <= limit:
             return None
         return f"{source} {used:.0f} MiB broke the --max-memory-mb {limit:g} limit"
+
+
+def _variant_of(params) -> tuple[str | None, str | None]:
+    """A trial's execution provider and precision (None where the space has one choice)."""
+    return params.get("execution_provider"), params.get("precision")
 
 
 def _is_surplus(trial, budget: int) -> bool:
@@ -363,6 +434,7 @@ _COPIED_ATTRS = (
     "measure_s",
     "screen_s",
     "precise_s",
+    "second_load",
     "uncertainty",
     "server",
     "resources",
