@@ -43,7 +43,7 @@ from optimizer.measurement.levels import LevelResult, MeasureSettings
 from optimizer.measurement.sweep import next_step
 from optimizer.model import examples
 from optimizer.model.intake import inspect_model, resolve_shapes, synthetic_inputs
-from optimizer.model.variants import model_files
+from optimizer.model.variants import config_files
 from optimizer.paths import cache_dir
 from optimizer.serving.embedded import EmbeddedTriton
 
@@ -117,9 +117,7 @@ class _Bench:
 
     def load(self, name: str, candidate: Candidate) -> None:
         config = render_config(self.info, candidate, model_name="enc")
-        self.server.load_model(
-            "enc", to_json(config), model_files(self.info, candidate.precision, cache_dir())
-        )
+        self.server.load_model("enc", to_json(config), config_files(self.info, config, cache_dir()))
 
     def ours(
         self, settings: MeasureSettings, concurrency: int, model: str = "enc", samples=None

@@ -60,9 +60,7 @@ def main() -> None:
         for repeat in range(args.repeats):
             for label, candidate in configs.items():
                 trial = study.ask()
-                outcome = runner.measure(
-                    trial, render_config(model, candidate, model_name=name), candidate.precision
-                )
+                outcome = runner.measure(trial, render_config(model, candidate, model_name=name))
                 score = outcome.best.throughput if outcome.best else 0.0
                 scores[label].append(score)
                 seconds = sum(level.measure_s for level in outcome.levels) + trial.user_attrs["load_s"]

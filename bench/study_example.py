@@ -113,11 +113,15 @@ def print_figures(study, summary, wall_s: float) -> None:
     for precision, figure in _best_per_precision(study).items():
         rows.append((f"best {precision} throughput (inf/s)", figure))
     for precision, record in study.user_attrs.get("variants", {}).items():
-        top1 = f", top-1 {record['top1']:.3f}" if record.get("top1") is not None else ""
         verdict = "kept" if record["ok"] else "rejected"
+        recipe = f" [{record['recipe']}]" if record.get("recipe") else ""
+        if "cosine" not in record:  # it could not be built
+            rows.append((f"{precision} variant", f"{record['reason']} ({verdict})"))
+            continue
+        top1 = f", top-1 {record['top1']:.3f}" if record.get("top1") is not None else ""
         rows.append(
             (
-                f"{precision} accuracy vs fp32",
+                f"{precision}{recipe} accuracy vs fp32",
                 f"cosine {record['cosine']:.5f}, max abs {record['max_abs']:.3g}, "
                 f"max rel {record['max_rel']:.3g}{top1} ({verdict})",
             )

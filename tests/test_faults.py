@@ -25,6 +25,7 @@ from optimizer.model.intake import inspect_model
 from optimizer.model.variants import variant_path
 from optimizer.paths import cache_dir
 from optimizer.serving.embedded import EmbeddedTriton
+from optimizer.study.precisions import int8_recipe_of
 from optimizer.study.run import QuietReporter, run_study
 from optimizer.study.storage import count_finished
 from studies import FAST_CLI, load_study, study_settings, trial_states
@@ -71,7 +72,8 @@ def test_variant_that_fails_to_initialise_fails_only_its_trials(models, triton, 
     space.write_text("precisions: [fp32, int8]\nmax_batch_size: [1, 4]\ninstance_count: [1, 2]\n")
     settings = study_settings(models["cnn"], tmp_path, budget=1, space=str(space), seed=11)
     run_study(settings, target=triton)  # the accuracy check passes and is recorded
-    broken = variant_path(inspect_model(models["cnn"]), "int8", cache_dir())
+    served = int8_recipe_of(load_study(tmp_path))  # the recipe whose file the study serves
+    broken = variant_path(inspect_model(models["cnn"]), "int8", cache_dir(), served)
     original = broken.read_bytes()
     broken.write_bytes(original[: len(original) // 4])  # the cached int8 file no longer loads
     try:

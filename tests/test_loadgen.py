@@ -216,7 +216,9 @@ def test_ci_rule_measures_a_closed_loop_with_its_uncertainty_breakdown_and_resou
     assert server is not None and server.requests >= result.requests * 0.9
     assert 0 < server.compute_infer_ms < server.request_ms < result.p50_ms + 5
     assert result.resources["server_rss_mb"] > 0
-    assert result.measure_s >= result.duration_s + 0.3
+    # measure_s holds the warm-up (adaptive: it may end before its 0.3 s cap) and the window.
+    assert result.warmup_s is not None and 0 < result.warmup_s <= 0.3 + 0.1
+    assert result.measure_s >= result.duration_s + result.warmup_s - 0.01
     record = result.to_dict()
     assert record["server"]["requests"] == server.requests and "resources" in record
 
@@ -230,6 +232,15 @@ def test_the_warm_up_ends_once_the_completion_rate_settles(triton, mlp):
     for result in (closed, opened):
         assert result.warmup_s is not None and 0.2 <= result.warmup_s < 1.5
         assert result.measure_s == pytest.approx(result.warmup_s + result.duration_s, abs=0.3)
+
+
+@pytest.mark.server
+def test_each_level_records_the_clients_own_cpu_per_request(triton, mlp):
+    settings = MeasureSettings(warmup_s=0.2, window_s=0.5, max_window_s=1.0, rule="fixed", min_requests=10)
+    result = LoadGenerator(triton.grpc_url, "lg_mlp", mlp, settings).measure(4)
+    # Every request costs the client some CPU, and no client spends more than a second of CPU on one.
+    assert result.client_cpu_ms is not None and 0 < result.client_cpu_ms < 1000
+    assert result.to_dict()["client_cpu_ms"] == pytest.approx(result.client_cpu_ms, abs=1e-4)
 
 
 @pytest.mark.server

@@ -20,9 +20,18 @@ from optimizer.config.render import (
     to_json,
     to_pbtxt,
 )
-from optimizer.config.space import CPU_PROVIDERS, GPU_PROVIDERS, GRAPH_LEVELS, PRECISIONS, Candidate
+from optimizer.config.space import (
+    CPU_MEM_ARENAS,
+    CPU_PROVIDERS,
+    EXECUTION_MODES,
+    GPU_PROVIDERS,
+    GRAPH_LEVELS,
+    PRECISIONS,
+    Candidate,
+)
 from optimizer.model.intake import ModelInfo, TensorSpec
-from optimizer.model.variants import MODEL_FILENAMES
+from optimizer.model.quantize import INT8_RECIPES
+from optimizer.model.variants import MODEL_FILENAMES, precision_of_file, recipe_of_file
 
 
 def _info(inputs: list[TensorSpec], outputs: list[TensorSpec], *, batching: bool = True) -> ModelInfo:
@@ -123,6 +132,45 @@ def test_intra_op_threads_sets_the_intra_op_thread_count_parameter() -> None:
 
     assert list(config.parameters) == ["intra_op_thread_count"]
     assert config.parameters["intra_op_thread_count"].string_value == "2"
+
+
+def test_session_options_render_as_the_native_backends_parameters() -> None:
+    untuned = _render(Candidate())
+    tuned = _render(Candidate(execution_mode="parallel", cpu_mem_arena="disabled"))
+    assert "execution_mode" not in untuned.parameters and "enable_mem_arena" not in untuned.parameters
+    assert tuned.parameters["execution_mode"].string_value == "1"
+    assert tuned.parameters["enable_mem_arena"].string_value == "0"
+
+
+@pytest.mark.server
+def test_a_config_with_session_options_loads_and_serves(triton, models) -> None:
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    from optimizer.model.intake import inspect_model
+    from optimizer.model.variants import config_files
+    from optimizer.paths import cache_dir
+
+    info = inspect_model(models["mlp"])
+    candidate = Candidate(max_batch_size=4, execution_mode="parallel", cpu_mem_arena="disabled")
+    config = render_config(info, candidate, model_name="mlp_session")
+    triton.load_model("mlp_session", to_json(config), config_files(info, config, cache_dir()))
+    client = grpcclient.InferenceServerClient(triton.grpc_url)
+    tensor = grpcclient.InferInput(info.inputs[0].name, [2, 64], "FP32")
+    tensor.set_data_from_numpy(np.ones((2, 64), np.float32))
+    served = client.infer("mlp_session", [tensor]).as_numpy(info.outputs[0].name)
+    client.close()
+    assert served.shape == (2, 10) and np.all(np.isfinite(served))
+
+
+@pytest.mark.parametrize(
+    ("recipe", "filename"),
+    [("dynamic", "model.int8.onnx"), ("static-qdq", "model.int8-static-qdq.onnx")],
+)
+def test_each_int8_recipe_serves_its_own_file(recipe: str, filename: str) -> None:
+    config = _render(Candidate(precision="int8", int8_recipe=recipe))
+    assert config.default_model_filename == filename
+    assert precision_of_file(filename) == "int8" and recipe_of_file(filename) == recipe
 
 
 # --- precision and providers --------------------------------------------------------------------
@@ -320,6 +368,9 @@ def candidates(draw: st.DrawFn) -> Candidate:
         instance_count=draw(st.integers(1, 8)),
         intra_op_threads=draw(st.integers(0, 16)),
         graph_level=draw(st.sampled_from(GRAPH_LEVELS)),
+        execution_mode=draw(st.sampled_from(EXECUTION_MODES)),
+        cpu_mem_arena=draw(st.sampled_from(CPU_MEM_ARENAS)),
+        int8_recipe=draw(st.sampled_from(sorted(INT8_RECIPES))),
     )
 
 

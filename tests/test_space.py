@@ -598,6 +598,29 @@ def test_the_variants_starting_points_give_every_provider_and_precision_a_batchi
     assert starting_points(space, ("variants", "batching")) == points
 
 
+def test_session_options_are_searched_only_where_a_space_lists_them() -> None:
+    listed = space_from_dict(
+        {"execution_modes": ["sequential", "parallel"], "cpu_mem_arenas": ["enabled", "disabled"]}
+    )
+    params = {**baseline_params(listed), "execution_mode": "parallel", "cpu_mem_arena": "disabled"}
+    candidate = suggest_candidate(optuna.trial.FixedTrial(params), listed, batching=True, cores=CORES)
+    assert (candidate.execution_mode, candidate.cpu_mem_arena) == ("parallel", "disabled")
+    assert "exec=parallel" in candidate.summary() and "arena=off" in candidate.summary()
+    baseline = suggest_candidate(
+        optuna.trial.FixedTrial(baseline_params(listed)), listed, batching=True, cores=CORES
+    )
+    assert (baseline.execution_mode, baseline.cpu_mem_arena) == ("sequential", "enabled")
+    assert listed.to_dict()["execution_modes"] == ["sequential", "parallel"]
+    # A space that does not list them searches neither, and stores the same as before they existed.
+    assert (
+        "execution_modes" not in SPACES["cpu"].to_dict() and "cpu_mem_arenas" not in SPACES["cpu"].to_dict()
+    )
+    with pytest.raises(SpaceError, match="execution_modes must include sequential"):
+        space_from_dict({"execution_modes": ["parallel"]})
+    with pytest.raises(SpaceError, match="cpu_mem_arenas"):
+        space_from_dict({"cpu_mem_arenas": ["off"]})
+
+
 # --- instances share the cores unless the space asks for more -------------------------------------
 
 

@@ -16,7 +16,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from optimizer.config.space import Candidate
 from optimizer.model.intake import ModelInfo
-from optimizer.model.variants import MODEL_FILENAMES
+from optimizer.model.variants import variant_filename
 
 __all__ = [
     "config_from_json",
@@ -70,7 +70,7 @@ def render_config(
     config = mc.ModelConfig(name=model_name, backend="onnxruntime")
     config.max_batch_size = candidate.max_batch_size if info.batching else 0
     if candidate.precision != "fp32" and not _precision_is_trt_mode(candidate):
-        config.default_model_filename = MODEL_FILENAMES[candidate.precision]
+        config.default_model_filename = variant_filename(candidate.precision, candidate.int8_recipe)
     _set_io(config, info)
     _set_instances(config, candidate)
     _set_batching(config, candidate)
@@ -134,6 +134,11 @@ def _set_optimization(config: mc.ModelConfig, candidate: Candidate, engine_cache
 def _set_parameters(config: mc.ModelConfig, candidate: Candidate) -> None:
     if candidate.intra_op_threads > 0:
         config.parameters["intra_op_thread_count"].string_value = str(candidate.intra_op_threads)
+    # The native backend's defaults (sequential, arena on) are left unwritten, as an untuned config has them.
+    if candidate.execution_mode == "parallel":
+        config.parameters["execution_mode"].string_value = "1"
+    if candidate.cpu_mem_arena == "disabled":
+        config.parameters["enable_mem_arena"].string_value = "0"
 
 
 def to_json(config: mc.ModelConfig) -> str:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from optimizer.errors import SpaceError
+from optimizer.model.quantize import DEFAULT_INT8_RECIPE
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
@@ -42,6 +43,10 @@ CPU_PROVIDERS = ("cpu", "openvino")
 GPU_PROVIDERS = ("cuda", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "int8")
 GRAPH_LEVELS = ("default", "basic", "extended", "disabled")
+# Session options the native onnxruntime backend reads from a config's parameters (its README), each a
+# searchable dimension where a space lists more than its default (the first value).
+EXECUTION_MODES = ("sequential", "parallel")  # parameters.execution_mode 0 / 1
+CPU_MEM_ARENAS = ("enabled", "disabled")  # parameters.enable_mem_arena 1 / 0
 # A sampled queue delay below this many microseconds means "no delay" (0): the log scale cannot hold 0.
 NO_DELAY_BELOW_US = 10
 # Preferred batch sizes are chosen relative to the max batch size: max, max/2, max/4.
@@ -64,6 +69,10 @@ class Candidate:
     instance_count: int = 1
     intra_op_threads: int = 0  # 0: ONNX Runtime's default (one per core)
     graph_level: str = "default"
+    execution_mode: str = "sequential"
+    cpu_mem_arena: str = "enabled"
+    # How the int8 file is made (optimizer.model.quantize): chosen per model before trials, not searched.
+    int8_recipe: str = DEFAULT_INT8_RECIPE
 
     @property
     def dynamic_batching(self) -> bool:
@@ -71,13 +80,20 @@ class Candidate:
 
     def summary(self) -> str:
         """One readable line, e.g. ``cpu fp32 mbs=8 pref=[8,4] delay=500us inst=2 thr=1``."""
-        parts = [self.provider, self.precision, f"mbs={self.max_batch_size}"]
+        precision = self.precision
+        if precision == "int8" and self.int8_recipe != DEFAULT_INT8_RECIPE:
+            precision = f"int8:{self.int8_recipe}"
+        parts = [self.provider, precision, f"mbs={self.max_batch_size}"]
         if self.dynamic_batching:
             pref = ",".join(str(size) for size in self.preferred_batch_sizes)
             parts += [f"pref=[{pref}]", f"delay={self.max_queue_delay_us}us"]
         parts += [f"inst={self.instance_count}", f"thr={self.intra_op_threads or 'auto'}"]
         if self.graph_level != "default":
             parts.append(f"graph={self.graph_level}")
+        if self.execution_mode != "sequential":
+            parts.append(f"exec={self.execution_mode}")
+        if self.cpu_mem_arena != "enabled":
+            parts.append("arena=off")
         return " ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
@@ -115,6 +131,8 @@ class SearchSpace:
     instance_count: IntRange
     intra_op_threads: IntRange
     graph_levels: tuple[str, ...] = ("default",)
+    execution_modes: tuple[str, ...] = ("sequential",)
+    cpu_mem_arenas: tuple[str, ...] = ("enabled",)
     # False: instances x threads never exceed the cores; the threads are derived from the instance count
     # (see derived_threads) and the instance count is capped at the cores. True: both are searched as given,
     # oversubscribed points included.
@@ -142,6 +160,9 @@ class SearchSpace:
             "intra_op_threads": self.intra_op_threads.to_data(),
             "graph_levels": list(self.graph_levels),
             "oversubscribe": self.oversubscribe,
+            # Only when searched: a study stored before these fields existed resolves to the same space.
+            **({"execution_modes": list(self.execution_modes)} if len(self.execution_modes) > 1 else {}),
+            **({"cpu_mem_arenas": list(self.cpu_mem_arenas)} if len(self.cpu_mem_arenas) > 1 else {}),
         }
 
 
@@ -157,6 +178,8 @@ _KEYS = {
     "instance_count",
     "intra_op_threads",
     "graph_levels",
+    "execution_modes",
+    "cpu_mem_arenas",
     "oversubscribe",
 }
 
@@ -222,6 +245,8 @@ def space_from_dict(data: dict[str, Any], *, source: str = "") -> SearchSpace:
         instance_count=_int_range(data, "instance_count", minimum=1, default=(1, 2)),
         intra_op_threads=_int_range(data, "intra_op_threads", minimum=0, default=(0, 0)),
         graph_levels=_choices(data, "graph_levels", GRAPH_LEVELS, default=["default"]),
+        execution_modes=_choices(data, "execution_modes", EXECUTION_MODES, default=["sequential"]),
+        cpu_mem_arenas=_choices(data, "cpu_mem_arenas", CPU_MEM_ARENAS, default=["enabled"]),
         preferred_sets=_preferred_sets(data),
         oversubscribe=_oversubscribe(data, device),
         source=source,
@@ -267,6 +292,14 @@ def _check_holds_baseline(space: SearchSpace) -> None:
         (
             "default" in space.graph_levels,
             f"graph_levels must include default, got {list(space.graph_levels)}",
+        ),
+        (
+            "sequential" in space.execution_modes,
+            f"execution_modes must include sequential, got {list(space.execution_modes)}",
+        ),
+        (
+            "enabled" in space.cpu_mem_arenas,
+            f"cpu_mem_arenas must include enabled, got {list(space.cpu_mem_arenas)}",
         ),
     ]
     for holds, rule in rules:
@@ -417,6 +450,8 @@ def suggest_candidate(trial: Any, space: SearchSpace, *, batching: bool, cores: 
     else:
         threads = derived_threads(instances, cores)
     graph_level = _categorical(trial, "graph_level", space.graph_levels)
+    execution_mode = _categorical(trial, "execution_mode", space.execution_modes)
+    cpu_mem_arena = _categorical(trial, "cpu_mem_arena", space.cpu_mem_arenas)
     if not batching:
         max_batch = 0
     sizes = tuple(sorted({max_batch // d for d in divisors if max_batch // d > 1}, reverse=True))
@@ -429,6 +464,8 @@ def suggest_candidate(trial: Any, space: SearchSpace, *, batching: bool, cores: 
         instance_count=instances,
         intra_op_threads=threads,
         graph_level=graph_level,
+        execution_mode=execution_mode,
+        cpu_mem_arena=cpu_mem_arena,
     )
 
 
@@ -486,6 +523,10 @@ def baseline_params(space: SearchSpace) -> dict[str, Any]:
         params["precision"] = "fp32"
     if len(space.graph_levels) > 1:
         params["graph_level"] = "default"
+    if len(space.execution_modes) > 1:
+        params["execution_mode"] = "sequential"
+    if len(space.cpu_mem_arenas) > 1:
+        params["cpu_mem_arena"] = "enabled"
     if space.preferred_sets:
         params["preferred_batch_sizes"] = preferred_label(())
     elif space.preferred_batch_sizes:

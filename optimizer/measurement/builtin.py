@@ -174,8 +174,12 @@ class LoadGenerator:
         try:
             warmup_s = await self._warm_up(window, tasks)
             before = await client.statistics()
+            cpu_before = time.process_time()
             window.start = time.perf_counter()
             reached = await self._wait_for_window(window, tasks)
+            # The client's own CPU per request (this process: the event loop and its gRPC threads). On a
+            # small machine it competes with the server, so it is recorded beside every level.
+            client_cpu_ms = 1000 * (time.process_time() - cpu_before) / max(1, len(window.latencies))
             resources = await asyncio.to_thread(self.resources) if self.resources else None
             window.end = time.perf_counter()
             after = await client.statistics()
@@ -196,6 +200,7 @@ class LoadGenerator:
             resources=resources,
             measure_s=time.perf_counter() - started,
             warmup_s=warmup_s,
+            client_cpu_ms=client_cpu_ms,
         )
 
     async def _warm_up(self, window: _Window, tasks) -> float:

@@ -152,6 +152,7 @@ class LevelResult:
     measure_s: float = field(default=0.0, compare=False)  # warm-up + window, wall time
     warmup_s: float | None = field(default=None, compare=False)  # how long the warm-up ran
     phase: str | None = None  # in a trial: "screen" (a short window) or "precise" (the stopping rule's)
+    client_cpu_ms: float | None = field(default=None, compare=False)  # the built-in client's CPU per request
 
     @property
     def load(self) -> str:
@@ -178,6 +179,7 @@ class LevelResult:
             "measure_s": round(self.measure_s, 3) if self.measure_s else None,
             "warmup_s": round(self.warmup_s, 3) if self.warmup_s is not None else None,
             "phase": self.phase,
+            "client_cpu_ms": round(self.client_cpu_ms, 4) if self.client_cpu_ms is not None else None,
         }
         record.update({key: value for key, value in extras.items() if value is not None})
         return record

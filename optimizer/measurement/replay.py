@@ -23,6 +23,7 @@ from optimizer.errors import ConfigRejected, UsageError
 from optimizer.measurement.levels import LevelResult
 from optimizer.measurement.sweep import best_feasible, next_step
 from optimizer.model import examples
+from optimizer.model.quantize import DEFAULT_INT8_RECIPE
 from optimizer.paths import cache_dir
 from optimizer.serving.base import Capabilities, ServingTarget
 
@@ -309,6 +310,11 @@ class ReplayTarget(ServingTarget):
                 f"the recording {str(self.surface.path)!r} is of another model (sha256 {recorded[:12]}…, "
                 f"this one {sha256[:12]}…): replay it with the model it recorded"
             )
+
+    def int8_recipes(self) -> tuple[str, ...]:
+        """The recipe the recording's int8 configs were made with (recordings before recipes: the default)."""
+        recorded = self.surface.meta.get("variants", {}).get("int8") or {}
+        return (recorded.get("recipe") or DEFAULT_INT8_RECIPE,)
 
     def load_model(self, name: str, config_json: str, files: Mapping[str, Path]) -> float:
         from google.protobuf import json_format

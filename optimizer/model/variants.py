@@ -1,67 +1,88 @@
-"""Precision variants of the user's fp32 model: fp16 and int8 (dynamic quantization).
+"""Precision variants of the user's fp32 model: fp16, and int8 by one of several recipes.
 
 Variants are derived once per model content and cached by hash under the cache directory, never next
 to the user's file. A repository serves a variant through ``default_model_filename``, so an exported
-repository carries exactly the file that was measured.
+repository carries exactly the file that was measured: each int8 recipe has its own file name
+(``model.int8.onnx`` for the dynamic default, ``model.int8-<recipe>.onnx`` for the others).
 """
 
 from __future__ import annotations
 
-import logging
 import os
-import shutil
 import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from optimizer.errors import ModelError
-from optimizer.model.intake import ModelInfo
+import numpy as np
 
-__all__ = ["variant_path", "model_files"]
+from optimizer.errors import ModelError
+from optimizer.model.accuracy import check_variant
+from optimizer.model.intake import ModelInfo
+from optimizer.model.quantize import DEFAULT_INT8_RECIPE, INT8_RECIPES, recipe_order
+
+__all__ = [
+    "Int8Choice",
+    "choose_int8",
+    "config_files",
+    "inprocess_rate",
+    "model_files",
+    "precision_of",
+    "precision_of_file",
+    "recipe_of_file",
+    "variant_filename",
+    "variant_path",
+]
 
 # The file inside the version directory that each precision serves (``default_model_filename``).
 MODEL_FILENAMES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
+INPROCESS_S = 0.5  # how long each variant's in-process rate is measured
 
 
-def variant_path(info: ModelInfo, precision: str, cache: Path) -> Path:
-    """The file that serves ``precision``: the model itself for fp32, else a cached converted copy."""
+def variant_filename(precision: str, recipe: str = DEFAULT_INT8_RECIPE) -> str:
+    """The served file of ``precision``; an int8 recipe other than the default has its own name."""
+    if precision == "int8" and recipe != DEFAULT_INT8_RECIPE:
+        return f"model.int8-{recipe}.onnx"
+    return MODEL_FILENAMES[precision]
+
+
+def variant_path(
+    info: ModelInfo, precision: str, cache: Path, recipe: str = DEFAULT_INT8_RECIPE, samples=()
+) -> Path:
+    """The file that serves ``precision``: the model itself for fp32, else a cached converted copy.
+
+    ``samples`` calibrate a static int8 recipe (the study's request samples).
+    """
     if precision == "fp32":
         return info.path
-    target = cache / "variants" / info.sha256[:16] / MODEL_FILENAMES[precision]
+    target = cache / "variants" / info.sha256[:16] / variant_filename(precision, recipe)
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp.onnx")
     os.close(fd)
     try:
-        _CONVERTERS[precision](info.path, Path(tmp))
+        if precision == "int8":
+            if recipe not in INT8_RECIPES:
+                raise ModelError(f"unknown int8 recipe {recipe!r}: use one of {', '.join(INT8_RECIPES)}")
+            if INT8_RECIPES[recipe].calibrated and not samples:
+                raise ModelError(
+                    f"the {recipe} int8 variant needs calibration samples: run a study to build it"
+                )
+            INT8_RECIPES[recipe].build(info.path, Path(tmp), samples)
+        else:
+            _fp16(info.path, Path(tmp))
         os.replace(tmp, target)  # atomic: a crash never leaves half a variant in the cache
     except ModelError:
         raise
     except Exception as exc:
-        raise ModelError(f"could not make the {precision} variant of the model: {exc}") from exc
+        name = precision if precision != "int8" else f"int8 ({recipe})"
+        raise ModelError(f"could not make the {name} variant of the model: {exc}") from exc
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target
-
-
-def _int8(source: Path, target: Path) -> None:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    # quantize_dynamic writes "<source>-inferred.onnx" beside its input and deletes it after: give it a
-    # private copy, so two processes quantizing one model do not delete each other's file, and nothing
-    # is written next to the user's model.
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".quantize-") as work:
-        private = Path(work) / "model.onnx"
-        shutil.copyfile(source, private)
-        # quantize_dynamic logs advice to the root logger; keep the user's terminal for our own lines.
-        root = logging.getLogger()
-        level = root.level
-        root.setLevel(logging.ERROR)
-        try:
-            quantize_dynamic(str(private), str(target), weight_type=QuantType.QInt8)
-        finally:
-            root.setLevel(level)
 
 
 def _fp16(source: Path, target: Path) -> None:
@@ -74,13 +95,21 @@ def _fp16(source: Path, target: Path) -> None:
     onnx.save(converted, str(target))
 
 
-_CONVERTERS = {"int8": _int8, "fp16": _fp16}
-
-
 def precision_of_file(filename: str | None) -> str:
     """The precision a model file serves (``default_model_filename``; none means the fp32 ``model.onnx``)."""
-    by_file = {name: precision for precision, name in MODEL_FILENAMES.items()}
-    return by_file.get(filename or "model.onnx", "fp32")
+    name = filename or "model.onnx"
+    if name.startswith("model.int8-"):
+        return "int8"
+    by_file = {file: precision for precision, file in MODEL_FILENAMES.items()}
+    return by_file.get(name, "fp32")
+
+
+def recipe_of_file(filename: str | None) -> str:
+    """The int8 recipe a model file was made with (the default for any other file)."""
+    name = filename or ""
+    if name.startswith("model.int8-") and name.endswith(".onnx"):
+        return name[len("model.int8-") : -len(".onnx")]
+    return DEFAULT_INT8_RECIPE
 
 
 def precision_of(config) -> str:
@@ -88,6 +117,75 @@ def precision_of(config) -> str:
     return precision_of_file(config.default_model_filename)
 
 
-def model_files(info: ModelInfo, precision: str, cache: Path) -> dict[str, Path]:
+def model_files(
+    info: ModelInfo, precision: str, cache: Path, recipe: str = DEFAULT_INT8_RECIPE
+) -> dict[str, Path]:
     """Repository-relative files of one candidate: ``{"1/model.int8.onnx": path}``."""
-    return {f"1/{MODEL_FILENAMES[precision]}": variant_path(info, precision, cache)}
+    return {f"1/{variant_filename(precision, recipe)}": variant_path(info, precision, cache, recipe)}
+
+
+def config_files(info: ModelInfo, config, cache: Path) -> dict[str, Path]:
+    """The files a rendered config (a ``ModelConfig``) serves, found from its ``default_model_filename``."""
+    filename = config.default_model_filename
+    return model_files(info, precision_of_file(filename), cache, recipe_of_file(filename))
+
+
+@dataclass(frozen=True)
+class Int8Choice:
+    """What choosing the int8 recipe found: the recipe served (None: none passed) and every attempt."""
+
+    recipe: str | None
+    attempts: tuple[dict, ...] = field(default=())
+
+    def reasons(self) -> str:
+        """Why each refused recipe was refused, in one line."""
+        return "; ".join(f"{a['recipe']}: {a['reason']}" for a in self.attempts if not a["ok"])
+
+
+def choose_int8(
+    info: ModelInfo,
+    samples: Sequence[Mapping[str, np.ndarray]],
+    tolerance: float,
+    cache: Path,
+    recipes: Sequence[str] | None = None,
+) -> Int8Choice:
+    """Try the int8 recipes in order until one passes the accuracy guard; record each one's outcome.
+
+    An attempt records its recipe, whether it passed, why (the guard's figures, or why it could not be
+    built) and its in-process rate (inferences/s on one request at a time, beside fp32's), so a study can
+    say which recipe it serves and why the others were refused.
+    """
+    attempts: list[dict] = []
+    for recipe in recipes or recipe_order(info.path):
+        try:
+            path = variant_path(info, "int8", cache, recipe, samples)
+        except ModelError as exc:
+            attempts.append({"recipe": recipe, "ok": False, "reason": str(exc)})
+            continue
+        report = check_variant(info.path, path, samples, "int8", tolerance)
+        attempt = {
+            "recipe": recipe,
+            **report.to_dict(),
+            "inprocess_rate": round(inprocess_rate(path, samples), 1),
+        }
+        attempts.append(attempt)
+        if report.ok:
+            return Int8Choice(recipe, tuple(attempts))
+    return Int8Choice(None, tuple(attempts))
+
+
+def inprocess_rate(
+    path: Path, samples: Sequence[Mapping[str, np.ndarray]], seconds: float = INPROCESS_S
+) -> float:
+    """Requests per second of ``path`` in this process, one sample at a time (ONNX Runtime's defaults)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    chosen = list(samples)
+    session.run(None, dict(chosen[0]))  # the first run allocates
+    count, started = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - started) < seconds:
+        sample = chosen[count % len(chosen)]
+        session.run(None, dict(sample))
+        count += 1
+    return count / elapsed

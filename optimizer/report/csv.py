@@ -25,6 +25,7 @@ MEASUREMENTS = (
     "load_s",
     "trial_s",
     "measure_s",
+    "client_cpu_ms",
 )
 # The best level's records, flattened into prefixed columns (uncertainty.p99_ci, server.queue_ms, ...).
 _LEVEL_RECORDS = ("uncertainty", "server", "resources")

@@ -546,7 +546,7 @@ def _space_precisions(attrs: Mapping[str, Any]) -> tuple[str, ...]:
 
 
 # Keys of a variant's accuracy record that are not figures: the verdict, its sentence, the precision again.
-_NOT_FIGURES = ("ok", "reason", "precision")
+_NOT_FIGURES = ("ok", "reason", "precision", "attempts")
 
 
 def precision_rows(
@@ -578,10 +578,25 @@ def precision_rows(
                 p99_ms=best.p99_ms if best else None,
                 accuracy=tuple((str(k), _text(v)) for k, v in shown.items()),
                 accuracy_ok=ok if isinstance(ok, bool) else None,
-                accuracy_note=str(figures.get("reason", "")),
+                accuracy_note=_accuracy_note(figures),
             )
         )
     return tuple(rows)
+
+
+def _accuracy_note(figures: Mapping) -> str:
+    """The guard's verdict; for int8 served by a later recipe, why the recipes before it were refused."""
+    note = str(figures.get("reason", ""))
+    attempts = figures.get("attempts")
+    if figures.get("ok") and isinstance(attempts, list):
+        refused = [a for a in attempts if isinstance(a, Mapping) and not a.get("ok")]
+        if refused:
+            note += (
+                " (refused first: "
+                + "; ".join(f"{a.get('recipe')}: {a.get('reason')}" for a in refused)
+                + ")"
+            )
+    return note
 
 
 def failure_rows(trials: Sequence[TrialRecord]) -> tuple[FailureRow, ...]:

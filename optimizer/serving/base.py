@@ -129,6 +129,11 @@ class ServingTarget:
     def check_model(self, sha256: str) -> None:
         """Refuse a model this target cannot serve; every model is accepted by default."""
 
+    def int8_recipes(self) -> tuple[str, ...] | None:
+        """The int8 recipes this target can serve, in the order to try them; None: every recipe, in the
+        order the model calls for (a recording serves only the files it recorded)."""
+        return None
+
     def resources(self) -> dict[str, float]:
         """The server's memory and utilisation now: its /metrics figures and, for a child process, its RSS.
 

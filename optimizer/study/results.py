@@ -12,7 +12,7 @@ from optimizer.config.render import config_from_json
 from optimizer.config.repository import write_repository
 from optimizer.errors import StudyError
 from optimizer.model.intake import ModelInfo, inspect_model
-from optimizer.model.variants import model_files, precision_of
+from optimizer.model.variants import config_files
 from optimizer.paths import cache_dir
 from optimizer.study.confirm import CONFIRMATION, Finalist
 
@@ -165,8 +165,7 @@ def export_trial(study, trial, out_dir: Path, model: ModelInfo | None = None) ->
     if model is None:
         model = _stored_model(study)
     config = config_from_json(trial.user_attrs["config"])
-    precision = precision_of(config)
-    return write_repository(out_dir, config, model_files(model, precision, cache_dir()))
+    return write_repository(out_dir, config, config_files(model, config, cache_dir()))
 
 
 def _stored_model(study) -> ModelInfo:

@@ -14,7 +14,7 @@ import time
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -35,12 +35,8 @@ from optimizer.config.space import (
 from optimizer.errors import (
     StorageError,
     StudyError,
-    UsageError,
 )
-from optimizer.measurement.levels import ENGINES, PROTOCOLS, RULES, MeasureSettings
-from optimizer.measurement.perf_analyzer import ensure_perf_analyzer
 from optimizer.model import examples
-from optimizer.model.accuracy import check_variant
 from optimizer.model.intake import (
     ModelInfo,
     check_model_runs,
@@ -51,12 +47,13 @@ from optimizer.model.intake import (
     synthetic_inputs,
 )
 from optimizer.model.providers import check_providers
-from optimizer.model.variants import variant_path
 from optimizer.paths import cache_dir, check_name, studies_dir
 from optimizer.serving.base import ServingTarget
 from optimizer.serving.embedded import EmbeddedTriton
 from optimizer.serving.environment import available_cores
+from optimizer.study.checks import check_settings
 from optimizer.study.confirm import CONFIRMATION, choose, confirm, finalists_of, stored_confirmation
+from optimizer.study.precisions import accurate_precisions, int8_recipe_of
 from optimizer.study.results import (
     StudySummary,
     TrialReport,
@@ -67,7 +64,7 @@ from optimizer.study.results import (
     finalists,
     report_of,
 )
-from optimizer.study.settings import SAMPLERS, SearchSettings, StudySettings
+from optimizer.study.settings import SearchSettings, StudySettings
 from optimizer.study.storage import (
     count_finished,
     count_running,
@@ -174,11 +171,12 @@ class _Plan:
     out_dir: Path
     storage_url: str
     cores: int  # the CPU cores the server's instances share
+    int8_recipes: tuple[str, ...] | None  # the ones the target can serve (a recording's), None: all
     warm_start: tuple[dict, ...] = ()  # parameters of another study's best configs, best first
 
 
 def _plan(settings: StudySettings, target: ServingTarget | None) -> _Plan:
-    _check_settings(settings)
+    check_settings(settings)
     model, shapes, samples = _intake(settings)
     space = load_space(settings.space)
     cores = _cores(settings, target)
@@ -200,6 +198,7 @@ def _plan(settings: StudySettings, target: ServingTarget | None) -> _Plan:
         out_dir=out_dir,
         storage_url=storage_url,
         cores=cores,
+        int8_recipes=target.int8_recipes() if target is not None else None,
         warm_start=_warm_start_params(settings, model, space, out_dir, cores) if settings.warm_start else (),
     )
 
@@ -215,8 +214,14 @@ def _join(study, plan: _Plan, settings: StudySettings, reporter: Reporter) -> Se
     """Check the study is this one, register this worker, and settle the space it searches."""
     _check_same_study(study, plan.model, settings)
     joined = register_worker(study, settings)
-    space = _accurate_precisions(
-        study, plan.model, plan.space, plan.samples, settings.accuracy_tolerance, reporter
+    space = accurate_precisions(
+        study,
+        plan.model,
+        plan.space,
+        plan.samples,
+        settings.accuracy_tolerance,
+        reporter,
+        plan.int8_recipes,
     )
     study.sampler = _sampler(
         settings, space, batching=plan.model.batching, per_worker=joined, cores=plan.cores
@@ -239,7 +244,15 @@ def _measure(
     with _serving(target) as server:
         server.check_model(plan.model.sha256)  # a recording answers for the model it recorded only
         runner = TrialRunner(
-            server, plan.model, plan.samples, space, plan.model_name, settings, reporter, cores=plan.cores
+            server,
+            plan.model,
+            plan.samples,
+            space,
+            plan.model_name,
+            settings,
+            reporter,
+            cores=plan.cores,
+            int8_recipe=int8_recipe_of(study),
         )
         runner.check_memory_limit()
         runner.latency_budget_ms = _latency_budget(study, runner, settings, reporter)
@@ -270,54 +283,6 @@ def _pin_worker(settings: StudySettings) -> None:
         os.sched_setaffinity(0, settings.cpus)
     if settings.gpus is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = settings.gpus
-
-
-def _check_settings(settings: StudySettings) -> None:
-    if settings.budget < 1:
-        raise UsageError(f"--budget must be at least 1 trial, got {settings.budget}")
-    if settings.sampler not in SAMPLERS:
-        raise UsageError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {settings.sampler!r}")
-    budget = settings.latency_budget_ms
-    if budget is not None and (math.isnan(budget) or math.isinf(budget) or budget <= 0):
-        raise UsageError(f"--latency-budget-ms must be a positive number of milliseconds, got {budget}")
-    tolerance = settings.accuracy_tolerance
-    if math.isnan(tolerance) or not 0 <= tolerance <= 2:
-        raise UsageError(
-            f"--accuracy-tolerance must be between 0 and 2 (1 - cosine similarity), got {tolerance}"
-        )
-    _check_measure_settings(settings)
-
-
-def _check_measure_settings(settings: StudySettings) -> None:
-    checks = [
-        (settings.load_generator in ENGINES, f"--load-generator must be one of {', '.join(ENGINES)}"),
-        (settings.protocol in PROTOCOLS, f"--protocol must be one of {', '.join(PROTOCOLS)}"),
-        (settings.measure.rule in RULES, f"--stop-rule must be one of {', '.join(RULES)}"),
-        (all(math.isfinite(r) and r > 0 for r in settings.request_rates), "--request-rate must be positive"),
-        (
-            settings.max_memory_mb is None
-            or (math.isfinite(settings.max_memory_mb) and settings.max_memory_mb > 0),
-            f"--max-memory-mb must be a positive number of MiB, got {settings.max_memory_mb}",
-        ),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise UsageError(message)
-    _check_window(settings.measure)
-    if settings.load_generator == "perf_analyzer":
-        ensure_perf_analyzer()  # found, or installed now: never a missing binary in the middle of a study
-
-
-def _check_window(measure: MeasureSettings) -> None:
-    if not (measure.warmup_s >= 0 and 0 < measure.window_s <= measure.max_window_s):
-        raise UsageError(
-            f"--window-s ({measure.window_s:g}) must be positive and at most --max-window-s "
-            f"({measure.max_window_s:g}), --warmup-s ({measure.warmup_s:g}) not negative"
-        )
-    if not (math.isfinite(measure.screen_s) and measure.screen_s >= 0):
-        raise UsageError(f"--screen-s must be 0 (no screening) or positive seconds, got {measure.screen_s:g}")
-    if not (0 < measure.throughput_ci and 0 < measure.p99_ci):
-        raise UsageError("--throughput-ci and --p99-ci must be positive fractions, e.g. 0.05 for within 5%")
 
 
 SYNTHETIC_SAMPLES = 32
@@ -406,33 +371,6 @@ def _check_same_study(study, model: ModelInfo, settings: StudySettings) -> None:
             f"study {study.study_name!r} uses an accuracy tolerance of {tolerance:g}, not "
             f"{settings.accuracy_tolerance:g}: resume it with the same tolerance, or use another --study-name"
         )
-
-
-def _accurate_precisions(
-    study, model: ModelInfo, space: SearchSpace, samples, tolerance: float, reporter
-) -> SearchSpace:
-    """The space without precisions whose variant breaks accuracy: such a variant is never proposed.
-
-    Each variant's figures are recorded in the study (``variants``) once and reused on resume, so the
-    space, and with it every trial's parameter distributions, stays the same across restarts.
-    """
-    variants = dict(study.user_attrs.get("variants", {}))
-    kept = []
-    for precision in space.precisions:
-        if precision == "fp32":
-            kept.append(precision)
-            continue
-        if precision not in variants:
-            path = variant_path(model, precision, cache_dir())
-            variants[precision] = check_variant(model.path, path, samples, precision, tolerance).to_dict()
-        record = variants[precision]
-        if record["ok"]:
-            kept.append(precision)
-        else:
-            reporter.note(f"{record['reason']}: it will not be tried")
-    study.set_user_attr("variants", variants)
-    study.set_user_attr("accuracy_tolerance", tolerance)
-    return replace(space, precisions=tuple(kept))
 
 
 def _latency_budget(study, runner: TrialRunner, settings: StudySettings, reporter: Reporter) -> float:

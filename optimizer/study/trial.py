@@ -34,7 +34,8 @@ from optimizer.measurement.sweep import (
     pin_down,
 )
 from optimizer.model.intake import ModelInfo
-from optimizer.model.variants import model_files, precision_of
+from optimizer.model.quantize import DEFAULT_INT8_RECIPE
+from optimizer.model.variants import config_files
 from optimizer.paths import cache_dir
 from optimizer.serving.base import ServingTarget
 from optimizer.serving.metrics import memory_figure
@@ -80,8 +81,10 @@ class TrialRunner:
         reporter,
         *,
         cores: int,
+        int8_recipe: str = DEFAULT_INT8_RECIPE,
     ):
         self.target = target
+        self.int8_recipe = int8_recipe  # how the study's int8 file is made (chosen before trials)
         self.model = model
         self.space = space
         self.model_name = model_name
@@ -99,7 +102,7 @@ class TrialRunner:
         the machine spoils one probe, not the budget: the caller takes their median.
         """
         config = render_config(self.model, Candidate(max_batch_size=1), model_name=self.model_name)
-        self._load(config, "fp32")
+        self._load(config)
         probe = replace(self.settings.measure, rule="fixed")
         generator = self._load_generator(mode="concurrency", measure=probe)
         return [generator.measure(1).p99_ms for _ in range(probes)]
@@ -113,7 +116,7 @@ class TrialRunner:
         config = config_from_json(trial.user_attrs["config"])
         rate = trial.user_attrs.get("request_rate")
         try:
-            self._load(config, precision_of(config))
+            self._load(config)
             mode = "request_rate" if rate is not None else "concurrency"
             level = self._load_generator(mode=mode).measure(
                 rate if rate is not None else trial.user_attrs["concurrency"]
@@ -129,6 +132,8 @@ class TrialRunner:
             trial.set_user_attr("surplus", True)
             raise TrialFailed("surplus: other workers' trials already fill the budget")
         candidate = suggest_candidate(trial, self.space, batching=self.model.batching, cores=self.cores)
+        if candidate.precision == "int8":
+            candidate = replace(candidate, int8_recipe=self.int8_recipe)
         config = render_config(self.model, candidate, model_name=self.model_name)
         trial.set_user_attr("worker", worker_id())
         trial.set_user_attr("host", socket.gethostname())
@@ -142,7 +147,7 @@ class TrialRunner:
             return _reuse_measurement(trial, earlier)
         started = time.perf_counter()
         try:
-            outcome = self.measure(trial, config, candidate.precision)
+            outcome = self.measure(trial, config)
         except TrialFailed as exc:
             self._fail(trial, exc)
             raise
@@ -163,7 +168,7 @@ class TrialRunner:
         if not self._worth_a_second_load(trial, outcome.best.throughput):
             self._constrain(trial, outcome.best.p99_ms)
             return round(outcome.best.throughput, 3)  # the same figure as the "throughput" attribute
-        return round(self._second_load(trial, config, candidate.precision, outcome.best), 3)
+        return round(self._second_load(trial, config, outcome.best), 3)
 
     def _constrain(self, trial, p99_ms: float) -> None:
         """The latency constraint (feasible iff <= 0); Optuna keeps the first value set, so set it once."""
@@ -199,14 +204,14 @@ class TrialRunner:
         variant = _variant_of(trial.params)
         return all(_variant_of(t.params) != variant for t in earlier)
 
-    def _second_load(self, trial, config, precision: str, first: LevelResult) -> float:
+    def _second_load(self, trial, config, first: LevelResult) -> float:
         """Load the config again and measure the level it was best at: the score is the mean of both loads.
 
         The p99 recorded is the worse of the two; a second load over the budget makes the trial infeasible.
         """
         started = time.perf_counter()
         try:
-            self._load(config, precision)
+            self._load(config)
             second = self._load_generator().measure(load_of(first))
         except (InferenceError, ServerDiedError) as exc:
             fault = self._server_fault("while measuring a second load", exc)
@@ -237,16 +242,16 @@ class TrialRunner:
         trial.set_user_attr("throughput", round(mean, 3))
         return mean
 
-    def measure(self, trial, config, precision: str) -> SweepOutcome:
-        """Load ``config`` (its model file of ``precision``) and sweep it: the trial's measurement.
+    def measure(self, trial, config) -> SweepOutcome:
+        """Load ``config`` (and the model file it serves) and sweep it: the trial's measurement.
 
         ``trial`` (an Optuna trial) receives the reload time and each screened level (for the pruner).
         """
-        trial.set_user_attr("load_s", round(self._load(config, precision), 3))
+        trial.set_user_attr("load_s", round(self._load(config), 3))
         return self._sweep(trial)
 
-    def _load(self, config, precision: str) -> float:
-        files = model_files(self.model, precision, cache_dir())
+    def _load(self, config) -> float:
+        files = config_files(self.model, config, cache_dir())
         try:
             return self.target.load_model(self.model_name, to_json(config), files)
         except ConfigRejected as exc:
@@ -379,7 +384,7 @@ class TrialRunner:
                 trial.set_user_attr("concurrency", best.concurrency)
             else:
                 trial.set_user_attr("request_rate", best.request_rate)
-            for key in ("uncertainty", "server", "resources"):
+            for key in ("uncertainty", "server", "resources", "client_cpu_ms"):
                 if key in (record := best.to_dict()):
                     trial.set_user_attr(key, record[key])
 
@@ -435,6 +440,7 @@ _COPIED_ATTRS = (
     "screen_s",
     "precise_s",
     "second_load",
+    "client_cpu_ms",
     "uncertainty",
     "server",
     "resources",

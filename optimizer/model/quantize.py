@@ -1,0 +1,147 @@
+"""Int8 recipes, tried in order until one keeps the model's outputs within the accuracy tolerance.
+
+``quantize_dynamic`` with its defaults saturates on x86 CPUs without VNNI (ONNX Runtime's documentation
+recommends per-channel weights and ``reduce_range`` there), transformer embeddings and the last layers
+are the usual victims, and dynamic int8 is the wrong int8 for convolutional models (each Conv's
+activations are quantized at run time; on 2 cores a small CNN ran 2.7x slower than fp32). So one int8
+recipe tried and given up leaves the biggest CPU win on the table. Each recipe here is a way to make the
+int8 file; :func:`optimizer.model.variants.choose_int8` tries them in :func:`recipe_order`, and the study
+serves the first that passes the guard, recording why the others were refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["DEFAULT_INT8_RECIPE", "INT8_RECIPES", "Recipe", "recipe_order"]
+
+Samples = Sequence[Mapping[str, np.ndarray]]
+CALIBRATION_SAMPLES = 32  # static int8's activation ranges come from this many of the study's samples
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One way to make the int8 file: ``build(fp32 model, target, samples)``."""
+
+    name: str
+    summary: str
+    build: Callable[[Path, Path, Samples], None]
+    calibrated: bool = False  # needs the study's samples to build
+
+
+def _dynamic(per_channel: bool, keep_ends: bool = False) -> Callable[[Path, Path, Samples], None]:
+    def build(source: Path, target: Path, samples: Samples) -> None:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        with _private_copy(source, target) as private:
+            quantize_dynamic(
+                str(private),
+                str(target),
+                weight_type=QuantType.QInt8,
+                per_channel=per_channel,
+                reduce_range=per_channel,
+                nodes_to_exclude=_sensitive_nodes(private) if keep_ends else None,
+            )
+
+    return build
+
+
+def _static_qdq(source: Path, target: Path, samples: Samples) -> None:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._samples = iter(list(samples)[:CALIBRATION_SAMPLES])
+
+        def get_next(self):
+            return next(self._samples, None)
+
+    with _private_copy(source, target) as private:
+        quantize_static(
+            str(private),
+            str(target),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            reduce_range=True,  # 7-bit weights: no u8s8 saturation on CPUs without VNNI
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+        )
+
+
+DEFAULT_INT8_RECIPE = "dynamic"  # what optimize served before there were recipes: model.int8.onnx
+INT8_RECIPES: dict[str, Recipe] = {
+    recipe.name: recipe
+    for recipe in (
+        Recipe("dynamic", "dynamic int8, per-tensor weights (quantize_dynamic's defaults)", _dynamic(False)),
+        Recipe(
+            "dynamic-per-channel",
+            "dynamic int8, per-channel 7-bit weights (reduce_range)",
+            _dynamic(True),
+        ),
+        Recipe(
+            "dynamic-keep-ends",
+            "dynamic int8, per-channel 7-bit weights, embeddings and the last layer left in fp32",
+            _dynamic(True, keep_ends=True),
+        ),
+        Recipe(
+            "static-qdq",
+            f"static int8 (QDQ), per-channel 7-bit weights, activations calibrated on {CALIBRATION_SAMPLES} samples",
+            _static_qdq,
+            calibrated=True,
+        ),
+    )
+}
+
+
+def recipe_order(model_path: Path) -> tuple[str, ...]:
+    """The order to try the recipes in: static first for a convolutional model, dynamic first otherwise."""
+    if _has_conv(model_path):
+        return ("static-qdq", "dynamic-per-channel", "dynamic", "dynamic-keep-ends")
+    return ("dynamic", "dynamic-per-channel", "dynamic-keep-ends", "static-qdq")
+
+
+def _has_conv(model_path: Path) -> bool:
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    return any(node.op_type in ("Conv", "ConvTranspose") for node in graph.node)
+
+
+def _sensitive_nodes(model_path: Path) -> list[str]:
+    """The nodes whose quantization hurts most often: embedding lookups and the last quantizable layer."""
+    import onnx
+
+    nodes = onnx.load(str(model_path), load_external_data=False).graph.node
+    embeddings = [node.name for node in nodes if node.op_type == "Gather" and node.name]
+    layers = [node.name for node in nodes if node.op_type in ("MatMul", "Gemm", "Conv") and node.name]
+    return embeddings + layers[-1:]
+
+
+@contextmanager
+def _private_copy(source: Path, target: Path) -> Iterator[Path]:
+    """A private copy of ``source`` beside ``target``, with ONNX Runtime's quantization advice silenced.
+
+    The quantizers write helper files ("<model>-inferred.onnx") beside their input and delete them
+    after: on a private copy two processes quantizing one model do not delete each other's files, and
+    nothing is written next to the user's model. They log advice to the root logger; the user's
+    terminal is kept for our own lines.
+    """
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".quantize-") as work:
+        private = Path(work) / "model.onnx"
+        shutil.copyfile(source, private)
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)
+        try:
+            yield private
+        finally:
+            root.setLevel(level)

@@ -1,0 +1,60 @@
+"""The checks a study's settings pass before any work: one clear line for each thing that is wrong."""
+
+from __future__ import annotations
+
+import math
+
+from optimizer.errors import UsageError
+from optimizer.measurement.levels import ENGINES, PROTOCOLS, RULES, MeasureSettings
+from optimizer.measurement.perf_analyzer import ensure_perf_analyzer
+from optimizer.study.settings import SAMPLERS, StudySettings
+
+__all__ = ["check_settings"]
+
+
+def check_settings(settings: StudySettings) -> None:
+    if settings.budget < 1:
+        raise UsageError(f"--budget must be at least 1 trial, got {settings.budget}")
+    if settings.sampler not in SAMPLERS:
+        raise UsageError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {settings.sampler!r}")
+    budget = settings.latency_budget_ms
+    if budget is not None and (math.isnan(budget) or math.isinf(budget) or budget <= 0):
+        raise UsageError(f"--latency-budget-ms must be a positive number of milliseconds, got {budget}")
+    tolerance = settings.accuracy_tolerance
+    if math.isnan(tolerance) or not 0 <= tolerance <= 2:
+        raise UsageError(
+            f"--accuracy-tolerance must be between 0 and 2 (1 - cosine similarity), got {tolerance}"
+        )
+    _check_measure_settings(settings)
+
+
+def _check_measure_settings(settings: StudySettings) -> None:
+    checks = [
+        (settings.load_generator in ENGINES, f"--load-generator must be one of {', '.join(ENGINES)}"),
+        (settings.protocol in PROTOCOLS, f"--protocol must be one of {', '.join(PROTOCOLS)}"),
+        (settings.measure.rule in RULES, f"--stop-rule must be one of {', '.join(RULES)}"),
+        (all(math.isfinite(r) and r > 0 for r in settings.request_rates), "--request-rate must be positive"),
+        (
+            settings.max_memory_mb is None
+            or (math.isfinite(settings.max_memory_mb) and settings.max_memory_mb > 0),
+            f"--max-memory-mb must be a positive number of MiB, got {settings.max_memory_mb}",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+    _check_window(settings.measure)
+    if settings.load_generator == "perf_analyzer":
+        ensure_perf_analyzer()  # found, or installed now: never a missing binary in the middle of a study
+
+
+def _check_window(measure: MeasureSettings) -> None:
+    if not (measure.warmup_s >= 0 and 0 < measure.window_s <= measure.max_window_s):
+        raise UsageError(
+            f"--window-s ({measure.window_s:g}) must be positive and at most --max-window-s "
+            f"({measure.max_window_s:g}), --warmup-s ({measure.warmup_s:g}) not negative"
+        )
+    if not (math.isfinite(measure.screen_s) and measure.screen_s >= 0):
+        raise UsageError(f"--screen-s must be 0 (no screening) or positive seconds, got {measure.screen_s:g}")
+    if not (0 < measure.throughput_ci and 0 < measure.p99_ci):
+        raise UsageError("--throughput-ci and --p99-ci must be positive fractions, e.g. 0.05 for within 5%")
