@@ -45,9 +45,10 @@ class SearchSettings:
         confirm_finalists: how many of the best distinct configs are re-measured side by side before the
             study exports (0 or 1: the best single measurement is exported as it is).
         confirm_rounds: how many times each finalist is measured again (alternating their order).
-        second_load_margin: a trial scoring within this fraction of the best so far (or above it), or the
+        second_load_margin: a trial scoring within this fraction of the best so far (0: above it), or the
             first feasible trial of its provider x precision, is measured again on a second load and scored
-            by the mean of both; None: every trial is one load.
+            by the mean of both; None: every trial is one load. 0.1 spent 3.9 of 10.5 minutes on second
+            loads in a live 40-trial study of a flat surface (33 of 40 trials); 0 does only new bests.
     """
 
     tpe_startup_trials: int = 5
@@ -61,7 +62,7 @@ class SearchSettings:
     max_repeated_configs: int = 25
     confirm_finalists: int = 3
     confirm_rounds: int = 2
-    second_load_margin: float | None = 0.1
+    second_load_margin: float | None = 0.0
 
 
 @dataclass(frozen=True)
