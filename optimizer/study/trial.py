@@ -182,9 +182,9 @@ class TrialRunner:
         trial.set_constraint(CONSTRAINT, 1.0)
 
     def _worth_a_second_load(self, trial, throughput: float) -> bool:
-        """Whether one load's draw would decide too much: a score near or above the best so far, or the
-        first feasible score of its execution provider x precision (which tells the sampler whether to
-        come back to that variant at all).
+        """Whether one load's draw would decide too much: a score above the best so far (within
+        ``second_load_margin`` of it), or the first feasible score of its execution provider x precision
+        (which tells the sampler whether to come back to that variant at all).
 
         Each load starts new backend processes and thread pools, and one config measured 440-884 inf/s
         on fresh loads: such a score is measured on a second load before it counts.
