@@ -9,6 +9,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 
@@ -17,8 +18,9 @@ import pytest
 from postgres import postgres_server
 
 from optimizer.errors import StudyError
+from optimizer.study import trial as trial_module
 from optimizer.study.run import run_study
-from optimizer.study.storage import count_finished
+from optimizer.study.storage import count_finished, worker_id
 from studies import FAST_CLI, study_settings
 
 pytestmark = pytest.mark.server
@@ -176,3 +178,37 @@ def test_migrate_copies_a_sqlite_study_into_postgresql(models, triton, postgres_
     assert copied.user_attrs["model_sha256"] == original.user_attrs["model_sha256"]
     assert main(["migrate", "--from", source, "--to", postgres_url]) == 5
     assert "already has a study named 'laptop'" in capsys.readouterr().err
+
+
+def _running_trial_with_config(study, key: str, claimed: bool):
+    trial = study.ask()
+    trial.set_user_attr("worker", worker_id())  # a live worker: nobody recovers its trial
+    trial.set_user_attr("config_key", key)
+    if claimed:
+        trial.set_user_attr("measured_here", True)
+    return trial
+
+
+def test_a_config_another_worker_is_measuring_is_waited_for_and_reused(monkeypatch):
+    monkeypatch.setattr(trial_module, "CLAIM_POLL_S", 0.05)
+    study = optuna.create_study(direction="maximize")
+    first = _running_trial_with_config(study, "same", claimed=True)
+    second = _running_trial_with_config(study, "same", claimed=False)
+    reused = []
+    waiter = threading.Thread(target=lambda: reused.append(trial_module._claim_config(second, "same")))
+    waiter.start()
+    time.sleep(0.5)
+    assert waiter.is_alive()  # it waits while the other measures
+    study.tell(first, 123.0)
+    waiter.join(timeout=10)
+    assert [t.number for t in reused] == [first.number]
+    assert "measured_here" not in study.trials[second.number].user_attrs
+
+
+def test_between_two_undecided_trials_of_one_config_the_lower_numbered_measures():
+    study = optuna.create_study(direction="maximize")
+    lower = _running_trial_with_config(study, "same", claimed=False)
+    _running_trial_with_config(study, "same", claimed=False)
+    _running_trial_with_config(study, "other", claimed=True)
+    assert trial_module._claim_config(lower, "same") is None  # returns at once: it measures
+    assert study.trials[lower.number].user_attrs["measured_here"] is True

@@ -20,7 +20,7 @@ from typing import Protocol
 
 import optuna
 from optuna.exceptions import StorageInternalError
-from optuna.storages import RDBStorage, fail_stale_trials
+from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -69,6 +69,7 @@ from optimizer.study.storage import (
     count_finished,
     count_running,
     default_storage_url,
+    fail_stale,
     open_storage,
     recover_dead_local_trials,
     register_worker,
@@ -510,7 +511,7 @@ def _run_trials(study, runner: TrialRunner, settings: StudySettings, reporter: R
                 reporter.note(f"waiting for {count_running(study)} trial(s) running in other workers")
                 waiting_noted = True
             time.sleep(WAIT_FOR_OTHERS_S)
-            fail_stale_trials(study)
+            fail_stale(study)
             continue
         runner.progress = (done, budget)
         recover_dead_local_trials(

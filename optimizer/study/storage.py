@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.trial import TrialState
 
 from optimizer.errors import StorageError, StudyError, UsageError
@@ -28,6 +28,7 @@ __all__ = [
     "count_finished",
     "count_running",
     "default_storage_url",
+    "fail_stale",
     "open_storage",
     "recover_dead_local_trials",
     "worker_id",
@@ -102,6 +103,14 @@ def _retry_callback():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return RetryHeartbeatStaleTrialCallback(max_retry=2)
+
+
+def fail_stale(study) -> None:
+    """Fail (and re-enqueue) trials whose worker's heartbeat went stale; nothing without heartbeats."""
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        fail_stale_trials(study)
 
 
 def _redact(url: str) -> str:

@@ -41,7 +41,7 @@ from optimizer.serving.base import ServingTarget
 from optimizer.serving.metrics import memory_figure
 from optimizer.study.confirm import RemeasureFailed
 from optimizer.study.settings import StudySettings
-from optimizer.study.storage import count_finished, worker_id
+from optimizer.study.storage import count_finished, fail_stale, recover_dead_local_trials, worker_id
 
 __all__ = [
     "CONSTRAINT",
@@ -142,7 +142,7 @@ class TrialRunner:
         key = config_digest(config)
         trial.set_user_attr("config_key", key)
         self.reporter.trial_started(trial.number, candidate.summary(), *self.progress)
-        earlier = _measured_config(trial.study, key)
+        earlier = _claim_config(trial, key)
         if earlier is not None:
             return _reuse_measurement(trial, earlier)
         started = time.perf_counter()
@@ -460,6 +460,43 @@ def _measured_config(study, key: str):
         if trial.state != TrialState.FAIL or "reason" in attrs:
             return trial
     return None
+
+
+CLAIM_POLL_S = 1.0
+CLAIM_WAIT_LIMIT_S = 1800.0
+
+
+def _claim_config(trial, key: str):
+    """The trial whose measurement of this config ``trial`` reuses, or None once ``trial`` may measure it.
+
+    Workers that propose one config at the same moment must not both measure it. A trial running the
+    same config that has marked itself ``measured_here`` is waited for; between trials still deciding, the
+    lower-numbered one measures and the others wait. Only the moment between one trial's read of the
+    running trials and its ``measured_here`` write is left open, one database round trip. A worker that died
+    mid-trial is found (same host at once, elsewhere by its heartbeat) so nobody waits on it forever.
+    """
+    deadline = time.monotonic() + CLAIM_WAIT_LIMIT_S
+    while True:
+        earlier = _measured_config(trial.study, key)
+        if earlier is not None:
+            return earlier
+        rivals = _running_with_config(trial, key)
+        ahead = [t for t in rivals if t.user_attrs.get("measured_here") or t.number < trial.number]
+        if not ahead or time.monotonic() > deadline:
+            trial.set_user_attr("measured_here", True)
+            return None
+        time.sleep(CLAIM_POLL_S)
+        recover_dead_local_trials(trial.study)
+        fail_stale(trial.study)
+
+
+def _running_with_config(trial, key: str) -> list:
+    """Other RUNNING trials of the study whose config has this key."""
+    return [
+        other
+        for other in trial.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if other.number != trial.number and other.user_attrs.get("config_key") == key
+    ]
 
 
 def _reuse_measurement(trial, earlier) -> float:
