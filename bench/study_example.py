@@ -98,7 +98,7 @@ def print_figures(study, summary, wall_s: float) -> None:
                     f"{finalist['throughput']} mean {finalist['mean']} ± {finalist['half_width']}",
                 )
             )
-        baseline_record = confirmation.get("baseline")
+        baseline_record = confirmation.get("baseline_rounds")
         if baseline_record:
             rows.append(
                 (

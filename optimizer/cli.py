@@ -25,7 +25,7 @@ from optimizer.errors import OptimizeError, StudyError, UsageError
 from optimizer.measurement.levels import DEFAULT_MAX_WINDOW_S, Engine, MeasureSettings, Protocol, StopRule
 from optimizer.output.formats import ExportFormat
 from optimizer.paths import cache_dir, studies_dir
-from optimizer.study.settings import Sampler, SearchSettings
+from optimizer.study.settings import CrossCheckEngine, Sampler, SearchSettings
 
 # Exit codes besides those of the OptimizeError subclasses (errors.py) and the parser's usage errors (2).
 BUG_EXIT_CODE = 70  # EX_SOFTWARE: an unexpected exception, i.e. a bug in optimize
@@ -51,6 +51,7 @@ _state = {"debug": False}
 MODEL, SEARCH, MEASUREMENT, TARGET, SCALE_OUT = "Model", "Search", "Measurement", "Target", "Scale-out"
 _DEFAULT_MEASURE = MeasureSettings()
 TARGET_CHOICES = "embedded|local|docker|remote|replay:DIR"
+
 
 ShapeOption = Annotated[
     Optional[list[str]],
@@ -316,6 +317,14 @@ def study(
             rich_help_panel=MEASUREMENT,
         ),
     ] = Engine.builtin,
+    confirm_with: Annotated[
+        Optional[CrossCheckEngine],
+        typer.Option(
+            "--confirm-with",
+            help="Also measure the baseline and the best with perf_analyzer; flag a difference over 10%.",
+            rich_help_panel=MEASUREMENT,
+        ),
+    ] = None,
     protocol: Annotated[
         Protocol, typer.Option(help="Protocol of the measured requests.", rich_help_panel=MEASUREMENT)
     ] = Protocol.grpc,
@@ -440,6 +449,7 @@ def study(
         cpus=parse_cpus(cpus) if cpus else frozenset(),
         gpus=gpus,
         load_generator=load_generator.value,
+        confirm_with=confirm_with.value if confirm_with else None,
         protocol=protocol.value,
         request_rates=parse_rates(request_rate) if request_rate else (),
         max_memory_mb=max_memory_mb,
@@ -460,6 +470,31 @@ def _no_feasible(summary) -> OptimizeError:
         f"no configuration met the {summary.latency_budget_ms:g} ms latency budget in {summary.finished} trials: "
         "raise --latency-budget-ms (with a new --study-name) or widen the space"
     )
+
+
+@app.command()
+def confirm(
+    study_name: Annotated[str, typer.Option("--study-name", help="The finished study to cross-check.")],
+    storage: Annotated[
+        Optional[str], typer.Option(help="Optuna storage URL (default sqlite:///studies/NAME.db).")
+    ] = None,
+    engine: Annotated[
+        CrossCheckEngine, typer.Option("--with", help="The load generator that measures beside ours.")
+    ] = CrossCheckEngine.perf_analyzer,
+    input_data: Annotated[
+        Optional[Path], typer.Option("--input-data", help="The .npz the study was measured with, if any.")
+    ] = None,
+) -> None:
+    """Measure a study's baseline and best with perf_analyzer beside the built-in generator."""
+    from optimizer.study.progress import RichReporter, print_summary
+    from optimizer.study.run import cross_check_study
+
+    with RichReporter() as reporter:
+        summary = cross_check_study(
+            study_name, engine.value, reporter, storage=storage, input_data=input_data
+        )
+    print_summary(summary)
+    _write_study_report(summary)
 
 
 @app.command()

@@ -308,19 +308,21 @@ def test_the_catalogue_has_at_least_thirty_cases():
     assert len(CASES) + 4 >= 30
 
 
-def test_perf_analyzer_engine_that_cannot_be_installed_is_one_line(models, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("flag", [["--load-generator", "perf_analyzer"], ["--confirm-with", "perf_analyzer"]])
+def test_perf_analyzer_that_cannot_be_installed_is_one_line(models, tmp_path, monkeypatch, capsys, flag):
     from optimizer.measurement import perf_analyzer
 
     monkeypatch.setenv("PATH", "/usr/bin:/bin")  # no perf_analyzer on PATH
     monkeypatch.setenv("OPTIMIZE_CACHE_DIR", str(tmp_path / "cache"))  # none installed in the cache
     monkeypatch.setattr(perf_analyzer.sysconfig, "get_path", lambda name: str(tmp_path))
     monkeypatch.setenv("PIP_NO_INDEX", "1")  # and pip finds nothing to install: as offline
-    args = ["study", "--model", str(models["mlp"]), "--study-name", "pa", "--load-generator", "perf_analyzer"]
+    args = ["study", "--model", str(models["mlp"]), "--study-name", "pa", *flag]
     assert main([*args, "--storage", f"sqlite:///{tmp_path / 'pa.db'}"]) == 8
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("Error: installing tritonclient==2.51.0 failed"), err
     assert "Traceback" not in err
+    assert not (tmp_path / "pa.db").exists()  # refused before the study was made
 
 
 def test_max_memory_below_the_idle_server_is_impossible_before_any_trial(models, tmp_path, capsys):

@@ -130,7 +130,8 @@ def test_a_study_on_the_real_server_re_measures_its_finalists_before_export(mixe
     # The baseline is measured in the same rounds (unless it is a finalist itself): the speed-up is of means.
     baseline = next(t for t in study.trials if t.user_attrs.get("baseline"))
     if baseline.number not in [f["trial"] for f in record["finalists"]]:
-        assert record["baseline"]["trial"] == baseline.number and len(record["baseline"]["throughput"]) == 2
+        rounds = record["baseline_rounds"]
+        assert rounds["trial"] == baseline.number and len(rounds["throughput"]) == 2
     assert summary.confirmed_baseline is not None and summary.confirmed_baseline.trial == baseline.number
     ratio, basis = summary.speed_up
     chosen = next(f for f in summary.finalists if f.trial == record["chosen"])

@@ -261,7 +261,9 @@ class ReplayTarget(ServingTarget):
     """
 
     name = "replay"
-    capabilities = Capabilities(can_restart=True, gpu_metrics=False, shared_filesystem=False)
+    capabilities = Capabilities(
+        can_restart=True, gpu_metrics=False, shared_filesystem=False, serves_requests=False
+    )
 
     def __init__(
         self, path: Path | str, seed: int | None = None, bad_starts: BadStarts | None = None

@@ -24,6 +24,7 @@ from optimizer.config.render import config_from_json, to_pbtxt
 from optimizer.model.variants import precision_of_file
 from optimizer.paths import studies_dir
 from optimizer.study.confirm import CONFIRMATION, Finalist
+from optimizer.study.crosscheck import CrossCheckRow, cross_check_rows, stored_cross_check
 from optimizer.study.results import confirmed_baseline
 
 __all__ = [
@@ -212,6 +213,8 @@ class ReportData:
     finalists: tuple[Finalist, ...] = ()  # the top configs re-measured before export, when confirmed
     confirmed_baseline: Finalist | None = None  # the baseline, re-measured in the same rounds
     chosen: int | None = None  # the confirmed finalist (the exported trial)
+    cross_check: tuple[CrossCheckRow, ...] = ()  # the baseline and best measured by perf_analyzer too
+    cross_check_engine: str | None = None
 
 
 # --- the whole report ----------------------------------------------------------------------------------
@@ -238,6 +241,7 @@ def build_report_data(study: Any, *, repository: Path | None = None) -> ReportDa
     chosen = confirmation.get("chosen")
     finalists = tuple(Finalist.from_dict(f) for f in confirmation.get("finalists", []))
     baseline = confirmed_baseline(study)
+    checked = stored_cross_check(attrs)
     return ReportData(
         info=info,
         headline=_confirmed(headline(trials, str(repository), chosen=chosen), finalists, baseline),
@@ -252,6 +256,8 @@ def build_report_data(study: Any, *, repository: Path | None = None) -> ReportDa
         finalists=finalists,
         chosen=chosen,
         confirmed_baseline=baseline,
+        cross_check=tuple(cross_check_rows(checked)) if checked else (),
+        cross_check_engine=checked["engine"] if checked else None,
     )
 
 

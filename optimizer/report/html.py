@@ -29,6 +29,7 @@ from optimizer.report.data import (
     StudyInfo,
     TrialRecord,
 )
+from optimizer.study.crosscheck import DISAGREEMENT
 
 __all__ = ["plot_curves", "plot_history", "plot_importances", "plot_scatter", "render_html"]
 
@@ -309,6 +310,7 @@ def render_html(data: ReportData) -> str:
         ),
         _section("Search", _e(data.importances.note), divs["history"] + divs["importances"]),
         _finalists_section(data),
+        _cross_check_section(data),
         _section("Top 10 configurations", "", _top_table(data.top, data.headline)),
         _section(
             "Precisions",
@@ -451,6 +453,53 @@ def _finalists_section(data: ReportData) -> str:
         "measured in the same rounds, so the speed-up compares means over as many loads."
     )
     return _section("Confirmed before export", _e(note), _table(headers, rows, ""))
+
+
+def _cross_check_section(data: ReportData) -> str:
+    """The baseline and the exported config as both engines measured them, disagreements over 10% marked."""
+    if not data.cross_check:
+        return ""
+    engine = _e(data.cross_check_engine)
+
+    def difference(value: float | None) -> str:
+        if value is None or math.isinf(value):
+            return "-"
+        text = f"{value:+.0%}"
+        return f'<span class="warn">{text}</span>' if abs(value) > DISAGREEMENT else text
+
+    rows = [
+        [
+            _e(r.role) + (' <span class="warn">(disagree)</span>' if r.disagrees else ""),
+            f"#{r.trial}",
+            _e(r.load),
+            _num(r.builtin_throughput),
+            _num(r.other_throughput),
+            difference(r.throughput_difference),
+            _num(r.builtin_p99_ms),
+            _num(r.other_p99_ms),
+            difference(r.p99_difference),
+        ]
+        if not r.failure
+        else [_e(r.role), f"#{r.trial}", _e(r.load), _e(f"not measured: {r.failure}"), "", "", "", "", ""]
+        for r in data.cross_check
+    ]
+    headers = [
+        "",
+        "trial",
+        "load",
+        "inf/s builtin",
+        f"inf/s {engine}",
+        "difference",
+        "p99 ms builtin",
+        f"p99 ms {engine}",
+        "difference",
+    ]
+    note = (
+        f"The baseline and the exported config, each loaded once and measured at its load by the built-in "
+        f"generator and by {data.cross_check_engine}, alternating which goes first. A difference over "
+        f"{DISAGREEMENT:.0%} of {data.cross_check_engine}'s figure is marked."
+    )
+    return _section(f"Cross-checked with {data.cross_check_engine}", _e(note), _table(headers, rows, ""))
 
 
 def _precision_table(rows: Sequence[PrecisionRow]) -> str:

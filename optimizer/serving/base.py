@@ -29,11 +29,14 @@ class Capabilities:
         gpu_metrics: the server's own /metrics is readable, so its GPUs are seen from the server's side.
         shared_filesystem: model files are placed in the server's repository; else they travel in the
             load request.
+        serves_requests: it answers inference requests (a replay answers from a recording instead), so
+            another load generator can cross-check the figures.
     """
 
     can_restart: bool
     gpu_metrics: bool
     shared_filesystem: bool
+    serves_requests: bool = True
 
 
 class ServingTarget:

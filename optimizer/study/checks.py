@@ -7,9 +7,10 @@ import math
 from optimizer.errors import UsageError
 from optimizer.measurement.levels import ENGINES, PROTOCOLS, RULES, MeasureSettings
 from optimizer.measurement.perf_analyzer import ensure_perf_analyzer
-from optimizer.study.settings import SAMPLERS, StudySettings
+from optimizer.serving.base import ServingTarget
+from optimizer.study.settings import CROSS_CHECK_ENGINES, SAMPLERS, StudySettings
 
-__all__ = ["check_settings"]
+__all__ = ["check_settings", "check_target"]
 
 
 def check_settings(settings: StudySettings) -> None:
@@ -44,7 +45,9 @@ def _check_measure_settings(settings: StudySettings) -> None:
         if not ok:
             raise UsageError(message)
     _check_window(settings.measure)
-    if settings.load_generator == "perf_analyzer":
+    if settings.confirm_with not in (None, *CROSS_CHECK_ENGINES):
+        raise UsageError(f"--confirm-with must be one of {', '.join(CROSS_CHECK_ENGINES)}")
+    if "perf_analyzer" in (settings.load_generator, settings.confirm_with):
         ensure_perf_analyzer()  # found, or installed now: never a missing binary in the middle of a study
 
 
@@ -58,3 +61,20 @@ def _check_window(measure: MeasureSettings) -> None:
         raise UsageError(f"--screen-s must be 0 (no screening) or positive seconds, got {measure.screen_s:g}")
     if not (0 < measure.throughput_ci and 0 < measure.p99_ci):
         raise UsageError("--throughput-ci and --p99-ci must be positive fractions, e.g. 0.05 for within 5%")
+
+
+def check_target(settings: StudySettings, target: ServingTarget) -> None:
+    """Refuse, before any work, what the target cannot give: a cross-check of a recording, or over TLS."""
+    engine = settings.confirm_with
+    if engine is None:
+        return
+    if not target.capabilities.serves_requests:
+        raise UsageError(
+            f"--confirm-with {engine} measures a live server, and the {target.name} target answers from a "
+            "recording: drop --confirm-with, or study a server"
+        )
+    if target.client_options():
+        raise UsageError(
+            f"--confirm-with {engine} cannot reach a server over TLS (only the built-in gRPC generator can): "
+            "drop --confirm-with, or cross-check from a machine that reaches the server without TLS"
+        )

@@ -24,6 +24,7 @@ __all__ = [
     "choose",
     "confirm",
     "finalists_of",
+    "load_label",
     "stored_confirmation",
 ]
 
@@ -148,7 +149,7 @@ def confirm(
         Finalist(
             trial=t.number,
             candidate=str(t.user_attrs.get("candidate", "")),
-            load=_load_of(t),
+            load=load_label(t),
             throughput=tuple(throughput[t.number]),
             p99_ms=tuple(p99[t.number]),
             failure=failures.get(t.number),
@@ -163,7 +164,7 @@ def choose(finalists: Sequence[Finalist], budget_ms: float) -> Finalist | None:
     return max(within, key=lambda f: (f.mean, -f.trial), default=None)
 
 
-def _load_of(trial: FrozenTrial) -> str:
+def load_label(trial: FrozenTrial) -> str:
     rate = trial.user_attrs.get("request_rate")
     if rate is not None:
         return f"request rate {rate:g}/s"

@@ -10,6 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 
 from optimizer.study.confirm import Finalist
+from optimizer.study.crosscheck import DISAGREEMENT, cross_check_rows
 from optimizer.study.results import StudySummary, TrialReport
 
 __all__ = ["RichReporter", "print_summary"]
@@ -95,6 +96,47 @@ def finalists_table(summary: StudySummary) -> Table:
     return table
 
 
+def cross_check_table(record: dict) -> Table:
+    """The baseline and the best as the built-in generator and perf_analyzer measured them, side by side."""
+    engine = record["engine"]
+    table = Table(title=f"cross-check: the built-in generator and {engine} on the same load")
+    for column in (
+        "",
+        "trial",
+        "load",
+        "inf/s builtin",
+        f"inf/s {engine}",
+        "diff",
+        "p99 builtin",
+        f"p99 {engine}",
+        "diff",
+    ):
+        table.add_column(column)
+    for row in cross_check_rows(record):
+        if row.failure:
+            table.add_row(f"{row.role} #{row.trial}", row.load, f"not measured: {row.failure}", *[""] * 5)
+            continue
+        table.add_row(
+            f"{row.role} #{row.trial}" + (" [yellow]![/yellow]" if row.disagrees else ""),
+            row.load,
+            _figure(row.builtin_throughput),
+            _figure(row.other_throughput),
+            _percent(row.throughput_difference),
+            _figure(row.builtin_p99_ms),
+            _figure(row.other_p99_ms),
+            _percent(row.p99_difference),
+        )
+    return table
+
+
+def _figure(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None or math.isinf(value) else f"{value:+.0%}"
+
+
 def _finalist_role(finalist: Finalist, chosen: int | None, baseline: Finalist | None) -> str:
     roles = ["exported" if finalist.trial == chosen else "", "baseline" if finalist == baseline else ""]
     return ", ".join(role for role in roles if role)
@@ -125,6 +167,10 @@ def print_summary(summary: StudySummary, console: Console | None = None) -> None
     console.print(table)
     if summary.finalists:
         console.print(finalists_table(summary))
+    if summary.cross_check:
+        console.print(cross_check_table(summary.cross_check))
+        for line in summary.cross_check.get("disagreements", []):
+            console.print(f"[yellow]disagreement over {DISAGREEMENT:.0%}[/yellow]: {line}")
     if summary.speed_up is not None:
         ratio, basis = summary.speed_up
         console.print(f"speed-up over baseline: {ratio:.2f}x ({basis})")

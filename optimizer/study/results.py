@@ -85,6 +85,7 @@ class StudySummary:
     best_repository: Path | None
     finalists: tuple[Finalist, ...] = ()  # the top configs re-measured before export (see confirm.py)
     confirmed_baseline: Finalist | None = None  # the baseline, re-measured in the same rounds
+    cross_check: dict[str, Any] | None = None  # the baseline and best measured by perf_analyzer too
 
     @property
     def speed_up(self) -> tuple[float, str] | None:
@@ -151,7 +152,9 @@ def finalists(study) -> tuple[Finalist, ...]:
 def confirmed_baseline(study) -> Finalist | None:
     """The baseline as the confirmation re-measured it (with the finalists, or as one of them)."""
     record = study.user_attrs.get(CONFIRMATION) or {}
-    if record.get("baseline"):
+    if record.get("baseline_rounds"):
+        return Finalist.from_dict(record["baseline_rounds"])
+    if "throughput" in (record.get("baseline") or {}):  # a study confirmed before the cross-check existed
         return Finalist.from_dict(record["baseline"])
     baseline = next(
         (t.number for t in study.get_trials(deepcopy=False) if t.user_attrs.get("baseline")), None

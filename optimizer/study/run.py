@@ -30,6 +30,7 @@ from optimizer.config.space import (
     fit_params,
     grid_of,
     load_space,
+    space_from_dict,
     starting_points,
 )
 from optimizer.errors import (
@@ -51,8 +52,9 @@ from optimizer.paths import cache_dir, check_name, studies_dir
 from optimizer.serving.base import ServingTarget
 from optimizer.serving.embedded import EmbeddedTriton
 from optimizer.serving.environment import available_cores
-from optimizer.study.checks import check_settings
+from optimizer.study.checks import check_settings, check_target
 from optimizer.study.confirm import CONFIRMATION, choose, confirm, finalists_of, stored_confirmation
+from optimizer.study.crosscheck import cross_check, needs_cross_check, stored_cross_check
 from optimizer.study.precisions import accurate_precisions, int8_recipe_of
 from optimizer.study.results import (
     StudySummary,
@@ -77,7 +79,7 @@ from optimizer.study.storage import (
 )
 from optimizer.study.trial import TrialFailed, TrialRunner, first_line
 
-__all__ = ["QuietReporter", "Reporter", "run_study"]
+__all__ = ["QuietReporter", "Reporter", "cross_check_study", "run_study"]
 
 # Without --latency-budget-ms, the budget is this multiple of the baseline's single-request p99: the median
 # of several probes, since one probe swung 4x with the machine's state (15 to 100 ms here).
@@ -131,7 +133,11 @@ def run_study(
         if created:  # first thing, so workers joining a moment later find it and do not enqueue another
             _enqueue_baseline(study, plan.space)
         space = _join(study, plan, settings, reporter)
-        if count_finished(study) < settings.budget or _unconfirmed(study, settings.search):
+        if (
+            count_finished(study) < settings.budget
+            or _unconfirmed(study, settings.search)
+            or needs_cross_check(study.user_attrs, settings.confirm_with, best_trial(study))
+        ):
             _measure(study, plan, space, settings, reporter, target)
         else:
             reporter.note(f"study {plan.study_name!r} already has {count_finished(study)} finished trials")
@@ -147,6 +153,66 @@ def run_study(
     finally:
         if isinstance(storage, RDBStorage):
             storage.engine.dispose()  # close the database connections now, not at garbage collection
+
+
+def cross_check_study(
+    study_name: str,
+    engine: str = "perf_analyzer",
+    reporter: Reporter | None = None,
+    *,
+    storage: str | None = None,
+    output_dir: Path | None = None,
+    input_data: Path | None = None,
+    target: ServingTarget | None = None,
+) -> StudySummary:
+    """Measure a finished study's baseline and best with ``engine`` beside ours (``optimize confirm``).
+
+    The study is resumed as it was made (its model, shapes, space and latency budget, read from the
+    study), with nothing left to run but the cross-check; its record joins the ``confirmation`` attribute.
+
+    Raises:
+        StudyError: no such study, or it has no feasible trial to cross-check.
+    """
+    out_dir = output_dir or studies_dir()
+    url = storage or default_storage_url(out_dir, study_name)
+    if storage is None and not (out_dir / f"{study_name}.db").is_file():
+        raise StudyError(
+            f"no study {study_name!r} in {out_dir}: give the name of a finished study (or --storage)"
+        )
+    attrs, finished, best = _stored_study(url, study_name)
+    out_dir = Path(attrs.get("output_dir") or out_dir)
+    if best is None:
+        raise StudyError(
+            f"study {study_name!r} has no feasible trial to cross-check: run it to its budget first"
+        )
+    settings = StudySettings(
+        model_path=Path(attrs["model_path"]),
+        shapes={name: tuple(dims) for name, dims in attrs.get("shapes", {}).items()},
+        study_name=study_name,
+        storage=url,
+        output_dir=out_dir,
+        budget=finished,
+        latency_budget_ms=float(attrs["latency_budget_ms"]),
+        space=space_from_dict(attrs["space"]),
+        concurrency=tuple(attrs.get("concurrency_levels") or StudySettings().concurrency),
+        input_data=input_data,
+        accuracy_tolerance=float(attrs.get("accuracy_tolerance", StudySettings().accuracy_tolerance)),
+        search=SearchSettings(confirm_finalists=0),  # the finalists' rounds, if any, are kept as they are
+        confirm_with=engine,
+    )
+    return run_study(settings, reporter, target=target)
+
+
+def _stored_study(url: str, study_name: str):
+    """A stored study's attributes, finished-trial count and exported trial (the database left as it is)."""
+    storage = open_storage(url, create_dirs=False)
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+        return dict(study.user_attrs), count_finished(study), best_trial(study)
+    except KeyError:
+        raise StudyError(f"no study {study_name!r} in {url}: give the name of a finished study") from None
+    finally:
+        storage.engine.dispose()
 
 
 def _database_error_in(exc: BaseException) -> BaseException | None:
@@ -178,8 +244,10 @@ class _Plan:
 
 def _plan(settings: StudySettings, target: ServingTarget | None) -> _Plan:
     check_settings(settings)
+    if target is not None:  # the default, a new embedded Triton, serves requests without TLS
+        check_target(settings, target)
     model, shapes, samples = _intake(settings)
-    space = load_space(settings.space)
+    space = settings.space if isinstance(settings.space, SearchSpace) else load_space(settings.space)
     cores = _cores(settings, target)
     if settings.sampler == "grid":
         grid_of(
@@ -263,6 +331,7 @@ def _measure(
         _enqueue_starting_points(study, plan, space, settings.search)
         _run_trials(study, runner, settings, reporter)
         _confirm(study, runner, settings.search, reporter)  # the budget is in (or the space exhausted)
+        _cross_check(study, runner, settings.confirm_with, reporter)
 
 
 @contextmanager
@@ -418,6 +487,7 @@ def _record_study_attrs(
         "budget": settings.budget,
         "concurrency_levels": list(settings.concurrency),
         "cpu_cores": plan.cores,  # what a space that does not oversubscribe derived its threads from
+        "output_dir": str(plan.out_dir),  # where its exports and reports go (optimize confirm writes there)
     }
     for key, value in attrs.items():
         if study.user_attrs.get(key) != value:
@@ -559,8 +629,30 @@ def _confirm(study, runner: TrialRunner, search: SearchSettings, reporter: Repor
         "rule": "highest mean throughput whose median p99 is within the latency budget",
     }
     if reference:
-        record["baseline"] = reference[0].to_dict()
+        record["baseline_rounds"] = reference[0].to_dict()
     study.set_user_attr(CONFIRMATION, record)
+
+
+def _cross_check(study, runner: TrialRunner, engine: str | None, reporter: Reporter) -> None:
+    """Measure the baseline and the exported trial with ``engine`` beside ours (crosscheck.py)."""
+    best = best_trial(study)
+    if not needs_cross_check(study.user_attrs, engine, best):
+        return
+    assert best is not None and engine is not None  # needs_cross_check says so
+    baseline = next(
+        (
+            t
+            for t in study.get_trials(deepcopy=False)
+            if t.user_attrs.get("baseline") and "config" in t.user_attrs
+        ),
+        None,
+    )
+    subjects = [("baseline", baseline), ("best", best)] if baseline is not None else [("best", best)]
+    reporter.note(f"cross-checking {' and '.join(role for role, _ in subjects)} with {engine}")
+    record = cross_check(subjects, runner.remeasure_with, engine)
+    for line in record["disagreements"]:
+        reporter.note(f"{engine} disagrees: {line}")
+    study.set_user_attr(CONFIRMATION, {**(study.user_attrs.get(CONFIRMATION) or {}), **record})
 
 
 def _feasible_baseline(study, finalists) -> FrozenTrial | None:
@@ -616,4 +708,5 @@ def _summarise(study, plan: _Plan, budget: int) -> StudySummary:
         best_repository=repository,
         finalists=finalists(study),
         confirmed_baseline=confirmed_baseline(study),
+        cross_check=stored_cross_check(study.user_attrs),
     )

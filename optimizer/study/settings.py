@@ -7,11 +7,19 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
+from optimizer.config.space import SearchSpace
 from optimizer.measurement.levels import MeasureSettings
 from optimizer.measurement.sweep import DEFAULT_LEVELS
 from optimizer.model.accuracy import DEFAULT_TOLERANCE
 
-__all__ = ["SAMPLERS", "Sampler", "SearchSettings", "StudySettings"]
+__all__ = [
+    "CROSS_CHECK_ENGINES",
+    "SAMPLERS",
+    "CrossCheckEngine",
+    "Sampler",
+    "SearchSettings",
+    "StudySettings",
+]
 
 
 class Sampler(str, Enum):
@@ -23,6 +31,15 @@ class Sampler(str, Enum):
 
 
 SAMPLERS = tuple(s.value for s in Sampler)
+
+
+class CrossCheckEngine(str, Enum):
+    """The load generators that can cross-check the built-in one (``--confirm-with``)."""
+
+    perf_analyzer = "perf_analyzer"
+
+
+CROSS_CHECK_ENGINES = tuple(e.value for e in CrossCheckEngine)
 
 
 @dataclass(frozen=True)
@@ -72,7 +89,7 @@ class StudySettings:
     model_path: Path | None = None  # None: the bundled example model
     budget: int = 40
     latency_budget_ms: float | None = None
-    space: str = "cpu"
+    space: str | SearchSpace = "cpu"  # a name under spaces/, a YAML path, or a space itself
     study_name: str | None = None
     storage: str | None = None
     shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
@@ -93,6 +110,7 @@ class StudySettings:
     search: SearchSettings = SearchSettings()
     # How trials are measured: engine, protocol, open-loop rates, and a memory limit.
     load_generator: str = "builtin"  # or "perf_analyzer"
+    confirm_with: str | None = None  # "perf_analyzer": the baseline and the best measured by it too
     protocol: str = "grpc"  # or "http"
     request_rates: tuple[float, ...] = ()  # Poisson arrivals at these rates instead of the concurrency sweep
     max_memory_mb: float | None = None  # the server's process-tree RSS (see serving/metrics.memory_figure)

@@ -113,19 +113,26 @@ class TrialRunner:
         Raises:
             RemeasureFailed: the config was rejected, or the server crashed or hung (then restarted).
         """
+        level = self.remeasure_with(trial, (self.settings.load_generator,))[0]
+        return level.throughput, level.p99_ms
+
+    def remeasure_with(self, trial: optuna.trial.FrozenTrial, engines: tuple[str, ...]) -> list[LevelResult]:
+        """Load ``trial``'s config once and measure it at its load with each engine in turn.
+
+        Raises:
+            RemeasureFailed: the config was rejected, or the server crashed or hung (then restarted).
+        """
         config = config_from_json(trial.user_attrs["config"])
         rate = trial.user_attrs.get("request_rate")
+        mode = "request_rate" if rate is not None else "concurrency"
+        load = rate if rate is not None else trial.user_attrs.get("concurrency") or 1
         try:
             self._load(config)
-            mode = "request_rate" if rate is not None else "concurrency"
-            level = self._load_generator(mode=mode).measure(
-                rate if rate is not None else trial.user_attrs["concurrency"]
-            )
+            return [self._load_generator(mode=mode, engine=engine).measure(load) for engine in engines]
         except TrialFailed as exc:
             raise RemeasureFailed(str(exc)) from exc
         except (InferenceError, ServerDiedError) as exc:
             raise RemeasureFailed(str(self._server_fault("while confirming", exc))) from exc
-        return level.throughput, level.p99_ms
 
     def __call__(self, trial) -> float:
         if _is_surplus(trial, self.settings.budget):
@@ -312,7 +319,9 @@ class TrialRunner:
 
         return pin_down(screened, self.latency_budget_ms, measure)
 
-    def _load_generator(self, mode: str | None = None, measure: MeasureSettings | None = None) -> LevelSource:
+    def _load_generator(
+        self, mode: str | None = None, measure: MeasureSettings | None = None, engine: str | None = None
+    ) -> LevelSource:
         """The engine, protocol and mode the study asked for (closed loop unless it gave request rates)."""
         settings = self.settings
         return make_load_generator(
@@ -320,7 +329,7 @@ class TrialRunner:
             self.model_name,
             self.samples,
             measure or settings.measure,
-            engine=settings.load_generator,
+            engine=engine or settings.load_generator,
             protocol=settings.protocol,
             mode=mode or ("request_rate" if settings.request_rates else "concurrency"),
             batched=self.model.batching,
