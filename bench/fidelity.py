@@ -16,8 +16,9 @@ One embedded Triton, the bundled example encoder (sequence 128), the same 16 req
    --sweep-repeats times with each rule, interleaved: the seconds a trial spends measuring, and the
    coefficient of variation of the trial's score (its best throughput).
 4. ceiling: a trivial model (Identity, 4 floats) at rising concurrency, one client process: the
-   requests/s the built-in generator sustains and the share of a core its process used, beside
-   perf_analyzer's (a C++ client) on the same server.
+   requests/s the built-in generator sustains over gRPC streams (its default) and over unary calls
+   (tritonclient's, as before), with the client's CPU per request, beside perf_analyzer's (a C++
+   client) on the same server; two alternated rounds, medians.
 
 The machine is shared and noisy: the load average is printed beside each part.
 """
@@ -120,9 +121,16 @@ class _Bench:
         self.server.load_model("enc", to_json(config), config_files(self.info, config, cache_dir()))
 
     def ours(
-        self, settings: MeasureSettings, concurrency: int, model: str = "enc", samples=None
+        self,
+        settings: MeasureSettings,
+        concurrency: int,
+        model: str = "enc",
+        samples=None,
+        streaming: bool = True,
     ) -> LevelResult:
-        generator = LoadGenerator(self.server.grpc_url, model, samples or self.samples, settings)
+        generator = LoadGenerator(
+            self.server.grpc_url, model, samples or self.samples, settings, streaming=streaming
+        )
         return generator.measure(concurrency)
 
     def theirs(self, concurrency: int, model: str = "enc", data: Path | None = None):
@@ -291,15 +299,32 @@ def _ceiling(bench: _Bench, ci: MeasureSettings) -> None:
     bench.server.load_model("identity", to_json(config), {"1/model.onnx": info.path})
     samples = [synthetic_inputs(info, resolve_shapes(info, {}), 1, seed=seed) for seed in range(4)]
     data = perf_analyzer.write_input_data(bench.tmp / "identity.json", samples, batched=True)
-    print("| concurrency | built-in req/s | built-in client CPU (share of one core) | perf_analyzer req/s |")
-    print("| --- | --- | --- | --- |")
+    print(
+        "| concurrency | stream req/s | stream client CPU ms/req | unary req/s | unary client CPU ms/req "
+        "| perf_analyzer req/s | stream / pa | unary / pa |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for level in (1, 8, 32, 128):
-        cpu = time.process_time()
-        result = bench.ours(ci, level, "identity", samples)
-        share = (time.process_time() - cpu) / result.measure_s
-        theirs, _, _ = bench.theirs(level, "identity", data)
-        pa = f"{theirs.throughput:.0f}" if theirs is not None else "did not settle"
-        print(f"| {level} | {result.throughput:.0f} | {share:.2f} | {pa} |", flush=True)
+        runs: dict[str, list] = {"stream": [], "unary": [], "pa": []}
+        for round_ in range(2):  # alternated: stream, unary, pa, then the reverse
+            order = ["stream", "unary", "pa"] if round_ == 0 else ["pa", "unary", "stream"]
+            for engine in order:
+                if engine == "pa":
+                    theirs, _, _ = bench.theirs(level, "identity", data)
+                    if theirs is not None:
+                        runs["pa"].append(theirs.throughput)
+                else:
+                    result = bench.ours(ci, level, "identity", samples, streaming=engine == "stream")
+                    runs[engine].append((result.throughput, result.client_cpu_ms))
+        stream, unary = (statistics.median(r[0] for r in runs[k]) for k in ("stream", "unary"))
+        stream_cpu, unary_cpu = (statistics.median(r[1] for r in runs[k]) for k in ("stream", "unary"))
+        pa = statistics.median(runs["pa"]) if runs["pa"] else math.nan
+        print(
+            f"| {level} | {stream:.0f} | {stream_cpu:.3f} | {unary:.0f} | {unary_cpu:.3f} | {pa:.0f} "
+            f"| {stream / pa:.2f} | {unary / pa:.2f} |",
+            flush=True,
+        )
+    print(f"[{_load()}]")
 
 
 def _cv(values) -> float:

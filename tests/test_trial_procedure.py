@@ -66,14 +66,14 @@ CI = MeasureSettings(warmup_s=1.5, window_s=0.5, min_requests=10, max_window_s=2
 
 @pytest.mark.server
 def test_a_trial_screens_every_level_and_pins_down_only_its_answer(models, triton, tmp_path):
-    # The default budget (10 x the single-request p99) breaks long before 128 clients on 2 cores.
+    # 128 clients of a model served at most ~6000/s on 2 cores wait >= 21 ms on average: 8 ms breaks.
     settings = study_settings(
         models["mlp"],
         tmp_path,
         budget=3,
         measure=CI,
         concurrency=(1, 2, 4, 8, 16, 32, 64, 128),
-        latency_budget_ms=None,
+        latency_budget_ms=8.0,
         pruning=False,
     )
     run_study(settings, target=triton)

@@ -44,6 +44,9 @@ __all__ = ["LoadGenerator", "describe_failure", "summarise_level"]
 MAX_OUTSTANDING = 1024
 # Defaults of a generator made without settings: the library's and the command line's.
 DEFAULT_SETTINGS = MeasureSettings()
+# Closed-loop clients per gRPC stream: one stream carries a few in flight cheaply, but not a hundred.
+STREAM_SLOTS = 16
+STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
 # The warm-up compares slices of this length (doubled while a slice sees too few requests to compare).
 WARMUP_SLICE_S = 0.1
 WARMUP_SLICE_REQUESTS = 5
@@ -104,6 +107,8 @@ class LoadGenerator:
         client_options: TLS options for tritonclient's gRPC client.
         headers: sent with every request (auth).
         resources: called (in a thread) at the end of each window, under load; its figures are kept.
+        streaming: closed-loop gRPC levels over Triton's stream API (False: tritonclient's unary calls,
+            as TLS targets always use; bench/fidelity.py compares the two).
     """
 
     def __init__(
@@ -118,6 +123,7 @@ class LoadGenerator:
         client_options: Mapping[str, Any] | None = None,
         headers: Mapping[str, str] | None = None,
         resources: Callable[[], Mapping[str, float]] | None = None,
+        streaming: bool = True,
     ) -> None:
         if not samples:
             raise ValueError("the load generator needs at least one input sample")
@@ -132,6 +138,7 @@ class LoadGenerator:
         self.client_options = dict(client_options or {})
         self.headers = dict(headers) if headers else None
         self.resources = resources
+        self.streaming = streaming
 
     def run_levels(self, levels: Sequence[float], on_level) -> list[LevelResult]:
         """Measure ``levels`` in order; ``on_level(index, result)`` returns False to stop the sweep."""
@@ -164,7 +171,12 @@ class LoadGenerator:
         started = time.perf_counter()
         window = _Window()
         stop = asyncio.Event()
-        if self.mode == "concurrency":
+        if self.mode == "concurrency" and client.streams:
+            tasks = [
+                asyncio.create_task(self._streamed_closed_loop(client, slots, window, stop))
+                for slots in _stream_slots(int(level))
+            ]
+        elif self.mode == "concurrency":
             tasks = [
                 asyncio.create_task(self._closed_loop(client, prepared, offset, window, stop))
                 for offset in range(int(level))
@@ -251,6 +263,41 @@ class LoadGenerator:
             await client.infer(inputs, stop)
             window.record(due, time.perf_counter())
 
+    async def _streamed_closed_loop(self, client: _Client, slots: range, window: _Window, stop) -> None:
+        """Closed-loop clients ``slots`` over one gRPC stream: each response's slot sends its next request.
+
+        A stream costs the client less CPU per request than a unary call (bench/fidelity.py), and on a
+        small machine what the client saves, the server gets. A stream has no per-request deadline, so
+        a watchdog ends it when no response came for the request timeout.
+        """
+        stream = client.open_stream()
+        due = dict.fromkeys(slots, 0.0)
+        sent = slots.start
+        watchdog = _Watchdog(stream, client.timeout_s)
+
+        async def send(slot: int) -> None:
+            nonlocal sent
+            due[slot] = time.perf_counter()
+            await client.write_request(stream, client.streamed_request(sent, slot), stop)
+            sent += 1
+
+        try:
+            for slot in slots:
+                await send(slot)
+            outstanding = len(slots)
+            while outstanding:
+                slot = await client.read_response(stream, stop, watchdog)
+                finished = watchdog.last = time.perf_counter()
+                window.record(due[slot], finished)
+                if stop.is_set():
+                    outstanding -= 1
+                else:
+                    await send(slot)
+            await stream.done_writing()
+        finally:
+            watchdog.stop()
+            stream.cancel()
+
     async def _open_loop(self, client: _Client, prepared, rate: float, window: _Window, stop) -> None:
         """Send requests at Poisson arrival times until ``stop``; each one's latency counts from when it was due."""
 
@@ -277,6 +324,13 @@ class LoadGenerator:
         _raise_failures(task for task in outcomes if isinstance(task, BaseException))
 
 
+def _stream_slots(clients: int) -> list[range]:
+    """Closed-loop clients split over streams of at most ``STREAM_SLOTS`` (one stream caps throughput)."""
+    streams = max(1, math.ceil(clients / STREAM_SLOTS))
+    bounds = [round(i * clients / streams) for i in range(streams + 1)]
+    return [range(bounds[i], bounds[i + 1]) for i in range(streams)]
+
+
 def _forget_if_fine(pending: set[asyncio.Task]):
     """A done-callback dropping a finished request from ``pending``; failed ones stay, to be raised."""
 
@@ -300,10 +354,13 @@ class _Client:
     def __init__(self, generator: LoadGenerator, connections: int) -> None:
         self.generator = generator
         self.timeout_s = generator.settings.request_timeout_s
+        self.streams = None
         if generator.protocol == "grpc":
             from tritonclient.grpc.aio import InferenceServerClient
 
             self.client = InferenceServerClient(generator.url, **generator.client_options)
+            if generator.streaming and not generator.client_options:  # TLS: tritonclient's unary calls
+                self.streams = _StreamChannel(generator.url, generator.model_name, generator.samples)
         else:
             from tritonclient.http.aio import InferenceServerClient as HttpClient
 
@@ -355,8 +412,128 @@ class _Client:
         except Exception:  # the breakdown is a bonus: a server that hides it still gets measured
             return None
 
+    def open_stream(self):
+        assert self.streams is not None
+        return self.streams.open(self.generator.headers)
+
+    def streamed_request(self, index: int, slot: int) -> bytes:
+        assert self.streams is not None
+        return self.streams.request(index, slot)
+
+    async def write_request(self, stream, request: bytes, stop: asyncio.Event) -> None:
+        try:
+            await stream.write(request)
+        except Exception as exc:  # the server went away or refused the stream
+            stop.set()
+            raise InferenceError(describe_failure(exc, self.timeout_s)) from exc
+
+    async def read_response(self, stream, stop: asyncio.Event, watchdog: _Watchdog) -> int:
+        """The slot of the next response on ``stream``; a failed or late one raises InferenceError."""
+        try:
+            response = await stream.read()
+        except (Exception, asyncio.CancelledError) as exc:
+            if not watchdog.fired and isinstance(exc, asyncio.CancelledError):
+                raise  # the level is being torn down, not a late response
+            stop.set()
+            failure: Exception = (
+                asyncio.TimeoutError() if watchdog.fired or not isinstance(exc, Exception) else exc
+            )
+            raise InferenceError(describe_failure(failure, self.timeout_s)) from exc
+        if response is _eof():
+            stop.set()
+            raise InferenceError("a request failed: the server closed the stream")
+        if response.error_message:
+            stop.set()
+            raise InferenceError(f"a request failed: {response.error_message.strip().splitlines()[0]}")
+        return int(response.infer_response.id)
+
     async def close(self) -> None:
         await self.client.close()
+        if self.streams is not None:
+            await self.streams.close()
+
+
+class _Watchdog:
+    """Cancels a stream when no response has come for ``timeout_s`` (a hung or overloaded server)."""
+
+    def __init__(self, stream, timeout_s: float) -> None:
+        self.stream = stream
+        self.timeout_s = timeout_s
+        self.last = time.perf_counter()
+        self.fired = False
+        self.task = asyncio.create_task(self._watch())
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(min(1.0, self.timeout_s))
+            if time.perf_counter() - self.last > self.timeout_s:
+                self.fired = True
+                self.stream.cancel()
+                return
+
+    def stop(self) -> None:
+        self.task.cancel()
+
+
+class _StreamChannel:
+    """Triton's gRPC stream API with each sample's request serialised once.
+
+    A request is its sample's bytes plus a few bytes naming its slot (``id``): protobuf merges
+    concatenated messages, so nothing is serialised per request.
+    """
+
+    def __init__(self, url: str, model_name: str, samples: Sequence[Mapping[str, np.ndarray]]) -> None:
+        import grpc
+        from tritonclient.grpc import service_pb2
+
+        self.channel = grpc.aio.insecure_channel(url, options=_CHANNEL_OPTIONS)
+        self.method = self.channel.stream_stream(
+            STREAM_METHOD,
+            request_serializer=None,  # the requests are bytes already
+            response_deserializer=service_pb2.ModelStreamInferResponse.FromString,
+        )
+        self.requests = [_serialised_request(service_pb2, model_name, sample) for sample in samples]
+        self.slot_ids: dict[int, bytes] = {}
+        self.request_type = service_pb2.ModelInferRequest
+
+    def open(self, headers: Mapping[str, str] | None):
+        return self.method(metadata=tuple(headers.items()) if headers else None)
+
+    def request(self, index: int, slot: int) -> bytes:
+        suffix = self.slot_ids.get(slot)
+        if suffix is None:
+            suffix = self.slot_ids[slot] = self.request_type(id=str(slot)).SerializeToString()
+        return self.requests[index % len(self.requests)] + suffix
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+def _serialised_request(service_pb2, model_name: str, sample: Mapping[str, np.ndarray]) -> bytes:
+    from tritonclient.utils import np_to_triton_dtype, serialize_byte_tensor
+
+    request = service_pb2.ModelInferRequest(model_name=model_name)
+    for name, array in sample.items():
+        datatype = np_to_triton_dtype(array.dtype)
+        tensor = request.inputs.add(name=name, datatype=datatype)
+        tensor.shape.extend(array.shape)
+        # BYTES travel length-prefixed (Triton's raw format for strings); numbers as their memory.
+        raw = serialize_byte_tensor(array) if datatype == "BYTES" else np.ascontiguousarray(array)
+        request.raw_input_contents.append(raw.tobytes())
+    return request.SerializeToString()
+
+
+def _eof():
+    import grpc
+
+    return grpc.aio.EOF
+
+
+# tritonclient's own limits: any tensor the server accepts, in and out.
+_CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", 2**31 - 1),
+    ("grpc.max_receive_message_length", 2**31 - 1),
+]
 
 
 async def _sleep_or_fail(seconds: float, tasks) -> None:
