@@ -23,6 +23,7 @@ import typer
 from optimizer.config.space import parse_starting_points
 from optimizer.errors import OptimizeError, StudyError, UsageError
 from optimizer.measurement.levels import DEFAULT_MAX_WINDOW_S, Engine, MeasureSettings, Protocol, StopRule
+from optimizer.model.convert import Exporter
 from optimizer.output.formats import ExportFormat
 from optimizer.paths import cache_dir, studies_dir
 from optimizer.study.settings import CrossCheckEngine, Sampler, SearchSettings
@@ -79,6 +80,37 @@ def _target_kind(value: str) -> str:
     if kind not in TARGET_CHOICES.replace(":DIR", "").split("|"):
         raise typer.BadParameter(f"{value!r} is not one of {TARGET_CHOICES.replace('|', ', ')}")
     return value
+
+
+@app.command()
+def convert(
+    module: Annotated[
+        str,
+        typer.Argument(
+            help="file.py:make_model, package.module:make_model, or a TorchScript / saved .pt file."
+        ),
+    ],
+    input_spec: Annotated[
+        list[str],
+        typer.Option(
+            "--input", help="NAME:D1,D2[:DTYPE] for each forward() argument, in order; dims of one sample."
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="The ONNX file to write.")] = Path("model.onnx"),
+    exporter: Annotated[Exporter, typer.Option(help="PyTorch's exporter.")] = Exporter.dynamo,
+    opset: Annotated[Optional[int], typer.Option(help="ONNX opset (default: the exporter's).")] = None,
+) -> None:
+    """Export a PyTorch module to ONNX with a dynamic batch, checked against PyTorch: the way into a study."""
+    from optimizer.model.convert import convert_module, load_module, parse_inputs
+
+    result = convert_module(
+        load_module(module), parse_inputs(input_spec), out, exporter=exporter.value, opset=opset
+    )
+    typer.echo(
+        f"wrote {result.path} ({result.exporter} exporter; inputs {', '.join(result.inputs)}; outputs "
+        f"{', '.join(result.outputs)}; dynamic batch; ONNX Runtime within {result.max_abs_difference:.2g} of PyTorch)"
+    )
+    typer.echo(f"next: optimize study --model {result.path}")
 
 
 @app.command()
