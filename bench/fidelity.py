@@ -4,11 +4,13 @@
         [--fixed-window-s 10] [--pa-interval-ms 2000] [--parts fidelity,repeat,ceiling]
 
 One embedded Triton, the bundled example encoder (sequence 128), the same 16 requests for both tools
-(perf_analyzer gets them as --input-data). Three parts, each printing a table:
+(perf_analyzer gets them as --input-data). Parts, each printing a table:
 
 1. fidelity: 3 configs x the --levels, each measured by the built-in generator (ci rule) and by
    perf_analyzer, alternately (who goes first swaps every round), --rounds times. Prints the ratios
    built-in / perf_analyzer of throughput and p99 per round, and their median.
+   open: the same for two configs at Poisson request rates 20, 40, 80/s (perf_analyzer --request-rate-range).
+   cnn: the same for a small CNN (3x32x32, about 1 ms per inference) at the --levels, two configs.
 2. repeat: one config at one level (the middle of --levels), --repeats times each, interleaved:
    the ci rule, a fixed --fixed-window-s window, and perf_analyzer. Prints the coefficient of variation
    (stdev / mean) of throughput and p99 and the median seconds each measurement took (warm-up included).
@@ -58,6 +60,13 @@ CONFIGS = {
     ),
 }
 REPEAT_CONFIG = "fp32 mbs=8 delay=2ms inst=2"
+OPEN_CONFIGS = {name: CONFIGS[name] for name in ("fp32 mbs=1 inst=1", "fp32 mbs=8 delay=2ms inst=2")}
+CNN_CONFIGS = {
+    "cnn fp32 mbs=1 inst=1": Candidate(max_batch_size=1),
+    "cnn fp32 mbs=8 delay=1ms inst=2": Candidate(
+        max_batch_size=8, preferred_batch_sizes=(8, 4), max_queue_delay_us=1000, instance_count=2
+    ),
+}
 
 
 def main() -> None:
@@ -71,7 +80,7 @@ def main() -> None:
     parser.add_argument("--warmup-s", type=float, default=1.0)
     parser.add_argument("--pa-interval-ms", type=int, default=2000)
     parser.add_argument("--sweep-repeats", type=int, default=3)
-    parser.add_argument("--parts", default="fidelity,repeat,sweep,ceiling")
+    parser.add_argument("--parts", default="fidelity,open,cnn,repeat,sweep,ceiling")
     args = parser.parse_args()
     levels = [int(level) for level in args.levels.split(",")]
     parts = args.parts.split(",")
@@ -95,6 +104,12 @@ def main() -> None:
         bench = _Bench(server, Path(tmp), args.pa_interval_ms)
         if "fidelity" in parts:
             _fidelity(bench, levels, args.rounds, ci)
+        if "open" in parts:  # open loop: Poisson arrivals at rates the encoder configs sustain
+            _fidelity(bench, [20, 40, 80], args.rounds, ci, OPEN_CONFIGS, mode="request_rate")
+        if "cnn" in parts:  # a small fast CNN (~1 ms per inference): where the client's own cost shows
+            bench.use(examples.build_cnn(Path(tmp) / "cnn.onnx"), {}, "cnn")
+            _fidelity(bench, levels, args.rounds, ci, CNN_CONFIGS, title="a small CNN (3x32x32)")
+            bench.use(examples.example_model(cache_dir() / "examples"), dict(examples.EXAMPLE_SHAPES), "enc")
         if "repeat" in parts:
             _repeatability(bench, levels[len(levels) // 2], args.repeats, ci, fixed)
         if "sweep" in parts:
@@ -111,29 +126,47 @@ class _Bench:
         self.server = server
         self.tmp = tmp
         self.pa_interval_ms = pa_interval_ms
-        self.info = inspect_model(examples.example_model(cache_dir() / "examples"), cache=cache_dir())
-        shapes = resolve_shapes(self.info, dict(examples.EXAMPLE_SHAPES))
-        self.samples = [synthetic_inputs(self.info, shapes, 1, seed=seed) for seed in range(16)]
-        self.data = perf_analyzer.write_input_data(tmp / "requests.json", self.samples, batched=True)
+        self.use(examples.example_model(cache_dir() / "examples"), dict(examples.EXAMPLE_SHAPES), "enc")
+
+    def use(self, path: Path, shapes: dict, name: str) -> None:
+        """Aim both tools at another model (its 16 requests, its name on the server)."""
+        self.info = inspect_model(path, cache=cache_dir())
+        resolved = resolve_shapes(self.info, shapes)
+        self.samples = [synthetic_inputs(self.info, resolved, 1, seed=seed) for seed in range(16)]
+        self.data = perf_analyzer.write_input_data(self.tmp / f"{name}.json", self.samples, batched=True)
+        self.model = name
 
     def load(self, name: str, candidate: Candidate) -> None:
-        config = render_config(self.info, candidate, model_name="enc")
-        self.server.load_model("enc", to_json(config), config_files(self.info, config, cache_dir()))
+        config = render_config(self.info, candidate, model_name=self.model)
+        self.server.load_model(self.model, to_json(config), config_files(self.info, config, cache_dir()))
 
     def ours(
         self,
         settings: MeasureSettings,
-        concurrency: int,
-        model: str = "enc",
+        concurrency: float,
+        model: str | None = None,
         samples=None,
         streaming: bool = True,
+        mode: str = "concurrency",
     ) -> LevelResult:
+        """The built-in generator at ``concurrency`` clients (or, with mode request_rate, that rate/s)."""
         generator = LoadGenerator(
-            self.server.grpc_url, model, samples or self.samples, settings, streaming=streaming
+            self.server.grpc_url,
+            model or self.model,
+            samples or self.samples,
+            settings,
+            streaming=streaming,
+            mode=mode,
         )
         return generator.measure(concurrency)
 
-    def theirs(self, concurrency: int, model: str = "enc", data: Path | None = None):
+    def theirs(
+        self,
+        concurrency: int,
+        model: str | None = None,
+        data: Path | None = None,
+        request_rate: float | None = None,
+    ):
         """perf_analyzer's figures, the stability percentage that settled, and the seconds it took.
 
         The figures are None when not even 50% settled (its run then took the seconds given).
@@ -142,9 +175,10 @@ class _Bench:
         for stability in (10.0, 25.0, 50.0):
             try:
                 result = perf_analyzer.run_perf_analyzer(
-                    model,
+                    model or self.model,
                     self.server.grpc_url,
                     concurrency=concurrency,
+                    request_rate=request_rate,
                     input_data=data or self.data,
                     measurement_interval_ms=self.pa_interval_ms,
                     stability_percentage=stability,
@@ -156,11 +190,22 @@ class _Bench:
         return None, math.nan, time.perf_counter() - started
 
 
-def _fidelity(bench: _Bench, levels: list[int], rounds: int, ci: MeasureSettings) -> None:
-    print(f"\n## fidelity: built-in (ci rule) / perf_analyzer, alternated, {rounds} rounds  [{_load()}]")
+def _fidelity(
+    bench: _Bench,
+    levels: list[int],
+    rounds: int,
+    ci: MeasureSettings,
+    configs: dict[str, Candidate] = CONFIGS,
+    title: str = "the example encoder",
+    mode: str = "concurrency",
+) -> None:
+    load = "request rate/s" if mode == "request_rate" else "concurrency"
+    print(
+        f"\n## fidelity on {title}: built-in (ci rule) / perf_analyzer by {load}, alternated, {rounds} rounds  [{_load()}]"
+    )
     columns = [
         "config",
-        "concurrency",
+        load,
         "ours inf/s",
         "pa inf/s",
         "thr ratio (rounds)",
@@ -173,17 +218,25 @@ def _fidelity(bench: _Bench, levels: list[int], rounds: int, ci: MeasureSettings
     ]
     print("| " + " | ".join(columns) + " |")
     print("|" + " --- |" * len(columns))
-    for name, candidate in CONFIGS.items():
+    rate = mode == "request_rate"
+
+    def measure_ours(level):
+        return bench.ours(ci, level, mode=mode)
+
+    def measure_theirs(level):
+        return bench.theirs(1 if rate else int(level), request_rate=level if rate else None)
+
+    for name, candidate in configs.items():
         bench.load(name, candidate)
         for level in levels:
             pairs = []
             for round_ in range(rounds):
                 if round_ % 2 == 0:
-                    ours = bench.ours(ci, level)
-                    theirs, stability, _ = bench.theirs(level)
+                    ours = measure_ours(level)
+                    theirs, stability, _ = measure_theirs(level)
                 else:
-                    theirs, stability, _ = bench.theirs(level)
-                    ours = bench.ours(ci, level)
+                    theirs, stability, _ = measure_theirs(level)
+                    ours = measure_ours(level)
                 if theirs is None:
                     print(f"| {name} | {level} | perf_analyzer did not settle even at 50% (round {round_}) |")
                     continue

@@ -20,7 +20,7 @@ from postgres import postgres_server
 from optimizer.errors import StudyError
 from optimizer.study import trial as trial_module
 from optimizer.study.run import run_study
-from optimizer.study.storage import count_finished, worker_id
+from optimizer.study.storage import count_finished, worker_id, workers_of
 from studies import FAST_CLI, study_settings
 
 pytestmark = pytest.mark.server
@@ -89,7 +89,7 @@ def test_two_workers_share_one_study_to_exactly_its_budget(models, postgres_url,
     assert max(keys.values()) == 1  # no config measured twice
     assert len({t.user_attrs["worker"] for t in measured}) == 2  # both workers ran trials
     assert all(t.user_attrs["host"] for t in measured)
-    assert len(study.user_attrs["workers"]) == 2
+    assert len(workers_of(study.user_attrs)) == 2
 
 
 def test_a_second_worker_on_the_same_host_is_refused_without_pinning(models, postgres_url, pg):
@@ -100,7 +100,7 @@ def test_a_second_worker_on_the_same_host_is_refused_without_pinning(models, pos
         while time.monotonic() < deadline:
             try:
                 study = optuna.load_study(study_name="lonely", storage=pg)
-                if study.user_attrs.get("workers"):
+                if workers_of(study.user_attrs):
                     break
             except KeyError:
                 pass

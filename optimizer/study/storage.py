@@ -32,9 +32,11 @@ __all__ = [
     "open_storage",
     "recover_dead_local_trials",
     "worker_id",
+    "workers_of",
 ]
 
 HEARTBEAT_INTERVAL_S = 10
+WORKER_PREFIX = "worker:"
 GRACE_PERIOD_S = 60
 SQLITE_TIMEOUT_S = 60
 SCHEMA_RACE_RETRIES = 4
@@ -194,7 +196,7 @@ def recover_dead_local_trials(study) -> list[int]:
 def _another_worker_may_run(study, host: str) -> bool:
     """Whether a worker of ``study`` other than this one may be alive (one on another host always may)."""
     me = worker_id()
-    for name, other in dict(study.user_attrs.get("workers", {})).items():
+    for name, other in workers_of(study.user_attrs).items():
         if name == me:
             continue
         if other.get("host") != host or _pid_alive(int(other.get("pid", 0))):
@@ -210,7 +212,7 @@ def register_worker(study, settings) -> bool:
     """
 
     host, me = socket.gethostname(), worker_id()
-    workers = dict(study.user_attrs.get("workers", {}))
+    workers = workers_of(study.user_attrs)
     mine = {"host": host, "pid": os.getpid(), "cpus": sorted(settings.cpus), "gpus": settings.gpus}
     for name, other in workers.items():
         if name == me or other.get("host") != host or not _pid_alive(int(other.get("pid", 0))):
@@ -222,9 +224,18 @@ def register_worker(study, settings) -> bool:
                 "(or GPUs with --gpus), or pass --allow-shared-host"
             )
     joined = any(name != me for name in workers)
-    workers[me] = mine
-    study.set_user_attr("workers", workers)
+    # One attribute per worker: workers joining at the same moment would each overwrite a shared dict.
+    study.set_user_attr(WORKER_PREFIX + me, mine)
     return joined
+
+
+def workers_of(attrs) -> dict[str, dict]:
+    """Every worker a study recorded, by id (``worker:<host>:<pid>`` attributes, and the older ``workers``)."""
+    workers = dict(attrs.get("workers", {}))
+    workers.update(
+        {key[len(WORKER_PREFIX) :]: value for key, value in attrs.items() if key.startswith(WORKER_PREFIX)}
+    )
+    return workers
 
 
 def _pinned_apart(mine: dict, other: dict) -> bool:
