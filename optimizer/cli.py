@@ -54,6 +54,9 @@ _DEFAULT_MEASURE = MeasureSettings()
 TARGET_CHOICES = "embedded|local|docker|remote|replay:DIR"
 
 
+StorageOption = Annotated[
+    Optional[str], typer.Option(help="Optuna storage URL of the study (default sqlite:///studies/NAME.db).")
+]
 ShapeOption = Annotated[
     Optional[list[str]],
     typer.Option(
@@ -507,9 +510,7 @@ def _no_feasible(summary) -> OptimizeError:
 @app.command()
 def confirm(
     study_name: Annotated[str, typer.Option("--study-name", help="The finished study to cross-check.")],
-    storage: Annotated[
-        Optional[str], typer.Option(help="Optuna storage URL (default sqlite:///studies/NAME.db).")
-    ] = None,
+    storage: StorageOption = None,
     engine: Annotated[
         CrossCheckEngine, typer.Option("--with", help="The load generator that measures beside ours.")
     ] = CrossCheckEngine.perf_analyzer,
@@ -534,7 +535,7 @@ def export(
     study_name: Annotated[str, typer.Option("--study-name", help="The study to export from.")],
     out: Annotated[Path, typer.Option("--out", help="Directory of the model repository to write.")],
     trial: Annotated[Optional[int], typer.Option(help="Trial number (default: the best feasible).")] = None,
-    storage: Annotated[Optional[str], typer.Option(help="Optuna storage URL.")] = None,
+    storage: StorageOption = None,
     fmt: Annotated[
         ExportFormat,
         typer.Option(
@@ -563,7 +564,7 @@ def serve(
         Optional[str], typer.Option("--study-name", help="Serve a trial of this study.")
     ] = None,
     trial: Annotated[Optional[int], typer.Option(help="Trial number (default: the best feasible).")] = None,
-    storage: Annotated[Optional[str], typer.Option(help="Optuna storage URL of the study.")] = None,
+    storage: StorageOption = None,
     model: Annotated[
         Optional[list[str]], typer.Option("--model", help="Model to load (repeatable; default: all).")
     ] = None,
@@ -635,9 +636,7 @@ def _write_study_report(summary) -> None:
 @app.command()
 def report(
     study_name: Annotated[str, typer.Option("--study-name", help="The study to report on.")],
-    storage: Annotated[
-        Optional[str], typer.Option(help="Optuna storage URL (default sqlite:///studies/NAME.db).")
-    ] = None,
+    storage: StorageOption = None,
     out: Annotated[
         Optional[Path], typer.Option("--out", help="Report directory (default studies/NAME/report).")
     ] = None,
