@@ -12,7 +12,7 @@ from optimizer.cli import main
 from optimizer.config.render import render_config, to_json
 from optimizer.config.space import Candidate
 from optimizer.errors import SpaceError, UsageError
-from optimizer.model.accuracy import compare_outputs
+from optimizer.model.accuracy import check_variant, compare_outputs
 from optimizer.model.intake import inspect_model, load_input_data, resolve_shapes, synthetic_inputs
 from optimizer.model.providers import check_providers
 from optimizer.model.quantize import DEFAULT_INT8_RECIPE, INT8_RECIPES, recipe_order
@@ -20,7 +20,7 @@ from optimizer.model.variants import choose_int8, model_files, variant_filename,
 from optimizer.paths import cache_dir
 from optimizer.study.results import export_trial
 from optimizer.study.run import run_study
-from studies import load_study, study_settings
+from studies import NO_CONFIRMATION, load_study, study_settings
 
 
 def _space(tmp_path, precisions):
@@ -231,6 +231,52 @@ def test_a_study_of_a_cnn_serves_static_int8_and_exports_the_file_it_measured(mo
     out = export_trial(study, int8[0], tmp_path / "export")
     files = [path.name for path in out.rglob("*.onnx")]
     assert files == ["model.int8-static-qdq.onnx"]
+
+
+ENCODER_SHAPES = {"input_ids": (16,), "attention_mask": (16,)}
+
+
+def test_the_fused_variant_of_a_transformer_holds_fused_ops_and_keeps_its_outputs(models):
+    import onnx
+
+    info = inspect_model(models["encoder"])
+    path = variant_path(info, "fp32-fused", cache_dir())
+    assert path.name == "model.fused.onnx" and path.is_relative_to(cache_dir())
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert ops & {"SkipLayerNormalization", "LayerNormalization", "BiasGelu", "FastGelu", "Attention"}
+    samples = _samples(info, ENCODER_SHAPES)
+    report = check_variant(info.path, path, samples, "fp32-fused", 1e-4)
+    assert report.ok, report.reason
+
+
+@pytest.mark.server
+def test_a_study_serves_the_fused_variant_of_a_transformer_and_leaves_it_out_of_an_mlp(
+    models, triton, tmp_path
+):
+    settings = study_settings(
+        models["encoder"],
+        tmp_path,
+        budget=4,
+        space=_space(tmp_path, ["fp32", "fp32-fused"]),
+        shapes=ENCODER_SHAPES,
+        seed=2,
+        search=replace(NO_CONFIRMATION, starting_points=("variants",)),  # a fused trial right away
+    )
+    run_study(settings, target=triton)
+    study = load_study(tmp_path)
+    assert study.user_attrs["variants"]["fp32-fused"]["ok"] is True
+    fused = [t for t in study.trials if t.params.get("precision") == "fp32-fused" and "sweep" in t.user_attrs]
+    assert fused, "the study proposed no fused trial"
+    assert all(t.user_attrs["config"]["default_model_filename"] == "model.fused.onnx" for t in fused)
+    assert any(t.user_attrs.get("throughput") for t in fused)  # the real server ran the fused graph
+    # An MLP has nothing to fuse: recorded with its reason, never proposed, the study goes on.
+    mlp_dir = tmp_path / "mlp"
+    summary = run_study(
+        study_settings(models["mlp"], mlp_dir, budget=2, space=_space(tmp_path, ["fp32", "fp32-fused"])),
+        target=triton,
+    )
+    record = load_study(mlp_dir).user_attrs["variants"]["fp32-fused"]
+    assert record["ok"] is False and "nothing to fuse" in record["reason"] and summary.finished == 2
 
 
 # --- input data ----------------------------------------------------------------------------------------------

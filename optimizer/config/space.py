@@ -41,7 +41,8 @@ __all__ = [
 
 CPU_PROVIDERS = ("cpu", "openvino")
 GPU_PROVIDERS = ("cuda", "tensorrt")
-PRECISIONS = ("fp32", "fp16", "int8")
+# fp32-fused: the fp32 graph after ONNX Runtime's transformer optimizer (attention, LayerNorm, GELU fusions).
+PRECISIONS = ("fp32", "fp16", "int8", "fp32-fused")
 GRAPH_LEVELS = ("default", "basic", "extended", "disabled")
 # Session options the native onnxruntime backend reads from a config's parameters (its README), each a
 # searchable dimension where a space lists more than its default (the first value).

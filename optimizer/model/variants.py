@@ -1,4 +1,4 @@
-"""Precision variants of the user's fp32 model: fp16, and int8 by one of several recipes.
+"""Variants of the user's fp32 model: fp16, int8 by one of several recipes, and the transformer-fused graph.
 
 Variants are derived once per model content and cached by hash under the cache directory, never next
 to the user's file. A repository serves a variant through ``default_model_filename``, so an exported
@@ -36,7 +36,12 @@ __all__ = [
 ]
 
 # The file inside the version directory that each precision serves (``default_model_filename``).
-MODEL_FILENAMES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
+MODEL_FILENAMES = {
+    "fp32": "model.onnx",
+    "fp16": "model.fp16.onnx",
+    "int8": "model.int8.onnx",
+    "fp32-fused": "model.fused.onnx",
+}
 INPROCESS_S = 0.5  # how long each variant's in-process rate is measured
 
 
@@ -71,6 +76,8 @@ def variant_path(
                     f"the {recipe} int8 variant needs calibration samples: run a study to build it"
                 )
             INT8_RECIPES[recipe].build(info.path, Path(tmp), samples)
+        elif precision == "fp32-fused":
+            _fused(info.path, Path(tmp))
         else:
             _fp16(info.path, Path(tmp))
         os.replace(tmp, target)  # atomic: a crash never leaves half a variant in the cache
@@ -93,6 +100,24 @@ def _fp16(source: Path, target: Path) -> None:
     # Inputs and outputs stay fp32 so clients and the config do not change; unsafe ops stay fp32.
     converted = convert_float_to_float16(model, keep_io_types=True)
     onnx.save(converted, str(target))
+
+
+def _fused(source: Path, target: Path) -> None:
+    """ONNX Runtime's transformer optimizer (bert-type fusions, graph optimizations left to the server).
+
+    opt_level 0: only the Python fusions, so the file holds no kernels the server's older ONNX Runtime
+    lacks; the server applies its own graph optimizations at load as for any model.
+    """
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    optimized = optimize_model(str(source), model_type="bert", num_heads=0, hidden_size=0, opt_level=0)
+    fused = {op: count for op, count in optimized.get_fused_operator_statistics().items() if count}
+    if not fused:
+        raise ModelError(
+            "no fp32-fused variant: ONNX Runtime's transformer optimizer found nothing to fuse (no attention, LayerNorm or GELU "
+            "pattern it knows)"
+        )
+    optimized.save_model_to_file(str(target))
 
 
 def precision_of_file(filename: str | None) -> str:
