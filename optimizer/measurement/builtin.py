@@ -35,6 +35,7 @@ from optimizer.measurement.levels import (
     MeasureSettings,
 )
 from optimizer.measurement.stopping import Uncertainty, estimate_uncertainty, should_stop
+from optimizer.measurement.streams import StreamChannel, Watchdog, end_of_stream, stream_slots
 from optimizer.serving.control import triton_error_parts
 from optimizer.serving.statistics import breakdown
 
@@ -44,9 +45,6 @@ __all__ = ["LoadGenerator", "describe_failure", "summarise_level"]
 MAX_OUTSTANDING = 1024
 # Defaults of a generator made without settings: the library's and the command line's.
 DEFAULT_SETTINGS = MeasureSettings()
-# Closed-loop clients per gRPC stream: one stream carries a few in flight cheaply, but not a hundred.
-STREAM_SLOTS = 16
-STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
 # The warm-up compares slices of this length (doubled while a slice sees too few requests to compare).
 WARMUP_SLICE_S = 0.1
 WARMUP_SLICE_REQUESTS = 5
@@ -174,7 +172,7 @@ class LoadGenerator:
         if self.mode == "concurrency" and client.streams:
             tasks = [
                 asyncio.create_task(self._streamed_closed_loop(client, slots, window, stop))
-                for slots in _stream_slots(int(level))
+                for slots in stream_slots(int(level))
             ]
         elif self.mode == "concurrency":
             tasks = [
@@ -273,7 +271,7 @@ class LoadGenerator:
         stream = client.open_stream()
         due = dict.fromkeys(slots, 0.0)
         sent = slots.start
-        watchdog = _Watchdog(stream, client.timeout_s)
+        watchdog = Watchdog(stream, client.timeout_s)
 
         async def send(slot: int) -> None:
             nonlocal sent
@@ -324,13 +322,6 @@ class LoadGenerator:
         _raise_failures(task for task in outcomes if isinstance(task, BaseException))
 
 
-def _stream_slots(clients: int) -> list[range]:
-    """Closed-loop clients split over streams of at most ``STREAM_SLOTS`` (one stream caps throughput)."""
-    streams = max(1, math.ceil(clients / STREAM_SLOTS))
-    bounds = [round(i * clients / streams) for i in range(streams + 1)]
-    return [range(bounds[i], bounds[i + 1]) for i in range(streams)]
-
-
 def _forget_if_fine(pending: set[asyncio.Task]):
     """A done-callback dropping a finished request from ``pending``; failed ones stay, to be raised."""
 
@@ -360,7 +351,7 @@ class _Client:
 
             self.client = InferenceServerClient(generator.url, **generator.client_options)
             if generator.streaming and not generator.client_options:  # TLS: tritonclient's unary calls
-                self.streams = _StreamChannel(generator.url, generator.model_name, generator.samples)
+                self.streams = StreamChannel(generator.url, generator.model_name, generator.samples)
         else:
             from tritonclient.http.aio import InferenceServerClient as HttpClient
 
@@ -427,7 +418,7 @@ class _Client:
             stop.set()
             raise InferenceError(describe_failure(exc, self.timeout_s)) from exc
 
-    async def read_response(self, stream, stop: asyncio.Event, watchdog: _Watchdog) -> int:
+    async def read_response(self, stream, stop: asyncio.Event, watchdog: Watchdog) -> int:
         """The slot of the next response on ``stream``; a failed or late one raises InferenceError."""
         try:
             response = await stream.read()
@@ -439,7 +430,7 @@ class _Client:
                 asyncio.TimeoutError() if watchdog.fired or not isinstance(exc, Exception) else exc
             )
             raise InferenceError(describe_failure(failure, self.timeout_s)) from exc
-        if response is _eof():
+        if response is end_of_stream():
             stop.set()
             raise InferenceError("a request failed: the server closed the stream")
         if response.error_message:
@@ -451,89 +442,6 @@ class _Client:
         await self.client.close()
         if self.streams is not None:
             await self.streams.close()
-
-
-class _Watchdog:
-    """Cancels a stream when no response has come for ``timeout_s`` (a hung or overloaded server)."""
-
-    def __init__(self, stream, timeout_s: float) -> None:
-        self.stream = stream
-        self.timeout_s = timeout_s
-        self.last = time.perf_counter()
-        self.fired = False
-        self.task = asyncio.create_task(self._watch())
-
-    async def _watch(self) -> None:
-        while True:
-            await asyncio.sleep(min(1.0, self.timeout_s))
-            if time.perf_counter() - self.last > self.timeout_s:
-                self.fired = True
-                self.stream.cancel()
-                return
-
-    def stop(self) -> None:
-        self.task.cancel()
-
-
-class _StreamChannel:
-    """Triton's gRPC stream API with each sample's request serialised once.
-
-    A request is its sample's bytes plus a few bytes naming its slot (``id``): protobuf merges
-    concatenated messages, so nothing is serialised per request.
-    """
-
-    def __init__(self, url: str, model_name: str, samples: Sequence[Mapping[str, np.ndarray]]) -> None:
-        import grpc
-        from tritonclient.grpc import service_pb2
-
-        self.channel = grpc.aio.insecure_channel(url, options=_CHANNEL_OPTIONS)
-        self.method = self.channel.stream_stream(
-            STREAM_METHOD,
-            request_serializer=None,  # the requests are bytes already
-            response_deserializer=service_pb2.ModelStreamInferResponse.FromString,
-        )
-        self.requests = [_serialised_request(service_pb2, model_name, sample) for sample in samples]
-        self.slot_ids: dict[int, bytes] = {}
-        self.request_type = service_pb2.ModelInferRequest
-
-    def open(self, headers: Mapping[str, str] | None):
-        return self.method(metadata=tuple(headers.items()) if headers else None)
-
-    def request(self, index: int, slot: int) -> bytes:
-        suffix = self.slot_ids.get(slot)
-        if suffix is None:
-            suffix = self.slot_ids[slot] = self.request_type(id=str(slot)).SerializeToString()
-        return self.requests[index % len(self.requests)] + suffix
-
-    async def close(self) -> None:
-        await self.channel.close()
-
-
-def _serialised_request(service_pb2, model_name: str, sample: Mapping[str, np.ndarray]) -> bytes:
-    from tritonclient.utils import np_to_triton_dtype, serialize_byte_tensor
-
-    request = service_pb2.ModelInferRequest(model_name=model_name)
-    for name, array in sample.items():
-        datatype = np_to_triton_dtype(array.dtype)
-        tensor = request.inputs.add(name=name, datatype=datatype)
-        tensor.shape.extend(array.shape)
-        # BYTES travel length-prefixed (Triton's raw format for strings); numbers as their memory.
-        raw = serialize_byte_tensor(array) if datatype == "BYTES" else np.ascontiguousarray(array)
-        request.raw_input_contents.append(raw.tobytes())
-    return request.SerializeToString()
-
-
-def _eof():
-    import grpc
-
-    return grpc.aio.EOF
-
-
-# tritonclient's own limits: any tensor the server accepts, in and out.
-_CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", 2**31 - 1),
-    ("grpc.max_receive_message_length", 2**31 - 1),
-]
 
 
 async def _sleep_or_fail(seconds: float, tasks) -> None:

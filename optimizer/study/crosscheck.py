@@ -24,6 +24,7 @@ from optuna.trial import FrozenTrial
 
 from optimizer.measurement.levels import LevelResult
 from optimizer.study.confirm import CONFIRMATION, RemeasureFailed, load_label
+from optimizer.study.results import best_trial
 from optimizer.study.settings import CROSS_CHECK_ENGINES
 
 __all__ = [
@@ -71,6 +72,31 @@ def cross_check(subjects: Sequence[tuple[str, FrozenTrial]], measure: Measure, e
         record[role] = done[trial.number]
     record["disagreements"] = disagreements(record, engine)
     return record
+
+
+def cross_check_study_step(study, measure: Measure, engine: str | None, note: Callable[[str], None]) -> None:
+    """Measure the study's baseline and exported trial with ``engine`` beside ours; store the record.
+
+    Nothing to do when no engine is asked for, no trial is feasible, or this best was checked already.
+    """
+    best = best_trial(study)
+    if not needs_cross_check(study.user_attrs, engine, best):
+        return
+    assert best is not None and engine is not None  # needs_cross_check says so
+    baseline = next(
+        (
+            t
+            for t in study.get_trials(deepcopy=False)
+            if t.user_attrs.get("baseline") and "config" in t.user_attrs
+        ),
+        None,
+    )
+    subjects = [("baseline", baseline), ("best", best)] if baseline is not None else [("best", best)]
+    note(f"cross-checking {' and '.join(role for role, _ in subjects)} with {engine}")
+    record = cross_check(subjects, measure, engine)
+    for line in record["disagreements"]:
+        note(f"{engine} disagrees: {line}")
+    study.set_user_attr(CONFIRMATION, {**(study.user_attrs.get(CONFIRMATION) or {}), **record})
 
 
 def _measured(trial: FrozenTrial, order: tuple[str, ...], measure: Measure) -> dict[str, Any]:

@@ -54,7 +54,7 @@ from optimizer.serving.embedded import EmbeddedTriton
 from optimizer.serving.environment import available_cores
 from optimizer.study.checks import check_settings, check_target
 from optimizer.study.confirm import CONFIRMATION, choose, confirm, finalists_of, stored_confirmation
-from optimizer.study.crosscheck import cross_check, needs_cross_check, stored_cross_check
+from optimizer.study.crosscheck import cross_check_study_step, needs_cross_check, stored_cross_check
 from optimizer.study.precisions import accurate_precisions, int8_recipe_of
 from optimizer.study.results import (
     StudySummary,
@@ -331,7 +331,7 @@ def _measure(
         _enqueue_starting_points(study, plan, space, settings.search)
         _run_trials(study, runner, settings, reporter)
         _confirm(study, runner, settings.search, reporter)  # the budget is in (or the space exhausted)
-        _cross_check(study, runner, settings.confirm_with, reporter)
+        cross_check_study_step(study, runner.remeasure_with, settings.confirm_with, reporter.note)
 
 
 @contextmanager
@@ -631,28 +631,6 @@ def _confirm(study, runner: TrialRunner, search: SearchSettings, reporter: Repor
     if reference:
         record["baseline_rounds"] = reference[0].to_dict()
     study.set_user_attr(CONFIRMATION, record)
-
-
-def _cross_check(study, runner: TrialRunner, engine: str | None, reporter: Reporter) -> None:
-    """Measure the baseline and the exported trial with ``engine`` beside ours (crosscheck.py)."""
-    best = best_trial(study)
-    if not needs_cross_check(study.user_attrs, engine, best):
-        return
-    assert best is not None and engine is not None  # needs_cross_check says so
-    baseline = next(
-        (
-            t
-            for t in study.get_trials(deepcopy=False)
-            if t.user_attrs.get("baseline") and "config" in t.user_attrs
-        ),
-        None,
-    )
-    subjects = [("baseline", baseline), ("best", best)] if baseline is not None else [("best", best)]
-    reporter.note(f"cross-checking {' and '.join(role for role, _ in subjects)} with {engine}")
-    record = cross_check(subjects, runner.remeasure_with, engine)
-    for line in record["disagreements"]:
-        reporter.note(f"{engine} disagrees: {line}")
-    study.set_user_attr(CONFIRMATION, {**(study.user_attrs.get(CONFIRMATION) or {}), **record})
 
 
 def _feasible_baseline(study, finalists) -> FrozenTrial | None:
