@@ -54,6 +54,8 @@ class SweepOutcome:
     levels: tuple[LevelResult, ...]
     best: LevelResult | None  # highest throughput within the latency budget
     stop_reason: str
+    # Seconds every screening window took, those a precise window replaced in ``levels`` included.
+    screen_s: float | None = None
 
     @property
     def feasible(self) -> bool:

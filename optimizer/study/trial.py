@@ -277,14 +277,15 @@ class TrialRunner:
                 return SweepOutcome(tuple(levels), best_feasible(levels, self.latency_budget_ms), stop)
             screened, stop = self._walk(trial, loads, measure.screening(), phase="screen")
             if stop.startswith("pruned"):
-                return SweepOutcome(tuple(screened), best_feasible(screened, self.latency_budget_ms), stop)
+                best = best_feasible(screened, self.latency_budget_ms)
+                return SweepOutcome(tuple(screened), best, stop, screen_s=_seconds(screened))
             precise = self._pin_down(screened)
         except (InferenceError, ServerDiedError) as exc:
             raise self._server_fault("during measurement", exc) from exc
         best = best_feasible(precise, self.latency_budget_ms)
         if best is None and precise:
             stop = f"p99 {min(level.p99_ms for level in precise):.1f} ms broke the budget in full windows"
-        return SweepOutcome(merge_precise(screened, precise), best, stop)
+        return SweepOutcome(merge_precise(screened, precise), best, stop, screen_s=_seconds(screened))
 
     def _walk(
         self, trial, loads, measure: MeasureSettings, phase: str | None
@@ -380,10 +381,13 @@ class TrialRunner:
         trial.set_user_attr("feasible", outcome.feasible)
         trial.set_user_attr("load_generator", self.settings.load_generator)
         trial.set_user_attr("measure_s", round(sum(level.measure_s for level in outcome.levels), 3))
-        for phase in ("screen", "precise"):
-            seconds = [level.measure_s for level in outcome.levels if level.phase == phase]
-            if seconds:
-                trial.set_user_attr(f"{phase}_s", round(sum(seconds), 3))
+        if (
+            outcome.screen_s is not None
+        ):  # a screened level replaced by its precise window still took its time
+            trial.set_user_attr("screen_s", round(outcome.screen_s, 3))
+        precise = [level for level in outcome.levels if level.phase == "precise"]
+        if precise:
+            trial.set_user_attr("precise_s", round(_seconds(precise), 3))
         if outcome.best is not None:
             best = outcome.best
             trial.set_user_attr("throughput", round(best.throughput, 3))
@@ -456,6 +460,10 @@ _COPIED_ATTRS = (
     "memory_mb",
     "memory_source",
 )
+
+
+def _seconds(levels) -> float:
+    return sum(level.measure_s or 0.0 for level in levels)
 
 
 def _measured_config(study, key: str):
