@@ -625,6 +625,7 @@ def _write_study_report(summary) -> None:
         out = studies_dir() / summary.study_name / "report"
         paths = write_report(study, out, repository=summary.best_repository)
         typer.echo(f"report: {paths.html} (every trial: {paths.csv})")
+        _say_png(paths)
     except Exception as exc:  # the study is safe in its database: say so and go on
         typer.echo(
             f"warning: could not write the report ({type(exc).__name__}: {exc}); "
@@ -653,6 +654,14 @@ def report(
     paths = write_report(study, out or studies_dir() / study_name / "report")
     typer.echo(f"wrote {paths.html}")
     typer.echo(f"wrote {paths.csv}")
+    _say_png(paths)
+
+
+def _say_png(paths) -> None:
+    if paths.png is not None:
+        typer.echo(f"pipeline figure: {paths.png}")
+    elif paths.png_note:
+        typer.echo(paths.png_note)
 
 
 @app.command()

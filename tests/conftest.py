@@ -78,7 +78,17 @@ def mixed_study(models, triton, tmp_path_factory) -> FinishedStudy:
 def tight_study(models, tmp_path_factory) -> FinishedStudy:
     """``optimize study`` with a budget nothing meets (0.001 ms): two infeasible trials, exit code and stderr."""
     root = tmp_path_factory.mktemp("tight")
-    args = ["study", "--model", str(models["mlp"]), "--budget", "2", "--latency-budget-ms", "0.001"]
+    args = [
+        "study",
+        "--model",
+        str(models["mlp"]),
+        "--budget",
+        "2",
+        "--latency-budget-ms",
+        "0.001",
+        "--seed",
+        "1",
+    ]
     args += ["--study-name", "tight", "--storage", f"sqlite:///{root}/tight.db", *FAST_CLI]
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr):

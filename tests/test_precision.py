@@ -15,7 +15,13 @@ from optimizer.errors import SpaceError, UsageError
 from optimizer.model.accuracy import check_variant, compare_outputs
 from optimizer.model.intake import inspect_model, load_input_data, resolve_shapes, synthetic_inputs
 from optimizer.model.providers import check_providers
-from optimizer.model.quantize import DEFAULT_INT8_RECIPE, INT8_RECIPES, recipe_order
+from optimizer.model.quantize import (
+    BASE_RECIPES,
+    DEFAULT_INT8_RECIPE,
+    INT8_RECIPES,
+    fused_recipe,
+    recipe_order,
+)
 from optimizer.model.variants import choose_int8, model_files, variant_filename, variant_path
 from optimizer.paths import cache_dir
 from optimizer.study.results import export_trial
@@ -146,6 +152,9 @@ def test_study_explores_int8_when_it_keeps_accuracy_and_a_rerun_does_not_rebuild
 # --- int8 recipes ------------------------------------------------------------------------------------------
 
 
+ENCODER_SHAPES = {"input_ids": (16,), "attention_mask": (16,)}
+
+
 def _samples(info, shapes, count=8):
     resolved = resolve_shapes(info, dict(shapes))
     return [synthetic_inputs(info, resolved, 1, seed=seed) for seed in range(count)]
@@ -157,14 +166,64 @@ def test_int8_recipes_are_tried_in_order_and_each_refusal_is_recorded(models):
     # Nothing quantized is exact: every recipe is built, checked, refused, and the next one tried.
     choice = choose_int8(info, samples, 0.0, cache_dir())
     assert choice.recipe is None
-    assert [a["recipe"] for a in choice.attempts] == list(recipe_order(info.path)) == list(INT8_RECIPES)
+    assert [a["recipe"] for a in choice.attempts] == list(recipe_order(info.path)) == list(BASE_RECIPES)
     for attempt in choice.attempts:
         assert attempt["ok"] is False and "outside the accuracy tolerance" in attempt["reason"]
         assert attempt["inprocess_rate"] > 0
         file = variant_path(info, "int8", cache_dir(), attempt["recipe"])
         assert file.name == variant_filename("int8", attempt["recipe"]) and file.is_file()
-    # At the default tolerance the first recipe (the dynamic default) is served, as before recipes.
-    assert choose_int8(info, samples, 0.01, cache_dir()).recipe == DEFAULT_INT8_RECIPE
+    # At the default tolerance the first recipe (the dynamic default) passes; its fused form is tried
+    # too (the encoder has LayerNorm and GELU patterns), and the faster of the two in process is served.
+    choice = choose_int8(info, samples, 0.01, cache_dir())
+    plain, fused = choice.attempts
+    assert plain["recipe"] == DEFAULT_INT8_RECIPE and fused["recipe"] == fused_recipe(DEFAULT_INT8_RECIPE)
+    assert plain["ok"] and fused["ok"]
+    faster = max((plain, fused), key=lambda a: a["inprocess_rate"])
+    assert choice.recipe == faster["recipe"] and "in process" in choice.fusion
+
+
+def test_the_fused_int8_recipes_quantize_the_fused_graph_and_a_model_without_patterns_skips_them(models):
+    import onnx
+
+    info = inspect_model(models["encoder"])
+    samples = _samples(info, ENCODER_SHAPES)
+    path = variant_path(info, "int8", cache_dir(), fused_recipe("dynamic-per-channel"), samples)
+    assert path.name == "model.int8-fused-dynamic-per-channel.onnx"
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert ops & {"SkipLayerNormalization", "BiasGelu"} and ops & {"DynamicQuantizeMatMul", "MatMulInteger"}
+    assert set(INT8_RECIPES) == set(BASE_RECIPES) | {fused_recipe(name) for name in BASE_RECIPES}
+    mlp = inspect_model(models["mlp"])
+    choice = choose_int8(mlp, _samples(mlp, {}), 0.01, cache_dir())
+    assert choice.recipe == DEFAULT_INT8_RECIPE and [a["recipe"] for a in choice.attempts] == ["dynamic"]
+    assert "nothing to fuse" in choice.fusion
+
+
+@pytest.mark.server
+def test_served_fused_int8_equals_the_same_file_run_directly(triton, models):
+    info = inspect_model(models["encoder"])
+    recipe = fused_recipe(DEFAULT_INT8_RECIPE)
+    samples = _samples(info, ENCODER_SHAPES)
+    config = render_config(
+        info, Candidate(precision="int8", int8_recipe=recipe, max_batch_size=4), model_name="enc_fused_int8"
+    )
+    path = variant_path(info, "int8", cache_dir(), recipe, samples)
+    triton.load_model("enc_fused_int8", to_json(config), model_files(info, "int8", cache_dir(), recipe))
+    feeds = synthetic_inputs(info, resolve_shapes(info, ENCODER_SHAPES), 2, seed=5)
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import np_to_triton_dtype
+
+    client = grpcclient.InferenceServerClient(triton.grpc_url)
+    tensors = []
+    for name, array in feeds.items():
+        tensor = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        tensor.set_data_from_numpy(array)
+        tensors.append(tensor)
+    result = client.infer("enc_fused_int8", tensors)
+    client.close()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [output.name for output in session.get_outputs()]
+    for name, direct in zip(names, session.run(names, feeds)):
+        assert np.max(np.abs(result.as_numpy(name) - direct)) <= 1e-4
 
 
 def test_a_convolutional_model_tries_static_int8_first_and_gets_a_qdq_graph(models):
@@ -192,7 +251,7 @@ def test_a_variant_that_cannot_be_built_is_recorded_and_left_out(models, triton,
     monkeypatch.setenv("OPTIMIZE_CACHE_DIR", str(tmp_path / "cache"))  # no int8 file cached by other tests
     info = inspect_model(models["mlp"])
     choice = choose_int8(info, _samples(info, {}), 0.01, cache_dir())
-    assert choice.recipe is None and len(choice.attempts) == len(broken)
+    assert choice.recipe is None and len(choice.attempts) == len(BASE_RECIPES)  # the fused ones follow a pass
     assert all(
         "could not make the int8 (" in a["reason"] and "initializer" in a["reason"] for a in choice.attempts
     )
@@ -231,9 +290,6 @@ def test_a_study_of_a_cnn_serves_static_int8_and_exports_the_file_it_measured(mo
     out = export_trial(study, int8[0], tmp_path / "export")
     files = [path.name for path in out.rglob("*.onnx")]
     assert files == ["model.int8-static-qdq.onnx"]
-
-
-ENCODER_SHAPES = {"input_ids": (16,), "attention_mask": (16,)}
 
 
 def test_the_fused_variant_of_a_transformer_holds_fused_ops_and_keeps_its_outputs(models):

@@ -362,12 +362,16 @@ def _open_in_chromium(browser, page_path: Path, screenshot: Path) -> dict:
 def test_report_opens_offline_in_chromium_with_every_plot_drawn(studies, browser, tmp_path):
     paths = write_report(studies["mixed"], tmp_path / "report")
     seen = _open_in_chromium(browser, paths.html, tmp_path / "report.png")
-    assert set(seen["graphs"]) == {"fig-curves", "fig-scatter", "fig-history", "fig-importances"}
+    figures = {"fig-curves", "fig-scatter", "fig-history", "fig-importances", "fig-pipeline"}
+    assert set(seen["graphs"]) == figures
     assert all(count > 0 for count in seen["graphs"].values())
     assert "mlp" in seen["title"]
     assert (tmp_path / "report.png").stat().st_size > 10_000
     text = paths.html.read_text()
-    assert text.count("Plotly.newPlot") == 4 and "<script src" not in text and "<script charset" not in text
+    assert text.count("Plotly.newPlot") == 5 and "<script src" not in text and "<script charset" not in text
+    # The pipeline figure also as a PNG beside the page, rendered offline by the headless Chromium.
+    assert paths.png == tmp_path / "report" / "pipeline.png" and paths.png_note is None
+    assert paths.png.read_bytes().startswith(b"\x89PNG") and paths.png.stat().st_size > 10_000
 
 
 @pytest.mark.parametrize("which", ["tight", "empty", "hostile"])
@@ -382,7 +386,10 @@ def test_infeasible_empty_and_hostile_studies_render_cleanly(studies, browser, t
         study = _synthetic_study(hostile=True)
     paths = write_report(study, tmp_path / "report")
     seen = _open_in_chromium(browser, paths.html, tmp_path / f"{which}.png")
-    assert len(seen["graphs"]) == 4
+    # The pipeline figure is drawn when there is anything to put in it (served or in-process figures).
+    pipeline = build_report_data(study).pipeline
+    assert len(seen["graphs"]) == (5 if pipeline is not None and pipeline.bars else 4)
+    assert (which == "empty") == (len(seen["graphs"]) == 4)
     if which == "hostile":
         text = paths.html.read_text()
         assert HOSTILE not in text and "<img src=x" not in text

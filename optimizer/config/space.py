@@ -31,6 +31,7 @@ __all__ = [
     "baseline_params",
     "fit_params",
     "parse_starting_points",
+    "profile_point",
     "starting_points",
     "grid_of",
     "load_space",
@@ -553,26 +554,49 @@ def parse_starting_points(text: str) -> tuple[str, ...]:
     return names
 
 
-def starting_points(space: SearchSpace, names: tuple[str, ...]) -> list[dict[str, Any]]:
+def starting_points(
+    space: SearchSpace, names: tuple[str, ...], *, precision_order: tuple[str, ...] = ()
+) -> list[dict[str, Any]]:
     """Well-known good configs to measure early, by name; each is the baseline with some fields changed.
 
     ``variants``: one batching config (below) per execution provider x precision, so that no variant is
     written off on a random draw that gave it poor batching or threads; ``batching``: the largest max
     batch size, preferring it, a short queue delay; ``batching-lowp``: the same with the lowest precision
-    in the space (int8, else fp16).
+    in the space (int8, else fp16). ``precision_order`` (e.g. fastest in process first) orders the
+    variants; by default the space's order.
     """
     points: list[dict[str, Any]] = []
     for name in names:
         if name not in STARTING_POINT_NAMES:
             raise SpaceError(f"unknown starting point {name!r}: use {', '.join(STARTING_POINT_NAMES)}")
-        for variant in _variants_of(space, name):
+        for variant in _variants_of(space, name, precision_order or space.precisions):
             params = {**baseline_params(space), **_batching_params(space), **variant}
             if params not in points and params != baseline_params(space):
                 points.append(params)
     return points
 
 
-def _variants_of(space: SearchSpace, name: str) -> list[dict[str, Any]]:
+def profile_point(space: SearchSpace, precision: str, batch: int) -> dict[str, Any] | None:
+    """The batching starting point at ``precision`` with the largest power of two up to ``batch`` as the
+    max batch size: where the in-process profile found the model fast. None when it is the baseline."""
+    if precision not in space.precisions:
+        return None
+    span = space.max_batch_size
+    allowed = span.choices or tuple(2**k for k in range(span.low.bit_length() - 1, span.high.bit_length()))
+    size = max((b for b in allowed if b <= max(batch, 1)), default=span.low)
+    params = baseline_params(space)
+    if size > 1:  # a batch of one: the baseline's batching, only the variant changes
+        params.update(_batching_params(space))
+        if span.choices:
+            params["max_batch_size"] = size
+        else:
+            params["max_batch_size_log2"] = int(math.log2(size))
+    if len(space.precisions) > 1:
+        params["precision"] = precision
+    return None if params == baseline_params(space) else params
+
+
+def _variants_of(space: SearchSpace, name: str, precisions: tuple[str, ...]) -> list[dict[str, Any]]:
     """The provider/precision parameters each named starting point is measured with."""
     if name == "batching":
         return [{}]
@@ -581,7 +605,7 @@ def _variants_of(space: SearchSpace, name: str) -> list[dict[str, Any]]:
         return [{"precision": low[0]}] if low else []
     variants = []
     for provider in space.execution_providers:
-        for precision in space.precisions:
+        for precision in precisions:
             variant: dict[str, Any] = {}
             if len(space.execution_providers) > 1:
                 variant["execution_provider"] = provider

@@ -262,7 +262,11 @@ class ReplayTarget(ServingTarget):
 
     name = "replay"
     capabilities = Capabilities(
-        can_restart=True, gpu_metrics=False, shared_filesystem=False, serves_requests=False
+        can_restart=True,
+        gpu_metrics=False,
+        shared_filesystem=False,
+        serves_requests=False,
+        same_machine=False,  # the recording's machine, not this one
     )
 
     def __init__(

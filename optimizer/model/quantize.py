@@ -7,6 +7,10 @@ activations are quantized at run time; on 2 cores a small CNN ran 2.7x slower th
 recipe tried and given up leaves the biggest CPU win on the table. Each recipe here is a way to make the
 int8 file; :func:`optimizer.model.variants.choose_int8` tries them in :func:`recipe_order`, and the study
 serves the first that passes the guard, recording why the others were refused.
+
+Each recipe also has a fused form (``fused-<recipe>``): the same quantization of the graph after ONNX
+Runtime's transformer fusions (:mod:`optimizer.model.fusion`). ``choose_int8`` tries it once the plain
+recipe passes, and serves whichever of the two passes and runs faster in process.
 """
 
 from __future__ import annotations
@@ -21,9 +25,14 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["DEFAULT_INT8_RECIPE", "INT8_RECIPES", "Recipe", "recipe_order"]
+from optimizer.model.fusion import fuse_transformer
+
+__all__ = ["BASE_RECIPES", "DEFAULT_INT8_RECIPE", "INT8_RECIPES", "Recipe", "fused_recipe", "recipe_order"]
 
 Samples = Sequence[Mapping[str, np.ndarray]]
+# ONNX's shape inference does not know the fused contrib ops (SkipLayerNormalization, BiasGelu): the
+# tensors they produce are fp32, which the quantizer must be told (only tensors of unknown type).
+UNKNOWN_TYPES_ARE_FLOAT = {"DefaultTensorType": 1}  # onnx.TensorProto.FLOAT
 CALIBRATION_SAMPLES = 32  # static int8's activation ranges come from this many of the study's samples
 
 
@@ -49,6 +58,7 @@ def _dynamic(per_channel: bool, keep_ends: bool = False) -> Callable[[Path, Path
                 per_channel=per_channel,
                 reduce_range=per_channel,
                 nodes_to_exclude=_sensitive_nodes(private) if keep_ends else None,
+                extra_options=UNKNOWN_TYPES_ARE_FLOAT,
             )
 
     return build
@@ -74,31 +84,57 @@ def _static_qdq(source: Path, target: Path, samples: Samples) -> None:
             reduce_range=True,  # 7-bit weights: no u8s8 saturation on CPUs without VNNI
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
+            extra_options=UNKNOWN_TYPES_ARE_FLOAT,
         )
 
 
 DEFAULT_INT8_RECIPE = "dynamic"  # what optimize served before there were recipes: model.int8.onnx
-INT8_RECIPES: dict[str, Recipe] = {
-    recipe.name: recipe
-    for recipe in (
-        Recipe("dynamic", "dynamic int8, per-tensor weights (quantize_dynamic's defaults)", _dynamic(False)),
-        Recipe(
-            "dynamic-per-channel",
-            "dynamic int8, per-channel 7-bit weights (reduce_range)",
-            _dynamic(True),
-        ),
-        Recipe(
-            "dynamic-keep-ends",
-            "dynamic int8, per-channel 7-bit weights, embeddings and the last layer left in fp32",
-            _dynamic(True, keep_ends=True),
-        ),
-        Recipe(
-            "static-qdq",
-            f"static int8 (QDQ), per-channel 7-bit weights, activations calibrated on {CALIBRATION_SAMPLES} samples",
-            _static_qdq,
-            calibrated=True,
-        ),
+FUSED_PREFIX = "fused-"
+_BASE: tuple[Recipe, ...] = (
+    Recipe("dynamic", "dynamic int8, per-tensor weights (quantize_dynamic's defaults)", _dynamic(False)),
+    Recipe(
+        "dynamic-per-channel",
+        "dynamic int8, per-channel 7-bit weights (reduce_range)",
+        _dynamic(True),
+    ),
+    Recipe(
+        "dynamic-keep-ends",
+        "dynamic int8, per-channel 7-bit weights, embeddings and the last layer left in fp32",
+        _dynamic(True, keep_ends=True),
+    ),
+    Recipe(
+        "static-qdq",
+        f"static int8 (QDQ), per-channel 7-bit weights, activations calibrated on {CALIBRATION_SAMPLES} samples",
+        _static_qdq,
+        calibrated=True,
+    ),
+)
+
+
+def _after_fusion(build: Callable[[Path, Path, Samples], None]) -> Callable[[Path, Path, Samples], None]:
+    def fused_then_quantized(source: Path, target: Path, samples: Samples) -> None:
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fuse-") as work:
+            fused = Path(work) / "model.fused.onnx"
+            fuse_transformer(source, fused)  # ModelError when there is nothing to fuse
+            build(fused, target, samples)
+
+    return fused_then_quantized
+
+
+def fused_recipe(name: str) -> str:
+    """The fused form of recipe ``name``: the same quantization after the transformer fusions."""
+    return f"{FUSED_PREFIX}{name}"
+
+
+BASE_RECIPES = tuple(recipe.name for recipe in _BASE)
+INT8_RECIPES: dict[str, Recipe] = {recipe.name: recipe for recipe in _BASE} | {
+    fused_recipe(recipe.name): Recipe(
+        fused_recipe(recipe.name),
+        f"{recipe.summary}, after the transformer fusions",
+        _after_fusion(recipe.build),
+        recipe.calibrated,
     )
+    for recipe in _BASE
 }
 
 

@@ -9,6 +9,7 @@ repository carries exactly the file that was measured: each int8 recipe has its 
 from __future__ import annotations
 
 import os
+import statistics
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -19,8 +20,9 @@ import numpy as np
 
 from optimizer.errors import ModelError
 from optimizer.model.accuracy import check_variant
+from optimizer.model.fusion import fuse_transformer
 from optimizer.model.intake import ModelInfo
-from optimizer.model.quantize import DEFAULT_INT8_RECIPE, INT8_RECIPES, recipe_order
+from optimizer.model.quantize import DEFAULT_INT8_RECIPE, INT8_RECIPES, fused_recipe, recipe_order
 
 __all__ = [
     "Int8Choice",
@@ -43,6 +45,7 @@ MODEL_FILENAMES = {
     "fp32-fused": "model.fused.onnx",
 }
 INPROCESS_S = 0.5  # how long each variant's in-process rate is measured
+FUSION_ROUNDS = 4  # alternating rounds that decide between a recipe and its fused form
 
 
 def variant_filename(precision: str, recipe: str = DEFAULT_INT8_RECIPE) -> str:
@@ -77,7 +80,10 @@ def variant_path(
                 )
             INT8_RECIPES[recipe].build(info.path, Path(tmp), samples)
         elif precision == "fp32-fused":
-            _fused(info.path, Path(tmp))
+            try:
+                fuse_transformer(info.path, Path(tmp))
+            except ModelError as exc:
+                raise ModelError(f"no fp32-fused variant: {exc}") from None
         else:
             _fp16(info.path, Path(tmp))
         os.replace(tmp, target)  # atomic: a crash never leaves half a variant in the cache
@@ -100,24 +106,6 @@ def _fp16(source: Path, target: Path) -> None:
     # Inputs and outputs stay fp32 so clients and the config do not change; unsafe ops stay fp32.
     converted = convert_float_to_float16(model, keep_io_types=True)
     onnx.save(converted, str(target))
-
-
-def _fused(source: Path, target: Path) -> None:
-    """ONNX Runtime's transformer optimizer (bert-type fusions, graph optimizations left to the server).
-
-    opt_level 0: only the Python fusions, so the file holds no kernels the server's older ONNX Runtime
-    lacks; the server applies its own graph optimizations at load as for any model.
-    """
-    from onnxruntime.transformers.optimizer import optimize_model
-
-    optimized = optimize_model(str(source), model_type="bert", num_heads=0, hidden_size=0, opt_level=0)
-    fused = {op: count for op, count in optimized.get_fused_operator_statistics().items() if count}
-    if not fused:
-        raise ModelError(
-            "no fp32-fused variant: ONNX Runtime's transformer optimizer found nothing to fuse (no attention, LayerNorm or GELU "
-            "pattern it knows)"
-        )
-    optimized.save_model_to_file(str(target))
 
 
 def precision_of_file(filename: str | None) -> str:
@@ -161,6 +149,7 @@ class Int8Choice:
 
     recipe: str | None
     attempts: tuple[dict, ...] = field(default=())
+    fusion: str = ""  # how the recipe's fused form compared, when it was tried
 
     def reasons(self) -> str:
         """Why each refused recipe was refused, in one line."""
@@ -195,8 +184,52 @@ def choose_int8(
         }
         attempts.append(attempt)
         if report.ok:
-            return Int8Choice(recipe, tuple(attempts))
+            return _with_fusion(info, samples, tolerance, cache, recipe, attempts, recipes)
     return Int8Choice(None, tuple(attempts))
+
+
+def _with_fusion(
+    info: ModelInfo,
+    samples: Sequence[Mapping[str, np.ndarray]],
+    tolerance: float,
+    cache: Path,
+    recipe: str,
+    attempts: list[dict],
+    recipes: Sequence[str] | None,
+) -> Int8Choice:
+    """``recipe`` passed: try it after the transformer fusions too, and keep whichever runs faster here.
+
+    Both are measured in alternating rounds (one measurement each would decide on this machine's noise);
+    a fused form that cannot be built (nothing to fuse) or breaks the guard is recorded and left.
+    """
+    fused = fused_recipe(recipe)
+    if recipes is not None and fused not in recipes:  # e.g. a recording that never measured it
+        return Int8Choice(recipe, tuple(attempts))
+    try:
+        path = variant_path(info, "int8", cache, fused, samples)
+    except ModelError as exc:  # most often nothing to fuse: not a refusal, the model has no such pattern
+        return Int8Choice(recipe, tuple(attempts), f"{fused} not built: {exc}")
+    report = check_variant(info.path, path, samples, "int8", tolerance)
+    if not report.ok:
+        attempts.append({"recipe": fused, **report.to_dict()})
+        return Int8Choice(recipe, tuple(attempts), f"{fused} broke the accuracy guard")
+    plain = variant_path(info, "int8", cache, recipe, samples)
+    rates: dict[Path, list[float]] = {plain: [], path: []}
+    for round_ in range(FUSION_ROUNDS):
+        for file in (plain, path) if round_ % 2 == 0 else (path, plain):
+            rates[file].append(inprocess_rate(file, samples, INPROCESS_S / 2))
+    plain_rate, fused_rate = (round(statistics.median(rates[f]), 1) for f in (plain, path))
+    attempts[-1]["inprocess_rate"] = plain_rate
+    attempts.append({"recipe": fused, **report.to_dict(), "inprocess_rate": fused_rate})
+    if fused_rate > plain_rate:
+        return Int8Choice(
+            fused, tuple(attempts), f"faster in process than {recipe}: {fused_rate} vs {plain_rate} inf/s"
+        )
+    return Int8Choice(
+        recipe,
+        tuple(attempts),
+        f"{fused} kept the outputs but ran slower in process: {fused_rate} vs {plain_rate} inf/s",
+    )
 
 
 def inprocess_rate(

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from optimizer.report.csv import trials_frame
 from optimizer.report.data import ReportData, build_report_data
 from optimizer.report.html import render_html
+from optimizer.report.pipeline import PNG_NAME, plot_pipeline, write_png
 
 __all__ = [
     "CSV_NAME",
@@ -34,10 +35,15 @@ CSV_NAME = "trials.csv"
 class ReportPaths:
     html: Path
     csv: Path
+    png: Path | None = None  # the pipeline figure, when there is one and a browser rendered it
+    png_note: str | None = None  # why there is no PNG
 
 
 def write_report(study: Any, out_dir: Path, *, repository: Path | None = None) -> ReportPaths:
-    """Write ``report.html`` and ``trials.csv`` for ``study`` into ``out_dir`` (created if missing).
+    """Write ``report.html``, ``trials.csv`` and ``pipeline.png`` for ``study`` into ``out_dir``.
+
+    ``out_dir`` is created if missing. The PNG is the pipeline figure rendered by a headless Chromium;
+    without a browser (or a profile) it is left out and ``png_note`` says why.
 
     Each file is written to a temporary name and moved into place, so a crash never leaves half a report.
 
@@ -48,15 +54,19 @@ def write_report(study: Any, out_dir: Path, *, repository: Path | None = None) -
             default ``studies/<study>/best/<model>``.
 
     Returns:
-        The paths of the two files.
+        The paths of the files.
     """
 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = ReportPaths(html=out_dir / HTML_NAME, csv=out_dir / CSV_NAME)
-    page = render_html(build_report_data(study, repository=repository))
-    _write_atomically(paths.html, page)
+    data = build_report_data(study, repository=repository)
+    _write_atomically(paths.html, render_html(data))
     _write_atomically(paths.csv, trials_frame(study).to_csv(index=False))
-    return paths
+    if data.pipeline is None or not data.pipeline.bars:
+        return paths
+    png = out_dir / PNG_NAME
+    note = write_png(plot_pipeline(data.pipeline), png)
+    return replace(paths, png=None if note else png, png_note=note)
 
 
 def _write_atomically(path: Path, text: str) -> None:

@@ -23,6 +23,7 @@ from optuna.trial import TrialState
 from optimizer.config.render import config_from_json, to_pbtxt
 from optimizer.model.variants import precision_of_file
 from optimizer.paths import studies_dir
+from optimizer.report.pipeline import PipelineData, study_pipeline_data
 from optimizer.study.confirm import CONFIRMATION, Finalist
 from optimizer.study.crosscheck import CrossCheckRow, cross_check_rows, stored_cross_check
 from optimizer.study.results import confirmed_baseline
@@ -215,6 +216,7 @@ class ReportData:
     chosen: int | None = None  # the confirmed finalist (the exported trial)
     cross_check: tuple[CrossCheckRow, ...] = ()  # the baseline and best measured by perf_analyzer too
     cross_check_engine: str | None = None
+    pipeline: PipelineData | None = None  # as given / ONNX Runtime tuned in process / Triton as given / tuned
 
 
 # --- the whole report ----------------------------------------------------------------------------------
@@ -242,9 +244,10 @@ def build_report_data(study: Any, *, repository: Path | None = None) -> ReportDa
     finalists = tuple(Finalist.from_dict(f) for f in confirmation.get("finalists", []))
     baseline = confirmed_baseline(study)
     checked = stored_cross_check(attrs)
+    head = _confirmed(headline(trials, str(repository), chosen=chosen), finalists, baseline)
     return ReportData(
         info=info,
-        headline=_confirmed(headline(trials, str(repository), chosen=chosen), finalists, baseline),
+        headline=head,
         trials=trials,
         curves=curves_data(trials, budget, chosen=chosen),
         scatter=scatter_data(trials, budget),
@@ -258,7 +261,24 @@ def build_report_data(study: Any, *, repository: Path | None = None) -> ReportDa
         confirmed_baseline=baseline,
         cross_check=tuple(cross_check_rows(checked)) if checked else (),
         cross_check_engine=checked["engine"] if checked else None,
+        pipeline=study_pipeline_data(attrs, *_served(head, finalists, baseline)),
     )
+
+
+def _served(
+    head: Headline, finalists: Sequence[Finalist], baseline: Finalist | None
+) -> tuple[tuple[float, int] | None, tuple[float, int] | None]:
+    """(throughput, trial) of the served baseline and best: confirmed means where the study has them."""
+    means = {f.trial: f.mean for f in finalists}
+    if baseline is not None:
+        means[baseline.trial] = baseline.mean
+
+    def served(trial: TrialRecord | None) -> tuple[float, int] | None:
+        if trial is None or trial.throughput is None:
+            return None
+        return means.get(trial.number, trial.throughput), trial.number
+
+    return served(head.baseline), served(head.best)
 
 
 # --- trials --------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from optimizer.report.data import (
     StudyInfo,
     TrialRecord,
 )
+from optimizer.report.pipeline import PNG_NAME, PipelineData, plot_pipeline
 from optimizer.study.crosscheck import DISAGREEMENT
 
 __all__ = ["plot_curves", "plot_history", "plot_importances", "plot_scatter", "render_html"]
@@ -292,6 +293,8 @@ def render_html(data: ReportData) -> str:
         ("history", plot_history(data.history)),
         ("importances", plot_importances(data.importances)),
     ]
+    if data.pipeline is not None and data.pipeline.bars:
+        figures.append(("pipeline", plot_pipeline(data.pipeline)))
     divs = {
         name: fig.to_html(
             full_html=False, include_plotlyjs=(i == 0), config=_PLOT_CONFIG, div_id=f"fig-{name}"
@@ -303,6 +306,7 @@ def render_html(data: ReportData) -> str:
         _header(info, data.trials),
         _headline(data.headline, info),
         _section("Throughput vs concurrency", _curves_note(data.curves), divs["curves"]),
+        _pipeline_section(data.pipeline, divs.get("pipeline")),
         _section(
             "Every trial",
             "Circled: the Pareto front, no trial is both faster and lower in p99.",
@@ -332,6 +336,21 @@ def render_html(data: ReportData) -> str:
         + "\n".join(body)
         + "\n</main>\n</body>\n</html>\n"
     )
+
+
+def _pipeline_section(pipeline: PipelineData | None, div: str | None) -> str:
+    note = (
+        "In process: ONNX Runtime in this process before the server started, one batch at a time, the "
+        "fastest variant, batch size and thread count whose batch takes no longer than the latency budget. "
+        "Served: through Triton under the study's load, within the budget (confirmed means where confirmed). "
+        f'The same figure is <a href="{PNG_NAME}">{PNG_NAME}</a>.'
+    )
+    if pipeline is None or div is None:
+        missing = pipeline.note if pipeline is not None and pipeline.note else "nothing measured yet"
+        return _section("From the model as given to Triton tuned", _e(missing), "")
+    if pipeline.note:
+        note += " " + _e(pipeline.note)
+    return _section("From the model as given to Triton tuned", note, div)
 
 
 def _section(title: str, note_html: str, content: str) -> str:

@@ -31,12 +31,15 @@ class Capabilities:
             load request.
         serves_requests: it answers inference requests (a replay answers from a recording instead), so
             another load generator can cross-check the figures.
+        same_machine: the server runs on this machine, so a model run in this process (the in-process
+            profile) is measured on the hardware the server uses.
     """
 
     can_restart: bool
     gpu_metrics: bool
     shared_filesystem: bool
     serves_requests: bool = True
+    same_machine: bool = True
 
 
 class ServingTarget:

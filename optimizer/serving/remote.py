@@ -182,7 +182,7 @@ class RemoteTriton(ServingTarget):
         self.headers = dict(headers or {})
         self.timeout = timeout
         self.capabilities = Capabilities(
-            can_restart=False, gpu_metrics=bool(metrics_url), shared_filesystem=False
+            can_restart=False, gpu_metrics=bool(metrics_url), shared_filesystem=False, same_machine=False
         )
         self._control: ModelControl | None = None
         self._version = "unknown"

@@ -11,12 +11,16 @@ from dataclasses import replace
 from optimizer.config.space import SearchSpace
 from optimizer.errors import ModelError
 from optimizer.model.accuracy import check_variant
+from optimizer.model.fusion import NOTHING_TO_FUSE
 from optimizer.model.intake import ModelInfo
+from optimizer.model.profile import PROFILE_BATCHES, InprocessPoint, profile_variant
 from optimizer.model.quantize import DEFAULT_INT8_RECIPE
 from optimizer.model.variants import Int8Choice, choose_int8, variant_path
 from optimizer.paths import cache_dir
 
-__all__ = ["accurate_precisions", "int8_recipe_of"]
+__all__ = ["accurate_precisions", "inprocess_points", "int8_recipe_of", "profile_in_process"]
+
+PROFILE_ATTR = "inprocess_profile"
 
 
 def accurate_precisions(
@@ -50,6 +54,9 @@ def accurate_precisions(
             if refused:  # the default recipe was not enough: say what is served and why
                 reasons = "; ".join(f"{a['recipe']}: {a['reason']}" for a in refused)
                 reporter.note(f"int8 serves the {record['recipe']} recipe ({reasons})")
+            fusion = record.get("fusion", "")
+            if fusion and NOTHING_TO_FUSE not in fusion:
+                reporter.note(f"int8 serves the {record['recipe']} recipe: {fusion}")
         else:
             reporter.note(f"{record['reason']}: it will not be tried")
     study.set_user_attr("variants", variants)
@@ -75,7 +82,7 @@ def _int8_record(choice: Int8Choice) -> dict:
     attempts = [dict(attempt) for attempt in choice.attempts]
     if choice.recipe is not None:
         passed = next(a for a in attempts if a["recipe"] == choice.recipe)
-        return {**passed, "attempts": attempts}
+        return {**passed, "attempts": attempts, "fusion": choice.fusion}
     measured = [a for a in attempts if "cosine" in a]
     closest = max(measured, key=lambda a: a["cosine"], default={})
     return {
@@ -92,3 +99,49 @@ def int8_recipe_of(study) -> str:
     """The int8 recipe a study serves (the default for a study from before recipes, or without int8)."""
     record = study.user_attrs.get("variants", {}).get("int8") or {}
     return record.get("recipe") or DEFAULT_INT8_RECIPE
+
+
+def profile_in_process(
+    study, model: ModelInfo, space: SearchSpace, samples, cores: int, *, same_machine: bool, reporter
+) -> tuple[InprocessPoint, ...]:
+    """Measure every precision of the settled space in this process, once per study (kept on resume).
+
+    Recorded as the study attribute ``inprocess_profile``: the points, or why there are none (a server on
+    another machine, or a space without the CPU provider: this process runs ONNX Runtime on CPU only).
+    """
+    recorded = study.user_attrs.get(PROFILE_ATTR)
+    if recorded is not None:
+        return inprocess_points(study)
+    skipped = None
+    if not same_machine:
+        skipped = (
+            "the server runs on another machine (or is a recording): this machine's figures would not compare"
+        )
+    elif "cpu" not in space.execution_providers:
+        skipped = "the space has no CPU provider: the in-process profile runs ONNX Runtime on CPU"
+    if skipped:
+        study.set_user_attr(PROFILE_ATTR, {"skipped": skipped})
+        return ()
+    batches = tuple(b for b in PROFILE_BATCHES if b <= space.max_batch_size.high) if model.batching else (1,)
+    threads = tuple(sorted({1, cores}))
+    recipe = int8_recipe_of(study)
+    points: list[InprocessPoint] = []
+    for precision in space.precisions:
+        path = variant_path(model, precision, cache_dir(), recipe, samples)
+        points += profile_variant(precision, path, samples, batches=batches, threads=threads)
+    study.set_user_attr(
+        PROFILE_ATTR,
+        {"points": [p.to_dict() for p in points], "batches": list(batches), "threads": list(threads)},
+    )
+    best = max(points, key=lambda p: p.throughput)
+    reporter.note(
+        f"in process: {best.precision} at batch {best.batch}, {best.threads} thread(s) runs "
+        f"{best.throughput:.0f} inf/s ({best.latency_ms:.3g} ms a batch), the fastest of {len(points)} points"
+    )
+    return tuple(points)
+
+
+def inprocess_points(study) -> tuple[InprocessPoint, ...]:
+    """The in-process profile a study recorded (none for a study from before it, or one that skipped it)."""
+    recorded = study.user_attrs.get(PROFILE_ATTR) or {}
+    return tuple(InprocessPoint.from_dict(p) for p in recorded.get("points", ()))

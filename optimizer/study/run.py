@@ -30,6 +30,7 @@ from optimizer.config.space import (
     fit_params,
     grid_of,
     load_space,
+    profile_point,
     space_from_dict,
     starting_points,
 )
@@ -47,6 +48,7 @@ from optimizer.model.intake import (
     shapes_from_samples,
     synthetic_inputs,
 )
+from optimizer.model.profile import best_point, fastest_first
 from optimizer.model.providers import check_providers
 from optimizer.paths import cache_dir, check_name, studies_dir
 from optimizer.serving.base import ServingTarget
@@ -55,7 +57,12 @@ from optimizer.serving.environment import available_cores
 from optimizer.study.checks import check_settings, check_target
 from optimizer.study.confirm import CONFIRMATION, choose, confirm, finalists_of, stored_confirmation
 from optimizer.study.crosscheck import cross_check_study_step, needs_cross_check, stored_cross_check
-from optimizer.study.precisions import accurate_precisions, int8_recipe_of
+from optimizer.study.precisions import (
+    accurate_precisions,
+    inprocess_points,
+    int8_recipe_of,
+    profile_in_process,
+)
 from optimizer.study.results import (
     StudySummary,
     TrialReport,
@@ -138,7 +145,7 @@ def run_study(
             or _unconfirmed(study, settings.search)
             or needs_cross_check(study.user_attrs, settings.confirm_with, best_trial(study))
         ):
-            _measure(study, plan, space, settings, reporter, target)
+            _measure(study, plan, space, settings, reporter, target, created=created)
         else:
             reporter.note(f"study {plan.study_name!r} already has {count_finished(study)} finished trials")
         return _summarise(study, plan, settings.budget)
@@ -239,6 +246,7 @@ class _Plan:
     storage_url: str
     cores: int  # the CPU cores the server's instances share
     int8_recipes: tuple[str, ...] | None  # the ones the target can serve (a recording's), None: all
+    same_machine: bool  # the server runs here, so the in-process profile measures its hardware
     warm_start: tuple[dict, ...] = ()  # parameters of another study's best configs, best first
 
 
@@ -268,6 +276,7 @@ def _plan(settings: StudySettings, target: ServingTarget | None) -> _Plan:
         storage_url=storage_url,
         cores=cores,
         int8_recipes=target.int8_recipes() if target is not None else None,
+        same_machine=target is None or target.capabilities.same_machine,
         warm_start=_warm_start_params(settings, model, space, out_dir, cores) if settings.warm_start else (),
     )
 
@@ -307,8 +316,14 @@ def _measure(
     settings: StudySettings,
     reporter: Reporter,
     target: ServingTarget | None,
+    *,
+    created: bool,
 ) -> None:
-    """Start the server (unless it runs already) and run trials until the study reaches its budget."""
+    """Start the server (unless it runs already) and run trials until the study reaches its budget.
+
+    Only the worker that created the study enqueues its starting points: two workers joining a new
+    study at once would each enqueue them and measure them twice.
+    """
     _pin_worker(settings)
     with _serving(target) as server:
         server.check_model(plan.model.sha256)  # a recording answers for the model it recorded only
@@ -324,11 +339,22 @@ def _measure(
             int8_recipe=int8_recipe_of(study),
         )
         runner.check_memory_limit()
+        # Before any trial loads a model, so the idle server leaves ONNX Runtime this machine's cores.
+        profile_in_process(
+            study,
+            plan.model,
+            space,
+            plan.samples,
+            plan.cores,
+            same_machine=plan.same_machine,
+            reporter=reporter,
+        )
         runner.latency_budget_ms = _latency_budget(study, runner, settings, reporter)
         _record_study_attrs(study, plan, space, server, runner.latency_budget_ms, settings)
         if not study.get_trials(deepcopy=False):  # a crash between creating the study and enqueuing
             _enqueue_baseline(study, plan.space)
-        _enqueue_starting_points(study, plan, space, settings.search)
+        if created:
+            _enqueue_starting_points(study, plan, space, settings.search, runner.latency_budget_ms)
         _run_trials(study, runner, settings, reporter)
         _confirm(study, runner, settings.search, reporter)  # the budget is in (or the space exhausted)
         cross_check_study_step(study, runner.remeasure_with, settings.confirm_with, reporter.note)
@@ -499,8 +525,11 @@ def _enqueue_baseline(study, space: SearchSpace) -> None:
     study.enqueue_trial(baseline_params(space), user_attrs={"baseline": True}, skip_if_exists=True)
 
 
-def _enqueue_starting_points(study, plan: _Plan, space: SearchSpace, search: SearchSettings) -> None:
-    """In a new study: the warm-start study's best configs, then the fixed starting points.
+def _enqueue_starting_points(
+    study, plan: _Plan, space: SearchSpace, search: SearchSettings, latency_budget_ms: float
+) -> None:
+    """In a new study: the warm-start study's best configs, the in-process profile's fastest point, then
+    the fixed starting points (variants ordered fastest in process first).
 
     Done once the space is settled (a precision that failed its accuracy check is not in it), and only
     while the study holds nothing but its baseline, so a resumed study or a joining worker adds none.
@@ -515,7 +544,12 @@ def _enqueue_starting_points(study, plan: _Plan, space: SearchSpace, search: Sea
     ]
     for params in warm:
         study.enqueue_trial(params, user_attrs={"warm_start": True}, skip_if_exists=True)
-    for params in starting_points(space, search.starting_points):
+    profile = inprocess_points(study)
+    fast = best_point(profile, latency_budget_ms) if search.start_from_profile else None
+    if fast is not None and (point := profile_point(space, fast.precision, fast.batch)) is not None:
+        study.enqueue_trial(point, user_attrs={"starting_point": "profile"}, skip_if_exists=True)
+    fastest = fastest_first(profile, space.precisions)  # start where the model is fast
+    for params in starting_points(space, search.starting_points, precision_order=fastest):
         study.enqueue_trial(params, user_attrs={"starting_point": True}, skip_if_exists=True)
 
 

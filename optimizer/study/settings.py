@@ -57,6 +57,8 @@ class SearchSettings:
         prune_startup_trials, prune_warmup_steps: trials and levels before the pruner may act.
         starting_points: names of :func:`optimizer.config.space.starting_points` measured right after the
             baseline in a new study (none: they hurt on the encoder recording).
+        start_from_profile: measure first, after the baseline, the batching config at the variant and
+            batch size the in-process profile found fastest within the latency budget (one trial).
         warm_start_configs: how many of a warm-start study's best configs are measured first.
         max_repeated_configs: proposals of measured configs in a row that end the study (space exhausted).
         confirm_finalists: how many of the best distinct configs are re-measured side by side before the
@@ -75,6 +77,7 @@ class SearchSettings:
     prune_startup_trials: int = 5
     prune_warmup_steps: int = 2
     starting_points: tuple[str, ...] = ()
+    start_from_profile: bool = True
     warm_start_configs: int = 3
     max_repeated_configs: int = 25
     confirm_finalists: int = 3
