@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 import traceback
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -152,6 +153,15 @@ def study(
     model: Annotated[
         Optional[Path],
         typer.Option("--model", help="ONNX model (default: the bundled example).", rich_help_panel=MODEL),
+    ] = None,
+    models_file: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--models",
+            help="Tune several models together on one server: a YAML file naming each model, its shapes, "
+            "traffic share and latency budget.",
+            rich_help_panel=MODEL,
+        ),
     ] = None,
     budget: Annotated[
         int, typer.Option(help="Total number of trials in the study.", rich_help_panel=SEARCH)
@@ -411,6 +421,21 @@ def study(
     ] = None,
 ) -> None:
     """Run (or resume) the Bayesian study and export the best configuration."""
+    if models_file is not None:
+        given = {
+            "--model": model,
+            "--shape": shape,
+            "--input-data": input_data,
+            "--latency-budget-ms": latency_budget_ms,
+        }
+        stray = [flag for flag, value in given.items() if value]
+        if stray or target != "embedded":
+            flag = stray[0] if stray else "--target"
+            raise UsageError(
+                f"--models takes each model's path, shapes, input data and budget from the file: drop {flag}"
+            )
+        _joint_study(models_file, budget, space or "cpu", study_name, storage, seed, window_s, warmup_s)
+        return
     from optimizer.config.space import load_space
     from optimizer.measurement.replay import ReplayTarget
     from optimizer.measurement.sweep import DEFAULT_LEVELS, parse_levels, parse_rates
@@ -498,6 +523,52 @@ def study(
     _write_study_report(summary)
     if summary.best is None:
         raise _no_feasible(summary)
+
+
+def _joint_study(
+    models_file: Path,
+    budget: int,
+    space: str,
+    study_name: str | None,
+    storage: str | None,
+    seed: int | None,
+    window_s: float,
+    warmup_s: float,
+) -> None:
+    """``optimize study --models FILE``: the models tuned together, the best joint config exported.
+
+    Every model is measured in one fixed window per level (they must overlap); ``--window-s`` and
+    ``--warmup-s`` set it when given.
+    """
+    from optimizer.study.joint import JOINT_MEASURE, JointSettings, run_joint_study
+    from optimizer.study.mix import load_models_file
+    from optimizer.study.progress import RichReporter, print_joint_summary
+
+    measure = JOINT_MEASURE
+    if window_s != _DEFAULT_MEASURE.window_s:
+        measure = replace(measure, window_s=window_s, max_window_s=window_s)
+    if warmup_s != _DEFAULT_MEASURE.warmup_s:
+        measure = replace(measure, warmup_s=warmup_s)
+    settings = JointSettings(
+        models=load_models_file(models_file),
+        budget=budget,
+        space=space,
+        study_name=study_name,
+        storage=storage,
+        seed=seed,
+        measure=measure,
+    )
+    try:
+        with RichReporter() as reporter:
+            summary = run_joint_study(settings, reporter)
+    except KeyboardInterrupt:
+        raise Interrupted("interrupted: finished trials are kept; rerun the same command to resume") from None
+    print_joint_summary(summary)
+    if summary.best_trial is None:
+        raise StudyError(
+            f"no joint configuration kept every model within its budget in {summary.finished} trials: "
+            "raise the budgets in the models file (with a new --study-name) or widen the space"
+        )
 
 
 def _no_feasible(summary) -> OptimizeError:

@@ -459,3 +459,24 @@ def check_model_runs(info: ModelInfo, sample: Mapping[str, np.ndarray]) -> None:
             f"ONNX Runtime cannot run {str(info.source_path)!r} ({detail}): check the model's opset and "
             "operators are supported by onnxruntime, or export it again"
         ) from exc
+
+
+SYNTHETIC_SAMPLES = 32  # requests a study sends in turn when the user gives no input data
+
+
+def load_requests(
+    path: Path, shapes: Mapping[str, tuple[int, ...]], input_data: Path | None, *, cache: Path
+) -> tuple[ModelInfo, dict[str, tuple[int, ...]], list[dict[str, np.ndarray]]]:
+    """The model, its request shapes and its request samples (the user's ``input_data``, or synthetic).
+
+    The model is run once on the first sample, so a model ONNX Runtime cannot run stops here.
+    """
+    model = inspect_model(path, cache=cache)
+    if input_data is not None:
+        samples = load_input_data(model, input_data)
+        resolved = resolve_shapes(model, {**shapes_from_samples(model, samples), **shapes})
+    else:
+        resolved = resolve_shapes(model, shapes)
+        samples = [synthetic_inputs(model, resolved, 1, seed=seed) for seed in range(SYNTHETIC_SAMPLES)]
+    check_model_runs(model, samples[0])
+    return model, resolved, samples

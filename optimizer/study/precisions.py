@@ -31,15 +31,18 @@ def accurate_precisions(
     tolerance: float,
     reporter,
     int8_recipes: tuple[str, ...] | None = None,
+    *,
+    attr: str = "variants",
 ) -> SearchSpace:
     """The space without the precisions whose variant breaks accuracy or cannot be made: never proposed.
 
     Each variant's figures are recorded in the study (``variants``) once and reused on resume, so the
     space, and with it every trial's parameter distributions, stays the same across restarts. int8 is
     the first recipe (optimizer.model.quantize) that passes the guard; its record says which, and why
-    the recipes before it were refused.
+    the recipes before it were refused. ``attr``: the study attribute that holds them (a joint study of
+    several models keeps one per model).
     """
-    variants = dict(study.user_attrs.get("variants", {}))
+    variants = dict(study.user_attrs.get(attr, {}))
     kept = []
     for precision in space.precisions:
         if precision == "fp32":
@@ -59,7 +62,7 @@ def accurate_precisions(
                 reporter.note(f"int8 serves the {record['recipe']} recipe: {fusion}")
         else:
             reporter.note(f"{record['reason']}: it will not be tried")
-    study.set_user_attr("variants", variants)
+    study.set_user_attr(attr, variants)
     study.set_user_attr("accuracy_tolerance", tolerance)
     return replace(space, precisions=tuple(kept))
 
@@ -95,9 +98,9 @@ def _int8_record(choice: Int8Choice) -> dict:
     }
 
 
-def int8_recipe_of(study) -> str:
+def int8_recipe_of(study, attr: str = "variants") -> str:
     """The int8 recipe a study serves (the default for a study from before recipes, or without int8)."""
-    record = study.user_attrs.get("variants", {}).get("int8") or {}
+    record = study.user_attrs.get(attr, {}).get("int8") or {}
     return record.get("recipe") or DEFAULT_INT8_RECIPE
 
 

@@ -180,3 +180,34 @@ def print_summary(summary: StudySummary, console: Console | None = None) -> None
     if summary.best_repository:
         console.print(f"best model repository: {summary.best_repository}")
     console.print(f"study database: {summary.storage_url}")
+
+
+def print_joint_summary(summary, console: Console | None = None) -> None:
+    """A joint study's end: the mix's throughput, baseline vs best; each model's figures and budget."""
+    console = console or Console()
+    ratio = ""
+    if summary.best_throughput and summary.baseline_throughput:
+        ratio = (
+            f", {summary.best_throughput / summary.baseline_throughput:.2f}x the untuned models side by side"
+        )
+    best = f"{summary.best_throughput:.1f}" if summary.best_throughput else "none within every budget"
+    base = f"{summary.baseline_throughput:.1f}" if summary.baseline_throughput else "none within every budget"
+    console.print(
+        f"study {summary.study_name}: {summary.finished} trials; requests/s in the traffic mix: "
+        f"baseline {base}, best {best} (trial {summary.best_trial}){ratio}"
+    )
+    if summary.per_model:
+        table = Table(title="the best joint config, per model")
+        for column in ("model", "throughput (inf/s)", "p99 (ms)", "budget (ms)", "config"):
+            table.add_column(column)
+        for name, figures in summary.per_model.items():
+            table.add_row(
+                name,
+                f"{figures['throughput']:.1f}",
+                f"{figures['p99_ms']:.1f}",
+                f"{figures['budget_ms']:g}",
+                figures["candidate"],
+            )
+        console.print(table)
+        console.print(f"why it stopped there: {summary.bound_by}")
+        console.print(f"repository with every model: {summary.repository}")

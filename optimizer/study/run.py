@@ -39,15 +39,7 @@ from optimizer.errors import (
     StudyError,
 )
 from optimizer.model import examples
-from optimizer.model.intake import (
-    ModelInfo,
-    check_model_runs,
-    inspect_model,
-    load_input_data,
-    resolve_shapes,
-    shapes_from_samples,
-    synthetic_inputs,
-)
+from optimizer.model.intake import ModelInfo, load_requests
 from optimizer.model.profile import best_point, fastest_first
 from optimizer.model.providers import check_providers
 from optimizer.paths import cache_dir, check_name, studies_dir
@@ -381,9 +373,6 @@ def _pin_worker(settings: StudySettings) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = settings.gpus
 
 
-SYNTHETIC_SAMPLES = 32
-
-
 def _intake(settings: StudySettings) -> tuple[ModelInfo, dict[str, tuple[int, ...]], list[dict]]:
     """The model, the request shapes, and the request samples (the user's data or synthetic)."""
     shapes = dict(settings.shapes)
@@ -392,15 +381,7 @@ def _intake(settings: StudySettings) -> tuple[ModelInfo, dict[str, tuple[int, ..
         shapes = {**examples.EXAMPLE_SHAPES, **shapes}
     else:
         path = settings.model_path
-    model = inspect_model(path, cache=cache_dir())
-    if settings.input_data is not None:
-        samples = load_input_data(model, settings.input_data)
-        shapes = resolve_shapes(model, {**shapes_from_samples(model, samples), **shapes})
-    else:
-        shapes = resolve_shapes(model, shapes)
-        samples = [synthetic_inputs(model, shapes, 1, seed=seed) for seed in range(SYNTHETIC_SAMPLES)]
-    check_model_runs(model, samples[0])
-    return model, shapes, samples
+    return load_requests(path, shapes, settings.input_data, cache=cache_dir())
 
 
 def _model_name(model: ModelInfo) -> str:

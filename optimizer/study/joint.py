@@ -1,0 +1,417 @@
+"""Several models tuned together on one server: one study whose trial is a joint config.
+
+Tuning each model alone on an empty machine overstates what it gets when it shares the cores with the
+others. Here a trial proposes every model's config at once (variant, max batch, preferred sizes, queue
+delay, instances; parameters named ``<model>.<param>``), loads them all into one server, and measures them
+under a mixed load in the models file's traffic mix (:mod:`optimizer.measurement.mixed`). Its score is
+the requests a second the server sustains in the mix with every model within its own p99 budget; a level
+where any model breaks its budget is infeasible, and the trial records which model's budget bound it.
+
+The CPU guard of one model's space holds across the models: the instances of all models share the
+cores (their sum at most the cores; each model's own range capped so the others keep one each), and each
+instance gets cores / (all instances) threads. The untuned baseline is every model's untuned config (one
+instance, ONNX Runtime's default threads), as a user would deploy them side by side.
+
+Run by ``optimize study --models FILE``; the best trial is exported as one repository holding every
+model (``studies/<study>/best/``), which ``optimize serve`` and the deployment manifests take as it is.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from optimizer.config.render import config_from_json, render_config, to_dict, to_json
+from optimizer.config.repository import write_repository
+from optimizer.config.space import Candidate, SearchSpace, baseline_params, load_space, suggest_candidate
+from optimizer.errors import ConfigRejected, InferenceError, ServerDiedError, StudyError
+from optimizer.measurement.levels import MeasureSettings
+from optimizer.measurement.mixed import MixLevel, measure_mix, shares_of, split_clients
+from optimizer.model.accuracy import DEFAULT_TOLERANCE
+from optimizer.model.intake import ModelInfo, load_requests
+from optimizer.model.quantize import DEFAULT_INT8_RECIPE
+from optimizer.model.variants import config_files
+from optimizer.paths import cache_dir, check_name, studies_dir
+from optimizer.serving.base import ServingTarget
+from optimizer.serving.embedded import EmbeddedTriton
+from optimizer.serving.environment import available_cores
+from optimizer.study.mix import ModelEntry
+from optimizer.study.precisions import accurate_precisions, int8_recipe_of
+from optimizer.study.storage import default_storage_url, open_storage
+
+__all__ = ["JointSettings", "JointSummary", "run_joint_study"]
+
+JOINT_MEASURE = MeasureSettings(warmup_s=1.0, window_s=3.0, max_window_s=3.0, min_requests=20, rule="fixed")
+BUDGET_PROBES = 5
+DEFAULT_BUDGET_FACTOR = 10.0
+MIN_DEFAULT_BUDGET_MS = 1.0
+PLATEAU = 1.05  # a level that does not beat the best so far by 5% ends the sweep
+MAX_DRAWS_PER_TRIAL = 5  # oversubscribed proposals are redrawn (not measured, not counted) up to this
+
+
+@dataclass(frozen=True)
+class JointSettings:
+    """What ``optimize study --models FILE`` was asked to do."""
+
+    models: tuple[ModelEntry, ...]
+    budget: int = 20
+    space: str | SearchSpace = "cpu"
+    study_name: str | None = None  # default: joint-<model names>
+    storage: str | None = None
+    output_dir: Path | None = None  # default: studies/
+    seed: int | None = None
+    measure: MeasureSettings = JOINT_MEASURE
+    levels: tuple[int, ...] = (1, 2, 4, 8)  # clients per model at each level (split by the traffic mix)
+    accuracy_tolerance: float = DEFAULT_TOLERANCE
+
+
+@dataclass(frozen=True)
+class _Member:
+    """One model of the study, settled: its file, requests, space (accurate variants only) and budget."""
+
+    entry: ModelEntry
+    info: ModelInfo
+    samples: list
+    space: SearchSpace
+    int8_recipe: str
+    budget_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class JointSummary:
+    study_name: str
+    storage_url: str
+    finished: int
+    baseline_throughput: float | None  # requests/s in the mix, within every budget
+    best_trial: int | None
+    best_throughput: float | None
+    per_model: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # at the best trial's level
+    bound_by: str = ""  # why the best trial's sweep stopped: whose budget, or a plateau
+    repository: Path | None = None
+
+
+def run_joint_study(
+    settings: JointSettings, reporter=None, *, target: ServingTarget | None = None
+) -> JointSummary:
+    """Run (or resume) a joint study to its budget and export the best joint config."""
+    note = reporter.note if reporter is not None else (lambda message: None)
+    space = settings.space if isinstance(settings.space, SearchSpace) else load_space(settings.space)
+    members = [_intake(entry, space) for entry in settings.models]
+    names = [m.entry.name for m in members]
+    study_name = check_name(settings.study_name or "joint-" + "-".join(names), "study name")
+    out_dir = settings.output_dir or studies_dir()
+    url = settings.storage or default_storage_url(out_dir, study_name)
+    storage = open_storage(url)
+    study = optuna.create_study(
+        study_name=study_name,
+        storage=storage,
+        direction="maximize",
+        load_if_exists=True,
+        sampler=optuna.samplers.TPESampler(seed=settings.seed, multivariate=True, n_startup_trials=5),
+    )
+    _check_same_study(study, members)
+    members = [_settle_variants(study, m, space, settings, note) for m in members]
+    cores = available_cores()
+    owned = target is None
+    server = target or EmbeddedTriton()
+    if owned:
+        server.start()
+    try:
+        members = [replace(m, budget_ms=_budget(study, m, server, settings, note)) for m in members]
+        if not study.get_trials(deepcopy=False):
+            study.enqueue_trial(_baseline_params(members), user_attrs={"baseline": True})
+        objective = _Objective(server, members, settings, cores, note)
+        draws = 0
+        while _measured(study) < settings.budget and draws < settings.budget * MAX_DRAWS_PER_TRIAL:
+            study.optimize(objective, n_trials=1, catch=(_TrialFailed,))
+            draws += 1
+    finally:
+        if owned:
+            server.stop()
+    return _summarise(study, members, url, out_dir)
+
+
+# --- settling the models -----------------------------------------------------------------------------
+
+
+def _intake(entry: ModelEntry, space: SearchSpace) -> _Member:
+    info, _, samples = load_requests(entry.path, entry.shapes, entry.input_data, cache=cache_dir())
+    return _Member(entry, info, samples, space, DEFAULT_INT8_RECIPE)
+
+
+def _check_same_study(study, members: list[_Member]) -> None:
+    models = {m.entry.name: m.info.sha256 for m in members}
+    stored = study.user_attrs.get("models")
+    if "model_sha256" in study.user_attrs:
+        raise StudyError(
+            f"study {study.study_name!r} tunes one model: give a new --study-name for the joint study"
+        )
+    if stored is not None and stored != models:
+        raise StudyError(
+            f"study {study.study_name!r} was made for other models ({', '.join(sorted(stored))}): "
+            "give a new --study-name, or the same models file"
+        )
+    if stored is None:
+        study.set_user_attr("models", models)
+        study.set_user_attr("traffic", {m.entry.name: m.entry.traffic for m in members})
+
+
+def _settle_variants(study, member: _Member, space: SearchSpace, settings: JointSettings, note) -> _Member:
+    """The model's space without the variants that break accuracy (recorded per model, kept on resume)."""
+    attr = f"variants:{member.entry.name}"
+    settled = accurate_precisions(
+        study,
+        member.info,
+        space,
+        member.samples,
+        settings.accuracy_tolerance,
+        _Prefixed(note, member.entry.name),
+        attr=attr,
+    )
+    return replace(member, space=settled, int8_recipe=int8_recipe_of(study, attr))
+
+
+class _Prefixed:
+    """A reporter whose notes name the model they are about."""
+
+    def __init__(self, note, name: str) -> None:
+        self._note, self._name = note, name
+
+    def note(self, message: str) -> None:
+        self._note(f"{self._name}: {message}")
+
+
+def _budget(study, member: _Member, server: ServingTarget, settings: JointSettings, note) -> float:
+    """The model's p99 budget: the file's, or 10x the median single-request p99 of its untuned config."""
+    budgets = dict(study.user_attrs.get("latency_budgets_ms", {}))
+    name = member.entry.name
+    given = member.entry.latency_budget_ms
+    if name in budgets:
+        if given is not None and given != budgets[name]:
+            raise StudyError(
+                f"study {study.study_name!r} was run with a {budgets[name]:g} ms budget for {name!r}: "
+                "resume with the same budgets, or give a new --study-name"
+            )
+        return float(budgets[name])
+    if given is None:
+        _load(server, member, Candidate(max_batch_size=1))
+        probe = replace(settings.measure, rule="fixed")
+        probes = [
+            measure_mix(
+                server.grpc_url, {name: member.samples}, {name: 1}, {name: 1.0}, {name: float("inf")}, probe
+            )
+            .results[name]
+            .p99_ms
+            for _ in range(BUDGET_PROBES)
+        ]
+        given = float(max(MIN_DEFAULT_BUDGET_MS, round(statistics.median(probes) * DEFAULT_BUDGET_FACTOR, 1)))
+        note(
+            f"{name}: latency budget {given:g} ms ({DEFAULT_BUDGET_FACTOR:g} x its median single-request p99)"
+        )
+    budgets[name] = given
+    study.set_user_attr("latency_budgets_ms", budgets)
+    return given
+
+
+def _baseline_params(members: list[_Member]) -> dict[str, Any]:
+    return {
+        f"{m.entry.name}.{key}": value for m in members for key, value in baseline_params(m.space).items()
+    }
+
+
+# --- a trial -------------------------------------------------------------------------------------------
+
+
+class _TrialFailed(Exception):
+    """A config the server rejected, or a load it could not serve: the trial fails, the study goes on."""
+
+
+class _Oversubscribed(optuna.TrialPruned):
+    """More instances than cores across the models: not measured, not counted."""
+
+
+class _Objective:
+    def __init__(
+        self, server: ServingTarget, members: list[_Member], settings: JointSettings, cores: int, note
+    ):
+        self.server = server
+        self.members = members
+        self.settings = settings
+        self.cores = cores
+        self.note = note
+        self.shares = shares_of({m.entry.name: m.entry.traffic for m in members})
+
+    def __call__(self, trial) -> float:
+        candidates = self._candidates(trial)
+        trial.set_user_attr("candidates", {name: c.summary() for name, c in candidates.items()})
+        configs = {}
+        for member in self.members:
+            name = member.entry.name
+            configs[name] = to_dict(self._load(trial, member, candidates[name]))
+        trial.set_user_attr("configs", configs)
+        started = time.perf_counter()
+        levels = self._sweep(trial)
+        trial.set_user_attr("trial_s", round(time.perf_counter() - started, 3))
+        feasible = [level for level in levels if level.feasible]
+        if not feasible:
+            trial.set_user_attr("feasible", False)
+            raise optuna.TrialPruned(trial.user_attrs["reason"])
+        best = max(feasible, key=lambda level: level.mix_throughput)
+        trial.set_user_attr("feasible", True)
+        trial.set_user_attr("throughput", round(best.mix_throughput, 3))
+        trial.set_user_attr("best_level", best.to_dict())
+        self.note(
+            f"trial {trial.number}: {best.mix_throughput:.1f} req/s in the mix ("
+            + ", ".join(f"{n} {r.throughput:.1f}/s p99 {r.p99_ms:.1f} ms" for n, r in best.results.items())
+            + f"); {trial.user_attrs['reason']}"
+        )
+        return round(best.mix_throughput, 3)
+
+    def _candidates(self, trial) -> dict[str, Candidate]:
+        """Every model's candidate; instances across the models at most the cores, threads shared."""
+        cap = max(1, self.cores - (len(self.members) - 1))  # the others keep one instance each
+        candidates = {
+            m.entry.name: suggest_candidate(
+                _PrefixedTrial(trial, f"{m.entry.name}."), m.space, batching=m.info.batching, cores=cap
+            )
+            for m in self.members
+        }
+        instances = sum(c.instance_count for c in candidates.values())
+        if instances > max(self.cores, len(self.members)):
+            trial.set_user_attr("oversubscribed", True)
+            trial.set_user_attr(
+                "reason", f"{instances} instances oversubscribe {self.cores} cores: not measured"
+            )
+            raise _Oversubscribed(trial.user_attrs["reason"])
+        threads = 0 if trial.user_attrs.get("baseline") else max(1, self.cores // instances)
+        return {
+            name: replace(
+                c,
+                intra_op_threads=threads,
+                int8_recipe=next(m.int8_recipe for m in self.members if m.entry.name == name),
+            )
+            for name, c in candidates.items()
+        }
+
+    def _load(self, trial, member: _Member, candidate: Candidate):
+        try:
+            return _load(self.server, member, candidate)
+        except ConfigRejected as exc:
+            trial.set_user_attr("reason", f"Triton rejected the config of {member.entry.name}: {exc.message}")
+            raise _TrialFailed(trial.user_attrs["reason"]) from exc
+        except ServerDiedError as exc:
+            trial.set_user_attr("reason", f"the server died loading {member.entry.name}: {exc.message}")
+            if self.server.capabilities.can_restart:
+                self.server.restart()
+            raise _TrialFailed(trial.user_attrs["reason"]) from exc
+
+    def _sweep(self, trial) -> list[MixLevel]:
+        """Rising levels until a model breaks its budget or the mix stops gaining (PLATEAU)."""
+        budgets = {m.entry.name: m.budget_ms for m in self.members}
+        samples = {m.entry.name: m.samples for m in self.members}
+        levels: list[MixLevel] = []
+        reason = "the sweep reached its top level"
+        for per_model in self.settings.levels:
+            clients = split_clients(per_model * len(self.members), self.shares)
+            try:
+                level = measure_mix(
+                    self.server.grpc_url, samples, clients, self.shares, budgets, self.settings.measure
+                )
+            except InferenceError as exc:
+                trial.set_user_attr("reason", f"requests failed under the mixed load: {exc.message}")
+                raise _TrialFailed(trial.user_attrs["reason"]) from exc
+            levels.append(level)
+            if not level.feasible:
+                reason = "bound by the budget of " + ", ".join(
+                    f"{n} (p99 {level.results[n].p99_ms:.1f} ms > {budgets[n]:g} ms)"
+                    for n in level.over_budget
+                )
+                break
+            earlier = [lv.mix_throughput for lv in levels[:-1] if lv.feasible]
+            if earlier and level.mix_throughput < max(earlier) * PLATEAU:
+                reason = "the mix stopped gaining (plateau)"
+                break
+        trial.set_user_attr("levels", [level.to_dict() for level in levels])
+        trial.set_user_attr(
+            "reason", reason if any(lv.feasible for lv in levels) else f"infeasible: {reason}"
+        )
+        if levels and not levels[0].feasible:
+            trial.set_user_attr("bound_by", list(levels[0].over_budget))
+        elif not levels[-1].feasible:
+            trial.set_user_attr("bound_by", list(levels[-1].over_budget))
+        return levels
+
+
+class _PrefixedTrial:
+    """An Optuna trial whose parameter names carry the model's prefix (``encoder.max_batch_size_log2``)."""
+
+    def __init__(self, trial, prefix: str) -> None:
+        self._trial, self._prefix = trial, prefix
+
+    def suggest_categorical(self, name: str, choices):
+        return self._trial.suggest_categorical(self._prefix + name, choices)
+
+    def suggest_int(self, name: str, low: int, high: int, log: bool = False) -> int:
+        return self._trial.suggest_int(self._prefix + name, low, high, log=log)
+
+
+def _load(server: ServingTarget, member: _Member, candidate: Candidate):
+    config = render_config(member.info, candidate, model_name=member.entry.name)
+    server.load_model(member.entry.name, to_json(config), config_files(member.info, config, cache_dir()))
+    return config
+
+
+# --- the end -------------------------------------------------------------------------------------------
+
+
+def _measured(study) -> int:
+    return sum(
+        1
+        for t in study.get_trials(deepcopy=False)
+        if t.state.is_finished() and not t.user_attrs.get("oversubscribed")
+    )
+
+
+def _summarise(study, members: list[_Member], url: str, out_dir: Path) -> JointSummary:
+    done = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if t.user_attrs.get("feasible")
+    ]
+    baseline = next((t for t in done if t.user_attrs.get("baseline")), None)
+    best = max(done, key=lambda t: t.value or 0.0, default=None)
+    summary = JointSummary(
+        study_name=study.study_name,
+        storage_url=url,
+        finished=_measured(study),
+        baseline_throughput=baseline.value if baseline else None,
+        best_trial=best.number if best else None,
+        best_throughput=best.value if best else None,
+    )
+    if best is None:
+        return summary
+    level = best.user_attrs["best_level"]
+    budgets = study.user_attrs.get("latency_budgets_ms", {})
+    per_model = {
+        name: {**figures, "budget_ms": budgets.get(name), "candidate": best.user_attrs["candidates"][name]}
+        for name, figures in level["models"].items()
+    }
+    repository = export_joint(best, members, out_dir / study.study_name / "best")
+    return replace(
+        summary, per_model=per_model, bound_by=best.user_attrs.get("reason", ""), repository=repository
+    )
+
+
+def export_joint(trial, members: list[_Member], out_dir: Path) -> Path:
+    """Write every model's config and file of ``trial`` into one model repository ``out_dir``."""
+    for member in members:
+        config = config_from_json(trial.user_attrs["configs"][member.entry.name])
+        write_repository(out_dir, config, config_files(member.info, config, cache_dir()))
+    return out_dir

@@ -1,0 +1,165 @@
+"""Several models on one server: the models file, its traffic mix and each model's latency budget.
+
+``optimize study --models models.yaml`` tunes the models together (:mod:`optimizer.study.joint`). The
+file names each model, where its ONNX file is, its request shapes and input data, its share of the
+traffic and its own p99 budget::
+
+    models:
+      - name: encoder
+        path: encoder.onnx           # relative to the file
+        shapes: {input_ids: [128], attention_mask: [128]}
+        traffic: 3                   # three encoder requests for every cnn request
+        latency_budget_ms: 50
+      - name: cnn
+        path: cnn.onnx
+        traffic: 1
+        latency_budget_ms: 20
+    traffic: {encoder: 3, cnn: 1}    # instead of each model's traffic; either, not both
+    latency_budget_ms: {cnn: 20}     # likewise for the budgets
+
+A model without a budget gets the default one (10x the median of its untuned config's single-request
+p99 probes, as for one model). Every rule is checked before the database is touched.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from optimizer.errors import UsageError
+from optimizer.paths import check_name
+
+__all__ = ["ModelEntry", "load_models_file", "models_from_dict"]
+
+_MODEL_KEYS = {"name", "path", "shapes", "traffic", "latency_budget_ms", "input_data"}
+_FILE_KEYS = {"models", "traffic", "latency_budget_ms"}
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One model of a joint study."""
+
+    name: str  # its name on the server and in the exported repository
+    path: Path
+    shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    traffic: float = 1.0  # its share of the requests, relative to the others'
+    latency_budget_ms: float | None = None  # None: the default budget, from its probes
+    input_data: Path | None = None
+
+
+def load_models_file(path: Path) -> tuple[ModelEntry, ...]:
+    """Read and check a models file; every problem is one line naming the file and what to fix."""
+    if not path.is_file():
+        raise UsageError(f"models file {str(path)!r} does not exist: check the path")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UsageError(f"models file {str(path)!r} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    return models_from_dict(data, base=path.parent, where=f"models file {str(path)!r}")
+
+
+def models_from_dict(data: Any, *, base: Path, where: str = "the models file") -> tuple[ModelEntry, ...]:
+    """The models of a parsed models file (paths relative to ``base``)."""
+    if not isinstance(data, dict) or not isinstance(data.get("models"), list) or not data["models"]:
+        raise UsageError(f"{where} must hold 'models:', a list of at least two models (name, path, ...)")
+    _unknown(data, _FILE_KEYS, where)
+    entries = [_entry(item, index, base, where) for index, item in enumerate(data["models"])]
+    names = [entry.name for entry in entries]
+    duplicate = next((name for name in names if names.count(name) > 1), None)
+    if duplicate:
+        raise UsageError(f"{where} names two models {duplicate!r}: each model needs its own name")
+    if len(entries) < 2:
+        raise UsageError(
+            f"{where} names one model: for one model run optimize study --model {entries[0].path}"
+        )
+    entries = _apply_mapping(entries, data.get("traffic"), "traffic", where)
+    entries = _apply_mapping(entries, data.get("latency_budget_ms"), "latency_budget_ms", where)
+    return tuple(entries)
+
+
+def _entry(item: Any, index: int, base: Path, where: str) -> ModelEntry:
+    if not isinstance(item, dict):
+        raise UsageError(f"{where}: model {index + 1} must be a mapping with name and path")
+    _unknown(item, _MODEL_KEYS, f"{where}, model {index + 1}")
+    name = item.get("name")
+    if not isinstance(name, str) or not name:
+        raise UsageError(f"{where}: model {index + 1} has no name: add name: <its name on the server>")
+    check_name(name, "model name")
+    if not isinstance(item.get("path"), str):
+        raise UsageError(f"{where}: model {name!r} has no path: add path: <its .onnx file>")
+    path = (base / item["path"]).resolve()
+    data = item.get("input_data")
+    return ModelEntry(
+        name=name,
+        path=path,
+        shapes=_shapes(item.get("shapes") or {}, name, where),
+        traffic=_positive(item.get("traffic", 1.0), f"{where}: model {name!r} traffic"),
+        latency_budget_ms=_budget(item.get("latency_budget_ms"), name, where),
+        input_data=(base / data).resolve() if isinstance(data, str) else None,
+    )
+
+
+def _apply_mapping(entries: list[ModelEntry], mapping: Any, key: str, where: str) -> list[ModelEntry]:
+    """A file-level ``traffic:`` or ``latency_budget_ms:`` mapping, by model name."""
+    if mapping is None:
+        return entries
+    if not isinstance(mapping, dict):
+        raise UsageError(f"{where}: {key} must map model names to numbers, e.g. {{encoder: 3, cnn: 1}}")
+    names = {entry.name for entry in entries}
+    unknown = sorted(str(name) for name in mapping if name not in names)
+    if unknown:
+        raise UsageError(
+            f"{where}: {key} names {unknown[0]!r}, which is not one of the models ({', '.join(sorted(names))})"
+        )
+    out = []
+    for entry in entries:
+        if entry.name not in mapping:
+            out.append(entry)
+        elif key == "traffic":
+            out.append(
+                replace(entry, traffic=_positive(mapping[entry.name], f"{where}: traffic of {entry.name!r}"))
+            )
+        else:
+            out.append(replace(entry, latency_budget_ms=_budget(mapping[entry.name], entry.name, where)))
+    return out
+
+
+def _shapes(value: Any, name: str, where: str) -> dict[str, tuple[int, ...]]:
+    if not isinstance(value, dict):
+        raise UsageError(
+            f"{where}: shapes of {name!r} must map input names to dims, e.g. {{input_ids: [128]}}"
+        )
+    shapes = {}
+    for input_name, dims in value.items():
+        if not isinstance(dims, list) or not all(isinstance(d, int) and d >= 1 for d in dims):
+            raise UsageError(f"{where}: shape of {name}.{input_name} must be a list of whole numbers >= 1")
+        shapes[str(input_name)] = tuple(dims)
+    return shapes
+
+
+def _positive(value: Any, what: str) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise UsageError(f"{what} must be a positive number, not {value!r}")
+    return float(value)
+
+
+def _budget(value: Any, name: str, where: str) -> float | None:
+    if value is None:
+        return None
+    return _positive(value, f"{where}: latency_budget_ms of {name!r}")
+
+
+def _unknown(data: dict, known: set[str], where: str) -> None:
+    unknown = sorted(str(key) for key in data if key not in known)
+    if unknown:
+        raise UsageError(f"{where}: unknown field {unknown[0]!r} (known: {', '.join(sorted(known))})")
