@@ -46,6 +46,9 @@ MODEL_FILENAMES = {
 }
 INPROCESS_S = 0.5  # how long each variant's in-process rate is measured
 FUSION_ROUNDS = 4  # alternating rounds that decide between a recipe and its fused form
+# The fused form must be this much faster to be served: within it the two are a coin flip on this
+# machine (127.5 vs 127.4 inf/s on the example encoder), and the plain recipe is the simpler file.
+FUSION_MARGIN = 0.03
 
 
 def variant_filename(precision: str, recipe: str = DEFAULT_INT8_RECIPE) -> str:
@@ -197,7 +200,7 @@ def _with_fusion(
     attempts: list[dict],
     recipes: Sequence[str] | None,
 ) -> Int8Choice:
-    """``recipe`` passed: try it after the transformer fusions too, and keep whichever runs faster here.
+    """``recipe`` passed: try it after the transformer fusions too, and serve that if it runs faster here.
 
     Both are measured in alternating rounds (one measurement each would decide on this machine's noise);
     a fused form that cannot be built (nothing to fuse) or breaks the guard is recorded and left.
@@ -221,7 +224,7 @@ def _with_fusion(
     plain_rate, fused_rate = (round(statistics.median(rates[f]), 1) for f in (plain, path))
     attempts[-1]["inprocess_rate"] = plain_rate
     attempts.append({"recipe": fused, **report.to_dict(), "inprocess_rate": fused_rate})
-    if fused_rate > plain_rate:
+    if fused_rate > plain_rate * (1 + FUSION_MARGIN):
         return Int8Choice(
             fused, tuple(attempts), f"faster in process than {recipe}: {fused_rate} vs {plain_rate} inf/s"
         )
