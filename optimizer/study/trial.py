@@ -488,8 +488,9 @@ def _claim_config(trial, key: str):
 
     Workers that propose one config at the same moment must not both measure it. A trial running the
     same config that has marked itself ``measured_here`` is waited for; between trials still deciding, the
-    lower-numbered one measures and the others wait. Only the moment between one trial's read of the
-    running trials and its ``measured_here`` write is left open, one database round trip. A worker that died
+    lower-numbered one measures and the others wait. A trial reads the running trials again after its
+    ``measured_here`` write and yields to a lower-numbered one it missed, which closes the round trip
+    between the first read and the write. A worker that died
     mid-trial is found (same host at once, elsewhere by its heartbeat) so nobody waits on it forever.
     """
     deadline = time.monotonic() + CLAIM_WAIT_LIMIT_S
@@ -499,9 +500,16 @@ def _claim_config(trial, key: str):
             return earlier
         rivals = _running_with_config(trial, key)
         ahead = [t for t in rivals if t.user_attrs.get("measured_here") or t.number < trial.number]
-        if not ahead or time.monotonic() > deadline:
+        if time.monotonic() > deadline:
             trial.set_user_attr("measured_here", True)
             return None
+        if not ahead:
+            trial.set_user_attr("measured_here", True)
+            # Read once more after the claim: a lower-numbered trial that set its key after our read
+            # (the one open round trip) is seen now, and we yield to it; it cannot have missed us both ways.
+            if not any(t.number < trial.number for t in _running_with_config(trial, key)):
+                return None
+            trial.set_user_attr("measured_here", False)
         time.sleep(CLAIM_POLL_S)
         recover_dead_local_trials(trial.study)
         fail_stale(trial.study)
