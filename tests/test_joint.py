@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import optuna
 import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import np_to_triton_dtype
 
 from optimizer.cli import main
+from optimizer.config.render import config_from_json, config_from_pbtxt, render_ensemble, to_pbtxt
 from optimizer.errors import UsageError
 from optimizer.measurement.levels import LevelResult, MeasureSettings
 from optimizer.measurement.mixed import mix_throughput, shares_of, split_clients
+from optimizer.model import examples
+from optimizer.model.ensemble import load_ensemble, run_ensemble
 from optimizer.model.intake import inspect_model, resolve_shapes, synthetic_inputs
+from optimizer.model.variants import config_files
 from optimizer.output.serve import serving
+from optimizer.paths import cache_dir
 from optimizer.study.joint import JointSettings, run_joint_study
 from optimizer.study.mix import load_models_file
 
@@ -192,3 +199,155 @@ def test_a_joint_study_loads_measures_and_exports_both_models_within_their_budge
         target=triton,
     )
     assert again.finished == 4
+
+
+# --- an ensemble, tuned as its steps ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ensemble_repo(tmp_path_factory) -> Path:
+    """A Triton repository holding an ensemble ``pipeline`` of two ONNX steps (``pre`` then ``head``)."""
+    root = tmp_path_factory.mktemp("ensemble-repo")
+    examples.build_ensemble(root)
+    return root
+
+
+def _ensemble_models_file(tmp_path: Path, repo: Path, models, extra: str = "") -> Path:
+    path = tmp_path / "models.yaml"
+    path.write_text(
+        f"""models:
+  - {{name: pipeline, path: {repo / "pipeline"}, latency_budget_ms: 300}}
+  - {{name: cnn, path: {models["cnn"]}, shapes: {CNN_SHAPES}, latency_budget_ms: 300}}
+{extra}"""
+    )
+    return path
+
+
+def test_an_ensemble_is_read_with_its_steps_in_running_order(ensemble_repo):
+    ensemble = load_ensemble(ensemble_repo / "pipeline")
+    assert [s.model_name for s in ensemble.steps] == ["pre", "head"]
+    assert ensemble.steps[0].path == ensemble_repo / "pre" / "1" / "model.onnx"
+    assert (ensemble.inputs, ensemble.outputs, ensemble.max_batch_size) == (("INPUT",), ("OUTPUT",), 8)
+    # Listed out of order, the steps still run in the order their tensors allow.
+    config = config_from_pbtxt(ensemble.config_text)
+    steps = list(config.ensemble_scheduling.step)
+    del config.ensemble_scheduling.step[:]
+    config.ensemble_scheduling.step.extend(reversed(steps))
+    swapped = ensemble_repo / "swapped" / "config.pbtxt"
+    swapped.parent.mkdir()
+    swapped.write_text(to_pbtxt(config))
+    assert [s.model_name for s in load_ensemble(swapped).steps] == ["pre", "head"]
+
+
+def test_render_ensemble_lowers_its_max_batch_to_what_every_step_accepts(ensemble_repo):
+    ensemble = load_ensemble(ensemble_repo / "pipeline")
+    config = render_ensemble("pipeline", ensemble.config_text, {"pre": 4, "head": 16})
+    assert (config.name, config.platform, config.max_batch_size) == ("pipeline", "ensemble", 4)
+    assert [s.model_version for s in config.ensemble_scheduling.step] == [-1, -1]
+    assert render_ensemble("p", ensemble.config_text, {"pre": 32, "head": 16}).max_batch_size == 8
+
+
+BAD_ENSEMBLES = [
+    ("no-config", lambda repo: (repo / "pipeline" / "config.pbtxt").unlink(), 3, "has no config.pbtxt"),
+    (
+        "not-an-ensemble",
+        lambda repo: (repo / "pipeline" / "config.pbtxt").write_text('name: "pipeline"\nbackend: "python"\n'),
+        3,
+        "is not an ensemble",
+    ),
+    (
+        "python-step",
+        lambda repo: (repo / "head" / "config.pbtxt").write_text('backend: "python"\n'),
+        3,
+        "optimize tunes ensembles whose steps are ONNX models",
+    ),
+    (
+        "missing-step",
+        lambda repo: __import__("shutil").rmtree(repo / "head"),
+        3,
+        "runs 'head', which is not in its repository",
+    ),
+    ("step-named-like-a-model", lambda repo: None, 2, "'pre' names two models on the server"),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "spoil", "code", "fragment"), BAD_ENSEMBLES, ids=[c[0] for c in BAD_ENSEMBLES]
+)
+def test_a_bad_ensemble_is_one_line_and_leaves_an_existing_study_intact(
+    tmp_path, models, capsys, case, spoil, code, fragment
+):
+    repo = tmp_path / "repo"
+    examples.build_ensemble(repo)
+    spoil(repo)
+    db = tmp_path / "j.db"
+    optuna.create_study(study_name="j", storage=f"sqlite:///{db}").enqueue_trial({"x": 1})
+    before = hashlib.sha256(db.read_bytes()).hexdigest()
+    path = _ensemble_models_file(tmp_path, repo, models)
+    if case == "step-named-like-a-model":
+        path.write_text(path.read_text().replace("name: cnn", "name: pre"))
+    exit_code = main(["study", "--models", str(path), "--study-name", "j", "--storage", f"sqlite:///{db}"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert exit_code == code and len(err) == 1 and fragment in err[0], err
+    assert hashlib.sha256(db.read_bytes()).hexdigest() == before
+
+
+@pytest.mark.server
+def test_an_ensemble_is_tuned_as_its_steps_and_measured_through_it(tmp_path, models, ensemble_repo, triton):
+    entries = load_models_file(_ensemble_models_file(tmp_path, ensemble_repo, models))
+    settings = JointSettings(
+        models=entries, budget=3, study_name="ens", output_dir=tmp_path, seed=1, measure=FAST, levels=(1, 2)
+    )
+    summary = run_joint_study(settings, target=triton)
+    study = optuna.load_study(study_name="ens", storage=f"sqlite:///{tmp_path}/ens.db")
+    assert study.user_attrs["ensembles"] == {"pipeline": ["pre", "head"]}
+    assert set(study.user_attrs["latency_budgets_ms"]) == {"pipeline", "cnn"}
+    measured = [t for t in study.trials if t.state.is_finished() and not t.user_attrs.get("oversubscribed")]
+    assert len(measured) == 3
+    step_params = {name for t in measured for name in t.params if name.split(".")[0] in ("pre", "head")}
+    assert {"pre.instance_count", "head.instance_count"} <= step_params  # each step has its own config
+    for trial in measured:
+        configs = trial.user_attrs["configs"]
+        assert set(configs) == {"pre", "head", "pipeline", "cnn"}  # the steps, the ensemble and the model
+        ensemble_batch = configs["pipeline"].get("max_batch_size", 0)
+        assert 1 <= ensemble_batch <= min(configs[s]["max_batch_size"] for s in ("pre", "head"))
+        for level in trial.user_attrs["levels"]:
+            assert set(level["models"]) == {"pipeline", "cnn"}  # the traffic goes through the ensemble
+            assert all(m["throughput"] > 0 for m in level["models"].values())
+    assert "pre:" in summary.per_model["pipeline"]["candidate"]
+    # What the tuned ensemble answers is what its steps' served files give, run one after the other:
+    # on the study's server (the last trial's configs) and from the exported repository on a fresh one.
+    ensemble = load_ensemble(ensemble_repo / "pipeline")
+    request = {"INPUT": np.random.default_rng(5).random((1, 64), dtype=np.float32)}
+    best = next(t for t in measured if t.number == summary.best_trial)
+    for server, trial in ((triton, measured[-1]), (None, best)):
+        expected, _ = run_ensemble(ensemble, _served_sessions(ensemble, trial.user_attrs["configs"]), request)
+        with contextlib.ExitStack() as stack:
+            if server is None:
+                server = stack.enter_context(serving(summary.repository)).server
+            client = grpcclient.InferenceServerClient(server.grpc_url)
+            tensor = grpcclient.InferInput("INPUT", [1, 64], "FP32")
+            tensor.set_data_from_numpy(request["INPUT"])
+            served = client.infer("pipeline", [tensor]).as_numpy("OUTPUT")
+            client.close()
+        np.testing.assert_allclose(served, expected["OUTPUT"], rtol=1e-5, atol=1e-6)
+    exported = summary.repository
+    assert sorted(p.name for p in exported.iterdir() if not p.name.startswith(".")) == [
+        "cnn",
+        "head",
+        "pipeline",
+        "pre",
+    ]
+    assert (exported / "pipeline" / "1").is_dir()
+
+
+def _served_sessions(ensemble, configs) -> dict:
+    """ONNX Runtime sessions of the files each step's config serves (fp32 or a variant)."""
+    sessions = {}
+    for step in ensemble.steps:
+        config = config_from_json(configs[step.model_name])
+        files = config_files(inspect_model(step.path, cache=cache_dir()), config, cache_dir())
+        sessions[step.model_name] = ort.InferenceSession(
+            str(next(iter(files.values()))), providers=["CPUExecutionProvider"]
+        )
+    return sessions

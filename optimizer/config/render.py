@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from google.protobuf import json_format, text_format
@@ -23,6 +24,7 @@ __all__ = [
     "config_from_pbtxt",
     "config_key",
     "render_config",
+    "render_ensemble",
     "to_dict",
     "config_digest",
     "to_json",
@@ -159,6 +161,22 @@ def to_pbtxt(config: mc.ModelConfig) -> str:
 def config_from_json(text: str | dict[str, Any]) -> mc.ModelConfig:
     data = text if isinstance(text, str) else json.dumps(text)
     return json_format.Parse(data, mc.ModelConfig())
+
+
+def render_ensemble(name: str, config_text: str, step_max_batch: Mapping[str, int]) -> mc.ModelConfig:
+    """An ensemble's own config (``config_text``) with a max batch size every step accepts.
+
+    Triton refuses an ensemble whose ``max_batch_size`` exceeds one of its steps', so it is lowered to
+    the smallest of the steps' (``step_max_batch``, by step name). The steps are served as version 1.
+    """
+    config = config_from_pbtxt(config_text)
+    config.name = name
+    batching = [size for size in step_max_batch.values() if size > 0]
+    if config.max_batch_size > 0 and batching:
+        config.max_batch_size = min(config.max_batch_size, *batching)
+    for step in config.ensemble_scheduling.step:
+        step.model_version = -1
+    return config
 
 
 def config_from_pbtxt(text: str) -> mc.ModelConfig:

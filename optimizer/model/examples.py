@@ -24,6 +24,7 @@ __all__ = [
     "IR_VERSION",
     "build_cnn",
     "build_encoder",
+    "build_ensemble",
     "build_fixed_batch_mlp",
     "build_mlp",
     "build_multi_dtype",
@@ -404,6 +405,48 @@ def build_multi_dtype(path: Path, *, seed: int = 0) -> Path:
         ],
     )
     return _save(model, path)
+
+
+def build_ensemble(repository: Path, *, name: str = "pipeline", seed: int = 0) -> Path:
+    """Builds a Triton ensemble of two ONNX steps in ``repository``: an MLP feeding another MLP.
+
+    ``<repository>/pre/1/model.onnx`` (``x`` [batch, 64] -> ``logits`` [batch, 32]),
+    ``<repository>/head/1/model.onnx`` (``x`` [batch, 32] -> ``logits`` [batch, 10]) and
+    ``<repository>/<name>/config.pbtxt``: input ``INPUT`` FP32 [64], output ``OUTPUT`` FP32 [10],
+    max batch size 8, with its empty version directory ``1/``.
+
+    Returns:
+        The ensemble's directory.
+    """
+    build_mlp(repository / "pre" / "1" / "model.onnx", seed=seed, in_features=64, out_features=32)
+    build_mlp(repository / "head" / "1" / "model.onnx", seed=seed + 1, in_features=32, out_features=10)
+    directory = repository / name
+    (directory / "1").mkdir(parents=True, exist_ok=True)
+    (directory / "config.pbtxt").write_text(
+        f"""name: "{name}"
+platform: "ensemble"
+max_batch_size: 8
+input [ {{ name: "INPUT" data_type: TYPE_FP32 dims: [ 64 ] }} ]
+output [ {{ name: "OUTPUT" data_type: TYPE_FP32 dims: [ 10 ] }} ]
+ensemble_scheduling {{
+  step [
+    {{
+      model_name: "pre"
+      model_version: -1
+      input_map {{ key: "x" value: "INPUT" }}
+      output_map {{ key: "logits" value: "features" }}
+    }},
+    {{
+      model_name: "head"
+      model_version: -1
+      input_map {{ key: "x" value: "features" }}
+      output_map {{ key: "logits" value: "OUTPUT" }}
+    }}
+  ]
+}}
+"""
+    )
+    return directory
 
 
 def example_model(cache_dir: Path) -> Path:

@@ -118,6 +118,13 @@ def _check_model(directory: Path) -> RepositoryModel:
         raise ModelError(f"{config_path} is not a valid Triton model config: {exc}") from exc
     if config.name and config.name != directory.name:
         raise ModelError(f"{config_path} names model {config.name!r} but its directory is {directory.name!r}")
+    present = sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
+    if config.platform == "ensemble":  # no file of its own: Triton runs its steps, models of the repository
+        if not present:
+            raise ModelError(
+                f"{directory} has no version directory: an ensemble needs one, empty ({directory}/1/)"
+            )
+        return RepositoryModel(directory.name, config, tuple(_served_versions(config, present)))
     backend = config.backend or _PLATFORM_BACKENDS.get(config.platform, "")
     if backend not in DEFAULT_MODEL_FILES:
         raise ModelError(
@@ -125,7 +132,6 @@ def _check_model(directory: Path) -> RepositoryModel:
             f"Triton, which has {', '.join(sorted(DEFAULT_MODEL_FILES))}"
         )
     filename = config.default_model_filename or DEFAULT_MODEL_FILES[backend]
-    present = sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
     versions = _served_versions(config, present)
     if not versions:
         raise ModelError(f"{directory} has no version directory for its version policy (e.g. {directory}/1/)")
@@ -270,7 +276,8 @@ def serving(
         metrics_port=metrics_port,
     )
     with server:
-        for model in chosen:
+        # Ensembles last: Triton checks an ensemble against its steps' configs when it loads it.
+        for model in sorted(chosen, key=lambda m: m.config.platform == "ensemble"):
             server.load_from_repository(model.name)
         yield Served(server, repository, chosen)
 

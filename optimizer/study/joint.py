@@ -7,6 +7,10 @@ under a mixed load in the models file's traffic mix (:mod:`optimizer.measurement
 the requests a second the server sustains in the mix with every model within its own p99 budget; a level
 where any model breaks its budget is infeasible, and the trial records which model's budget bound it.
 
+An ensemble of ONNX models is tuned as its steps: each step is a tuned model of the trial (its own
+variant, batching and instances), the ensemble's own config follows them (its max batch size lowered to
+what every step accepts), and the traffic goes to the ensemble, so its figures are end to end.
+
 The CPU guard of one model's space holds across the models: the instances of all models share the
 cores (their sum at most the cores; each model's own range capped so the others keep one each), and each
 instance gets cores / (all instances) threads. The untuned baseline is every model's untuned config (one
@@ -28,14 +32,20 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from optimizer.config.render import config_from_json, render_config, to_dict, to_json
+from optimizer.config.render import config_from_json, render_config, render_ensemble, to_dict, to_json
 from optimizer.config.repository import write_repository
 from optimizer.config.space import Candidate, SearchSpace, baseline_params, load_space, suggest_candidate
-from optimizer.errors import ConfigRejected, InferenceError, ServerDiedError, StudyError
+from optimizer.errors import ConfigRejected, InferenceError, ServerDiedError, StudyError, UsageError
 from optimizer.measurement.levels import MeasureSettings
 from optimizer.measurement.mixed import MixLevel, measure_mix, shares_of, split_clients
 from optimizer.model.accuracy import DEFAULT_TOLERANCE
-from optimizer.model.intake import ModelInfo, load_requests
+from optimizer.model.ensemble import (
+    Ensemble,
+    ensemble_files,
+    ensemble_requests,
+    load_ensemble,
+)
+from optimizer.model.intake import ModelInfo, inspect_model, load_requests
 from optimizer.model.quantize import DEFAULT_INT8_RECIPE
 from optimizer.model.variants import config_files
 from optimizer.paths import cache_dir, check_name, studies_dir
@@ -74,14 +84,29 @@ class JointSettings:
 
 @dataclass(frozen=True)
 class _Member:
-    """One model of the study, settled: its file, requests, space (accurate variants only) and budget."""
+    """A model whose config the study tunes (a model of the file, or a step of an ensemble), settled:
+    its file, requests, space (accurate variants only) and int8 recipe."""
 
-    entry: ModelEntry
+    name: str
     info: ModelInfo
     samples: list
     space: SearchSpace
-    int8_recipe: str
+    int8_recipe: str = DEFAULT_INT8_RECIPE
+
+
+@dataclass(frozen=True)
+class _Target:
+    """What the traffic goes to: a model of the file, or an ensemble (measured through it)."""
+
+    entry: ModelEntry
+    samples: list
+    members: tuple[str, ...]  # the tuned models it runs on
+    ensemble: Ensemble | None = None
     budget_ms: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
 
 
 @dataclass(frozen=True)
@@ -103,9 +128,8 @@ def run_joint_study(
     """Run (or resume) a joint study to its budget and export the best joint config."""
     note = reporter.note if reporter is not None else (lambda message: None)
     space = settings.space if isinstance(settings.space, SearchSpace) else load_space(settings.space)
-    members = [_intake(entry, space) for entry in settings.models]
-    names = [m.entry.name for m in members]
-    study_name = check_name(settings.study_name or "joint-" + "-".join(names), "study name")
+    targets, members = _intake_all(settings.models, space)
+    study_name = check_name(settings.study_name or "joint-" + "-".join(t.name for t in targets), "study name")
     out_dir = settings.output_dir or studies_dir()
     url = settings.storage or default_storage_url(out_dir, study_name)
     storage = open_storage(url)
@@ -116,18 +140,19 @@ def run_joint_study(
         load_if_exists=True,
         sampler=optuna.samplers.TPESampler(seed=settings.seed, multivariate=True, n_startup_trials=5),
     )
-    _check_same_study(study, members)
-    members = [_settle_variants(study, m, space, settings, note) for m in members]
+    _check_same_study(study, targets, members)
+    members = [_settle_variants(study, m, settings, note) for m in members]
     cores = available_cores()
     owned = target is None
     server = target or EmbeddedTriton()
     if owned:
         server.start()
     try:
-        members = [replace(m, budget_ms=_budget(study, m, server, settings, note)) for m in members]
+        by_name = {m.name: m for m in members}
+        targets = [replace(t, budget_ms=_budget(study, t, by_name, server, settings, note)) for t in targets]
         if not study.get_trials(deepcopy=False):
             study.enqueue_trial(_baseline_params(members), user_attrs={"baseline": True})
-        objective = _Objective(server, members, settings, cores, note)
+        objective = _Objective(server, targets, members, settings, cores, note)
         draws = 0
         while _measured(study) < settings.budget and draws < settings.budget * MAX_DRAWS_PER_TRIAL:
             study.optimize(objective, n_trials=1, catch=(_TrialFailed,))
@@ -135,19 +160,44 @@ def run_joint_study(
     finally:
         if owned:
             server.stop()
-    return _summarise(study, members, url, out_dir)
+    return _summarise(study, targets, members, url, out_dir)
 
 
 # --- settling the models -----------------------------------------------------------------------------
 
 
-def _intake(entry: ModelEntry, space: SearchSpace) -> _Member:
-    info, _, samples = load_requests(entry.path, entry.shapes, entry.input_data, cache=cache_dir())
-    return _Member(entry, info, samples, space, DEFAULT_INT8_RECIPE)
+def _intake_all(entries: tuple[ModelEntry, ...], space: SearchSpace) -> tuple[list[_Target], list[_Member]]:
+    """What the traffic goes to and the models the study tunes; every name on the server used once."""
+    targets: list[_Target] = []
+    members: list[_Member] = []
+    for entry in entries:
+        target, tuned = _intake(entry, space)
+        targets.append(target)
+        members.extend(tuned)
+    names = [t.name for t in targets if t.ensemble is not None] + [m.name for m in members]
+    twice = next((name for name in names if names.count(name) > 1), None)
+    if twice:
+        raise UsageError(
+            f"{twice!r} names two models on the server (models of the file, ensembles and their steps): "
+            "each needs its own name"
+        )
+    return targets, members
 
 
-def _check_same_study(study, members: list[_Member]) -> None:
-    models = {m.entry.name: m.info.sha256 for m in members}
+def _intake(entry: ModelEntry, space: SearchSpace) -> tuple[_Target, list[_Member]]:
+    if not entry.is_ensemble:
+        info, _, samples = load_requests(entry.path, entry.shapes, entry.input_data, cache=cache_dir())
+        return _Target(entry, samples, (entry.name,)), [_Member(entry.name, info, samples, space)]
+    ensemble = load_ensemble(entry.path)
+    infos = {step.model_name: inspect_model(step.path, cache=cache_dir()) for step in ensemble.steps}
+    requests, per_step = ensemble_requests(ensemble, infos, entry.shapes, entry.input_data)
+    members = [_Member(name, info, per_step[name], space) for name, info in infos.items()]
+    return _Target(entry, requests, tuple(infos), ensemble), members
+
+
+def _check_same_study(study, targets: list[_Target], members: list[_Member]) -> None:
+    models = {m.name: m.info.sha256 for m in members}
+    models.update({t.name: t.ensemble.sha256 for t in targets if t.ensemble is not None})
     stored = study.user_attrs.get("models")
     if "model_sha256" in study.user_attrs:
         raise StudyError(
@@ -160,19 +210,20 @@ def _check_same_study(study, members: list[_Member]) -> None:
         )
     if stored is None:
         study.set_user_attr("models", models)
-        study.set_user_attr("traffic", {m.entry.name: m.entry.traffic for m in members})
+        study.set_user_attr("traffic", {t.name: t.entry.traffic for t in targets})
+        study.set_user_attr("ensembles", {t.name: list(t.members) for t in targets if t.ensemble is not None})
 
 
-def _settle_variants(study, member: _Member, space: SearchSpace, settings: JointSettings, note) -> _Member:
+def _settle_variants(study, member: _Member, settings: JointSettings, note) -> _Member:
     """The model's space without the variants that break accuracy (recorded per model, kept on resume)."""
-    attr = f"variants:{member.entry.name}"
+    attr = f"variants:{member.name}"
     settled = accurate_precisions(
         study,
         member.info,
-        space,
+        member.space,
         member.samples,
         settings.accuracy_tolerance,
-        _Prefixed(note, member.entry.name),
+        _Prefixed(note, member.name),
         attr=attr,
     )
     return replace(member, space=settled, int8_recipe=int8_recipe_of(study, attr))
@@ -188,11 +239,18 @@ class _Prefixed:
         self._note(f"{self._name}: {message}")
 
 
-def _budget(study, member: _Member, server: ServingTarget, settings: JointSettings, note) -> float:
-    """The model's p99 budget: the file's, or 10x the median single-request p99 of its untuned config."""
+def _budget(
+    study,
+    target: _Target,
+    members: Mapping[str, _Member],
+    server: ServingTarget,
+    settings: JointSettings,
+    note,
+) -> float:
+    """The target's p99 budget: the file's, or 10x the median single-request p99 of its untuned config."""
     budgets = dict(study.user_attrs.get("latency_budgets_ms", {}))
-    name = member.entry.name
-    given = member.entry.latency_budget_ms
+    name = target.name
+    given = target.entry.latency_budget_ms
     if name in budgets:
         if given is not None and given != budgets[name]:
             raise StudyError(
@@ -201,11 +259,13 @@ def _budget(study, member: _Member, server: ServingTarget, settings: JointSettin
             )
         return float(budgets[name])
     if given is None:
-        _load(server, member, Candidate(max_batch_size=1))
+        configs = {m: _load(server, members[m], Candidate(max_batch_size=1)) for m in target.members}
+        if target.ensemble is not None:
+            _load_ensemble(server, target, configs)
         probe = replace(settings.measure, rule="fixed")
         probes = [
             measure_mix(
-                server.grpc_url, {name: member.samples}, {name: 1}, {name: 1.0}, {name: float("inf")}, probe
+                server.grpc_url, {name: target.samples}, {name: 1}, {name: 1.0}, {name: float("inf")}, probe
             )
             .results[name]
             .p99_ms
@@ -221,9 +281,7 @@ def _budget(study, member: _Member, server: ServingTarget, settings: JointSettin
 
 
 def _baseline_params(members: list[_Member]) -> dict[str, Any]:
-    return {
-        f"{m.entry.name}.{key}": value for m in members for key, value in baseline_params(m.space).items()
-    }
+    return {f"{m.name}.{key}": value for m in members for key, value in baseline_params(m.space).items()}
 
 
 # --- a trial -------------------------------------------------------------------------------------------
@@ -239,23 +297,32 @@ class _Oversubscribed(optuna.TrialPruned):
 
 class _Objective:
     def __init__(
-        self, server: ServingTarget, members: list[_Member], settings: JointSettings, cores: int, note
+        self,
+        server: ServingTarget,
+        targets: list[_Target],
+        members: list[_Member],
+        settings: JointSettings,
+        cores: int,
+        note,
     ):
         self.server = server
+        self.targets = targets
         self.members = members
         self.settings = settings
         self.cores = cores
         self.note = note
-        self.shares = shares_of({m.entry.name: m.entry.traffic for m in members})
+        self.shares = shares_of({t.name: t.entry.traffic for t in targets})
 
     def __call__(self, trial) -> float:
         candidates = self._candidates(trial)
         trial.set_user_attr("candidates", {name: c.summary() for name, c in candidates.items()})
         configs = {}
         for member in self.members:
-            name = member.entry.name
-            configs[name] = to_dict(self._load(trial, member, candidates[name]))
-        trial.set_user_attr("configs", configs)
+            configs[member.name] = self._load(trial, member.name, _load, member, candidates[member.name])
+        for target in self.targets:
+            if target.ensemble is not None:
+                configs[target.name] = self._load(trial, target.name, _load_ensemble, target, configs)
+        trial.set_user_attr("configs", {name: to_dict(config) for name, config in configs.items()})
         started = time.perf_counter()
         levels = self._sweep(trial)
         trial.set_user_attr("trial_s", round(time.perf_counter() - started, 3))
@@ -275,11 +342,11 @@ class _Objective:
         return round(best.mix_throughput, 3)
 
     def _candidates(self, trial) -> dict[str, Candidate]:
-        """Every model's candidate; instances across the models at most the cores, threads shared."""
+        """Every tuned model's candidate; instances across the models at most the cores, threads shared."""
         cap = max(1, self.cores - (len(self.members) - 1))  # the others keep one instance each
         candidates = {
-            m.entry.name: suggest_candidate(
-                _PrefixedTrial(trial, f"{m.entry.name}."), m.space, batching=m.info.batching, cores=cap
+            m.name: suggest_candidate(
+                _PrefixedTrial(trial, f"{m.name}."), m.space, batching=m.info.batching, cores=cap
             )
             for m in self.members
         }
@@ -292,34 +359,31 @@ class _Objective:
             raise _Oversubscribed(trial.user_attrs["reason"])
         threads = 0 if trial.user_attrs.get("baseline") else max(1, self.cores // instances)
         return {
-            name: replace(
-                c,
-                intra_op_threads=threads,
-                int8_recipe=next(m.int8_recipe for m in self.members if m.entry.name == name),
-            )
-            for name, c in candidates.items()
+            m.name: replace(candidates[m.name], intra_op_threads=threads, int8_recipe=m.int8_recipe)
+            for m in self.members
         }
 
-    def _load(self, trial, member: _Member, candidate: Candidate):
+    def _load(self, trial, name: str, load, *args):
+        """``load(self.server, *args)``; a refused config or a dead server fails the trial, not the study."""
         try:
-            return _load(self.server, member, candidate)
+            return load(self.server, *args)
         except ConfigRejected as exc:
-            trial.set_user_attr("reason", f"Triton rejected the config of {member.entry.name}: {exc.message}")
+            trial.set_user_attr("reason", f"Triton rejected the config of {name}: {exc.message}")
             raise _TrialFailed(trial.user_attrs["reason"]) from exc
         except ServerDiedError as exc:
-            trial.set_user_attr("reason", f"the server died loading {member.entry.name}: {exc.message}")
+            trial.set_user_attr("reason", f"the server died loading {name}: {exc.message}")
             if self.server.capabilities.can_restart:
                 self.server.restart()
             raise _TrialFailed(trial.user_attrs["reason"]) from exc
 
     def _sweep(self, trial) -> list[MixLevel]:
         """Rising levels until a model breaks its budget or the mix stops gaining (PLATEAU)."""
-        budgets = {m.entry.name: m.budget_ms for m in self.members}
-        samples = {m.entry.name: m.samples for m in self.members}
+        budgets = {t.name: t.budget_ms for t in self.targets}
+        samples = {t.name: t.samples for t in self.targets}
         levels: list[MixLevel] = []
         reason = "the sweep reached its top level"
         for per_model in self.settings.levels:
-            clients = split_clients(per_model * len(self.members), self.shares)
+            clients = split_clients(per_model * len(self.targets), self.shares)
             try:
                 level = measure_mix(
                     self.server.grpc_url, samples, clients, self.shares, budgets, self.settings.measure
@@ -363,8 +427,17 @@ class _PrefixedTrial:
 
 
 def _load(server: ServingTarget, member: _Member, candidate: Candidate):
-    config = render_config(member.info, candidate, model_name=member.entry.name)
-    server.load_model(member.entry.name, to_json(config), config_files(member.info, config, cache_dir()))
+    config = render_config(member.info, candidate, model_name=member.name)
+    server.load_model(member.name, to_json(config), config_files(member.info, config, cache_dir()))
+    return config
+
+
+def _load_ensemble(server: ServingTarget, target: _Target, configs: Mapping[str, Any]):
+    """The ensemble's config over its steps' configs just loaded (``configs`` by step name)."""
+    assert target.ensemble is not None
+    steps = {name: configs[name].max_batch_size for name in target.members}
+    config = render_ensemble(target.name, target.ensemble.config_text, steps)
+    server.load_model(target.name, to_json(config), ensemble_files(cache_dir()))
     return config
 
 
@@ -379,7 +452,9 @@ def _measured(study) -> int:
     )
 
 
-def _summarise(study, members: list[_Member], url: str, out_dir: Path) -> JointSummary:
+def _summarise(
+    study, targets: list[_Target], members: list[_Member], url: str, out_dir: Path
+) -> JointSummary:
     done = [
         t
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -399,19 +474,35 @@ def _summarise(study, members: list[_Member], url: str, out_dir: Path) -> JointS
         return summary
     level = best.user_attrs["best_level"]
     budgets = study.user_attrs.get("latency_budgets_ms", {})
+    candidates = best.user_attrs["candidates"]
     per_model = {
-        name: {**figures, "budget_ms": budgets.get(name), "candidate": best.user_attrs["candidates"][name]}
-        for name, figures in level["models"].items()
+        t.name: {
+            **level["models"][t.name],
+            "budget_ms": budgets.get(t.name),
+            "candidate": _target_candidate(t, candidates),
+        }
+        for t in targets
     }
-    repository = export_joint(best, members, out_dir / study.study_name / "best")
+    repository = export_joint(best, targets, members, out_dir / study.study_name / "best")
     return replace(
         summary, per_model=per_model, bound_by=best.user_attrs.get("reason", ""), repository=repository
     )
 
 
-def export_joint(trial, members: list[_Member], out_dir: Path) -> Path:
-    """Write every model's config and file of ``trial`` into one model repository ``out_dir``."""
+def _target_candidate(target: _Target, candidates: Mapping[str, str]) -> str:
+    """A target's config in one line: its own, or each step's for an ensemble."""
+    if target.ensemble is None:
+        return candidates[target.name]
+    return "; ".join(f"{step}: {candidates[step]}" for step in target.members)
+
+
+def export_joint(trial, targets: list[_Target], members: list[_Member], out_dir: Path) -> Path:
+    """Write every model's (and ensemble's) config and files of ``trial`` into one repository ``out_dir``."""
+    configs = trial.user_attrs["configs"]
     for member in members:
-        config = config_from_json(trial.user_attrs["configs"][member.entry.name])
+        config = config_from_json(configs[member.name])
         write_repository(out_dir, config, config_files(member.info, config, cache_dir()))
+    for target in targets:
+        if target.ensemble is not None:
+            write_repository(out_dir, config_from_json(configs[target.name]), ensemble_files(cache_dir()))
     return out_dir

@@ -14,11 +14,16 @@ traffic and its own p99 budget::
         path: cnn.onnx
         traffic: 1
         latency_budget_ms: 20
+      - name: pipeline               # a Triton ensemble whose steps are ONNX models
+        path: repo/pipeline          # its directory (config.pbtxt); the steps are in repo/<step>/
+        shapes: {INPUT: [64]}        # its requests, by the ensemble's input names
     traffic: {encoder: 3, cnn: 1}    # instead of each model's traffic; either, not both
     latency_budget_ms: {cnn: 20}     # likewise for the budgets
 
 A model without a budget gets the default one (10x the median of its untuned config's single-request
-p99 probes, as for one model). Every rule is checked before the database is touched.
+p99 probes, as for one model). An ensemble is tuned as its steps (each step's config) and measured
+through the ensemble (:mod:`optimizer.model.ensemble`). Every rule is checked before the database is
+touched.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from typing import Any
 import yaml
 
 from optimizer.errors import UsageError
+from optimizer.model.ensemble import is_ensemble_path
 from optimizer.paths import check_name
 
 __all__ = ["ModelEntry", "load_models_file", "models_from_dict"]
@@ -45,11 +51,15 @@ class ModelEntry:
     """One model of a joint study."""
 
     name: str  # its name on the server and in the exported repository
-    path: Path
+    path: Path  # its .onnx file, or an ensemble's directory (or config.pbtxt)
     shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     traffic: float = 1.0  # its share of the requests, relative to the others'
     latency_budget_ms: float | None = None  # None: the default budget, from its probes
     input_data: Path | None = None
+
+    @property
+    def is_ensemble(self) -> bool:
+        return is_ensemble_path(self.path)
 
 
 def load_models_file(path: Path) -> tuple[ModelEntry, ...]:
@@ -91,7 +101,9 @@ def _entry(item: Any, index: int, base: Path, where: str) -> ModelEntry:
         raise UsageError(f"{where}: model {index + 1} has no name: add name: <its name on the server>")
     check_name(name, "model name")
     if not isinstance(item.get("path"), str):
-        raise UsageError(f"{where}: model {name!r} has no path: add path: <its .onnx file>")
+        raise UsageError(
+            f"{where}: model {name!r} has no path: add path: <its .onnx file, or an ensemble's directory>"
+        )
     path = (base / item["path"]).resolve()
     data = item.get("input_data")
     return ModelEntry(
