@@ -520,7 +520,7 @@ def study(
     except KeyboardInterrupt:
         raise Interrupted("interrupted: finished trials are kept; rerun the same command to resume") from None
     print_summary(summary)
-    _write_study_report(summary)
+    _write_study_report(summary.study_name, summary.storage_url, summary.best_repository)
     if summary.best is None:
         raise _no_feasible(summary)
 
@@ -564,6 +564,7 @@ def _joint_study(
     except KeyboardInterrupt:
         raise Interrupted("interrupted: finished trials are kept; rerun the same command to resume") from None
     print_joint_summary(summary)
+    _write_study_report(summary.study_name, summary.storage_url, summary.repository)
     if summary.best_trial is None:
         raise StudyError(
             f"no joint configuration kept every model within its budget in {summary.finished} trials: "
@@ -684,7 +685,7 @@ def serve(
         )
 
 
-def _write_study_report(summary) -> None:
+def _write_study_report(study_name: str, storage_url: str, repository: Path | None) -> None:
     """Write the study's report; a failure here is a warning, never a lost study."""
     try:
         import optuna
@@ -692,15 +693,15 @@ def _write_study_report(summary) -> None:
         from optimizer.report import write_report
         from optimizer.study.storage import open_storage
 
-        study = optuna.load_study(study_name=summary.study_name, storage=open_storage(summary.storage_url))
-        out = studies_dir() / summary.study_name / "report"
-        paths = write_report(study, out, repository=summary.best_repository)
+        study = optuna.load_study(study_name=study_name, storage=open_storage(storage_url))
+        out = studies_dir() / study_name / "report"
+        paths = write_report(study, out, repository=repository)
         typer.echo(f"report: {paths.html} (every trial: {paths.csv})")
         _say_png(paths)
     except Exception as exc:  # the study is safe in its database: say so and go on
         typer.echo(
             f"warning: could not write the report ({type(exc).__name__}: {exc}); "
-            f"run optimize report --study-name {summary.study_name} later",
+            f"run optimize report --study-name {study_name} later",
             err=True,
         )
 

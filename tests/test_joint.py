@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import optuna
+import pandas as pd
 import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import np_to_triton_dtype
@@ -339,6 +340,23 @@ def test_an_ensemble_is_tuned_as_its_steps_and_measured_through_it(tmp_path, mod
         "pre",
     ]
     assert (exported / "pipeline" / "1").is_dir()
+    # The report shows each model's figures and what bound the best trial; the CSV has them per trial.
+    storage = f"sqlite:///{tmp_path}/ens.db"
+    assert main(["report", "--study-name", "ens", "--storage", storage, "--out", str(tmp_path / "r")]) == 0
+    page = (tmp_path / "r" / "report.html").read_text()
+    assert "pipeline, cnn on one Triton Inference Server" in page and "pre → head" in page
+    assert "Why the best trial&#x27;s sweep stopped" in page and f"#{summary.best_trial}" in page
+    rows = pd.read_csv(tmp_path / "r" / "trials.csv")
+    assert len(rows) == 3 and {"pipeline.p99_ms", "cnn.throughput", "pre.candidate", "bound_by"} <= set(rows)
+    best_row = rows[rows.number == summary.best_trial].iloc[0]
+    assert best_row["mix_throughput"] == pytest.approx(summary.best_throughput)
+    assert best_row["pipeline.p99_ms"] <= best_row["pipeline.budget_ms"]
+    # optimize export writes the same repository, with deployment manifests naming the study.
+    out = tmp_path / "kserve"
+    args = ["export", "--study-name", "ens", "--storage", storage, "--out", str(out), "--format", "kserve"]
+    assert main(args) == 0
+    assert sorted(p.name for p in (out / "models").iterdir()) == ["cnn", "head", "pipeline", "pre"]
+    assert "name: ens" in (out / "inferenceservice.yaml").read_text()
 
 
 def _served_sessions(ensemble, configs) -> dict:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from tritonclient.grpc import model_config_pb2 as mc
 
 from optimizer.config.render import config_from_pbtxt
 from optimizer.errors import OptimizeError, UsageError
@@ -205,9 +206,15 @@ def _lookup(data: Any, dotted: str) -> Any:
     return data
 
 
-def write_manifests(fmt: str, out_dir: Path, config: Any, *, origin: str = "") -> tuple[Path, ...]:
-    """Write the manifests of ``fmt`` into ``out_dir`` for the Triton ``ModelConfig`` ``config``."""
-    gpu = uses_gpu(config)
+def write_manifests(
+    fmt: str, out_dir: Path, config: Any, *, origin: str = "", gpu: bool | None = None
+) -> tuple[Path, ...]:
+    """Write the manifests of ``fmt`` into ``out_dir`` for the Triton ``ModelConfig`` ``config``.
+
+    ``gpu`` (default: whether ``config`` runs on a GPU) picks the instance type; a repository of several
+    models passes a config that only names the deployment, and whether any of its models uses a GPU.
+    """
+    gpu = uses_gpu(config) if gpu is None else gpu
     header = f"Written by optimize{' from ' + origin if origin else ''}."
     if fmt == "azureml":
         endpoint = resource_name(config.name, 32)
@@ -258,6 +265,12 @@ def export_deployment(
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     repository = out_dir if fmt == "triton" else out_dir / REPOSITORY_DIR
     model_dir = export_from_storage(study_name, repository, trial=trial, storage=storage)
-    config = config_from_pbtxt((model_dir / "config.pbtxt").read_text())
-    manifests = write_manifests(fmt, out_dir, config, origin=f"study {study_name!r}")
-    return Deployment(fmt, model_dir, manifests)
+    origin = f"study {study_name!r}"
+    if (model_dir / "config.pbtxt").is_file():
+        config = config_from_pbtxt((model_dir / "config.pbtxt").read_text())
+        return Deployment(fmt, model_dir, write_manifests(fmt, out_dir, config, origin=origin))
+    # A joint study's repository: one deployment named after the study, serving every model in it.
+    configs = [config_from_pbtxt(p.read_text()) for p in sorted(model_dir.glob("*/config.pbtxt"))]
+    named = mc.ModelConfig(name=study_name)
+    gpu = any(uses_gpu(config) for config in configs)
+    return Deployment(fmt, model_dir, write_manifests(fmt, out_dir, named, origin=origin, gpu=gpu))

@@ -29,6 +29,6 @@ def choose_trial(study, number: int | None = None):
 
 def _trial_by_number(study, number: int):
     trials = [t for t in study.get_trials(deepcopy=False) if t.number == number]
-    if not trials or "config" not in trials[0].user_attrs:
+    if not trials or not ({"config", "configs"} & set(trials[0].user_attrs)):
         raise StudyError(f"study {study.study_name!r} has no measured trial {number}")
     return trials[0]

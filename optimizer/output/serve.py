@@ -380,7 +380,12 @@ def serve_study(
     study = load_stored_study(study_name, storage)
     chosen = choose_trial(study, trial)
     attrs = chosen.user_attrs
-    if "throughput" in attrs:
+    if "configs" in attrs:  # a joint study: the traffic mix's figure, each model's in the report
+        announce(
+            f"trial {chosen.number} of joint study {study_name!r}: {attrs.get('throughput', 0.0):.1f} "
+            f"requests/s in the traffic mix; {', '.join(attrs['configs'])} on one server"
+        )
+    elif "throughput" in attrs:
         announce(
             f"trial {chosen.number} of study {study_name!r}: {attrs.get('candidate', '')}; measured "
             f"{attrs['throughput']:.1f} inferences/s, p99 {attrs['p99_ms']:.2f} ms at concurrency {attrs['concurrency']}"

@@ -2,7 +2,8 @@
 
 ``build_report_data`` turns a study into small records (:mod:`optimizer.report.data`),
 :mod:`optimizer.report.html` draws them into one self-contained HTML page, and
-:mod:`optimizer.report.csv` lays every trial out as a row. ``write_report`` writes both files.
+:mod:`optimizer.report.csv` lays every trial out as a row. ``write_report`` writes both files; a joint
+study (several models on one server) gets its own page and CSV (:mod:`optimizer.report.joint`).
 """
 
 from __future__ import annotations
@@ -13,10 +14,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from optimizer.paths import studies_dir
 from optimizer.report.csv import trials_frame
 from optimizer.report.data import ReportData, build_report_data
 from optimizer.report.html import render_html
+from optimizer.report.joint import joint_report_data, joint_trials_frame, render_joint_html
 from optimizer.report.pipeline import PNG_NAME, plot_pipeline, write_png
+from optimizer.study.results import is_joint
 
 __all__ = [
     "CSV_NAME",
@@ -59,6 +63,11 @@ def write_report(study: Any, out_dir: Path, *, repository: Path | None = None) -
 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = ReportPaths(html=out_dir / HTML_NAME, csv=out_dir / CSV_NAME)
+    if is_joint(study):
+        where = repository or studies_dir() / study.study_name / "best"
+        _write_atomically(paths.html, render_joint_html(joint_report_data(study), str(where)))
+        _write_atomically(paths.csv, joint_trials_frame(study).to_csv(index=False))
+        return paths
     data = build_report_data(study, repository=repository)
     _write_atomically(paths.html, render_html(data))
     _write_atomically(paths.csv, trials_frame(study).to_csv(index=False))

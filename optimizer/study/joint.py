@@ -32,8 +32,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from optimizer.config.render import config_from_json, render_config, render_ensemble, to_dict, to_json
-from optimizer.config.repository import write_repository
+from optimizer.config.render import render_config, render_ensemble, to_dict, to_json
 from optimizer.config.space import Candidate, SearchSpace, baseline_params, load_space, suggest_candidate
 from optimizer.errors import ConfigRejected, InferenceError, ServerDiedError, StudyError, UsageError
 from optimizer.measurement.levels import MeasureSettings
@@ -54,6 +53,7 @@ from optimizer.serving.embedded import EmbeddedTriton
 from optimizer.serving.environment import available_cores
 from optimizer.study.mix import ModelEntry
 from optimizer.study.precisions import accurate_precisions, int8_recipe_of
+from optimizer.study.results import write_joint_repository
 from optimizer.study.storage import default_storage_url, open_storage
 
 __all__ = ["JointSettings", "JointSummary", "run_joint_study"]
@@ -210,6 +210,7 @@ def _check_same_study(study, targets: list[_Target], members: list[_Member]) -> 
         )
     if stored is None:
         study.set_user_attr("models", models)
+        study.set_user_attr("model_paths", {m.name: str(m.info.source_path) for m in members})
         study.set_user_attr("traffic", {t.name: t.entry.traffic for t in targets})
         study.set_user_attr("ensembles", {t.name: list(t.members) for t in targets if t.ensemble is not None})
 
@@ -483,7 +484,7 @@ def _summarise(
         }
         for t in targets
     }
-    repository = export_joint(best, targets, members, out_dir / study.study_name / "best")
+    repository = export_joint(best, members, out_dir / study.study_name / "best")
     return replace(
         summary, per_model=per_model, bound_by=best.user_attrs.get("reason", ""), repository=repository
     )
@@ -496,13 +497,6 @@ def _target_candidate(target: _Target, candidates: Mapping[str, str]) -> str:
     return "; ".join(f"{step}: {candidates[step]}" for step in target.members)
 
 
-def export_joint(trial, targets: list[_Target], members: list[_Member], out_dir: Path) -> Path:
+def export_joint(trial, members: list[_Member], out_dir: Path) -> Path:
     """Write every model's (and ensemble's) config and files of ``trial`` into one repository ``out_dir``."""
-    configs = trial.user_attrs["configs"]
-    for member in members:
-        config = config_from_json(configs[member.name])
-        write_repository(out_dir, config, config_files(member.info, config, cache_dir()))
-    for target in targets:
-        if target.ensemble is not None:
-            write_repository(out_dir, config_from_json(configs[target.name]), ensemble_files(cache_dir()))
-    return out_dir
+    return write_joint_repository(trial.user_attrs["configs"], {m.name: m.info for m in members}, out_dir)

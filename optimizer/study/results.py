@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from optuna.trial import TrialState
 from optimizer.config.render import config_from_json
 from optimizer.config.repository import write_repository
 from optimizer.errors import StudyError
+from optimizer.model.ensemble import ensemble_files
 from optimizer.model.intake import ModelInfo, inspect_model
 from optimizer.model.variants import config_files
 from optimizer.paths import cache_dir
@@ -23,8 +25,10 @@ __all__ = [
     "best_trial",
     "export_trial",
     "finalists",
+    "is_joint",
     "report_of",
     "study_attrs",
+    "write_joint_repository",
 ]
 
 
@@ -162,9 +166,19 @@ def confirmed_baseline(study) -> Finalist | None:
     return next((f for f in finalists(study) if f.trial == baseline), None)
 
 
-def export_trial(study, trial, out_dir: Path, model: ModelInfo | None = None) -> Path:
-    """Write ``trial``'s config and model file as a Triton model repository under ``out_dir``."""
+def is_joint(study) -> bool:
+    """A study of several models tuned together (``optimize study --models``)."""
+    return "models" in study.user_attrs and "model_sha256" not in study.user_attrs
 
+
+def export_trial(study, trial, out_dir: Path, model: ModelInfo | None = None) -> Path:
+    """Write ``trial``'s config and model file as a Triton model repository under ``out_dir``.
+
+    Returns:
+        The model's directory; for a joint study, the repository holding every model.
+    """
+    if is_joint(study):
+        return write_joint_repository(trial.user_attrs["configs"], _stored_models(study), out_dir)
     if model is None:
         model = _stored_model(study)
     config = config_from_json(trial.user_attrs["config"])
@@ -181,6 +195,33 @@ def _stored_model(study) -> ModelInfo:
             f"the model file {path!r} changed since study {study.study_name!r} ran: it cannot be exported"
         )
     return model
+
+
+def _stored_models(study) -> dict[str, ModelInfo]:
+    """A joint study's tuned models, each checked against the file it was tuned on."""
+    models = {}
+    for name, path in study.user_attrs.get("model_paths", {}).items():
+        models[name] = inspect_model(Path(path), cache=cache_dir())
+        if models[name].sha256 != study.user_attrs["models"].get(name):
+            raise StudyError(
+                f"the model file {path!r} of {name!r} changed since study {study.study_name!r} ran: "
+                "it cannot be exported"
+            )
+    return models
+
+
+def write_joint_repository(
+    configs: Mapping[str, dict[str, Any]], models: Mapping[str, ModelInfo], out_dir: Path
+) -> Path:
+    """One repository with every model of a joint trial (``configs`` as stored) and its ensembles."""
+    for name, stored in configs.items():
+        config = config_from_json(stored)
+        if config.platform == "ensemble":
+            files = ensemble_files(cache_dir())
+        else:
+            files = config_files(models[name], config, cache_dir())
+        write_repository(out_dir, config, files)
+    return out_dir
 
 
 def study_attrs(study) -> dict[str, Any]:
