@@ -150,9 +150,22 @@ def inspect(
 
 @app.command()
 def study(
-    model: Annotated[
-        Optional[Path],
-        typer.Option("--model", help="ONNX model (default: the bundled example).", rich_help_panel=MODEL),
+    models: Annotated[
+        Optional[list[Path]],
+        typer.Option(
+            "--model",
+            help="ONNX model (default: the bundled example); repeat it to tune several models together on "
+            "one server (an ensemble's directory counts as one).",
+            rich_help_panel=MODEL,
+        ),
+    ] = None,
+    traffic: Annotated[
+        Optional[str],
+        typer.Option(
+            "--traffic",
+            help="Several --model: each model's share of the requests, NAME=WEIGHT,... (default equal).",
+            rich_help_panel=MODEL,
+        ),
     ] = None,
     models_file: Annotated[
         Optional[Path],
@@ -167,10 +180,11 @@ def study(
         int, typer.Option(help="Total number of trials in the study.", rich_help_panel=SEARCH)
     ] = 40,
     latency_budget_ms: Annotated[
-        Optional[float],
+        Optional[str],
         typer.Option(
             "--latency-budget-ms",
-            help="p99 latency budget (default: 10x baseline p99).",
+            help="p99 latency budget in ms (default: 10x baseline p99); several --model: one number for "
+            "all, or NAME=MS,...",
             rich_help_panel=SEARCH,
         ),
     ] = None,
@@ -421,20 +435,14 @@ def study(
     ] = None,
 ) -> None:
     """Run (or resume) the Bayesian study and export the best configuration."""
-    if models_file is not None:
-        given = {
-            "--model": model,
-            "--shape": shape,
-            "--input-data": input_data,
-            "--latency-budget-ms": latency_budget_ms,
-        }
-        stray = [flag for flag, value in given.items() if value]
-        if stray or target != "embedded":
-            flag = stray[0] if stray else "--target"
-            raise UsageError(
-                f"--models takes each model's path, shapes, input data and budget from the file: drop {flag}"
-            )
-        _joint_study(models_file, budget, space or "cpu", study_name, storage, seed, window_s, warmup_s)
+    model = models[0] if models else None
+    if traffic is not None and models_file is None and len(models or []) < 2:
+        raise UsageError("--traffic splits the load between several models: give --model twice or more")
+    if models_file is not None or len(models or []) > 1:
+        entries = _several_models(models_file, models or [], traffic, latency_budget_ms, shape, input_data)
+        if target != "embedded":
+            raise UsageError("several models are tuned on the embedded Triton only: drop --target")
+        _joint_study(entries, budget, space or "cpu", study_name, storage, seed, window_s, warmup_s)
         return
     from optimizer.config.space import load_space
     from optimizer.measurement.replay import ReplayTarget
@@ -482,7 +490,7 @@ def study(
     settings = StudySettings(
         model_path=model,
         budget=budget,
-        latency_budget_ms=latency_budget_ms,
+        latency_budget_ms=_one_budget(latency_budget_ms),
         space=space,
         study_name=study_name,
         storage=storage,
@@ -525,8 +533,51 @@ def study(
         raise _no_feasible(summary)
 
 
+def _several_models(
+    models_file: Path | None,
+    models: list[Path],
+    traffic: str | None,
+    budgets: str | None,
+    shape: list[str] | None,
+    input_data: Path | None,
+):
+    """The models of a joint study: from ``--models FILE``, or from ``--model`` given twice or more."""
+    from optimizer.model.intake import parse_shape_args
+    from optimizer.study.mix import load_models_file, models_from_flags
+
+    if models_file is None:
+        if input_data is not None:
+            raise UsageError("give each model's --input-data in a models file (--models FILE)")
+        return models_from_flags(models, parse_shape_args(shape or []), traffic, budgets)
+    given = {
+        "--model": models,
+        "--traffic": traffic,
+        "--shape": shape,
+        "--input-data": input_data,
+        "--latency-budget-ms": budgets,
+    }
+    stray = next((flag for flag, value in given.items() if value), None)
+    if stray:
+        raise UsageError(
+            f"--models takes each model's path, shapes, input data and budget from the file: drop {stray}"
+        )
+    return load_models_file(models_file)
+
+
+def _one_budget(text: str | None) -> float | None:
+    """One model's ``--latency-budget-ms`` (checked for being positive with the other settings)."""
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise UsageError(
+            f"--latency-budget-ms must be a positive number of milliseconds, got {text!r}"
+        ) from None
+
+
 def _joint_study(
-    models_file: Path,
+    entries,
     budget: int,
     space: str,
     study_name: str | None,
@@ -535,13 +586,13 @@ def _joint_study(
     window_s: float,
     warmup_s: float,
 ) -> None:
-    """``optimize study --models FILE``: the models tuned together, the best joint config exported.
+    """``optimize study --models FILE`` (or ``--model`` twice): the models tuned together, the best joint
+    config exported.
 
     Every model is measured in one fixed window per level (they must overlap); ``--window-s`` and
     ``--warmup-s`` set it when given.
     """
     from optimizer.study.joint import JOINT_MEASURE, JointSettings, run_joint_study
-    from optimizer.study.mix import load_models_file
     from optimizer.study.progress import RichReporter, print_joint_summary
 
     measure = JOINT_MEASURE
@@ -550,7 +601,7 @@ def _joint_study(
     if warmup_s != _DEFAULT_MEASURE.warmup_s:
         measure = replace(measure, warmup_s=warmup_s)
     settings = JointSettings(
-        models=load_models_file(models_file),
+        models=entries,
         budget=budget,
         space=space,
         study_name=study_name,
@@ -599,7 +650,7 @@ def confirm(
             study_name, engine.value, reporter, storage=storage, input_data=input_data
         )
     print_summary(summary)
-    _write_study_report(summary)
+    _write_study_report(summary.study_name, summary.storage_url, summary.best_repository)
 
 
 @app.command()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ from optimizer.model.variants import config_files
 from optimizer.output.serve import serving
 from optimizer.paths import cache_dir
 from optimizer.study.joint import JointSettings, run_joint_study
-from optimizer.study.mix import load_models_file
+from optimizer.study.mix import load_models_file, models_from_flags
 
 FAST = MeasureSettings(warmup_s=0.1, window_s=0.4, max_window_s=0.4, min_requests=5, rule="fixed")
 CNN_SHAPES = "{image: [3, 32, 32]}"
@@ -369,3 +370,81 @@ def _served_sessions(ensemble, configs) -> dict:
             str(next(iter(files.values()))), providers=["CPUExecutionProvider"]
         )
     return sessions
+
+
+# --- several --model flags instead of a models file -------------------------------------------------------------
+
+
+def test_several_model_flags_name_each_model_after_its_file(models):
+    mlp, cnn = models_from_flags(
+        [models["mlp"], models["cnn"]], {"cnn.image": (3, 32, 32)}, "mlp=3,cnn=1", "mlp=20,cnn=50"
+    )
+    assert (mlp.name, mlp.traffic, mlp.latency_budget_ms, mlp.shapes) == ("mlp", 3.0, 20.0, {})
+    assert (cnn.name, cnn.traffic, cnn.latency_budget_ms, cnn.shapes) == (
+        "cnn",
+        1.0,
+        50.0,
+        {"image": (3, 32, 32)},
+    )
+    same = models_from_flags([models["mlp"], models["cnn"]], {}, None, "40")
+    assert [(e.traffic, e.latency_budget_ms) for e in same] == [(1.0, 40.0), (1.0, 40.0)]
+
+
+BAD_FLAGS = [
+    (
+        "unknown-in-traffic",
+        ["--traffic", "mlp=1,bert=2"],
+        "traffic names 'bert', which is not one of the models",
+    ),
+    ("budget-for-unknown", ["--latency-budget-ms", "gpt=5"], "latency_budget_ms names 'gpt'"),
+    ("malformed-traffic", ["--traffic", "mlp:3"], "--traffic 'mlp:3' is malformed"),
+    ("shape-without-model", ["--shape", "image:3,32,32"], "name the model of each shape"),
+    ("input-data", ["--input-data", "x.npz"], "in a models file"),
+    ("other-target", ["--target", "local"], "embedded Triton only"),
+]
+
+
+@pytest.mark.parametrize(("case", "extra", "fragment"), BAD_FLAGS, ids=[c[0] for c in BAD_FLAGS])
+def test_bad_several_model_flags_are_one_line_and_leave_an_existing_study_intact(
+    tmp_path, models, capsys, case, extra, fragment
+):
+    db = tmp_path / "j.db"
+    optuna.create_study(study_name="j", storage=f"sqlite:///{db}").enqueue_trial({"x": 1})
+    before = hashlib.sha256(db.read_bytes()).hexdigest()
+    args = ["study", "--model", str(models["mlp"]), "--model", str(models["cnn"]), *extra]
+    code = main([*args, "--study-name", "j", "--storage", f"sqlite:///{db}"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(err) == 1 and fragment in err[0], err
+    assert hashlib.sha256(db.read_bytes()).hexdigest() == before
+
+
+def test_two_models_with_one_file_name_and_traffic_for_one_model_are_refused(tmp_path, models, capsys):
+    twin = tmp_path / "other" / "mlp.onnx"
+    twin.parent.mkdir()
+    twin.write_bytes(models["mlp"].read_bytes())
+    assert main(["study", "--model", str(models["mlp"]), "--model", str(twin)]) == 2
+    assert "two --model files are named 'mlp'" in capsys.readouterr().err
+    assert main(["study", "--model", str(models["mlp"]), "--traffic", "mlp=1"]) == 2
+    assert "give --model twice or more" in capsys.readouterr().err
+
+
+@pytest.mark.server
+def test_two_model_flags_run_a_joint_study_with_its_report(tmp_path, models):
+    storage = f"sqlite:///{tmp_path}/flags.db"
+    args = ["study", "--model", str(models["mlp"]), "--model", str(models["cnn"])]
+    args += [
+        "--traffic",
+        "mlp=3,cnn=1",
+        "--latency-budget-ms",
+        "mlp=200,cnn=300",
+        "--shape",
+        "cnn.image:3,32,32",
+    ]
+    args += ["--budget", "2", "--seed", "0", "--study-name", "flags", "--storage", storage]
+    assert main([*args, "--window-s", "0.3", "--warmup-s", "0.1"]) == 0
+    study = optuna.load_study(study_name="flags", storage=storage)
+    assert study.user_attrs["traffic"] == {"mlp": 3.0, "cnn": 1.0}
+    assert study.user_attrs["latency_budgets_ms"] == {"mlp": 200.0, "cnn": 300.0}
+    assert sum(1 for t in study.trials if t.user_attrs.get("levels")) == 2
+    report = Path(os.environ["OPTIMIZE_STUDIES_DIR"]) / "flags" / "report"
+    assert (report / "report.html").is_file() and (report / "trials.csv").is_file()

@@ -40,7 +40,7 @@ from optimizer.errors import UsageError
 from optimizer.model.ensemble import is_ensemble_path
 from optimizer.paths import check_name
 
-__all__ = ["ModelEntry", "load_models_file", "models_from_dict"]
+__all__ = ["ModelEntry", "load_models_file", "models_from_dict", "models_from_flags", "parse_named_numbers"]
 
 _MODEL_KEYS = {"name", "path", "shapes", "traffic", "latency_budget_ms", "input_data"}
 _FILE_KEYS = {"models", "traffic", "latency_budget_ms"}
@@ -90,6 +90,68 @@ def models_from_dict(data: Any, *, base: Path, where: str = "the models file") -
     entries = _apply_mapping(entries, data.get("traffic"), "traffic", where)
     entries = _apply_mapping(entries, data.get("latency_budget_ms"), "latency_budget_ms", where)
     return tuple(entries)
+
+
+def models_from_flags(
+    paths: list[Path],
+    shapes: Mapping[str, tuple[int, ...]],
+    traffic: str | None,
+    budgets: str | None,
+) -> tuple[ModelEntry, ...]:
+    """The models of ``optimize study --model a.onnx --model b.onnx [--traffic a=3,b=1] ...``.
+
+    Each model is named after its file (an ensemble after its directory); ``--shape MODEL.INPUT:DIMS``
+    names the model of each shape; ``--latency-budget-ms`` is one number for every model or
+    ``NAME=MS,...``. The same rules as a models file apply.
+    """
+    names = [path.parent.name if path.name == "config.pbtxt" else path.stem for path in paths]
+    twice = next((name for name in names if names.count(name) > 1), None)
+    if twice:
+        raise UsageError(
+            f"two --model files are named {twice!r}: rename one, or name each model in a models file (--models)"
+        )
+    per_model: dict[str, dict[str, list[int]]] = {name: {} for name in names}
+    for key, dims in shapes.items():
+        model, _, tensor = key.partition(".")
+        if model not in per_model or not tensor:
+            raise UsageError(
+                f"--shape {key}: with several --model, name the model of each shape: "
+                f"--shape {names[0]}.INPUT:D1,D2 (models: {', '.join(names)})"
+            )
+        per_model[model][tensor] = list(dims)
+    data: dict[str, Any] = {
+        "models": [
+            {"name": name, "path": str(path), "shapes": per_model[name]} for name, path in zip(names, paths)
+        ]
+    }
+    if traffic is not None:
+        data["traffic"] = parse_named_numbers(traffic, "--traffic", "encoder=3,cnn=1")
+    if budgets is not None:
+        number = _number_or_none(budgets)
+        given = {n: number for n in names} if number is not None else None
+        data["latency_budget_ms"] = given or parse_named_numbers(
+            budgets, "--latency-budget-ms", "encoder=50,cnn=20 (or one number for every model)"
+        )
+    return models_from_dict(data, base=Path.cwd(), where="the command line")
+
+
+def parse_named_numbers(text: str, flag: str, example: str) -> dict[str, float]:
+    """``a=3,b=1`` as a mapping; a malformed pair is one line naming the flag and an example."""
+    mapping: dict[str, float] = {}
+    for pair in text.split(","):
+        name, sep, value = pair.partition("=")
+        number = _number_or_none(value)
+        if not sep or not name.strip() or number is None:
+            raise UsageError(f"{flag} {text!r} is malformed: write NAME=NUMBER,... e.g. {example}")
+        mapping[name.strip()] = number
+    return mapping
+
+
+def _number_or_none(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
 
 
 def _entry(item: Any, index: int, base: Path, where: str) -> ModelEntry:
