@@ -250,7 +250,12 @@ def test_render_ensemble_lowers_its_max_batch_to_what_every_step_accepts(ensembl
 
 
 BAD_ENSEMBLES = [
-    ("no-config", lambda repo: (repo / "pipeline" / "config.pbtxt").unlink(), 3, "has no config.pbtxt"),
+    (
+        "no-config",
+        lambda repo: (repo / "pipeline" / "config.pbtxt").unlink(),
+        3,
+        "is a directory with no config.pbtxt",
+    ),
     (
         "not-an-ensemble",
         lambda repo: (repo / "pipeline" / "config.pbtxt").write_text('name: "pipeline"\nbackend: "python"\n'),

@@ -106,7 +106,10 @@ def load_ensemble(path: Path) -> Ensemble:
     """
     config_path = path / "config.pbtxt" if path.is_dir() else path
     if not config_path.is_file():
-        raise ModelError(f"ensemble {str(path)!r} has no config.pbtxt: give the ensemble's directory")
+        raise ModelError(
+            f"{str(path)!r} is a directory with no config.pbtxt: give a model's .onnx file, or an ensemble's "
+            "directory (holding its config.pbtxt)"
+        )
     text = config_path.read_text()
     try:
         config = text_format.Parse(text, mc.ModelConfig())
