@@ -442,7 +442,15 @@ def study(
         entries = _several_models(models_file, models or [], traffic, latency_budget_ms, shape, input_data)
         if target != "embedded":
             raise UsageError("several models are tuned on the embedded Triton only: drop --target")
-        _joint_study(entries, budget, space or "cpu", study_name, storage, seed, window_s, warmup_s)
+        from optimizer.study.storage import parse_cpus
+
+        scale_out = {
+            "allow_shared_host": allow_shared_host,
+            "cpus": parse_cpus(cpus) if cpus else frozenset(),
+        }
+        _joint_study(
+            entries, budget, space or "cpu", study_name, storage, seed, window_s, warmup_s, scale_out
+        )
         return
     from optimizer.config.space import load_space
     from optimizer.measurement.replay import ReplayTarget
@@ -585,12 +593,13 @@ def _joint_study(
     seed: int | None,
     window_s: float,
     warmup_s: float,
+    scale_out: dict,
 ) -> None:
     """``optimize study --models FILE`` (or ``--model`` twice): the models tuned together, the best joint
     config exported.
 
     Every model is measured in one fixed window per level (they must overlap); ``--window-s`` and
-    ``--warmup-s`` set it when given.
+    ``--warmup-s`` set it when given. ``scale_out``: ``allow_shared_host`` and ``cpus``, as for one model.
     """
     from optimizer.study.joint import JOINT_MEASURE, JointSettings, run_joint_study
     from optimizer.study.progress import RichReporter, print_joint_summary
@@ -608,6 +617,7 @@ def _joint_study(
         storage=storage,
         seed=seed,
         measure=measure,
+        **scale_out,
     )
     try:
         with RichReporter() as reporter:

@@ -92,6 +92,33 @@ def test_two_workers_share_one_study_to_exactly_its_budget(models, postgres_url,
     assert len(workers_of(study.user_attrs)) == 2
 
 
+def test_two_workers_share_one_joint_study_to_exactly_its_budget(models, postgres_url, pg):
+    command = [sys.executable, "-m", "optimizer", "study", "--model", str(models["mlp"]), "--model"]
+    command += [str(models["cnn"]), "--shape", "cnn.image:3,32,32", "--latency-budget-ms", "300"]
+    command += ["--storage", postgres_url, "--study-name", "joint-shared", "--budget", "6", "--seed", "1"]
+    command += ["--allow-shared-host", "--window-s", "0.3", "--warmup-s", "0.1"]
+    workers = [
+        subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    for worker in workers:
+        _, err = worker.communicate(timeout=600)
+        assert worker.returncode == 0, err
+    study = optuna.load_study(study_name="joint-shared", storage=pg)
+    counted = [
+        t
+        for t in study.trials
+        if t.state.is_finished()
+        and not t.user_attrs.get("oversubscribed")
+        and not t.user_attrs.get("surplus")
+    ]
+    assert len(counted) == 6  # the study's budget, not each worker's
+    assert sum(1 for t in study.trials if t.user_attrs.get("baseline")) == 1
+    assert all(set(t.user_attrs["configs"]) == {"mlp", "cnn"} for t in counted if "configs" in t.user_attrs)
+    assert len({t.user_attrs["worker"] for t in counted}) == 2  # both workers ran trials
+    assert len(workers_of(study.user_attrs)) == 2
+
+
 def test_a_second_worker_on_the_same_host_is_refused_without_pinning(models, postgres_url, pg):
     first = _worker(models["mlp"], postgres_url, "lonely", "--budget", "30")
     try:

@@ -22,8 +22,11 @@ model (``studies/<study>/best/``), which ``optimize serve`` and the deployment m
 
 from __future__ import annotations
 
+import os
+import socket
 import statistics
 import time
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -54,7 +57,14 @@ from optimizer.serving.environment import available_cores
 from optimizer.study.mix import ModelEntry
 from optimizer.study.precisions import accurate_precisions, int8_recipe_of
 from optimizer.study.results import write_joint_repository
-from optimizer.study.storage import default_storage_url, open_storage
+from optimizer.study.storage import (
+    count_running,
+    default_storage_url,
+    open_storage,
+    recover_dead_local_trials,
+    register_worker,
+    worker_id,
+)
 
 __all__ = ["JointSettings", "JointSummary", "run_joint_study"]
 
@@ -80,6 +90,11 @@ class JointSettings:
     measure: MeasureSettings = JOINT_MEASURE
     levels: tuple[int, ...] = (1, 2, 4, 8)  # clients per model at each level (split by the traffic mix)
     accuracy_tolerance: float = DEFAULT_TOLERANCE
+    # Several workers on one study (a shared storage): as for one model, a second live worker on this
+    # host is refused unless the workers are pinned to disjoint CPU sets or allow_shared_host is set.
+    allow_shared_host: bool = False
+    cpus: frozenset[int] = frozenset()
+    gpus: str | None = None
 
 
 @dataclass(frozen=True)
@@ -133,16 +148,18 @@ def run_joint_study(
     out_dir = settings.output_dir or studies_dir()
     url = settings.storage or default_storage_url(out_dir, study_name)
     storage = open_storage(url)
-    study = optuna.create_study(
-        study_name=study_name,
-        storage=storage,
-        direction="maximize",
-        load_if_exists=True,
-        sampler=optuna.samplers.TPESampler(seed=settings.seed, multivariate=True, n_startup_trials=5),
-    )
+    study, created = _open_study(storage, study_name)
+    if created:  # first thing, so workers joining a moment later find it and do not enqueue another
+        study.enqueue_trial(_baseline_params(members), user_attrs={"baseline": True})
     _check_same_study(study, targets, members)
+    joined = register_worker(study, settings)
+    study.sampler = _sampler(settings.seed, per_worker=joined)
+    for number in recover_dead_local_trials(study):
+        note(f"trial {number} was left running by a worker that died: it will be retried")
     members = [_settle_variants(study, m, settings, note) for m in members]
-    cores = available_cores()
+    if settings.cpus:  # the server is our child: it inherits the affinity
+        os.sched_setaffinity(0, settings.cpus)
+    cores = len(settings.cpus) or available_cores()
     owned = target is None
     server = target or EmbeddedTriton()
     if owned:
@@ -150,11 +167,14 @@ def run_joint_study(
     try:
         by_name = {m.name: m for m in members}
         targets = [replace(t, budget_ms=_budget(study, t, by_name, server, settings, note)) for t in targets]
-        if not study.get_trials(deepcopy=False):
-            study.enqueue_trial(_baseline_params(members), user_attrs={"baseline": True})
+        if not study.get_trials(deepcopy=False):  # a crash between creating the study and enqueuing
+            study.enqueue_trial(_baseline_params(members), user_attrs={"baseline": True}, skip_if_exists=True)
         objective = _Objective(server, targets, members, settings, cores, note)
         draws = 0
-        while _measured(study) < settings.budget and draws < settings.budget * MAX_DRAWS_PER_TRIAL:
+        # Other workers' running trials count too: they will finish, and the budget is the study's.
+        while _measured(study) + count_running(study) < settings.budget:
+            if draws >= settings.budget * MAX_DRAWS_PER_TRIAL:
+                break
             study.optimize(objective, n_trials=1, catch=(_TrialFailed,))
             draws += 1
     finally:
@@ -164,6 +184,21 @@ def run_joint_study(
 
 
 # --- settling the models -----------------------------------------------------------------------------
+
+
+def _open_study(storage, study_name: str):
+    """Create the study, or join it; also say whether this worker created it."""
+    try:
+        return optuna.create_study(study_name=study_name, storage=storage, direction="maximize"), True
+    except optuna.exceptions.DuplicatedStudyError:
+        return optuna.load_study(study_name=study_name, storage=storage), False
+
+
+def _sampler(seed: int | None, *, per_worker: bool):
+    if seed is not None and per_worker:
+        # Workers joining one study must not replay each other's proposals: derive a seed of their own.
+        seed = (seed + zlib.crc32(worker_id().encode())) % 2**31
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=5)
 
 
 def _intake_all(entries: tuple[ModelEntry, ...], space: SearchSpace) -> tuple[list[_Target], list[_Member]]:
@@ -273,6 +308,9 @@ def _budget(
             for _ in range(BUDGET_PROBES)
         ]
         given = float(max(MIN_DEFAULT_BUDGET_MS, round(statistics.median(probes) * DEFAULT_BUDGET_FACTOR, 1)))
+        budgets = dict(study.user_attrs.get("latency_budgets_ms", {}))
+        if name in budgets:  # another worker probed it first: every worker keeps one budget
+            return float(budgets[name])
         note(
             f"{name}: latency budget {given:g} ms ({DEFAULT_BUDGET_FACTOR:g} x its median single-request p99)"
         )
@@ -293,7 +331,8 @@ class _TrialFailed(Exception):
 
 
 class _Oversubscribed(optuna.TrialPruned):
-    """More instances than cores across the models: not measured, not counted."""
+    """A proposal not measured and not counted: more instances than cores across the models, or more
+    trials than the study's budget (another worker took the last one)."""
 
 
 class _Objective:
@@ -315,6 +354,11 @@ class _Objective:
         self.shares = shares_of({t.name: t.entry.traffic for t in targets})
 
     def __call__(self, trial) -> float:
+        trial.set_user_attr("worker", worker_id())
+        trial.set_user_attr("host", socket.gethostname())
+        if _is_surplus(trial, self.settings.budget):
+            trial.set_user_attr("surplus", True)
+            raise _Oversubscribed("the study's budget is taken by finished and running trials: not measured")
         candidates = self._candidates(trial)
         trial.set_user_attr("candidates", {name: c.summary() for name, c in candidates.items()})
         configs = {}
@@ -445,12 +489,28 @@ def _load_ensemble(server: ServingTarget, target: _Target, configs: Mapping[str,
 # --- the end -------------------------------------------------------------------------------------------
 
 
+def _counts(trial) -> bool:
+    """A finished trial that counts toward the budget: measured (a failure with its reason too), not a
+    redrawn oversubscription, not a surplus proposal; a trial whose worker died is retried instead."""
+    attrs = trial.user_attrs
+    if not trial.state.is_finished() or attrs.get("oversubscribed") or attrs.get("surplus"):
+        return False
+    return trial.state != TrialState.FAIL or "reason" in attrs
+
+
 def _measured(study) -> int:
-    return sum(
-        1
-        for t in study.get_trials(deepcopy=False)
-        if t.state.is_finished() and not t.user_attrs.get("oversubscribed")
-    )
+    return sum(1 for t in study.get_trials(deepcopy=False) if _counts(t))
+
+
+def _is_surplus(trial, budget: int) -> bool:
+    """Whether the budget is already taken by counted trials and running ones started before this one.
+
+    Counting only lower-numbered running trials makes two workers starting at once agree: the lower
+    number runs, the higher one is surplus when the budget has room for one trial only.
+    """
+    others = trial.study.get_trials(deepcopy=False)
+    before = sum(1 for t in others if t.state == TrialState.RUNNING and t.number < trial.number)
+    return sum(1 for t in others if _counts(t)) + before >= budget
 
 
 def _summarise(
