@@ -26,7 +26,7 @@ from pathlib import Path
 import optuna
 
 from optimizer.config.render import config_from_json, to_json
-from optimizer.measurement.mixed import measure_mix, shares_of, split_clients
+from optimizer.measurement.mixed import measure_mix, shares_of
 from optimizer.model import examples
 from optimizer.model.intake import inspect_model, load_requests
 from optimizer.model.variants import config_files
@@ -117,7 +117,7 @@ def _side_by_side(entries, arrangements: dict, budgets: dict, rounds: int) -> No
                     level = measure_mix(
                         server.grpc_url,
                         samples,
-                        split_clients(per_model * 2, shares),
+                        per_model * 2,
                         shares,
                         budgets,
                         JOINT_MEASURE,

@@ -19,7 +19,7 @@ from optimizer.cli import main
 from optimizer.config.render import config_from_json, config_from_pbtxt, render_ensemble, to_pbtxt
 from optimizer.errors import UsageError
 from optimizer.measurement.levels import LevelResult, MeasureSettings
-from optimizer.measurement.mixed import mix_throughput, shares_of, split_clients
+from optimizer.measurement.mixed import mix_schedule, mix_throughput, shares_of
 from optimizer.model import examples
 from optimizer.model.ensemble import load_ensemble, run_ensemble
 from optimizer.model.intake import inspect_model, resolve_shapes, synthetic_inputs
@@ -61,12 +61,16 @@ def _level(throughput: float) -> LevelResult:
 # --- the mix (pure) ------------------------------------------------------------------------------------
 
 
-def test_clients_follow_the_traffic_mix_and_every_model_gets_one():
+def test_the_schedule_keeps_every_stretch_in_the_traffic_mix():
     shares = shares_of({"a": 3, "b": 1})
     assert shares == {"a": 0.75, "b": 0.25}
-    assert split_clients(8, shares) == {"a": 6, "b": 2}
-    assert split_clients(4, shares) == {"a": 3, "b": 1}
-    assert split_clients(2, shares) == {"a": 1, "b": 1}  # b keeps one client even below its share
+    schedule = mix_schedule(shares)
+    assert "".join(schedule[:12]) == "aabaaabaaaba"
+    assert schedule.count("a") == 3 * schedule.count("b")
+    for start in range(0, len(schedule) - 8):  # no burst: any 8 requests hold 2 of b, give or take one
+        assert 1 <= schedule[start : start + 8].count("b") <= 3
+    thirds = mix_schedule(shares_of({"x": 1, "y": 1, "z": 1}), length=9)
+    assert sorted(thirds[:3]) == ["x", "y", "z"]
 
 
 def test_the_mix_throughput_is_set_by_the_model_furthest_behind_its_share():
@@ -167,7 +171,8 @@ def test_a_joint_study_loads_measures_and_exports_both_models_within_their_budge
         assert set(trial.user_attrs["configs"]) == {"mlp", "cnn"}  # both loaded, every trial
         for level in trial.user_attrs.get("levels", []):
             assert set(level["models"]) == {"mlp", "cnn"}  # both measured, at once
-            assert level["clients"]["mlp"] >= level["clients"]["cnn"] >= 1  # in the 3:1 mix
+            requests = {name: m["requests"] for name, m in level["models"].items()}
+            assert 2.0 <= requests["mlp"] / requests["cnn"] <= 4.5, requests  # sent in the 3:1 mix
             assert all(m["throughput"] > 0 for m in level["models"].values())
     best = next(t for t in measured if t.number == summary.best_trial)
     for name, figures in best.user_attrs["best_level"]["models"].items():

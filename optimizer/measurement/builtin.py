@@ -39,7 +39,7 @@ from optimizer.measurement.streams import StreamChannel, Watchdog, end_of_stream
 from optimizer.serving.control import triton_error_parts
 from optimizer.serving.statistics import breakdown
 
-__all__ = ["LoadGenerator", "describe_failure", "summarise_level"]
+__all__ = ["LoadGenerator", "describe_failure", "measure_pooled", "summarise_level"]
 
 # An open loop whose server falls this far behind stops sending more: its p99 already says enough.
 MAX_OUTSTANDING = 1024
@@ -344,6 +344,70 @@ def _raise_failures(items) -> None:
         error = item if isinstance(item, BaseException) else (item.exception() if item.done() else None)
         if error is not None:
             raise error
+
+
+async def measure_pooled(
+    url: str,
+    samples: Mapping[str, Sequence[Mapping[str, np.ndarray]]],
+    schedule: Sequence[str],
+    clients: int,
+    settings: MeasureSettings,
+) -> dict[str, LevelResult]:
+    """Closed-loop clients shared by several models of one server: a mixed load in a traffic mix.
+
+    Each of ``clients`` clients sends its next request, on a reply, to the next model of ``schedule`` (a
+    cycle in which each model appears as often as its share of the traffic; each client starts at its own
+    place in it), so the requests arrive in the mix whatever each model's speed, as a population of users
+    of several models would send them. One fixed window after ``settings.warmup_s``, extended (up to
+    ``max_window_s``) until every model has ``min_requests``; the figures are per model.
+
+    Raises:
+        InferenceError: a request failed or timed out, or a model completed none in the window.
+    """
+    names = list(dict.fromkeys(schedule))
+    generators = {n: LoadGenerator(url, n, samples[n], settings, streaming=False) for n in names}
+    channels = {n: _Client(g, connections=clients) for n, g in generators.items()}
+    prepared = {n: channels[n].prepare(samples[n]) for n in names}
+    windows = {n: _Window() for n in names}
+    stop = asyncio.Event()
+
+    async def client_loop(client: int) -> None:
+        position, index = client * len(schedule) // clients, client
+        while not stop.is_set():
+            name = schedule[position % len(schedule)]
+            inputs = prepared[name][index % len(prepared[name])]
+            position, index = position + 1, index + 1
+            due = time.perf_counter()
+            await channels[name].infer(inputs, stop)
+            windows[name].record(due, time.perf_counter())
+
+    gc.collect()
+    gc.freeze()  # as in a level of one model: no full collection pauses every client at once
+    tasks = [asyncio.create_task(client_loop(client)) for client in range(clients)]
+    try:
+        await _sleep_or_fail(settings.warmup_s, tasks)
+        start = time.perf_counter()
+        for window in windows.values():
+            window.start = start
+        await _sleep_or_fail(settings.window_s, tasks)
+        while (
+            min(len(w.latencies) for w in windows.values()) < settings.min_requests
+            and time.perf_counter() - start < settings.max_window_s
+        ):
+            await _sleep_or_fail(settings.check_s, tasks)
+        end = time.perf_counter()
+        for window in windows.values():
+            window.end = end
+    finally:
+        stop.set()
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        for channel in channels.values():
+            await channel.close()
+        gc.unfreeze()
+    failures = [o for o in outcomes if isinstance(o, BaseException)]
+    if failures:
+        raise failures[0]
+    return {n: summarise_level(clients, windows[n].latencies, end - start) for n in names}
 
 
 class _Client:

@@ -1,32 +1,35 @@
-"""A mixed load: several models of one server measured at once, their clients in the traffic mix.
+"""A mixed load: several models of one server measured at once, their requests in the traffic mix.
 
-Each model gets its own closed-loop clients, as many as its share of the level's total (at least one),
-and all of them run in the same window, so every model's figures are taken while the others load the
-server. What the mix sustains is limited by the model that falls furthest behind its share: with
+The clients are shared: each sends its next request, on a reply, to the next model of a schedule in
+which every model appears as often as its share of the traffic (:func:`mix_schedule`). So the requests
+arrive in the mix whatever each model's speed, as a population of users of several models sends them: a
+fast model is not driven far past its share, taking cores from the slow one, as it would be with clients
+of its own. What the mix sustains is limited by the model that falls furthest behind its share: with
 shares s_m (summing to 1) and measured throughputs t_m, the server serves min_m(t_m / s_m) requests a
-second *in the mix*; anything a model answers above its share is load the mix did not ask for.
+second *in the mix* (equal to the sum of the t_m when the requests kept to the mix exactly).
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from optimizer.measurement.builtin import LoadGenerator
+from optimizer.measurement.builtin import measure_pooled
 from optimizer.measurement.levels import LevelResult, MeasureSettings
 
-__all__ = ["MixLevel", "measure_mix", "mix_throughput", "shares_of", "split_clients"]
+__all__ = ["MixLevel", "measure_mix", "mix_schedule", "mix_throughput", "shares_of"]
+
+SCHEDULE_LENGTH = 120  # one cycle of the schedule: shares down to 1/120 keep their proportion exactly
 
 
 @dataclass(frozen=True)
 class MixLevel:
-    """One level of a mixed sweep: each model's clients and figures, and what the mix sustained."""
+    """One level of a mixed sweep: its clients, each model's figures, and what the mix sustained."""
 
-    clients: Mapping[str, int]
+    clients: int  # closed-loop clients, shared by the models in the traffic mix
     results: Mapping[str, LevelResult]
     mix_throughput: float  # requests/s served in the traffic mix (min over models of throughput / share)
     over_budget: tuple[str, ...]  # the models whose p99 broke their budget at this level
@@ -37,7 +40,7 @@ class MixLevel:
 
     def to_dict(self) -> dict:
         return {
-            "clients": dict(self.clients),
+            "clients": self.clients,
             "mix_throughput": self.mix_throughput,
             "over_budget": list(self.over_budget),
             "models": {
@@ -58,15 +61,19 @@ def shares_of(traffic: Mapping[str, float]) -> dict[str, float]:
     return {name: weight / total for name, weight in traffic.items()}
 
 
-def split_clients(total: int, shares: Mapping[str, float]) -> dict[str, int]:
-    """``total`` clients split by share (largest remainder), every model at least one."""
-    exact = {name: total * share for name, share in shares.items()}
-    clients = {name: max(1, math.floor(value)) for name, value in exact.items()}
-    left = total - sum(clients.values())
-    by_remainder = sorted(exact, key=lambda name: exact[name] - math.floor(exact[name]), reverse=True)
-    for name in by_remainder[: max(0, left)]:
-        clients[name] += 1
-    return clients
+def mix_schedule(shares: Mapping[str, float], length: int = SCHEDULE_LENGTH) -> tuple[str, ...]:
+    """A cycle of ``length`` requests in the mix, the models interleaved as evenly as their shares allow.
+
+    Each step goes to the model furthest behind its share so far, so every stretch of the cycle keeps
+    the mix within one request of each share (not bursts of one model, then of the other).
+    """
+    sent = dict.fromkeys(shares, 0)
+    schedule = []
+    for step in range(1, length + 1):
+        name = max(shares, key=lambda n: shares[n] * step - sent[n])
+        sent[name] += 1
+        schedule.append(name)
+    return tuple(schedule)
 
 
 def mix_throughput(results: Mapping[str, LevelResult], shares: Mapping[str, float]) -> float:
@@ -77,17 +84,12 @@ def mix_throughput(results: Mapping[str, LevelResult], shares: Mapping[str, floa
 def measure_mix(
     url: str,
     samples: Mapping[str, Sequence[Mapping[str, np.ndarray]]],
-    clients: Mapping[str, int],
+    clients: int,
     shares: Mapping[str, float],
     budgets_ms: Mapping[str, float],
     settings: MeasureSettings,
 ) -> MixLevel:
-    """Measure every model at once, each with its ``clients``, in one event loop (windows of one length)."""
-
-    async def measure_all() -> list[LevelResult]:
-        generators = [LoadGenerator(url, name, samples[name], settings) for name in clients]
-        return await asyncio.gather(*(g.measure_async(clients[g.model_name]) for g in generators))
-
-    results = dict(zip(clients, asyncio.run(measure_all())))
-    over = tuple(name for name in clients if results[name].p99_ms > budgets_ms[name])
-    return MixLevel(dict(clients), results, mix_throughput(results, shares), over)
+    """Measure every model at once under ``clients`` shared clients sending in the traffic mix."""
+    results = asyncio.run(measure_pooled(url, samples, mix_schedule(shares), clients, settings))
+    over = tuple(name for name in shares if results[name].p99_ms > budgets_ms[name])
+    return MixLevel(clients, results, mix_throughput(results, shares), over)

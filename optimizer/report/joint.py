@@ -39,7 +39,7 @@ class JointTrial:
     mix_throughput: float | None  # requests/s the server sustained in the traffic mix
     throughput: Mapping[str, float] = field(default_factory=dict)  # per model, inferences/s
     p99_ms: Mapping[str, float] = field(default_factory=dict)
-    clients: Mapping[str, int] = field(default_factory=dict)
+    clients: int | None = None  # the level's closed-loop clients, shared by the models in the mix
     candidates: Mapping[str, str] = field(default_factory=dict)  # per tuned model (ensemble steps too)
     reason: str = ""
     bound_by: tuple[str, ...] = ()  # the models whose budget ended the sweep
@@ -54,13 +54,19 @@ class JointReportData:
     ensembles: Mapping[str, tuple[str, ...]]  # ensemble -> its steps
     trials: tuple[JointTrial, ...]
     best: JointTrial | None
-    baseline: JointTrial | None
+    baseline: JointTrial | None  # the untuned models side by side, feasible or not (its figures are shown)
 
     @property
     def ratio(self) -> float | None:
-        if self.best is None or self.baseline is None or not self.baseline.mix_throughput:
+        baseline = self.baseline
+        if (
+            self.best is None
+            or baseline is None
+            or baseline.status != "feasible"
+            or not baseline.mix_throughput
+        ):
             return None
-        return (self.best.mix_throughput or 0.0) / self.baseline.mix_throughput
+        return (self.best.mix_throughput or 0.0) / baseline.mix_throughput
 
 
 # --- data (pure) ---------------------------------------------------------------------------------------
@@ -80,7 +86,7 @@ def joint_report_data(study: Any) -> JointReportData:
         ensembles={name: tuple(steps) for name, steps in attrs.get("ensembles", {}).items()},
         trials=trials,
         best=max(measured, key=lambda t: t.mix_throughput or 0.0, default=None),
-        baseline=next((t for t in measured if t.baseline), None),
+        baseline=next((t for t in trials if t.baseline and t.throughput), None),
     )
 
 
@@ -95,11 +101,16 @@ def _trial(trial: Any) -> JointTrial:
         mix_throughput=attrs.get("throughput") if attrs.get("feasible") else level.get("mix_throughput"),
         throughput={name: f["throughput"] for name, f in figures.items()},
         p99_ms={name: f["p99_ms"] for name, f in figures.items()},
-        clients=dict(level.get("clients", {})),
+        clients=_clients(level.get("clients")),
         candidates=dict(attrs.get("candidates", {})),
         reason=attrs.get("reason", ""),
         bound_by=tuple(attrs.get("bound_by", ())),
     )
+
+
+def _clients(stored: Any) -> int | None:
+    # Studies before shared clients recorded each model's own clients: their sum is the level's.
+    return sum(stored.values()) if isinstance(stored, dict) else stored
 
 
 def _status(trial: Any) -> str:
@@ -111,8 +122,8 @@ def _status(trial: Any) -> str:
 
 
 def joint_trials_frame(study: Any) -> pd.DataFrame:
-    """Every trial as one row: ``mix_throughput``, ``<model>.throughput``, ``<model>.p99_ms``,
-    ``<model>.clients``, ``<tuned model>.candidate``, ``bound_by``, ``reason`` and ``param.<name>``."""
+    """Every trial as one row: ``mix_throughput``, ``clients``, ``<model>.throughput``, ``<model>.p99_ms``,
+    ``<model>.budget_ms``, ``<tuned model>.candidate``, ``bound_by``, ``reason`` and ``param.<name>``."""
     data = joint_report_data(study)
     params = {t.number: t.params for t in study.get_trials(deepcopy=False)}
     rows = []
@@ -122,12 +133,12 @@ def joint_trials_frame(study: Any) -> pd.DataFrame:
             "state": trial.status,
             "baseline": trial.baseline,
             "mix_throughput": trial.mix_throughput,
+            "clients": trial.clients,
         }
         for name in data.models:
             row[f"{name}.throughput"] = trial.throughput.get(name)
             row[f"{name}.p99_ms"] = trial.p99_ms.get(name)
             row[f"{name}.budget_ms"] = data.budgets_ms.get(name)
-            row[f"{name}.clients"] = trial.clients.get(name)
         row.update({f"{name}.candidate": text for name, text in trial.candidates.items()})
         row["bound_by"] = ";".join(trial.bound_by)
         row["reason"] = trial.reason
@@ -168,7 +179,7 @@ def plot_joint_history(data: JointReportData) -> go.Figure:
 
 
 def _hover(trial: JointTrial) -> str:
-    lines = [f"#{trial.number}: {_num(trial.mix_throughput)} req/s in the mix"]
+    lines = [f"#{trial.number}: {_num(trial.mix_throughput)} req/s in the mix, {trial.clients} clients"]
     lines += [f"{n}: {trial.throughput[n]:.1f}/s, p99 {trial.p99_ms[n]:.1f} ms" for n in trial.throughput]
     return "<br>".join(lines)
 
@@ -261,8 +272,9 @@ def _header(data: JointReportData) -> str:
 
 def _headline(data: JointReportData, repository: str) -> str:
     def card(label: str, trial: JointTrial | None) -> str:
-        if trial is None:
-            return _card(label, "-", "no trial within every budget")
+        if trial is None or trial.status != "feasible":
+            detail = trial.reason if trial is not None else "no trial within every budget"
+            return _card(label, "-", detail)
         return _card(
             label, f"{trial.mix_throughput:,.1f} req/s", f"in the traffic mix · trial #{trial.number}"
         )
@@ -304,7 +316,6 @@ def _model_table(data: JointReportData) -> str:
                 _num(best.throughput.get(name)),
                 _num(best.p99_ms.get(name)),
                 _num(data.budgets_ms.get(name), "g"),
-                _e(best.clients.get(name, "-")),
                 _num(base.throughput.get(name)) if base else "-",
                 f"<code>{_e(config)}</code>",
             ]
@@ -314,7 +325,6 @@ def _model_table(data: JointReportData) -> str:
         "throughput (inf/s)",
         "p99 (ms)",
         "budget (ms)",
-        "clients",
         "baseline (inf/s)",
         "config",
     ]

@@ -39,7 +39,7 @@ from optimizer.config.render import render_config, render_ensemble, to_dict, to_
 from optimizer.config.space import Candidate, SearchSpace, baseline_params, load_space, suggest_candidate
 from optimizer.errors import ConfigRejected, InferenceError, ServerDiedError, StudyError, UsageError
 from optimizer.measurement.levels import MeasureSettings
-from optimizer.measurement.mixed import MixLevel, measure_mix, shares_of, split_clients
+from optimizer.measurement.mixed import MixLevel, measure_mix, shares_of
 from optimizer.model.accuracy import DEFAULT_TOLERANCE
 from optimizer.model.ensemble import (
     Ensemble,
@@ -88,7 +88,7 @@ class JointSettings:
     output_dir: Path | None = None  # default: studies/
     seed: int | None = None
     measure: MeasureSettings = JOINT_MEASURE
-    levels: tuple[int, ...] = (1, 2, 4, 8)  # clients per model at each level (split by the traffic mix)
+    levels: tuple[int, ...] = (1, 2, 4, 8)  # clients per model at each level (shared, in the traffic mix)
     accuracy_tolerance: float = DEFAULT_TOLERANCE
     # Several workers on one study (a shared storage): as for one model, a second live worker on this
     # host is refused unless the workers are pinned to disjoint CPU sets or allow_shared_host is set.
@@ -300,9 +300,7 @@ def _budget(
             _load_ensemble(server, target, configs)
         probe = replace(settings.measure, rule="fixed")
         probes = [
-            measure_mix(
-                server.grpc_url, {name: target.samples}, {name: 1}, {name: 1.0}, {name: float("inf")}, probe
-            )
+            measure_mix(server.grpc_url, {name: target.samples}, 1, {name: 1.0}, {name: float("inf")}, probe)
             .results[name]
             .p99_ms
             for _ in range(BUDGET_PROBES)
@@ -428,7 +426,7 @@ class _Objective:
         levels: list[MixLevel] = []
         reason = "the sweep reached its top level"
         for per_model in self.settings.levels:
-            clients = split_clients(per_model * len(self.targets), self.shares)
+            clients = per_model * len(self.targets)
             try:
                 level = measure_mix(
                     self.server.grpc_url, samples, clients, self.shares, budgets, self.settings.measure
