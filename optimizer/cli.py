@@ -438,20 +438,6 @@ def study(
     model = models[0] if models else None
     if traffic is not None and models_file is None and len(models or []) < 2:
         raise UsageError("--traffic splits the load between several models: give --model twice or more")
-    if models_file is not None or len(models or []) > 1:
-        entries = _several_models(models_file, models or [], traffic, latency_budget_ms, shape, input_data)
-        if target != "embedded":
-            raise UsageError("several models are tuned on the embedded Triton only: drop --target")
-        from optimizer.study.storage import parse_cpus
-
-        scale_out = {
-            "allow_shared_host": allow_shared_host,
-            "cpus": parse_cpus(cpus) if cpus else frozenset(),
-        }
-        _joint_study(
-            entries, budget, space or "cpu", study_name, storage, seed, window_s, warmup_s, scale_out
-        )
-        return
     from optimizer.config.space import load_space
     from optimizer.measurement.replay import ReplayTarget
     from optimizer.measurement.sweep import DEFAULT_LEVELS, parse_levels, parse_rates
@@ -486,6 +472,20 @@ def study(
             seed=seed,
             **target_options,
         )
+    if models_file is not None or len(models or []) > 1:
+        if isinstance(server, ReplayTarget):
+            raise UsageError(
+                "a recording (--target replay:) answers for one model: tune several models on a server"
+            )
+        entries = _several_models(models_file, models or [], traffic, latency_budget_ms, shape, input_data)
+        scale_out = {
+            "allow_shared_host": allow_shared_host,
+            "cpus": parse_cpus(cpus) if cpus else frozenset(),
+        }
+        _joint_study(
+            entries, budget, space or "cpu", study_name, storage, seed, window_s, warmup_s, scale_out, server
+        )
+        return
     # A recording answers for its own model and space only.
     replayed = server.surface if isinstance(server, ReplayTarget) else None
     if replayed is not None and model is None:
@@ -594,12 +594,14 @@ def _joint_study(
     window_s: float,
     warmup_s: float,
     scale_out: dict,
+    server=None,
 ) -> None:
     """``optimize study --models FILE`` (or ``--model`` twice): the models tuned together, the best joint
     config exported.
 
     Every model is measured in one fixed window per level (they must overlap); ``--window-s`` and
-    ``--warmup-s`` set it when given. ``scale_out``: ``allow_shared_host`` and ``cpus``, as for one model.
+    ``--warmup-s`` set it when given. ``scale_out``: ``allow_shared_host`` and ``cpus``, as for one model;
+    ``server``: the ``--target`` (None: the embedded Triton).
     """
     from optimizer.study.joint import JOINT_MEASURE, JointSettings, run_joint_study
     from optimizer.study.progress import RichReporter, print_joint_summary
@@ -621,7 +623,7 @@ def _joint_study(
     )
     try:
         with RichReporter() as reporter:
-            summary = run_joint_study(settings, reporter)
+            summary = run_joint_study(settings, reporter, target=server)
     except KeyboardInterrupt:
         raise Interrupted("interrupted: finished trials are kept; rerun the same command to resume") from None
     print_joint_summary(summary)

@@ -410,7 +410,11 @@ BAD_FLAGS = [
     ("malformed-traffic", ["--traffic", "mlp:3"], "--traffic 'mlp:3' is malformed"),
     ("shape-without-model", ["--shape", "image:3,32,32"], "name the model of each shape"),
     ("input-data", ["--input-data", "x.npz"], "in a models file"),
-    ("other-target", ["--target", "local"], "embedded Triton only"),
+    (
+        "a-recording",
+        ["--target", f"replay:{Path(__file__).parents[1] / 'bench' / 'data' / 'cnn'}"],
+        "a recording (--target replay:) answers for one model",
+    ),
 ]
 
 

@@ -26,6 +26,7 @@ from optimizer.config.render import render_config, to_json
 from optimizer.config.space import Candidate
 from optimizer.errors import ServerDiedError, ServerStartError, UsageError
 from optimizer.measurement.builtin import LoadGenerator
+from optimizer.model import examples
 from optimizer.model.intake import inspect_model, synthetic_inputs
 from optimizer.serving.docker import DockerTriton, PullProgress, container_spec, image_name
 from optimizer.serving.embedded import EmbeddedTriton, bundle_environment, prepare_bundle
@@ -173,6 +174,38 @@ def test_remote_study_sends_the_model_files_and_leaves_the_server_as_found(remot
     assert list(remote_server.model_repository.iterdir()) == []  # the files came with the requests
     assert not remote_server.control.is_model_ready("mlp")  # unloaded when the study ended
     assert target.capabilities.can_restart is False and target.capabilities.shared_filesystem is False
+
+
+@pytest.mark.server
+def test_a_joint_study_runs_on_a_remote_server_and_leaves_it_as_found(
+    remote_server, models, tmp_path, capsys
+):
+    private = tmp_path / "client-only"  # nothing the server is pointed at
+    private.mkdir()
+    paths = [Path(shutil.copy(models[name], private / f"{name}.onnx")) for name in ("mlp", "cnn")]
+    remote = [
+        "--target",
+        "remote",
+        "--url",
+        remote_server.grpc_url,
+        "--metrics-url",
+        remote_server.metrics_url,
+    ]
+    args = ["study", "--model", str(paths[0]), "--model", str(paths[1]), "--shape", "cnn.image:3,32,32"]
+    args += ["--latency-budget-ms", "500", "--budget", "2", "--seed", "0", *remote, "--window-s", "0.3"]
+    args += ["--warmup-s", "0.1", "--study-name", "jr", "--storage", f"sqlite:///{tmp_path / 'jr'}.db"]
+    assert main(args) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    measured = [t for t in _study(tmp_path, "jr").trials if t.user_attrs.get("levels")]
+    assert len(measured) == 2 and all(set(t.user_attrs["configs"]) == {"mlp", "cnn"} for t in measured)
+    assert list(remote_server.model_repository.iterdir()) == []  # the files came with the requests
+    assert not remote_server.control.is_model_ready("mlp") and not remote_server.control.is_model_ready("cnn")
+    # An ensemble's steps must be in the server's repository (Triton reads them from there): refused.
+    examples.build_ensemble(private / "repo")
+    ensemble = ["study", "--model", str(private / "repo" / "pipeline"), "--model", str(paths[1]), *remote]
+    assert main([*ensemble, "--study-name", "je", "--storage", f"sqlite:///{tmp_path / 'je'}.db"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "needs its steps in the server's model repository" in err[0]
 
 
 @pytest.mark.server

@@ -352,6 +352,9 @@ async def measure_pooled(
     schedule: Sequence[str],
     clients: int,
     settings: MeasureSettings,
+    *,
+    client_options: Mapping[str, Any] | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> dict[str, LevelResult]:
     """Closed-loop clients shared by several models of one server: a mixed load in a traffic mix.
 
@@ -359,13 +362,19 @@ async def measure_pooled(
     cycle in which each model appears as often as its share of the traffic; each client starts at its own
     place in it), so the requests arrive in the mix whatever each model's speed, as a population of users
     of several models would send them. One fixed window after ``settings.warmup_s``, extended (up to
-    ``max_window_s``) until every model has ``min_requests``; the figures are per model.
+    ``max_window_s``) until every model has ``min_requests``; the figures are per model. Unary calls
+    (streams are per model); ``client_options`` (TLS) and ``headers`` as for :class:`LoadGenerator`.
 
     Raises:
         InferenceError: a request failed or timed out, or a model completed none in the window.
     """
     names = list(dict.fromkeys(schedule))
-    generators = {n: LoadGenerator(url, n, samples[n], settings, streaming=False) for n in names}
+    generators = {
+        n: LoadGenerator(
+            url, n, samples[n], settings, client_options=client_options, headers=headers, streaming=False
+        )
+        for n in names
+    }
     channels = {n: _Client(g, connections=clients) for n, g in generators.items()}
     prepared = {n: channels[n].prepare(samples[n]) for n in names}
     windows = {n: _Window() for n in names}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -88,8 +89,17 @@ def measure_mix(
     shares: Mapping[str, float],
     budgets_ms: Mapping[str, float],
     settings: MeasureSettings,
+    *,
+    client_options: Mapping[str, Any] | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> MixLevel:
-    """Measure every model at once under ``clients`` shared clients sending in the traffic mix."""
-    results = asyncio.run(measure_pooled(url, samples, mix_schedule(shares), clients, settings))
+    """Measure every model at once under ``clients`` shared clients sending in the traffic mix.
+
+    ``client_options`` (TLS) and ``headers`` (auth) are the serving target's, as for one model.
+    """
+    pooled = measure_pooled(
+        url, samples, mix_schedule(shares), clients, settings, client_options=client_options, headers=headers
+    )
+    results = asyncio.run(pooled)
     over = tuple(name for name in shares if results[name].p99_ms > budgets_ms[name])
     return MixLevel(clients, results, mix_throughput(results, shares), over)
