@@ -62,7 +62,8 @@ ShapeOption = Annotated[
     Optional[list[str]],
     typer.Option(
         "--shape",
-        help="Shape of a dynamic input without the batch dim, NAME:D1,D2 (repeatable).",
+        help="Shape of a dynamic input without the batch dim, NAME:D1,D2 (repeatable; with several --model, "
+        "MODEL.NAME:D1,D2).",
         rich_help_panel=MODEL,
     ),
 ]
