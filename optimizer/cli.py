@@ -16,6 +16,7 @@ import sys
 import threading
 import traceback
 from dataclasses import replace
+from inspect import signature
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -473,7 +474,27 @@ def study(
             seed=seed,
             **target_options,
         )
-    if models_file is not None or len(models or []) > 1:
+    if models_file is not None or len(models or []) > 1 or _one_ensemble(models):
+        _refuse_single_model_options(
+            {
+                "--concurrency": concurrency,
+                "--request-rate": request_rate,
+                "--sampler": sampler,
+                "--confirm": confirm,
+                "--starting-points": starting_points,
+                "--warm-start": warm_start,
+                "--screen-s": screen_s,
+                "--gpus": gpus,
+                "--load-generator": load_generator,
+                "--confirm-with": confirm_with,
+                "--protocol": protocol,
+                "--stop-rule": stop_rule,
+                "--max-window-s": max_window_s,
+                "--throughput-ci": throughput_ci,
+                "--p99-ci": p99_ci,
+                "--max-memory-mb": max_memory_mb,
+            }
+        )
         if isinstance(server, ReplayTarget):
             raise UsageError(
                 "a recording (--target replay:) answers for one model: tune several models on a server"
@@ -483,6 +504,7 @@ def study(
             "allow_shared_host": allow_shared_host,
             "cpus": parse_cpus(cpus) if cpus else frozenset(),
         }
+        scale_out["accuracy_tolerance"] = accuracy_tolerance
         _joint_study(
             entries, budget, space or "cpu", study_name, storage, seed, window_s, warmup_s, scale_out, server
         )
@@ -540,6 +562,25 @@ def study(
     _write_study_report(summary.study_name, summary.storage_url, summary.best_repository)
     if summary.best is None:
         raise _no_feasible(summary)
+
+
+def _one_ensemble(models: list[Path] | None) -> bool:
+    """One --model that is an ensemble: tuned as its steps, by the joint study."""
+    from optimizer.model.ensemble import is_ensemble_path
+
+    return len(models or []) == 1 and is_ensemble_path(models[0])  # type: ignore[index]
+
+
+def _refuse_single_model_options(given: dict) -> None:
+    """Options of one model's study that a joint study does not take: refused when set, never ignored."""
+    defaults = signature(study).parameters
+    flags = {flag: flag.lstrip("-").replace("-", "_") for flag in given}
+    for flag, value in given.items():
+        if value != defaults[flags[flag]].default:
+            raise UsageError(
+                f"{flag} is an option of one model's study: several models are measured in shared fixed "
+                "windows (--window-s, --warmup-s) at 1, 2, 4, 8 clients per model; drop it"
+            )
 
 
 def _several_models(
@@ -601,7 +642,8 @@ def _joint_study(
     config exported.
 
     Every model is measured in one fixed window per level (they must overlap); ``--window-s`` and
-    ``--warmup-s`` set it when given. ``scale_out``: ``allow_shared_host`` and ``cpus``, as for one model;
+    ``--warmup-s`` set it when given (the window extends to 3x while a model has too few requests).
+    ``scale_out``: ``allow_shared_host``, ``cpus`` and ``accuracy_tolerance``, as for one model;
     ``server``: the ``--target`` (None: the embedded Triton).
     """
     from optimizer.study.joint import JOINT_MEASURE, JointSettings, run_joint_study
@@ -609,7 +651,7 @@ def _joint_study(
 
     measure = JOINT_MEASURE
     if window_s != _DEFAULT_MEASURE.window_s:
-        measure = replace(measure, window_s=window_s, max_window_s=window_s)
+        measure = replace(measure, window_s=window_s, max_window_s=3 * window_s)
     if warmup_s != _DEFAULT_MEASURE.warmup_s:
         measure = replace(measure, warmup_s=warmup_s)
     settings = JointSettings(

@@ -77,7 +77,12 @@ def _digest(path: Path) -> str:
 # (id, args built from (models, files, tmp_path), exit code, fragment of the one-line message)
 CASES = [
     ("missing-model", lambda m, f, t: ["--model", str(t / "nope.onnx")], 3, "does not exist: check the path"),
-    ("directory-model", lambda m, f, t: ["--model", str(t)], 3, "is a directory: give the path of the .onnx"),
+    (
+        "directory-model",
+        lambda m, f, t: ["--model", str(t)],
+        3,
+        "is a directory with no config.pbtxt: give a model's .onnx file",
+    ),
     ("zero-byte-model", lambda m, f, t: ["--model", str(_write(t / "z.onnx", ""))], 3, "is empty (0 bytes)"),
     (
         "text-model",

@@ -73,6 +73,11 @@ def test_the_schedule_keeps_every_stretch_in_the_traffic_mix():
     assert sorted(thirds[:3]) == ["x", "y", "z"]
 
 
+def test_the_schedule_sends_the_smallest_share_too():
+    schedule = mix_schedule(shares_of({"a": 300, "b": 1}))
+    assert schedule.count("b") == 1 and schedule.count("a") == 300
+
+
 def test_the_mix_throughput_is_set_by_the_model_furthest_behind_its_share():
     shares = shares_of({"a": 3, "b": 1})
     # a served 300/s (its share of 400/s), b 150/s (its share of 600/s): the mix sustains 400/s.
@@ -164,7 +169,7 @@ def test_a_joint_study_loads_measures_and_exports_both_models_within_their_budge
     study = optuna.load_study(study_name="joint", storage=f"sqlite:///{tmp_path}/joint.db")
     assert study.user_attrs["latency_budgets_ms"] == {"mlp": 200.0, "cnn": 300.0}
     assert study.user_attrs["traffic"] == {"mlp": 3.0, "cnn": 1.0}
-    measured = [t for t in study.trials if t.state.is_finished() and not t.user_attrs.get("oversubscribed")]
+    measured = [t for t in study.trials if t.state.is_finished() and not t.user_attrs.get("surplus")]
     assert summary.finished == len(measured) == 3
     assert measured[0].user_attrs["baseline"] is True
     for trial in measured:
@@ -280,7 +285,38 @@ BAD_ENSEMBLES = [
         "runs 'head', which is not in its repository",
     ),
     ("step-named-like-a-model", lambda repo: None, 2, "'pre' names two models on the server"),
+    (
+        "unknown-step-input",
+        lambda repo: _edit(
+            repo / "pipeline" / "config.pbtxt", 'key: "x" value: "INPUT"', 'key: "y" value: "INPUT"'
+        ),
+        3,
+        "step 'pre' has no input 'y' (its inputs: x)",
+    ),
+    (
+        "unread-input",
+        lambda repo: _edit(
+            repo / "pipeline" / "config.pbtxt",
+            'input [ { name: "INPUT" data_type: TYPE_FP32 dims: [ 64 ] } ]',
+            'input [ { name: "INPUT" data_type: TYPE_FP32 dims: [ 64 ] }, '
+            '{ name: "EXTRA" data_type: TYPE_FP32 dims: [ 3 ] } ]',
+        ),
+        3,
+        "no step reads its input 'EXTRA'",
+    ),
+    (
+        "shared-step",
+        lambda repo: examples.build_ensemble(repo, name="other"),
+        2,
+        "ensembles share the step 'pre'",
+    ),
 ]
+
+
+def _edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new))
 
 
 @pytest.mark.parametrize(
@@ -298,6 +334,10 @@ def test_a_bad_ensemble_is_one_line_and_leaves_an_existing_study_intact(
     path = _ensemble_models_file(tmp_path, repo, models)
     if case == "step-named-like-a-model":
         path.write_text(path.read_text().replace("name: cnn", "name: pre"))
+    if case == "shared-step":
+        path.write_text(
+            f"models:\n  - {{name: pipeline, path: {repo / 'pipeline'}}}\n  - {{name: o, path: {repo / 'other'}}}\n"
+        )
     exit_code = main(["study", "--models", str(path), "--study-name", "j", "--storage", f"sqlite:///{db}"])
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert exit_code == code and len(err) == 1 and fragment in err[0], err
@@ -314,7 +354,7 @@ def test_an_ensemble_is_tuned_as_its_steps_and_measured_through_it(tmp_path, mod
     study = optuna.load_study(study_name="ens", storage=f"sqlite:///{tmp_path}/ens.db")
     assert study.user_attrs["ensembles"] == {"pipeline": ["pre", "head"]}
     assert set(study.user_attrs["latency_budgets_ms"]) == {"pipeline", "cnn"}
-    measured = [t for t in study.trials if t.state.is_finished() and not t.user_attrs.get("oversubscribed")]
+    measured = [t for t in study.trials if t.state.is_finished() and not t.user_attrs.get("surplus")]
     assert len(measured) == 3
     step_params = {name for t in measured for name in t.params if name.split(".")[0] in ("pre", "head")}
     assert {"pre.instance_count", "head.instance_count"} <= step_params  # each step has its own config
@@ -401,6 +441,7 @@ def test_several_model_flags_name_each_model_after_its_file(models):
 
 
 BAD_FLAGS = [
+    ("one-model-option", ["--concurrency", "1,2"], "--concurrency is an option of one model's study"),
     (
         "unknown-in-traffic",
         ["--traffic", "mlp=1,bert=2"],
@@ -462,3 +503,47 @@ def test_two_model_flags_run_a_joint_study_with_its_report(tmp_path, models):
     assert sum(1 for t in study.trials if t.user_attrs.get("levels")) == 2
     report = Path(os.environ["OPTIMIZE_STUDIES_DIR"]) / "flags" / "report"
     assert (report / "report.html").is_file() and (report / "trials.csv").is_file()
+
+
+def test_resuming_with_another_traffic_mix_is_refused_and_leaves_the_study_intact(tmp_path, models, capsys):
+    db = tmp_path / "j.db"
+    study = optuna.create_study(study_name="j", storage=f"sqlite:///{db}", direction="maximize")
+    shas = {name: inspect_model(models[name], cache=cache_dir()).sha256 for name in ("mlp", "cnn")}
+    study.set_user_attr("models", shas)
+    study.set_user_attr("traffic", {"mlp": 3.0, "cnn": 1.0})
+    before = hashlib.sha256(db.read_bytes()).hexdigest()
+    args = [
+        "study",
+        "--model",
+        str(models["mlp"]),
+        "--model",
+        str(models["cnn"]),
+        "--shape",
+        "cnn.image:3,32,32",
+    ]
+    code = main([*args, "--traffic", "mlp=1,cnn=1", "--study-name", "j", "--storage", f"sqlite:///{db}"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 6 and len(err) == 1 and "was run with the traffic mix mlp=3, cnn=1" in err[0], err
+    assert hashlib.sha256(db.read_bytes()).hexdigest() == before
+
+
+@pytest.mark.server
+def test_one_ensemble_alone_is_tuned_as_its_steps(tmp_path, ensemble_repo):
+    storage = f"sqlite:///{tmp_path}/one.db"
+    args = [
+        "study",
+        "--model",
+        str(ensemble_repo / "pipeline"),
+        "--latency-budget-ms",
+        "300",
+        "--budget",
+        "1",
+    ]
+    assert (
+        main([*args, "--study-name", "one", "--storage", storage, "--window-s", "0.2", "--warmup-s", "0.1"])
+        == 0
+    )
+    study = optuna.load_study(study_name="one", storage=storage)
+    assert study.user_attrs["ensembles"] == {"pipeline": ["pre", "head"]}
+    (trial,) = [t for t in study.trials if t.user_attrs.get("levels")]
+    assert set(trial.user_attrs["configs"]) == {"pre", "head", "pipeline"}

@@ -375,8 +375,7 @@ async def measure_pooled(
         )
         for n in names
     }
-    channels = {n: _Client(g, connections=clients) for n, g in generators.items()}
-    prepared = {n: channels[n].prepare(samples[n]) for n in names}
+    channels: dict[str, _Client] = {}
     windows = {n: _Window() for n in names}
     stop = asyncio.Event()
 
@@ -392,8 +391,12 @@ async def measure_pooled(
 
     gc.collect()
     gc.freeze()  # as in a level of one model: no full collection pauses every client at once
-    tasks = [asyncio.create_task(client_loop(client)) for client in range(clients)]
+    tasks: list[asyncio.Task] = []
     try:
+        for name, generator in generators.items():
+            channels[name] = _Client(generator, connections=clients)
+        prepared = {n: channels[n].prepare(samples[n]) for n in names}
+        tasks = [asyncio.create_task(client_loop(client)) for client in range(clients)]
         await _sleep_or_fail(settings.warmup_s, tasks)
         start = time.perf_counter()
         for window in windows.values():
@@ -416,6 +419,9 @@ async def measure_pooled(
     failures = [o for o in outcomes if isinstance(o, BaseException)]
     if failures:
         raise failures[0]
+    idle = next((n for n in names if not windows[n].latencies), None)
+    if idle is not None:
+        raise InferenceError(f"no request to {idle} completed in the window of {clients} clients")
     return {n: summarise_level(clients, windows[n].latencies, end - start) for n in names}
 
 

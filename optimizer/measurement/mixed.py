@@ -12,6 +12,7 @@ second *in the mix* (equal to the sum of the t_m when the requests kept to the m
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +24,7 @@ from optimizer.measurement.levels import LevelResult, MeasureSettings
 
 __all__ = ["MixLevel", "measure_mix", "mix_schedule", "mix_throughput", "shares_of"]
 
-SCHEDULE_LENGTH = 120  # one cycle of the schedule: shares down to 1/120 keep their proportion exactly
+SCHEDULE_LENGTH = 120  # one cycle of the schedule, at least; longer when a share needs it to appear once
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ def mix_schedule(shares: Mapping[str, float], length: int = SCHEDULE_LENGTH) -> 
     Each step goes to the model furthest behind its share so far, so every stretch of the cycle keeps
     the mix within one request of each share (not bursts of one model, then of the other).
     """
+    length = max(length, math.ceil(1 / min(shares.values())))  # the smallest share is sent too
     sent = dict.fromkeys(shares, 0)
     schedule = []
     for step in range(1, length + 1):

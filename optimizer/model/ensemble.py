@@ -93,8 +93,8 @@ def ensemble_files(cache: Path) -> dict[str, Path]:
 
 
 def is_ensemble_path(path: Path) -> bool:
-    """A model given as a directory or a ``config.pbtxt`` is an ensemble; an ``.onnx`` file is a model."""
-    return path.is_dir() or path.suffix == ".pbtxt"
+    """A model given as a directory or its ``config.pbtxt`` is an ensemble; an ``.onnx`` file is a model."""
+    return path.is_dir() or path.name == "config.pbtxt"
 
 
 def load_ensemble(path: Path) -> Ensemble:
@@ -210,10 +210,29 @@ def ensemble_info(ensemble: Ensemble, steps: Mapping[str, ModelInfo]) -> ModelIn
     """The ensemble's inputs as a model's (dtype, dims and value range of the step input each one feeds)."""
     specs = {}
     for step in ensemble.steps:
+        model = steps[step.model_name]
+        known = [spec.name for spec in model.inputs]
         for step_input, tensor in step.input_map.items():
+            if step_input not in known:
+                raise ModelError(
+                    f"ensemble {ensemble.name!r}: step {step.model_name!r} has no input {step_input!r} "
+                    f"(its inputs: {', '.join(known)}): fix the step's input_map"
+                )
             if tensor in ensemble.inputs and tensor not in specs:
-                spec = steps[step.model_name].input(step_input)
+                spec = model.input(step_input)
                 specs[tensor] = TensorSpec(tensor, spec.dtype, spec.dims, spec.index_range)
+        if ensemble.max_batch_size > 0 and not model.batching:
+            raise ModelError(
+                f"ensemble {ensemble.name!r} batches (max_batch_size {ensemble.max_batch_size}) but step "
+                f"{step.model_name!r} has no dynamic batch dimension: set the ensemble's max_batch_size: 0, "
+                "or export the step with a dynamic batch"
+            )
+    unread = [name for name in ensemble.inputs if name not in specs]
+    if unread:
+        raise ModelError(
+            f"ensemble {ensemble.name!r}: no step reads its input {unread[0]!r}: map it in a step's input_map "
+            "or remove it"
+        )
     first = steps[ensemble.steps[0].model_name]
     return ModelInfo(
         source_path=ensemble.config_path,
@@ -267,20 +286,21 @@ def ensemble_requests(
     else:
         resolved = resolve_shapes(info, shapes)
         requests = [synthetic_inputs(info, resolved, 1, seed=seed) for seed in range(SYNTHETIC_SAMPLES)]
-    sessions = {
-        name: ort.InferenceSession(str(model.path), providers=["CPUExecutionProvider"])
-        for name, model in steps.items()
-    }
     per_step: dict[str, list[dict[str, np.ndarray]]] = {name: [] for name in steps}
-    for request in requests:
-        try:
+    try:
+        sessions = {
+            name: ort.InferenceSession(str(model.path), providers=["CPUExecutionProvider"])
+            for name, model in steps.items()
+        }
+        for request in requests:
             _, fed = run_ensemble(ensemble, sessions, request)
-        except Exception as exc:  # onnxruntime raises its own types for a step that cannot run its feeds
-            detail = " ".join(str(exc).split())[:300]
-            raise ModelError(
-                f"ensemble {ensemble.name!r} does not run in ONNX Runtime ({detail}): check the steps' "
-                "input_map/output_map and that each step accepts what the step before it produces"
-            ) from exc
-        for name, feeds in fed.items():
-            per_step[name].append(feeds)
+            for name, feeds in fed.items():
+                per_step[name].append(feeds)
+    except Exception as exc:  # onnxruntime's own types: a step it cannot load, or cannot run on its feeds
+        detail = " ".join(str(exc).split())[:300]
+        raise ModelError(
+            f"ensemble {ensemble.name!r} does not run in ONNX Runtime ({detail}): check each step loads in "
+            "onnxruntime, the steps' input_map/output_map, and that each step accepts what the one before "
+            "it produces"
+        ) from exc
     return requests, per_step

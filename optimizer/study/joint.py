@@ -69,7 +69,9 @@ from optimizer.study.storage import (
 
 __all__ = ["JointSettings", "JointSummary", "run_joint_study"]
 
-JOINT_MEASURE = MeasureSettings(warmup_s=1.0, window_s=3.0, max_window_s=3.0, min_requests=20, rule="fixed")
+# One fixed window for every model at once, extended (up to max_window_s) until each model has min_requests:
+# a model with a small share of the traffic needs longer to show its p99.
+JOINT_MEASURE = MeasureSettings(warmup_s=1.0, window_s=3.0, max_window_s=9.0, min_requests=20, rule="fixed")
 BUDGET_PROBES = 5
 DEFAULT_BUDGET_FACTOR = 10.0
 MIN_DEFAULT_BUDGET_MS = 1.0
@@ -225,6 +227,13 @@ def _intake_all(entries: tuple[ModelEntry, ...], space: SearchSpace) -> tuple[li
         target, tuned = _intake(entry, space)
         targets.append(target)
         members.extend(tuned)
+    steps = [(t.name, step) for t in targets if t.ensemble is not None for step in t.members]
+    shared = next((s for s in steps if [step for _, step in steps].count(s[1]) > 1), None)
+    if shared:
+        raise UsageError(
+            f"ensembles share the step {shared[1]!r}: optimize tunes each step as one model of one ensemble; "
+            "give each ensemble its own copy of the step under another name"
+        )
     names = [t.name for t in targets if t.ensemble is not None] + [m.name for m in members]
     twice = next((name for name in names if names.count(name) > 1), None)
     if twice:
@@ -247,10 +256,12 @@ def _intake(entry: ModelEntry, space: SearchSpace) -> tuple[_Target, list[_Membe
 
 
 def _check_same_study(study, targets: list[_Target], members: list[_Member]) -> None:
+    """Refuse other models, another traffic mix or other budgets for a stored study, before any work."""
     models = {m.name: m.info.sha256 for m in members}
     models.update({t.name: t.ensemble.sha256 for t in targets if t.ensemble is not None})
-    stored = study.user_attrs.get("models")
-    if "model_sha256" in study.user_attrs:
+    attrs = study.user_attrs
+    stored = attrs.get("models")
+    if "model_sha256" in attrs:
         raise StudyError(
             f"study {study.study_name!r} tunes one model: give a new --study-name for the joint study"
         )
@@ -259,11 +270,31 @@ def _check_same_study(study, targets: list[_Target], members: list[_Member]) -> 
             f"study {study.study_name!r} was made for other models ({', '.join(sorted(stored))}): "
             "give a new --study-name, or the same models file"
         )
-    if stored is None:
-        study.set_user_attr("models", models)
-        study.set_user_attr("model_paths", {m.name: str(m.info.source_path) for m in members})
-        study.set_user_attr("traffic", {t.name: t.entry.traffic for t in targets})
-        study.set_user_attr("ensembles", {t.name: list(t.members) for t in targets if t.ensemble is not None})
+    traffic = {t.name: t.entry.traffic for t in targets}
+    if "traffic" in attrs and shares_of(attrs["traffic"]) != shares_of(traffic):
+        mix = ", ".join(f"{name}={weight:g}" for name, weight in attrs["traffic"].items())
+        raise StudyError(
+            f"study {study.study_name!r} was run with the traffic mix {mix}: resume with the same mix, "
+            "or give a new --study-name"
+        )
+    budgets = attrs.get("latency_budgets_ms", {})
+    for target in targets:
+        given, kept = target.entry.latency_budget_ms, budgets.get(target.name)
+        if given is not None and kept is not None and given != kept:
+            raise StudyError(
+                f"study {study.study_name!r} was run with a {kept:g} ms budget for {target.name!r}: "
+                "resume with the same budgets, or give a new --study-name"
+            )
+    # Every record a joint study keeps (a study of an older version lacks the later ones: added on resume).
+    records = {
+        "models": models,
+        "model_paths": {m.name: str(m.info.source_path) for m in members},
+        "traffic": traffic,
+        "ensembles": {t.name: list(t.members) for t in targets if t.ensemble is not None},
+    }
+    for key, value in records.items():
+        if key not in attrs:
+            study.set_user_attr(key, value)
 
 
 def _settle_variants(study, member: _Member, settings: JointSettings, note) -> _Member:
@@ -510,7 +541,8 @@ def _load_ensemble(server: ServingTarget, target: _Target, configs: Mapping[str,
 
 def _counts(trial) -> bool:
     """A finished trial that counts toward the budget: measured (a failure with its reason too), not a
-    redrawn oversubscription, not a surplus proposal; a trial whose worker died is retried instead."""
+    surplus proposal (nor, in studies of older versions, a redrawn oversubscription); a trial whose worker
+    died is retried instead."""
     attrs = trial.user_attrs
     if not trial.state.is_finished() or attrs.get("oversubscribed") or attrs.get("surplus"):
         return False

@@ -83,7 +83,7 @@ def models_from_dict(data: Any, *, base: Path, where: str = "the models file") -
     duplicate = next((name for name in names if names.count(name) > 1), None)
     if duplicate:
         raise UsageError(f"{where} names two models {duplicate!r}: each model needs its own name")
-    if len(entries) < 2:
+    if len(entries) < 2 and not entries[0].is_ensemble:  # one ensemble is tuned as its steps
         raise UsageError(
             f"{where} names one model: for one model run optimize study --model {entries[0].path}"
         )
@@ -112,8 +112,10 @@ def models_from_flags(
         )
     per_model: dict[str, dict[str, list[int]]] = {name: {} for name in names}
     for key, dims in shapes.items():
-        model, _, tensor = key.partition(".")
-        if model not in per_model or not tensor:
+        # The longest model name the key starts with: model names may hold dots too (bert.v2).
+        model = max((n for n in names if key.startswith(n + ".")), key=len, default="")
+        tensor = key[len(model) + 1 :]
+        if not model or not tensor:
             raise UsageError(
                 f"--shape {key}: with several --model, name the model of each shape: "
                 f"--shape {names[0]}.INPUT:D1,D2 (models: {', '.join(names)})"

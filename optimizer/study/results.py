@@ -199,8 +199,13 @@ def _stored_model(study) -> ModelInfo:
 
 def _stored_models(study) -> dict[str, ModelInfo]:
     """A joint study's tuned models, each checked against the file it was tuned on."""
+    if "model_paths" not in study.user_attrs:
+        raise StudyError(
+            f"study {study.study_name!r} does not record its models' files (made by an older optimize): "
+            "rerun its optimize study command once to record them, then export"
+        )
     models = {}
-    for name, path in study.user_attrs.get("model_paths", {}).items():
+    for name, path in study.user_attrs["model_paths"].items():
         models[name] = inspect_model(Path(path), cache=cache_dir())
         if models[name].sha256 != study.user_attrs["models"].get(name):
             raise StudyError(

@@ -179,6 +179,11 @@ def cross_check_study(
             f"no study {study_name!r} in {out_dir}: give the name of a finished study (or --storage)"
         )
     attrs, finished, best = _stored_study(url, study_name)
+    if "model_path" not in attrs and "models" in attrs:
+        raise StudyError(
+            f"study {study_name!r} tunes several models together: optimize confirm cross-checks one model's "
+            "study (serve the joint best with optimize serve --study-name and run perf_analyzer per model)"
+        )
     out_dir = Path(attrs.get("output_dir") or out_dir)
     if best is None:
         raise StudyError(
