@@ -25,10 +25,7 @@ model (``studies/<study>/best/``), which ``optimize serve`` and the deployment m
 from __future__ import annotations
 
 import os
-import socket
 import statistics
-import time
-import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -37,34 +34,40 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from optimizer.config.render import render_config, render_ensemble, to_dict, to_json
-from optimizer.config.space import Candidate, SearchSpace, baseline_params, load_space, suggest_candidate
-from optimizer.errors import ConfigRejected, InferenceError, ServerDiedError, StudyError, UsageError
+from optimizer.config.space import Candidate, SearchSpace, baseline_params, load_space
+from optimizer.errors import StudyError, UsageError
 from optimizer.measurement.levels import MeasureSettings
-from optimizer.measurement.mixed import MixLevel, measure_mix, shares_of
+from optimizer.measurement.mixed import measure_mix, shares_of
 from optimizer.model.accuracy import DEFAULT_TOLERANCE
 from optimizer.model.ensemble import (
-    Ensemble,
-    ensemble_files,
     ensemble_requests,
     load_ensemble,
 )
-from optimizer.model.intake import ModelInfo, inspect_model, load_requests
-from optimizer.model.quantize import DEFAULT_INT8_RECIPE
-from optimizer.model.variants import config_files
+from optimizer.model.intake import inspect_model, load_requests
 from optimizer.paths import cache_dir, check_name, studies_dir
 from optimizer.serving.base import ServingTarget
 from optimizer.serving.embedded import EmbeddedTriton
+from optimizer.study.joint_trial import (
+    JointObjective,
+    JointTrials,
+    Member,
+    Target,
+    TrialFailed,
+    load_ensemble_config,
+    load_member,
+)
 from optimizer.study.mix import ModelEntry
 from optimizer.study.precisions import accurate_precisions, int8_recipe_of
 from optimizer.study.results import write_joint_repository
 from optimizer.study.storage import (
+    count_finished,
     count_running,
+    create_or_join,
     default_storage_url,
     open_storage,
     recover_dead_local_trials,
     register_worker,
-    worker_id,
+    worker_seed,
 )
 
 __all__ = ["JointSettings", "JointSummary", "run_joint_study"]
@@ -75,7 +78,6 @@ JOINT_MEASURE = MeasureSettings(warmup_s=1.0, window_s=3.0, max_window_s=9.0, mi
 BUDGET_PROBES = 5
 DEFAULT_BUDGET_FACTOR = 10.0
 MIN_DEFAULT_BUDGET_MS = 1.0
-PLATEAU = 1.05  # a level that does not beat the best so far by 5% ends the sweep
 MAX_DRAWS_PER_TRIAL = 5  # surplus proposals (not measured, not counted) at most this many per trial
 
 
@@ -98,33 +100,6 @@ class JointSettings:
     allow_shared_host: bool = False
     cpus: frozenset[int] = frozenset()
     gpus: str | None = None
-
-
-@dataclass(frozen=True)
-class _Member:
-    """A model whose config the study tunes (a model of the file, or a step of an ensemble), settled:
-    its file, requests, space (accurate variants only) and int8 recipe."""
-
-    name: str
-    info: ModelInfo
-    samples: list
-    space: SearchSpace
-    int8_recipe: str = DEFAULT_INT8_RECIPE
-
-
-@dataclass(frozen=True)
-class _Target:
-    """What the traffic goes to: a model of the file, or an ensemble (measured through it)."""
-
-    entry: ModelEntry
-    samples: list
-    members: tuple[str, ...]  # the tuned models it runs on
-    ensemble: Ensemble | None = None
-    budget_ms: float = 0.0
-
-    @property
-    def name(self) -> str:
-        return self.entry.name
 
 
 @dataclass(frozen=True)
@@ -152,12 +127,13 @@ def run_joint_study(
     out_dir = settings.output_dir or studies_dir()
     url = settings.storage or default_storage_url(out_dir, study_name)
     storage = open_storage(url)
-    study, created = _open_study(storage, study_name)
+    study, created = create_or_join(storage, study_name)
     if created:  # first thing, so workers joining a moment later find it and do not enqueue another
         study.enqueue_trial(_baseline_params(members), user_attrs={"baseline": True})
     _check_same_study(study, targets, members)
     joined = register_worker(study, settings)
-    study.sampler = _sampler(settings.seed, per_worker=joined)
+    seed = worker_seed(settings.seed, per_worker=joined)
+    study.sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=5)
     for number in recover_dead_local_trials(study):
         note(f"trial {number} was left running by a worker that died: it will be retried")
     members = [_settle_variants(study, m, settings, note) for m in members]
@@ -173,13 +149,14 @@ def run_joint_study(
         targets = [replace(t, budget_ms=_budget(study, t, by_name, server, settings, note)) for t in targets]
         if not study.get_trials(deepcopy=False):  # a crash between creating the study and enqueuing
             study.enqueue_trial(_baseline_params(members), user_attrs={"baseline": True}, skip_if_exists=True)
-        objective = _Objective(server, targets, members, settings, cores, note)
+        trials = JointTrials(settings.budget, settings.levels, settings.measure)
+        objective = JointObjective(server, targets, members, trials, cores, note)
         draws = 0
         # Other workers' running trials count too: they will finish, and the budget is the study's.
-        while _measured(study) + count_running(study) < settings.budget:
+        while count_finished(study) + count_running(study) < settings.budget:
             if draws >= settings.budget * MAX_DRAWS_PER_TRIAL:
                 break
-            study.optimize(objective, n_trials=1, catch=(_TrialFailed,))
+            study.optimize(objective, n_trials=1, catch=(TrialFailed,))
             draws += 1
     finally:
         if owned:
@@ -190,22 +167,7 @@ def run_joint_study(
 # --- settling the models -----------------------------------------------------------------------------
 
 
-def _open_study(storage, study_name: str):
-    """Create the study, or join it; also say whether this worker created it."""
-    try:
-        return optuna.create_study(study_name=study_name, storage=storage, direction="maximize"), True
-    except optuna.exceptions.DuplicatedStudyError:
-        return optuna.load_study(study_name=study_name, storage=storage), False
-
-
-def _sampler(seed: int | None, *, per_worker: bool):
-    if seed is not None and per_worker:
-        # Workers joining one study must not replay each other's proposals: derive a seed of their own.
-        seed = (seed + zlib.crc32(worker_id().encode())) % 2**31
-    return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=5)
-
-
-def _check_target_serves(target: ServingTarget | None, targets: list[_Target]) -> None:
+def _check_target_serves(target: ServingTarget | None, targets: list[Target]) -> None:
     """Refuse an ensemble on a server whose repository the steps cannot be placed in (before any work).
 
     Triton reads an ensemble's steps again from its model repository when it loads the ensemble; steps
@@ -219,10 +181,10 @@ def _check_target_serves(target: ServingTarget | None, targets: list[_Target]) -
         )
 
 
-def _intake_all(entries: tuple[ModelEntry, ...], space: SearchSpace) -> tuple[list[_Target], list[_Member]]:
+def _intake_all(entries: tuple[ModelEntry, ...], space: SearchSpace) -> tuple[list[Target], list[Member]]:
     """What the traffic goes to and the models the study tunes; every name on the server used once."""
-    targets: list[_Target] = []
-    members: list[_Member] = []
+    targets: list[Target] = []
+    members: list[Member] = []
     for entry in entries:
         target, tuned = _intake(entry, space)
         targets.append(target)
@@ -244,18 +206,18 @@ def _intake_all(entries: tuple[ModelEntry, ...], space: SearchSpace) -> tuple[li
     return targets, members
 
 
-def _intake(entry: ModelEntry, space: SearchSpace) -> tuple[_Target, list[_Member]]:
+def _intake(entry: ModelEntry, space: SearchSpace) -> tuple[Target, list[Member]]:
     if not entry.is_ensemble:
         info, _, samples = load_requests(entry.path, entry.shapes, entry.input_data, cache=cache_dir())
-        return _Target(entry, samples, (entry.name,)), [_Member(entry.name, info, samples, space)]
+        return Target(entry, samples, (entry.name,)), [Member(entry.name, info, samples, space)]
     ensemble = load_ensemble(entry.path)
     infos = {step.model_name: inspect_model(step.path, cache=cache_dir()) for step in ensemble.steps}
     requests, per_step = ensemble_requests(ensemble, infos, entry.shapes, entry.input_data)
-    members = [_Member(name, info, per_step[name], space) for name, info in infos.items()]
-    return _Target(entry, requests, tuple(infos), ensemble), members
+    members = [Member(name, info, per_step[name], space) for name, info in infos.items()]
+    return Target(entry, requests, tuple(infos), ensemble), members
 
 
-def _check_same_study(study, targets: list[_Target], members: list[_Member]) -> None:
+def _check_same_study(study, targets: list[Target], members: list[Member]) -> None:
     """Refuse other models, another traffic mix or other budgets for a stored study, before any work."""
     models = {m.name: m.info.sha256 for m in members}
     models.update({t.name: t.ensemble.sha256 for t in targets if t.ensemble is not None})
@@ -297,7 +259,7 @@ def _check_same_study(study, targets: list[_Target], members: list[_Member]) -> 
             study.set_user_attr(key, value)
 
 
-def _settle_variants(study, member: _Member, settings: JointSettings, note) -> _Member:
+def _settle_variants(study, member: Member, settings: JointSettings, note) -> Member:
     """The model's space without the variants that break accuracy (recorded per model, kept on resume)."""
     attr = f"variants:{member.name}"
     settled = accurate_precisions(
@@ -324,8 +286,8 @@ class _Prefixed:
 
 def _budget(
     study,
-    target: _Target,
-    members: Mapping[str, _Member],
+    target: Target,
+    members: Mapping[str, Member],
     server: ServingTarget,
     settings: JointSettings,
     note,
@@ -342,9 +304,9 @@ def _budget(
             )
         return float(budgets[name])
     if given is None:
-        configs = {m: _load(server, members[m], Candidate(max_batch_size=1)) for m in target.members}
+        configs = {m: load_member(server, members[m], Candidate(max_batch_size=1)) for m in target.members}
         if target.ensemble is not None:
-            _load_ensemble(server, target, configs)
+            load_ensemble_config(server, target, configs)
         probe = replace(settings.measure, rule="fixed")
         probes = [
             measure_mix(
@@ -373,200 +335,14 @@ def _budget(
     return given
 
 
-def _baseline_params(members: list[_Member]) -> dict[str, Any]:
+def _baseline_params(members: list[Member]) -> dict[str, Any]:
     return {f"{m.name}.{key}": value for m in members for key, value in baseline_params(m.space).items()}
-
-
-# --- a trial -------------------------------------------------------------------------------------------
-
-
-class _TrialFailed(Exception):
-    """A config the server rejected, or a load it could not serve: the trial fails, the study goes on."""
-
-
-class _Surplus(optuna.TrialPruned):
-    """A proposal past the study's budget (another worker took the last trial): not measured, not counted."""
-
-
-class _Objective:
-    def __init__(
-        self,
-        server: ServingTarget,
-        targets: list[_Target],
-        members: list[_Member],
-        settings: JointSettings,
-        cores: int,
-        note,
-    ):
-        self.server = server
-        self.targets = targets
-        self.members = members
-        self.settings = settings
-        self.cores = cores
-        self.note = note
-        self.shares = shares_of({t.name: t.entry.traffic for t in targets})
-
-    def __call__(self, trial) -> float:
-        trial.set_user_attr("worker", worker_id())
-        trial.set_user_attr("host", socket.gethostname())
-        if _is_surplus(trial, self.settings.budget):
-            trial.set_user_attr("surplus", True)
-            raise _Surplus("the study's budget is taken by finished and running trials: not measured")
-        candidates = self._candidates(trial)
-        trial.set_user_attr("candidates", {name: c.summary() for name, c in candidates.items()})
-        configs = {}
-        for member in self.members:
-            configs[member.name] = self._load(trial, member.name, _load, member, candidates[member.name])
-        for target in self.targets:
-            if target.ensemble is not None:
-                configs[target.name] = self._load(trial, target.name, _load_ensemble, target, configs)
-        trial.set_user_attr("configs", {name: to_dict(config) for name, config in configs.items()})
-        started = time.perf_counter()
-        levels = self._sweep(trial)
-        trial.set_user_attr("trial_s", round(time.perf_counter() - started, 3))
-        feasible = [level for level in levels if level.feasible]
-        if not feasible:
-            trial.set_user_attr("feasible", False)
-            raise optuna.TrialPruned(trial.user_attrs["reason"])
-        best = max(feasible, key=lambda level: level.mix_throughput)
-        trial.set_user_attr("feasible", True)
-        trial.set_user_attr("throughput", round(best.mix_throughput, 3))
-        trial.set_user_attr("best_level", best.to_dict())
-        self.note(
-            f"trial {trial.number}: {best.mix_throughput:.1f} req/s in the mix ("
-            + ", ".join(f"{n} {r.throughput:.1f}/s p99 {r.p99_ms:.1f} ms" for n, r in best.results.items())
-            + f"); {trial.user_attrs['reason']}"
-        )
-        return round(best.mix_throughput, 3)
-
-    def _candidates(self, trial) -> dict[str, Candidate]:
-        """Every tuned model's candidate, each under the CPU guard of one model's space (see the module)."""
-        return {
-            m.name: replace(
-                suggest_candidate(
-                    _PrefixedTrial(trial, f"{m.name}."), m.space, batching=m.info.batching, cores=self.cores
-                ),
-                int8_recipe=m.int8_recipe,
-            )
-            for m in self.members
-        }
-
-    def _load(self, trial, name: str, load, *args):
-        """``load(self.server, *args)``; a refused config or a dead server fails the trial, not the study."""
-        try:
-            return load(self.server, *args)
-        except ConfigRejected as exc:
-            trial.set_user_attr("reason", f"Triton rejected the config of {name}: {exc.message}")
-            raise _TrialFailed(trial.user_attrs["reason"]) from exc
-        except ServerDiedError as exc:
-            trial.set_user_attr("reason", f"the server died loading {name}: {exc.message}")
-            if self.server.capabilities.can_restart:
-                self.server.restart()
-            raise _TrialFailed(trial.user_attrs["reason"]) from exc
-
-    def _sweep(self, trial) -> list[MixLevel]:
-        """Rising levels until a model breaks its budget or the mix stops gaining (PLATEAU)."""
-        budgets = {t.name: t.budget_ms for t in self.targets}
-        samples = {t.name: t.samples for t in self.targets}
-        levels: list[MixLevel] = []
-        reason = "the sweep reached its top level"
-        for per_model in self.settings.levels:
-            clients = per_model * len(self.targets)
-            try:
-                level = measure_mix(
-                    self.server.grpc_url,
-                    samples,
-                    clients,
-                    self.shares,
-                    budgets,
-                    self.settings.measure,
-                    client_options=self.server.client_options(),
-                    headers=self.server.request_headers(),
-                )
-            except InferenceError as exc:
-                trial.set_user_attr("reason", f"requests failed under the mixed load: {exc.message}")
-                raise _TrialFailed(trial.user_attrs["reason"]) from exc
-            levels.append(level)
-            if not level.feasible:
-                reason = "bound by the budget of " + ", ".join(
-                    f"{n} (p99 {level.results[n].p99_ms:.1f} ms > {budgets[n]:g} ms)"
-                    for n in level.over_budget
-                )
-                break
-            earlier = [lv.mix_throughput for lv in levels[:-1] if lv.feasible]
-            if earlier and level.mix_throughput < max(earlier) * PLATEAU:
-                reason = "the mix stopped gaining (plateau)"
-                break
-        trial.set_user_attr("levels", [level.to_dict() for level in levels])
-        trial.set_user_attr(
-            "reason", reason if any(lv.feasible for lv in levels) else f"infeasible: {reason}"
-        )
-        if levels and not levels[0].feasible:
-            trial.set_user_attr("bound_by", list(levels[0].over_budget))
-        elif not levels[-1].feasible:
-            trial.set_user_attr("bound_by", list(levels[-1].over_budget))
-        return levels
-
-
-class _PrefixedTrial:
-    """An Optuna trial whose parameter names carry the model's prefix (``encoder.max_batch_size_log2``)."""
-
-    def __init__(self, trial, prefix: str) -> None:
-        self._trial, self._prefix = trial, prefix
-
-    def suggest_categorical(self, name: str, choices):
-        return self._trial.suggest_categorical(self._prefix + name, choices)
-
-    def suggest_int(self, name: str, low: int, high: int, log: bool = False) -> int:
-        return self._trial.suggest_int(self._prefix + name, low, high, log=log)
-
-
-def _load(server: ServingTarget, member: _Member, candidate: Candidate):
-    config = render_config(member.info, candidate, model_name=member.name)
-    server.load_model(member.name, to_json(config), config_files(member.info, config, cache_dir()))
-    return config
-
-
-def _load_ensemble(server: ServingTarget, target: _Target, configs: Mapping[str, Any]):
-    """The ensemble's config over its steps' configs just loaded (``configs`` by step name)."""
-    assert target.ensemble is not None
-    steps = {name: configs[name].max_batch_size for name in target.members}
-    config = render_ensemble(target.name, target.ensemble.config_text, steps)
-    server.load_model(target.name, to_json(config), ensemble_files(cache_dir()))
-    return config
 
 
 # --- the end -------------------------------------------------------------------------------------------
 
 
-def _counts(trial) -> bool:
-    """A finished trial that counts toward the budget: measured (a failure with its reason too), not a
-    surplus proposal (nor, in studies of older versions, a redrawn oversubscription); a trial whose worker
-    died is retried instead."""
-    attrs = trial.user_attrs
-    if not trial.state.is_finished() or attrs.get("oversubscribed") or attrs.get("surplus"):
-        return False
-    return trial.state != TrialState.FAIL or "reason" in attrs
-
-
-def _measured(study) -> int:
-    return sum(1 for t in study.get_trials(deepcopy=False) if _counts(t))
-
-
-def _is_surplus(trial, budget: int) -> bool:
-    """Whether the budget is already taken by counted trials and running ones started before this one.
-
-    Counting only lower-numbered running trials makes two workers starting at once agree: the lower
-    number runs, the higher one is surplus when the budget has room for one trial only.
-    """
-    others = trial.study.get_trials(deepcopy=False)
-    before = sum(1 for t in others if t.state == TrialState.RUNNING and t.number < trial.number)
-    return sum(1 for t in others if _counts(t)) + before >= budget
-
-
-def _summarise(
-    study, targets: list[_Target], members: list[_Member], url: str, out_dir: Path
-) -> JointSummary:
+def _summarise(study, targets: list[Target], members: list[Member], url: str, out_dir: Path) -> JointSummary:
     done = [
         t
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -577,7 +353,7 @@ def _summarise(
     summary = JointSummary(
         study_name=study.study_name,
         storage_url=url,
-        finished=_measured(study),
+        finished=count_finished(study),
         baseline_throughput=baseline.value if baseline else None,
         best_trial=best.number if best else None,
         best_throughput=best.value if best else None,
@@ -601,13 +377,13 @@ def _summarise(
     )
 
 
-def _target_candidate(target: _Target, candidates: Mapping[str, str]) -> str:
+def _target_candidate(target: Target, candidates: Mapping[str, str]) -> str:
     """A target's config in one line: its own, or each step's for an ensemble."""
     if target.ensemble is None:
         return candidates[target.name]
     return "; ".join(f"{step}: {candidates[step]}" for step in target.members)
 
 
-def export_joint(trial, members: list[_Member], out_dir: Path) -> Path:
+def export_joint(trial, members: list[Member], out_dir: Path) -> Path:
     """Write every model's (and ensemble's) config and files of ``trial`` into one repository ``out_dir``."""
     return write_joint_repository(trial.user_attrs["configs"], {m.name: m.info for m in members}, out_dir)

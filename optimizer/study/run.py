@@ -11,7 +11,6 @@ import math
 import os
 import statistics
 import time
-import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -69,12 +68,14 @@ from optimizer.study.settings import SearchSettings, StudySettings
 from optimizer.study.storage import (
     count_finished,
     count_running,
+    create_or_join,
     default_storage_url,
     fail_stale,
     open_storage,
     recover_dead_local_trials,
     register_worker,
     worker_id,
+    worker_seed,
 )
 from optimizer.study.trial import TrialFailed, TrialRunner, first_line
 
@@ -404,22 +405,11 @@ def _open_study(storage, study_name: str, settings: StudySettings):
             n_startup_trials=search.prune_startup_trials,
             n_warmup_steps=search.prune_warmup_steps,
         )
-    try:
-        study = optuna.create_study(
-            storage=storage, study_name=study_name, direction="maximize", pruner=pruner
-        )
-        return study, True
-    except optuna.exceptions.DuplicatedStudyError:
-        return optuna.load_study(study_name=study_name, storage=storage, pruner=pruner), False
-    except Exception as exc:
-        raise StorageError(f"cannot create or open study {study_name!r}: {first_line(str(exc))}") from exc
+    return create_or_join(storage, study_name, pruner)
 
 
 def _sampler(settings: StudySettings, space: SearchSpace, *, batching: bool, per_worker: bool, cores: int):
-    seed = settings.seed
-    if seed is not None and per_worker:
-        # Workers joining one study must not replay each other's proposals: derive a seed of their own.
-        seed = (seed + zlib.crc32(worker_id().encode())) % 2**31
+    seed = worker_seed(settings.seed, per_worker=per_worker)
     if settings.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if settings.sampler == "grid":

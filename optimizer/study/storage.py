@@ -13,6 +13,7 @@ import random
 import socket
 import time
 import warnings
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -75,10 +76,15 @@ def open_storage(url: str, *, create_dirs: bool = True):  # -> optuna.storages.R
                     raise
                 time.sleep(0.5 + random.random())
     except Exception as exc:  # sqlalchemy ArgumentError / OperationalError / missing driver
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise StorageError(f"cannot open study storage {_redact(url)!r}: {detail[:300]}") from exc
+        raise StorageError(f"cannot open study storage {_redact(url)!r}: {_detail(exc)[:300]}") from exc
     finally:
         optuna.logging.set_verbosity(optuna.logging.ERROR)
+
+
+def _detail(exc: Exception) -> str:
+    """The first line of an exception's message (its type when it has none)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _rdb_storage(url: str, engine_kwargs: dict[str, Any]):
@@ -129,6 +135,30 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def worker_seed(seed: int | None, *, per_worker: bool) -> int | None:
+    """The sampler's seed: workers joining one study must not replay each other's proposals."""
+    if seed is None or not per_worker:
+        return seed
+    return (seed + zlib.crc32(worker_id().encode())) % 2**31
+
+
+def create_or_join(storage, study_name: str, pruner=None) -> tuple[optuna.Study, bool]:
+    """Create the study (maximising), or join it; also say whether this worker created it.
+
+    Raises:
+        StorageError: the database refused (read-only, unreachable, not an Optuna database).
+    """
+    try:
+        study = optuna.create_study(
+            storage=storage, study_name=study_name, direction="maximize", pruner=pruner
+        )
+        return study, True
+    except optuna.exceptions.DuplicatedStudyError:
+        return optuna.load_study(study_name=study_name, storage=storage, pruner=pruner), False
+    except Exception as exc:
+        raise StorageError(f"cannot create or open study {study_name!r}: {_detail(exc)}") from exc
+
+
 def _finished_states():
 
     return (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -143,7 +173,8 @@ def count_finished(study) -> int:
 
     count = 0
     for trial in study.get_trials(deepcopy=False, states=_finished_states()):
-        if "same_config_as" in trial.user_attrs or "surplus" in trial.user_attrs:
+        # "oversubscribed": a joint proposal of older versions, redrawn without being measured.
+        if {"same_config_as", "surplus", "oversubscribed"} & set(trial.user_attrs):
             continue
         if trial.state != TrialState.FAIL or "reason" in trial.user_attrs:
             count += 1

@@ -1,0 +1,253 @@
+"""One trial of a joint study: the models it tunes and measures, the objective, and how configs are loaded.
+
+A trial proposes every tuned model's config (a model of the file, or an ensemble's step), loads them and
+the ensembles over them into one server, and sweeps the mixed load (:mod:`optimizer.measurement.mixed`)
+until a model breaks its budget or the mix stops gaining. :mod:`optimizer.study.joint` runs the study
+around it.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from optimizer.config.render import render_config, render_ensemble, to_dict, to_json
+from optimizer.config.space import Candidate, SearchSpace, suggest_candidate
+from optimizer.errors import ConfigRejected, InferenceError, ServerDiedError
+from optimizer.measurement.levels import MeasureSettings
+from optimizer.measurement.mixed import MixLevel, measure_mix, shares_of
+from optimizer.model.ensemble import Ensemble, ensemble_files
+from optimizer.model.intake import ModelInfo
+from optimizer.model.quantize import DEFAULT_INT8_RECIPE
+from optimizer.model.variants import config_files
+from optimizer.paths import cache_dir
+from optimizer.serving.base import ServingTarget
+from optimizer.study.mix import ModelEntry
+from optimizer.study.storage import count_finished, worker_id
+
+__all__ = [
+    "JointObjective",
+    "JointTrials",
+    "Member",
+    "Target",
+    "TrialFailed",
+    "load_ensemble_config",
+    "load_member",
+]
+
+PLATEAU = 1.05  # a level that does not beat the best so far by 5% ends the sweep
+
+
+@dataclass(frozen=True)
+class JointTrials:
+    """How each trial is measured, and the study's budget of trials."""
+
+    budget: int
+    levels: tuple[int, ...]  # clients per model at each level (shared, in the traffic mix)
+    measure: MeasureSettings
+
+
+@dataclass(frozen=True)
+class Member:
+    """A model whose config the study tunes (a model of the file, or a step of an ensemble), settled:
+    its file, requests, space (accurate variants only) and int8 recipe."""
+
+    name: str
+    info: ModelInfo
+    samples: list
+    space: SearchSpace
+    int8_recipe: str = DEFAULT_INT8_RECIPE
+
+
+@dataclass(frozen=True)
+class Target:
+    """What the traffic goes to: a model of the file, or an ensemble (measured through it)."""
+
+    entry: ModelEntry
+    samples: list
+    members: tuple[str, ...]  # the tuned models it runs on
+    ensemble: Ensemble | None = None
+    budget_ms: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+
+class TrialFailed(Exception):
+    """A config the server rejected, or a load it could not serve: the trial fails, the study goes on."""
+
+
+class _Surplus(optuna.TrialPruned):
+    """A proposal past the study's budget (another worker took the last trial): not measured, not counted."""
+
+
+class JointObjective:
+    """The objective of a joint study: one trial's configs loaded together, swept under the mixed load,
+    scored by what the mix sustains within every budget (a trial past the study's budget is surplus)."""
+
+    def __init__(
+        self,
+        server: ServingTarget,
+        targets: list[Target],
+        members: list[Member],
+        trials: JointTrials,
+        cores: int,
+        note,
+    ):
+        self.server = server
+        self.targets = targets
+        self.members = members
+        self.trials = trials
+        self.cores = cores
+        self.note = note
+        self.shares = shares_of({t.name: t.entry.traffic for t in targets})
+
+    def __call__(self, trial) -> float:
+        trial.set_user_attr("worker", worker_id())
+        trial.set_user_attr("host", socket.gethostname())
+        if _is_surplus(trial, self.trials.budget):
+            trial.set_user_attr("surplus", True)
+            raise _Surplus("the study's budget is taken by finished and running trials: not measured")
+        candidates = self._candidates(trial)
+        trial.set_user_attr("candidates", {name: c.summary() for name, c in candidates.items()})
+        configs = {}
+        for member in self.members:
+            configs[member.name] = self._load(
+                trial, member.name, load_member, member, candidates[member.name]
+            )
+        for target in self.targets:
+            if target.ensemble is not None:
+                configs[target.name] = self._load(trial, target.name, load_ensemble_config, target, configs)
+        trial.set_user_attr("configs", {name: to_dict(config) for name, config in configs.items()})
+        started = time.perf_counter()
+        levels = self._sweep(trial)
+        trial.set_user_attr("trial_s", round(time.perf_counter() - started, 3))
+        feasible = [level for level in levels if level.feasible]
+        if not feasible:
+            trial.set_user_attr("feasible", False)
+            raise optuna.TrialPruned(trial.user_attrs["reason"])
+        best = max(feasible, key=lambda level: level.mix_throughput)
+        trial.set_user_attr("feasible", True)
+        trial.set_user_attr("throughput", round(best.mix_throughput, 3))
+        trial.set_user_attr("best_level", best.to_dict())
+        self.note(
+            f"trial {trial.number}: {best.mix_throughput:.1f} req/s in the mix ("
+            + ", ".join(f"{n} {r.throughput:.1f}/s p99 {r.p99_ms:.1f} ms" for n, r in best.results.items())
+            + f"); {trial.user_attrs['reason']}"
+        )
+        return round(best.mix_throughput, 3)
+
+    def _candidates(self, trial) -> dict[str, Candidate]:
+        """Every tuned model's candidate, each under the CPU guard of one model's space (see
+        :mod:`optimizer.study.joint`)."""
+        return {
+            m.name: replace(
+                suggest_candidate(
+                    _PrefixedTrial(trial, f"{m.name}."), m.space, batching=m.info.batching, cores=self.cores
+                ),
+                int8_recipe=m.int8_recipe,
+            )
+            for m in self.members
+        }
+
+    def _load(self, trial, name: str, load, *args):
+        """``load(self.server, *args)``; a refused config or a dead server fails the trial, not the study."""
+        try:
+            return load(self.server, *args)
+        except ConfigRejected as exc:
+            trial.set_user_attr("reason", f"Triton rejected the config of {name}: {exc.message}")
+            raise TrialFailed(trial.user_attrs["reason"]) from exc
+        except ServerDiedError as exc:
+            trial.set_user_attr("reason", f"the server died loading {name}: {exc.message}")
+            if self.server.capabilities.can_restart:
+                self.server.restart()
+            raise TrialFailed(trial.user_attrs["reason"]) from exc
+
+    def _sweep(self, trial) -> list[MixLevel]:
+        """Rising levels until a model breaks its budget or the mix stops gaining (PLATEAU)."""
+        budgets = {t.name: t.budget_ms for t in self.targets}
+        samples = {t.name: t.samples for t in self.targets}
+        levels: list[MixLevel] = []
+        reason = "the sweep reached its top level"
+        for per_model in self.trials.levels:
+            clients = per_model * len(self.targets)
+            try:
+                level = measure_mix(
+                    self.server.grpc_url,
+                    samples,
+                    clients,
+                    self.shares,
+                    budgets,
+                    self.trials.measure,
+                    client_options=self.server.client_options(),
+                    headers=self.server.request_headers(),
+                )
+            except InferenceError as exc:
+                trial.set_user_attr("reason", f"requests failed under the mixed load: {exc.message}")
+                raise TrialFailed(trial.user_attrs["reason"]) from exc
+            levels.append(level)
+            if not level.feasible:
+                reason = "bound by the budget of " + ", ".join(
+                    f"{n} (p99 {level.results[n].p99_ms:.1f} ms > {budgets[n]:g} ms)"
+                    for n in level.over_budget
+                )
+                break
+            earlier = [lv.mix_throughput for lv in levels[:-1] if lv.feasible]
+            if earlier and level.mix_throughput < max(earlier) * PLATEAU:
+                reason = "the mix stopped gaining (plateau)"
+                break
+        trial.set_user_attr("levels", [level.to_dict() for level in levels])
+        trial.set_user_attr(
+            "reason", reason if any(lv.feasible for lv in levels) else f"infeasible: {reason}"
+        )
+        if levels and not levels[0].feasible:
+            trial.set_user_attr("bound_by", list(levels[0].over_budget))
+        elif not levels[-1].feasible:
+            trial.set_user_attr("bound_by", list(levels[-1].over_budget))
+        return levels
+
+
+class _PrefixedTrial:
+    """An Optuna trial whose parameter names carry the model's prefix (``encoder.max_batch_size_log2``)."""
+
+    def __init__(self, trial, prefix: str) -> None:
+        self._trial, self._prefix = trial, prefix
+
+    def suggest_categorical(self, name: str, choices):
+        return self._trial.suggest_categorical(self._prefix + name, choices)
+
+    def suggest_int(self, name: str, low: int, high: int, log: bool = False) -> int:
+        return self._trial.suggest_int(self._prefix + name, low, high, log=log)
+
+
+def load_member(server: ServingTarget, member: Member, candidate: Candidate):
+    config = render_config(member.info, candidate, model_name=member.name)
+    server.load_model(member.name, to_json(config), config_files(member.info, config, cache_dir()))
+    return config
+
+
+def load_ensemble_config(server: ServingTarget, target: Target, configs: Mapping[str, Any]):
+    """The ensemble's config over its steps' configs just loaded (``configs`` by step name)."""
+    assert target.ensemble is not None
+    steps = {name: configs[name].max_batch_size for name in target.members}
+    config = render_ensemble(target.name, target.ensemble.config_text, steps)
+    server.load_model(target.name, to_json(config), ensemble_files(cache_dir()))
+    return config
+
+
+def _is_surplus(trial, budget: int) -> bool:
+    """Whether the budget is already taken by counted trials and running ones started before this one.
+
+    Counting only lower-numbered running trials makes two workers starting at once agree: the lower
+    number runs, the higher one is surplus when the budget has room for one trial only.
+    """
+    running = trial.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    before = sum(1 for t in running if t.number < trial.number)
+    return count_finished(trial.study) + before >= budget
