@@ -438,9 +438,8 @@ def study(
 ) -> None:
     """Run (or resume) the Bayesian study and export the best configuration."""
     model = models[0] if models else None
-    if traffic is not None and models_file is None and len(models or []) < 2:
-        raise UsageError("--traffic splits the load between several models: give --model twice or more")
     from optimizer.config.space import load_space
+    from optimizer.measurement.joint_replay import JointReplayTarget
     from optimizer.measurement.replay import ReplayTarget
     from optimizer.measurement.sweep import DEFAULT_LEVELS, parse_levels, parse_rates
     from optimizer.model.intake import parse_shape_args
@@ -474,7 +473,10 @@ def study(
             seed=seed,
             **target_options,
         )
-    if models_file is not None or len(models or []) > 1 or _one_ensemble(models):
+    joint_recording = isinstance(server, JointReplayTarget)
+    if traffic is not None and not joint_recording and models_file is None and len(models or []) < 2:
+        raise UsageError("--traffic splits the load between several models: give --model twice or more")
+    if joint_recording or models_file is not None or len(models or []) > 1 or _one_ensemble(models):
         _refuse_single_model_options(
             {
                 "--concurrency": concurrency,
@@ -497,9 +499,17 @@ def study(
         )
         if isinstance(server, ReplayTarget):
             raise UsageError(
-                "a recording (--target replay:) answers for one model: tune several models on a server"
+                "this recording (--target replay:) is of one model: tune several models on a server, or "
+                "replay a joint recording (bench/record_joint_surface.py)"
             )
-        entries = _several_models(models_file, models or [], traffic, latency_budget_ms, shape, input_data)
+        if isinstance(server, JointReplayTarget):
+            given = {"--model": models, "--models": models_file, "--shape": shape, "--input-data": input_data}
+            entries = _replayed_models(server, given, traffic, latency_budget_ms)
+            space = space or str(server.surface.space_path)
+        else:
+            entries = _several_models(
+                models_file, models or [], traffic, latency_budget_ms, shape, input_data
+            )
         scale_out = {
             "allow_shared_host": allow_shared_host,
             "cpus": parse_cpus(cpus) if cpus else frozenset(),
@@ -614,6 +624,31 @@ def _several_models(
     return load_models_file(models_file)
 
 
+def _replayed_models(server, given: dict, traffic: str | None, budgets: str | None):
+    """The models of a joint recording, in its traffic mix, each with its recorded budget unless given."""
+    from optimizer.measurement.mixed import shares_of
+    from optimizer.study.mix import models_from_flags
+
+    surface = server.surface
+    names = surface.model_names
+    stray = next((flag for flag, value in given.items() if value), None)
+    if stray:
+        raise UsageError(
+            f"a joint recording replays the models it recorded ({', '.join(names)}): drop {stray}"
+        )
+    shapes = {f"{name}.{tensor}": dims for name in names for tensor, dims in surface.shapes(name).items()}
+    recorded_mix = ",".join(f"{name}={weight:g}" for name, weight in surface.traffic.items())
+    entries = models_from_flags(
+        [surface.model_path(name) for name in names], shapes, traffic or recorded_mix, budgets
+    )
+    server.check_traffic(shares_of({entry.name: entry.traffic for entry in entries}))
+    recorded = surface.latency_budgets_ms
+    return tuple(
+        replace(entry, latency_budget_ms=recorded[entry.name]) if entry.latency_budget_ms is None else entry
+        for entry in entries
+    )
+
+
 def _one_budget(text: str | None) -> float | None:
     """One model's ``--latency-budget-ms`` (checked for being positive with the other settings)."""
     if text is None:
@@ -674,7 +709,8 @@ def _joint_study(
     if summary.best_trial is None:
         raise StudyError(
             f"no joint configuration kept every model within its budget in {summary.finished} trials: "
-            "raise the budgets in the models file (with a new --study-name) or widen the space"
+            "raise the budgets (--latency-budget-ms, or the models file) with a new --study-name, or widen "
+            "the space"
         )
 
 

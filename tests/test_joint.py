@@ -28,6 +28,7 @@ from optimizer.output.serve import serving
 from optimizer.paths import cache_dir
 from optimizer.study.joint import JointSettings, run_joint_study
 from optimizer.study.mix import load_models_file, models_from_flags
+from optimizer.study.results import joint_budgets
 
 FAST = MeasureSettings(warmup_s=0.1, window_s=0.4, max_window_s=0.4, min_requests=5, rule="fixed")
 CNN_SHAPES = "{image: [3, 32, 32]}"
@@ -167,7 +168,7 @@ def test_a_joint_study_loads_measures_and_exports_both_models_within_their_budge
     )
     summary = run_joint_study(settings, target=triton)
     study = optuna.load_study(study_name="joint", storage=f"sqlite:///{tmp_path}/joint.db")
-    assert study.user_attrs["latency_budgets_ms"] == {"mlp": 200.0, "cnn": 300.0}
+    assert joint_budgets(study.user_attrs) == {"mlp": 200.0, "cnn": 300.0}
     assert study.user_attrs["traffic"] == {"mlp": 3.0, "cnn": 1.0}
     measured = [t for t in study.trials if t.state.is_finished() and not t.user_attrs.get("surplus")]
     assert summary.finished == len(measured) == 3
@@ -181,7 +182,7 @@ def test_a_joint_study_loads_measures_and_exports_both_models_within_their_budge
             assert all(m["throughput"] > 0 for m in level["models"].values())
     best = next(t for t in measured if t.number == summary.best_trial)
     for name, figures in best.user_attrs["best_level"]["models"].items():
-        assert figures["p99_ms"] <= study.user_attrs["latency_budgets_ms"][name]  # each budget respected
+        assert figures["p99_ms"] <= joint_budgets(study.user_attrs)[name]  # each budget respected
     assert summary.best_throughput == pytest.approx(best.value)
     assert summary.bound_by and set(summary.per_model) == {"mlp", "cnn"}
     # Both models are on the server together, and the exported repository holds both.
@@ -305,6 +306,14 @@ BAD_ENSEMBLES = [
         "no step reads its input 'EXTRA'",
     ),
     (
+        "batching-over-a-fixed-batch-step",
+        lambda repo: examples.build_fixed_batch_mlp(
+            repo / "head" / "1" / "model.onnx", in_features=32, hidden=16, batch=2
+        ),
+        3,
+        "ensemble 'pipeline' batches (max_batch_size 8) but step 'head' has no dynamic batch dimension",
+    ),
+    (
         "shared-step",
         lambda repo: examples.build_ensemble(repo, name="other"),
         2,
@@ -353,7 +362,7 @@ def test_an_ensemble_is_tuned_as_its_steps_and_measured_through_it(tmp_path, mod
     summary = run_joint_study(settings, target=triton)
     study = optuna.load_study(study_name="ens", storage=f"sqlite:///{tmp_path}/ens.db")
     assert study.user_attrs["ensembles"] == {"pipeline": ["pre", "head"]}
-    assert set(study.user_attrs["latency_budgets_ms"]) == {"pipeline", "cnn"}
+    assert set(joint_budgets(study.user_attrs)) == {"pipeline", "cnn"}
     measured = [t for t in study.trials if t.state.is_finished() and not t.user_attrs.get("surplus")]
     assert len(measured) == 3
     step_params = {name for t in measured for name in t.params if name.split(".")[0] in ("pre", "head")}
@@ -454,7 +463,7 @@ BAD_FLAGS = [
     (
         "a-recording",
         ["--target", f"replay:{Path(__file__).parents[1] / 'bench' / 'data' / 'cnn'}"],
-        "a recording (--target replay:) answers for one model",
+        "this recording (--target replay:) is of one model",
     ),
 ]
 
@@ -499,7 +508,7 @@ def test_two_model_flags_run_a_joint_study_with_its_report(tmp_path, models):
     assert main([*args, "--window-s", "0.3", "--warmup-s", "0.1"]) == 0
     study = optuna.load_study(study_name="flags", storage=storage)
     assert study.user_attrs["traffic"] == {"mlp": 3.0, "cnn": 1.0}
-    assert study.user_attrs["latency_budgets_ms"] == {"mlp": 200.0, "cnn": 300.0}
+    assert joint_budgets(study.user_attrs) == {"mlp": 200.0, "cnn": 300.0}
     assert sum(1 for t in study.trials if t.user_attrs.get("levels")) == 2
     report = Path(os.environ["OPTIMIZE_STUDIES_DIR"]) / "flags" / "report"
     assert (report / "report.html").is_file() and (report / "trials.csv").is_file()

@@ -15,6 +15,7 @@ from optuna.trial import TrialState
 
 from optimizer.cli import main
 from optimizer.errors import UsageError
+from optimizer.measurement.joint_replay import is_joint_recording
 from optimizer.measurement.replay import ReplayTarget, draw_repeat, load_surface, replay_sweep
 from optimizer.study.run import run_study
 from optimizer.study.settings import SearchSettings, StudySettings
@@ -22,7 +23,10 @@ from studies import replay_settings
 
 DATA = Path(__file__).resolve().parent.parent / "bench" / "data"
 ENCODER = DATA / "encoder"
-SURFACES = sorted(path for path in DATA.iterdir() if (path / "meta.json").is_file())
+# One model's recordings (a joint recording has tests of its own: test_joint_replay.py).
+SURFACES = sorted(
+    path for path in DATA.iterdir() if (path / "meta.json").is_file() and not is_joint_recording(path)
+)
 
 
 def _replay_settings(surface, tmp_path: Path, **overrides) -> StudySettings:
@@ -185,3 +189,22 @@ def test_starting_points_are_measured_right_after_the_baseline(tmp_path: Path) -
     assert all(t.params["max_batch_size"] == 32 for t in trials[1:3])
     # A recording is another machine's server: this machine's in-process figures would not compare.
     assert "recording" in study.user_attrs["inprocess_profile"]["skipped"]
+
+
+def test_resuming_a_study_in_another_space_is_one_line_and_keeps_its_trials(tmp_path: Path, capsys) -> None:
+    args = ["study", "--target", f"replay:{ENCODER}", "--study-name", "sp", "--storage", _url(tmp_path)]
+    assert main([*args, "--budget", "3"]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    before = [
+        (t.number, t.state, t.value)
+        for t in optuna.load_study(study_name="sp", storage=_url(tmp_path)).trials
+    ]
+    assert main([*args, "--budget", "8", "--space", "cpu"]) == 6
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "study 'sp' searched another space (" in err[0], err
+    after = optuna.load_study(study_name="sp", storage=_url(tmp_path)).trials
+    assert [(t.number, t.state, t.value) for t in after] == before
+
+
+def _url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'r.db'}"

@@ -1,4 +1,8 @@
-"""Which load generator measures a level: the built-in one, perf_analyzer, or a replayed recording."""
+"""Which load generator measures a level: the built-in one, perf_analyzer, or a replayed recording.
+
+One model's study asks :func:`make_load_generator`; a joint study measures the mixed load of several
+models with :func:`make_mix_source`.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +13,17 @@ import numpy as np
 
 from optimizer.errors import UsageError
 from optimizer.measurement.builtin import LoadGenerator
+from optimizer.measurement.joint_replay import JointReplayTarget
 from optimizer.measurement.levels import LevelResult, MeasureSettings
+from optimizer.measurement.mixed import MixLevel, measure_mix
 from optimizer.measurement.perf_analyzer import PerfAnalyzerLoadGenerator
 from optimizer.measurement.replay import ReplayTarget
 from optimizer.serving.base import ServingTarget
 
-__all__ = ["LevelSource", "make_load_generator"]
+__all__ = ["LevelSource", "MixSource", "make_load_generator", "make_mix_source"]
+
+# (clients, traffic shares, each model's p99 budget) -> the level measured; None: a recording holds none
+MixSource = Callable[[int, Mapping[str, float], Mapping[str, float]], "MixLevel | None"]
 
 
 class LevelSource(Protocol):
@@ -54,6 +63,10 @@ def make_load_generator(
     Raises:
         UsageError: the combination needs what this target or engine lacks (HTTP address, TLS).
     """
+    if isinstance(target, JointReplayTarget):
+        raise UsageError(
+            "this recording is of several models tuned together: replay it without --model, as a joint study"
+        )
     if isinstance(target, ReplayTarget):  # a recorded surface answers instead of a server
         return target.load_generator()
     url = target.grpc_url if protocol == "grpc" else _host_port(target.http_url)
@@ -88,6 +101,40 @@ def make_load_generator(
         headers=headers,
         resources=resources,
     )
+
+
+def make_mix_source(
+    target: ServingTarget,
+    samples: Mapping[str, Sequence[Mapping[str, np.ndarray]]],
+    settings: MeasureSettings,
+) -> MixSource:
+    """How a joint study measures a level of the mixed load: on ``target``'s server (the built-in
+    generator, its TLS and headers), or from a joint recording's levels.
+
+    Raises:
+        UsageError: ``target`` replays one model's recording, which cannot answer for a mix.
+    """
+    if isinstance(target, JointReplayTarget):
+        return target.measure_mix
+    if isinstance(target, ReplayTarget):
+        raise UsageError(
+            "a recording of one model (--target replay:) answers that model's study only: replay a joint "
+            "recording (bench/record_joint_surface.py), or tune the models on a server"
+        )
+
+    def measure(clients: int, shares: Mapping[str, float], budgets_ms: Mapping[str, float]) -> MixLevel:
+        return measure_mix(
+            target.grpc_url,
+            samples,
+            clients,
+            shares,
+            budgets_ms,
+            settings,
+            client_options=target.client_options(),
+            headers=target.request_headers(),
+        )
+
+    return measure
 
 
 def _host_port(url: str) -> str:

@@ -49,8 +49,10 @@ class MixLevel:
                 name: {
                     "throughput": r.throughput,
                     "p99_ms": r.p99_ms,
+                    "p95_ms": r.p95_ms,
                     "p50_ms": r.p50_ms,
                     "requests": r.requests,
+                    "duration_s": r.duration_s,
                 }
                 for name, r in self.results.items()
             },

@@ -30,6 +30,7 @@ from optimizer.serving.base import Capabilities, ServingTarget
 __all__ = [
     "BadStarts",
     "RecordedConfig",
+    "RecordingTarget",
     "ReplayTarget",
     "Surface",
     "build_recorded_model",
@@ -253,11 +254,11 @@ class ReplayLoadGenerator:
         return results[0]
 
 
-class ReplayTarget(ServingTarget):
-    """A serving target that answers from a recorded surface instead of a server.
+class RecordingTarget(ServingTarget):
+    """What every replay target shares: no server, and the recording machine's cores and hardware.
 
-    It lives with the measurements, not the servers: what it serves is a recording of measured levels,
-    and :func:`optimizer.measurement.engines.make_load_generator` hands out its replayed sweeps.
+    A replay lives with the measurements, not the servers: what it serves is a recording of measured
+    levels. Subclasses keep the recording (``self.recording_path``, ``self.meta``) and answer loads.
     """
 
     name = "replay"
@@ -269,13 +270,10 @@ class ReplayTarget(ServingTarget):
         same_machine=False,  # the recording's machine, not this one
     )
 
-    def __init__(
-        self, path: Path | str, seed: int | None = None, bad_starts: BadStarts | None = None
-    ) -> None:
-        self.surface = load_surface(path)
+    def __init__(self, path: Path, meta: Mapping, seed: int | None) -> None:
+        self.recording_path = path
+        self.meta = meta
         self.rng = random.Random(seed)
-        self.bad_starts = bad_starts
-        self._loaded: tuple[RecordedConfig, tuple[LevelResult, ...]] | None = None
 
     @property
     def grpc_url(self) -> str:
@@ -298,15 +296,30 @@ class ReplayTarget(ServingTarget):
         return True
 
     def server_version(self) -> str:
-        return f"replay of {self.surface.meta.get('server_version', '?')}"
+        return f"replay of {self.meta.get('server_version', '?')}"
 
     def cpu_cores(self) -> int:
         """The cores of the machine the recording was made on."""
-        return int(self.surface.meta.get("hardware", {}).get("cores") or 1)
+        return int(self.meta.get("hardware", {}).get("cores") or 1)
 
     def hardware(self) -> dict:
         """The machine the recording was made on (the study's figures are that machine's)."""
-        return dict(self.surface.meta.get("hardware", {}))
+        return dict(self.meta.get("hardware", {}))
+
+
+class ReplayTarget(RecordingTarget):
+    """A serving target that answers one model's study from a recorded surface instead of a server.
+
+    :func:`optimizer.measurement.engines.make_load_generator` hands out its replayed sweeps.
+    """
+
+    def __init__(
+        self, path: Path | str, seed: int | None = None, bad_starts: BadStarts | None = None
+    ) -> None:
+        self.surface = load_surface(path)
+        super().__init__(self.surface.path, self.surface.meta, seed)
+        self.bad_starts = bad_starts
+        self._loaded: tuple[RecordedConfig, tuple[LevelResult, ...]] | None = None
 
     def check_model(self, sha256: str) -> None:
         """Refuse a study of another model than the one recorded."""

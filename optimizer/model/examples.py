@@ -187,8 +187,9 @@ def build_fixed_batch_mlp(
     in_features: int = 64,
     out_features: int = 10,
     hidden: int = 256,
+    batch: int = 1,
 ) -> Path:
-    """Builds the same MLP as :func:`build_mlp` but with batch fixed to 1.
+    """Builds the same MLP as :func:`build_mlp` but with its batch dimension fixed (to 1 by default).
 
     Args:
         path: Where to write the ``.onnx`` file.
@@ -196,12 +197,13 @@ def build_fixed_batch_mlp(
         in_features: Width of input ``x``.
         out_features: Width of output ``logits``.
         hidden: Width of both hidden layers.
+        batch: The fixed batch (a batch of 1 is read as a dynamic one by intake; others are not).
 
     Returns:
-        ``path``. Input ``x`` float32 ``[1, in_features]``; output ``logits`` float32
-        ``[1, out_features]``.
+        ``path``. Input ``x`` float32 ``[batch, in_features]``; output ``logits`` float32
+        ``[batch, out_features]``.
     """
-    return _mlp(path, seed, 1, in_features, hidden, out_features)
+    return _mlp(path, seed, batch, in_features, hidden, out_features)
 
 
 def build_cnn(

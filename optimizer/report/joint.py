@@ -17,6 +17,7 @@ from optuna.trial import TrialState
 from plotly.subplots import make_subplots
 
 from optimizer.report.html import _CSS, _PLOT_CONFIG, COLORS, _card, _e, _layout, _num, _section, _table
+from optimizer.study.results import joint_budgets
 
 __all__ = [
     "JointReportData",
@@ -81,7 +82,7 @@ def joint_report_data(study: Any) -> JointReportData:
     return JointReportData(
         study_name=study.study_name,
         models=tuple(traffic),
-        budgets_ms=dict(attrs.get("latency_budgets_ms", {})),
+        budgets_ms=joint_budgets(attrs),
         traffic=traffic,
         ensembles={name: tuple(steps) for name, steps in attrs.get("ensembles", {}).items()},
         trials=trials,

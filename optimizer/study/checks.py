@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
-from optimizer.errors import UsageError
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    IntDistribution,
+    check_distribution_compatibility,
+)
+
+from optimizer.config.space import SearchSpace, suggest_candidate
+from optimizer.errors import StudyError, UsageError
 from optimizer.measurement.levels import ENGINES, PROTOCOLS, RULES, MeasureSettings
 from optimizer.measurement.perf_analyzer import ensure_perf_analyzer
 from optimizer.serving.base import ServingTarget
 from optimizer.study.settings import CROSS_CHECK_ENGINES, SAMPLERS, StudySettings
 
-__all__ = ["check_settings", "check_target"]
+__all__ = ["check_same_space", "check_settings", "check_target", "space_distributions"]
 
 
 def check_settings(settings: StudySettings) -> None:
@@ -78,3 +88,70 @@ def check_target(settings: StudySettings, target: ServingTarget) -> None:
             f"--confirm-with {engine} cannot reach a server over TLS (only the built-in gRPC generator can): "
             "drop --confirm-with, or cross-check from a machine that reaches the server without TLS"
         )
+
+
+def space_distributions(
+    space: SearchSpace, *, batching: bool, cores: int, prefix: str = ""
+) -> dict[str, BaseDistribution]:
+    """The Optuna distribution of every parameter ``space`` suggests (named ``prefix + name``)."""
+    recorder = _DistributionRecorder(prefix)
+    suggest_candidate(recorder, space, batching=batching, cores=cores)
+    return recorder.distributions
+
+
+class _DistributionRecorder:
+    """Stands in for an Optuna trial and notes the distribution of each suggestion."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.distributions: dict[str, BaseDistribution] = {}
+
+    def suggest_categorical(self, name: str, choices: list[Any]) -> Any:
+        self.distributions[self.prefix + name] = CategoricalDistribution(choices)
+        return choices[0]
+
+    def suggest_int(self, name: str, low: int, high: int, log: bool = False) -> int:
+        self.distributions[self.prefix + name] = IntDistribution(low, high, log=log)
+        return low
+
+
+def check_same_space(
+    study, distributions: Mapping[str, BaseDistribution], *, before_settling: bool = False
+) -> None:
+    """Refuse to resume ``study`` in a space Optuna cannot put beside the one its trials were drawn from.
+
+    A parameter suggested as a list of choices in one space and a range in another (or with other
+    choices) makes Optuna fail the next trial; a range merely narrowed or widened is fine.
+    ``before_settling``: the space's precisions are not yet cut to the accurate ones, so the stored
+    precisions need only be among them (checked again, exactly, once settled).
+    """
+    for trial in study.get_trials(deepcopy=False):
+        for name, stored in trial.distributions.items():
+            new = distributions.get(name)
+            if new is None or (before_settling and _narrowed_precisions(name, stored, new)):
+                continue
+            try:
+                check_distribution_compatibility(stored, new)
+            except ValueError:
+                raise StudyError(
+                    f"study {study.study_name!r} searched another space ({name}: {_described(stored)}, "
+                    f"now {_described(new)}): resume it with the same --space, or use another --study-name"
+                ) from None
+
+
+def _narrowed_precisions(name: str, stored: BaseDistribution, new: BaseDistribution) -> bool:
+    """The precision parameter, its stored choices among the new ones (the accuracy guard cuts them)."""
+    return (
+        name.rsplit(".", 1)[-1] == "precision"
+        and isinstance(stored, CategoricalDistribution)
+        and isinstance(new, CategoricalDistribution)
+        and set(stored.choices) <= set(new.choices)
+    )
+
+
+def _described(distribution: BaseDistribution) -> str:
+    if isinstance(distribution, CategoricalDistribution):
+        return "one of " + ", ".join(str(choice) for choice in distribution.choices)
+    if isinstance(distribution, IntDistribution):
+        return f"{distribution.low}..{distribution.high}"
+    return repr(distribution)

@@ -47,6 +47,8 @@ from optimizer.model.intake import inspect_model, load_requests
 from optimizer.paths import cache_dir, check_name, studies_dir
 from optimizer.serving.base import ServingTarget
 from optimizer.serving.embedded import EmbeddedTriton
+from optimizer.serving.environment import available_cores
+from optimizer.study.checks import check_same_space, space_distributions
 from optimizer.study.joint_trial import (
     JointObjective,
     JointTrials,
@@ -58,7 +60,7 @@ from optimizer.study.joint_trial import (
 )
 from optimizer.study.mix import ModelEntry
 from optimizer.study.precisions import accurate_precisions, int8_recipe_of
-from optimizer.study.results import write_joint_repository
+from optimizer.study.results import BUDGET_ATTR, joint_budgets, write_joint_repository
 from optimizer.study.storage import (
     count_finished,
     count_running,
@@ -123,6 +125,9 @@ def run_joint_study(
     space = settings.space if isinstance(settings.space, SearchSpace) else load_space(settings.space)
     targets, members = _intake_all(settings.models, space)
     _check_target_serves(target, targets)
+    if target is not None:  # a recording refuses models it does not hold, before any work
+        for member in members:
+            target.check_model(member.info.sha256)
     study_name = check_name(settings.study_name or "joint-" + "-".join(t.name for t in targets), "study name")
     out_dir = settings.output_dir or studies_dir()
     url = settings.storage or default_storage_url(out_dir, study_name)
@@ -136,15 +141,21 @@ def run_joint_study(
     study.sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=5)
     for number in recover_dead_local_trials(study):
         note(f"trial {number} was left running by a worker that died: it will be retried")
+    # The cores the server's models share (a replay: the recording machine's).
+    cores = len(settings.cpus) or (target.cpu_cores() if target is not None else available_cores())
+    _check_same_space(study, members, cores, before_settling=True)  # before the accuracy checks' work
     members = [_settle_variants(study, m, settings, note) for m in members]
+    _check_same_space(study, members, cores)
     if settings.cpus:  # the server is our child: it inherits the affinity
         os.sched_setaffinity(0, settings.cpus)
     server = target or EmbeddedTriton()
-    cores = len(settings.cpus) or server.cpu_cores()
     owned = not server.is_alive()  # a server the caller runs already stays as the caller left it
     if owned:
         server.start()
     try:
+        for key, value in (("server_version", server.server_version()), ("hardware", server.hardware())):
+            if key not in study.user_attrs:  # a replay: the recording's server and machine
+                study.set_user_attr(key, value)
         by_name = {m.name: m for m in members}
         targets = [replace(t, budget_ms=_budget(study, t, by_name, server, settings, note)) for t in targets]
         if not study.get_trials(deepcopy=False):  # a crash between creating the study and enqueuing
@@ -239,7 +250,7 @@ def _check_same_study(study, targets: list[Target], members: list[Member]) -> No
             f"study {study.study_name!r} was run with the traffic mix {mix}: resume with the same mix, "
             "or give a new --study-name"
         )
-    budgets = attrs.get("latency_budgets_ms", {})
+    budgets = joint_budgets(attrs)
     for target in targets:
         given, kept = target.entry.latency_budget_ms, budgets.get(target.name)
         if given is not None and kept is not None and given != kept:
@@ -257,6 +268,12 @@ def _check_same_study(study, targets: list[Target], members: list[Member]) -> No
     for key, value in records.items():
         if key not in attrs:
             study.set_user_attr(key, value)
+
+
+def _check_same_space(study, members: list[Member], cores: int, *, before_settling: bool = False) -> None:
+    for m in members:
+        prefixed = space_distributions(m.space, batching=m.info.batching, cores=cores, prefix=f"{m.name}.")
+        check_same_space(study, prefixed, before_settling=before_settling)
 
 
 def _settle_variants(study, member: Member, settings: JointSettings, note) -> Member:
@@ -293,7 +310,7 @@ def _budget(
     note,
 ) -> float:
     """The target's p99 budget: the file's, or 10x the median single-request p99 of its untuned config."""
-    budgets = dict(study.user_attrs.get("latency_budgets_ms", {}))
+    budgets = joint_budgets(study.user_attrs)
     name = target.name
     given = target.entry.latency_budget_ms
     if name in budgets:
@@ -303,6 +320,10 @@ def _budget(
                 "resume with the same budgets, or give a new --study-name"
             )
         return float(budgets[name])
+    if given is None and not server.capabilities.serves_requests:
+        raise UsageError(
+            f"{name!r} has no latency budget and a recording cannot probe one: give --latency-budget-ms"
+        )
     if given is None:
         configs = {m: load_member(server, members[m], Candidate(max_batch_size=1)) for m in target.members}
         if target.ensemble is not None:
@@ -324,14 +345,13 @@ def _budget(
             for _ in range(BUDGET_PROBES)
         ]
         given = float(max(MIN_DEFAULT_BUDGET_MS, round(statistics.median(probes) * DEFAULT_BUDGET_FACTOR, 1)))
-        budgets = dict(study.user_attrs.get("latency_budgets_ms", {}))
+        budgets = joint_budgets(study.user_attrs)
         if name in budgets:  # another worker probed it first: every worker keeps one budget
-            return float(budgets[name])
+            return budgets[name]
         note(
             f"{name}: latency budget {given:g} ms ({DEFAULT_BUDGET_FACTOR:g} x its median single-request p99)"
         )
-    budgets[name] = given
-    study.set_user_attr("latency_budgets_ms", budgets)
+    study.set_user_attr(BUDGET_ATTR + name, given)
     return given
 
 
@@ -361,7 +381,7 @@ def _summarise(study, targets: list[Target], members: list[Member], url: str, ou
     if best is None:
         return summary
     level = best.user_attrs["best_level"]
-    budgets = study.user_attrs.get("latency_budgets_ms", {})
+    budgets = joint_budgets(study.user_attrs)
     candidates = best.user_attrs["candidates"]
     per_model = {
         t.name: {

@@ -20,8 +20,9 @@ from optuna.trial import TrialState
 from optimizer.config.render import render_config, render_ensemble, to_dict, to_json
 from optimizer.config.space import Candidate, SearchSpace, suggest_candidate
 from optimizer.errors import ConfigRejected, InferenceError, ServerDiedError
+from optimizer.measurement.engines import make_mix_source
 from optimizer.measurement.levels import MeasureSettings
-from optimizer.measurement.mixed import MixLevel, measure_mix, shares_of
+from optimizer.measurement.mixed import MixLevel, shares_of
 from optimizer.model.ensemble import Ensemble, ensemble_files
 from optimizer.model.intake import ModelInfo
 from optimizer.model.quantize import DEFAULT_INT8_RECIPE
@@ -108,6 +109,7 @@ class JointObjective:
         self.cores = cores
         self.note = note
         self.shares = shares_of({t.name: t.entry.traffic for t in targets})
+        self.measure = make_mix_source(server, {t.name: t.samples for t in targets}, trials.measure)
 
     def __call__(self, trial) -> float:
         trial.set_user_attr("worker", worker_id())
@@ -173,25 +175,20 @@ class JointObjective:
     def _sweep(self, trial) -> list[MixLevel]:
         """Rising levels until a model breaks its budget or the mix stops gaining (PLATEAU)."""
         budgets = {t.name: t.budget_ms for t in self.targets}
-        samples = {t.name: t.samples for t in self.targets}
         levels: list[MixLevel] = []
         reason = "the sweep reached its top level"
         for per_model in self.trials.levels:
-            clients = per_model * len(self.targets)
             try:
-                level = measure_mix(
-                    self.server.grpc_url,
-                    samples,
-                    clients,
-                    self.shares,
-                    budgets,
-                    self.trials.measure,
-                    client_options=self.server.client_options(),
-                    headers=self.server.request_headers(),
-                )
+                level = self.measure(per_model * len(self.targets), self.shares, budgets)
             except InferenceError as exc:
                 trial.set_user_attr("reason", f"requests failed under the mixed load: {exc.message}")
                 raise TrialFailed(trial.user_attrs["reason"]) from exc
+            except ConfigRejected as exc:  # a replayed failure: the recorded server refused the configs
+                trial.set_user_attr("reason", exc.message)
+                raise TrialFailed(trial.user_attrs["reason"]) from exc
+            if level is None:  # a recording whose sweeps of this joint config all stopped earlier
+                reason = "the recorded sweeps end here"
+                break
             levels.append(level)
             if not level.feasible:
                 reason = "bound by the budget of " + ", ".join(
@@ -209,7 +206,7 @@ class JointObjective:
         )
         if levels and not levels[0].feasible:
             trial.set_user_attr("bound_by", list(levels[0].over_budget))
-        elif not levels[-1].feasible:
+        elif levels and not levels[-1].feasible:
             trial.set_user_attr("bound_by", list(levels[-1].over_budget))
         return levels
 

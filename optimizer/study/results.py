@@ -166,6 +166,22 @@ def confirmed_baseline(study) -> Finalist | None:
     return next((f for f in finalists(study) if f.trial == baseline), None)
 
 
+BUDGET_ATTR = "latency_budget_ms:"  # + a model's name: its p99 budget in a joint study
+
+
+def joint_budgets(attrs: Mapping[str, Any]) -> dict[str, float]:
+    """Each model's p99 budget in a joint study, by model name.
+
+    One attribute per model: workers settling the budgets of a new study at once never overwrite each
+    other's, as they could rewriting one dict. (A study of an earlier version holds them in one dict.)
+    """
+    budgets = dict(attrs.get("latency_budgets_ms", {}))
+    budgets.update(
+        {key[len(BUDGET_ATTR) :]: value for key, value in attrs.items() if key.startswith(BUDGET_ATTR)}
+    )
+    return {name: float(ms) for name, ms in budgets.items()}
+
+
 def is_joint(study) -> bool:
     """A study of several models tuned together (``optimize study --models``)."""
     return "models" in study.user_attrs and "model_sha256" not in study.user_attrs

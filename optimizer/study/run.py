@@ -45,7 +45,7 @@ from optimizer.paths import cache_dir, check_name, studies_dir
 from optimizer.serving.base import ServingTarget
 from optimizer.serving.embedded import EmbeddedTriton
 from optimizer.serving.environment import available_cores
-from optimizer.study.checks import check_settings, check_target
+from optimizer.study.checks import check_same_space, check_settings, check_target, space_distributions
 from optimizer.study.confirm import CONFIRMATION, choose, confirm, finalists_of, stored_confirmation
 from optimizer.study.crosscheck import cross_check_study_step, needs_cross_check, stored_cross_check
 from optimizer.study.precisions import (
@@ -289,6 +289,11 @@ def _cores(settings: StudySettings, target: ServingTarget | None) -> int:
 def _join(study, plan: _Plan, settings: StudySettings, reporter: Reporter) -> SearchSpace:
     """Check the study is this one, register this worker, and settle the space it searches."""
     _check_same_study(study, plan.model, settings)
+    check_same_space(  # before the accuracy checks' work; again, exactly, once the space is settled
+        study,
+        space_distributions(plan.space, batching=plan.model.batching, cores=plan.cores),
+        before_settling=True,
+    )
     joined = register_worker(study, settings)
     space = accurate_precisions(
         study,
@@ -299,6 +304,7 @@ def _join(study, plan: _Plan, settings: StudySettings, reporter: Reporter) -> Se
         reporter,
         plan.int8_recipes,
     )
+    check_same_space(study, space_distributions(space, batching=plan.model.batching, cores=plan.cores))
     study.sampler = _sampler(
         settings, space, batching=plan.model.batching, per_worker=joined, cores=plan.cores
     )

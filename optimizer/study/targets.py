@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from optimizer.errors import UsageError
+from optimizer.measurement.joint_replay import JointReplayTarget, is_joint_recording
 from optimizer.measurement.replay import ReplayTarget
 from optimizer.serving.base import ServingTarget
 from optimizer.serving.docker import DEFAULT_TAG, DockerTriton
@@ -84,7 +85,8 @@ def make_target(
     """The serving target ``kind`` built from command-line options (None or empty means not given).
 
     Args:
-        kind: embedded, local, docker, remote, or replay:DIR (a recorded surface).
+        kind: embedded, local, docker, remote, or replay:DIR (a recorded surface: one model's, or a
+            joint recording of several models tuned together).
         gpu_space: whether the space is a GPU space (the docker target then requests GPUs).
         gpu_devices: which GPUs the docker target requests (``"0,1"``; default all of them).
         seed: seeds the replay target's draws of recorded repeats.
@@ -97,7 +99,9 @@ def make_target(
     given = check_target_options(kind, **options)
     kind, _, argument = kind.partition(":")
     if kind == "replay":
-        return ReplayTarget(argument, seed=seed)  # type: ignore[return-value]
+        if is_joint_recording(argument):
+            return JointReplayTarget(argument, seed=seed)
+        return ReplayTarget(argument, seed=seed)
     if kind == "embedded":
         return EmbeddedTriton()
     if kind == "local":
