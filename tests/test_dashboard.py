@@ -9,13 +9,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import optuna
 import pytest
 from procs import listening_addresses
+from web import free_port, get_when_up
 
 from optimizer.cli import main
 from optimizer.report.dashboard import dashboard_url
@@ -36,12 +35,6 @@ def storage_url(tmp_path_factory) -> str:
         trial.set_user_attr("throughput", throughput)
         study.tell(trial, throughput)
     return url
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _start(storage_url: str, port: int) -> subprocess.Popen:
@@ -68,29 +61,17 @@ def _first_line(process: subprocess.Popen, timeout_s: float) -> str:
     return process.stdout.readline()
 
 
-def _get(url: str, deadline_s: float) -> tuple[int, bytes]:
-    deadline = time.monotonic() + deadline_s
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                return response.status, response.read()
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
-
-
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
 def test_dashboard_serves_the_study_on_loopback_and_stops_on_a_signal(storage_url, stop_signal):
-    port = _free_port()
+    port = free_port()
     process = _start(storage_url, port)
     try:
         line = _first_line(process, STARTUP_S)
         assert f"http://127.0.0.1:{port}/dashboard/studies/" in line, line
         url = line.split()[1]
-        status, _ = _get(url, STARTUP_S)
+        status, _ = get_when_up(url, STARTUP_S)
         assert status == 200
-        status, body = _get(f"http://127.0.0.1:{port}/api/studies", 10)
+        status, body = get_when_up(f"http://127.0.0.1:{port}/api/studies", 10)
         assert status == 200 and "dash" in [
             study["study_name"] for study in json.loads(body)["study_summaries"]
         ]

@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import optuna
 import pytest
 from optuna.trial import TrialState
+from web import free_port, get_when_up
 
 from optimizer.cli import main
 from optimizer.config.space import load_space
@@ -232,9 +230,7 @@ def _load(target: JointReplayTarget, key: str) -> None:
 
 def test_the_dashboard_shows_a_joint_study_with_each_models_parameters(tmp_path: Path, capsys) -> None:
     assert _cli(tmp_path, "--budget", "4", "--seed", "3") == 0, capsys.readouterr().err
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     command = [
         sys.executable,
         "-m",
@@ -249,22 +245,11 @@ def test_the_dashboard_shows_a_joint_study_with_each_models_parameters(tmp_path:
     try:
         assert "optuna-dashboard: http://127.0.0.1" in process.stdout.readline()
         study_id = optuna.load_study(study_name="r", storage=_url(tmp_path))._study_id
-        body = json.loads(_get(f"http://127.0.0.1:{port}/api/studies/{study_id}?after=0"))
+        _, answer = get_when_up(f"http://127.0.0.1:{port}/api/studies/{study_id}?after=0", 30)
+        body = json.loads(answer)
         params = {param["name"] for trial in body["trials"] for param in trial["params"]}
         assert {"encoder.instance_count", "cnn.instance_count", "encoder.max_batch_size"} <= params
         assert len(body["trials"]) == 4 and body["best_trials"]
     finally:
         process.send_signal(signal.SIGINT)
         process.communicate(timeout=20)
-
-
-def _get(url: str, deadline_s: float = 30.0) -> bytes:
-    deadline = time.monotonic() + deadline_s
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                return response.read()
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)

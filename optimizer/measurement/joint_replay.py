@@ -17,7 +17,6 @@ and ``levels.csv`` (one row per model per measured level per repeat).
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import math
@@ -30,7 +29,13 @@ from optimizer.config.render import config_digest
 from optimizer.errors import ConfigRejected, UsageError
 from optimizer.measurement.levels import LevelResult
 from optimizer.measurement.mixed import MixLevel, mix_throughput, shares_of
-from optimizer.measurement.replay import RecordingTarget, build_recorded_model
+from optimizer.measurement.replay import (
+    Recording,
+    RecordingTarget,
+    build_recorded_model,
+    read_rows,
+    recorded_level,
+)
 
 __all__ = [
     "JointRecordedConfig",
@@ -78,16 +83,10 @@ class JointRecordedConfig:
 
 
 @dataclass(frozen=True)
-class JointSurface:
+class JointSurface(Recording):
     """A joint recording: every joint config measured, with the models, mix and budgets it was made with."""
 
-    path: Path
-    meta: Mapping
     configs: Mapping[str, JointRecordedConfig]
-
-    @property
-    def space_path(self) -> Path:
-        return self.path / "space.yaml"
 
     @property
     def model_names(self) -> tuple[str, ...]:
@@ -132,14 +131,14 @@ def load_joint_surface(path: Path | str) -> JointSurface:
         )
     meta = json.loads((path / "meta.json").read_text())
     levels: dict[tuple[str, int], dict[int, dict[str, LevelResult]]] = defaultdict(lambda: defaultdict(dict))
-    for row in _rows(path / "levels.csv"):
+    for row in read_rows(path / "levels.csv"):
         clients = int(row["clients"])
-        levels[(row["joint_key"], int(row["repeat"]))][clients][row["model"]] = _level(row, clients)
+        levels[(row["joint_key"], int(row["repeat"]))][clients][row["model"]] = recorded_level(row, clients)
     sweeps: dict[str, list[RecordedSweep]] = defaultdict(list)
     failures: dict[str, list[str]] = defaultdict(list)
     candidates: dict[str, dict[str, str]] = {}
     rendered: dict[str, dict[str, Mapping]] = {}
-    for row in _rows(path / "outcomes.csv"):
+    for row in read_rows(path / "outcomes.csv"):
         key = row["joint_key"]
         candidates[key] = json.loads(row["candidates"])
         rendered[key] = json.loads(row["configs"])
@@ -155,23 +154,6 @@ def load_joint_surface(path: Path | str) -> JointSurface:
         for key in candidates
     }
     return JointSurface(path=path, meta=meta, configs=configs)
-
-
-def _rows(path: Path) -> list[dict[str, str]]:
-    with path.open(newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
-def _level(row: Mapping[str, str], clients: int) -> LevelResult:
-    return LevelResult(
-        concurrency=clients,
-        throughput=float(row["throughput"]),
-        p50_ms=float(row["p50_ms"]),
-        p95_ms=float(row["p95_ms"]),
-        p99_ms=float(row["p99_ms"]),
-        requests=int(row["requests"]),
-        duration_s=float(row["duration_s"]),
-    )
 
 
 class JointReplayTarget(RecordingTarget):

@@ -30,12 +30,15 @@ from optimizer.serving.base import Capabilities, ServingTarget
 __all__ = [
     "BadStarts",
     "RecordedConfig",
+    "Recording",
     "RecordingTarget",
     "ReplayTarget",
     "Surface",
     "build_recorded_model",
     "draw_repeat",
     "load_surface",
+    "read_rows",
+    "recorded_level",
     "replay_sweep",
 ]
 
@@ -51,20 +54,26 @@ class RecordedConfig:
 
 
 @dataclass(frozen=True)
-class Surface:
-    """A recording: every config measured, with the latency budget and the space it was recorded in."""
+class Recording:
+    """What every recording holds: its directory, its ``meta.json`` and the space it was recorded in."""
 
     path: Path
-    meta: dict
+    meta: Mapping
+
+    @property
+    def space_path(self) -> Path:
+        return self.path / "space.yaml"
+
+
+@dataclass(frozen=True)
+class Surface(Recording):
+    """One model's recording: every config measured, with the latency budget it was recorded under."""
+
     configs: Mapping[str, RecordedConfig]
 
     @property
     def latency_budget_ms(self) -> float:
         return float(self.meta["latency_budget_ms"])
-
-    @property
-    def space_path(self) -> Path:
-        return self.path / "space.yaml"
 
     def model_path(self) -> Path:
         """The model recorded, rebuilt into the cache."""
@@ -115,12 +124,12 @@ def load_surface(path: Path | str) -> Surface:
         )
     meta = json.loads((path / "meta.json").read_text())
     levels: dict[tuple[str, int], list[LevelResult]] = defaultdict(list)
-    for row in _rows(path / "levels.csv"):
-        levels[(row["config_key"], int(row["repeat"]))].append(_level(row))
+    for row in read_rows(path / "levels.csv"):
+        levels[(row["config_key"], int(row["repeat"]))].append(recorded_level(row, int(row["concurrency"])))
     sweeps: dict[str, list[tuple[LevelResult, ...]]] = defaultdict(list)
     failures: dict[str, list[str]] = defaultdict(list)
     candidates: dict[str, str] = {}
-    for row in _rows(path / "outcomes.csv"):
+    for row in read_rows(path / "outcomes.csv"):
         key = row["config_key"]
         candidates[key] = row["candidate"]
         if row["state"] == "failed":
@@ -135,14 +144,16 @@ def load_surface(path: Path | str) -> Surface:
     return Surface(path=path, meta=meta, configs=configs)
 
 
-def _rows(path: Path) -> list[dict[str, str]]:
+def read_rows(path: Path) -> list[dict[str, str]]:
+    """A recording's CSV file, a dict per row."""
     with path.open(newline="") as handle:
         return list(csv.DictReader(handle))
 
 
-def _level(row: Mapping[str, str]) -> LevelResult:
+def recorded_level(row: Mapping[str, str], concurrency: int) -> LevelResult:
+    """One measured level of a recording's ``levels.csv`` (its load: ``concurrency`` closed-loop clients)."""
     return LevelResult(
-        concurrency=int(row["concurrency"]),
+        concurrency=concurrency,
         throughput=float(row["throughput"]),
         p50_ms=float(row["p50_ms"]),
         p95_ms=float(row["p95_ms"]),
