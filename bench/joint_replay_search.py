@@ -29,24 +29,21 @@ from tritonclient.grpc import model_config_pb2
 
 from optimizer.config.render import config_digest
 from optimizer.measurement.joint_replay import JointRecordedConfig, JointReplayTarget, joint_key
-from optimizer.measurement.mixed import mix_throughput, shares_of
+from optimizer.measurement.mixed import MixLevel, mix_throughput, shares_of
 from optimizer.study.joint import JOINT_MEASURE, JointSettings, run_joint_study
-from optimizer.study.joint_trial import PLATEAU
+from optimizer.study.joint_trial import sweep_stop
 from optimizer.study.mix import ModelEntry
 
 
 def sweep_score(sweep, budgets: dict[str, float], shares: dict[str, float]) -> float:
-    """What a joint study's sweep makes of one recorded repeat (the rule of JointObjective._sweep)."""
-    best = 0.0
-    for _, results in sweep:
-        if any(results[name].p99_ms > budgets[name] for name in shares):
+    """What a joint study's sweep makes of one recorded repeat (its stopping rule, ``sweep_stop``)."""
+    levels: list[MixLevel] = []
+    for clients, results in sweep:
+        over = tuple(name for name in shares if results[name].p99_ms > budgets[name])
+        levels.append(MixLevel(clients, results, mix_throughput(results, shares), over))
+        if sweep_stop(levels, budgets) is not None:
             break
-        value = mix_throughput(results, shares)
-        if best and value < best * PLATEAU:
-            best = max(best, value)
-            break
-        best = max(best, value)
-    return best
+    return max((level.mix_throughput for level in levels if level.feasible), default=0.0)
 
 
 def true_score(config: JointRecordedConfig, budgets, shares) -> float:

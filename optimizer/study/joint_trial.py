@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -40,6 +40,7 @@ __all__ = [
     "TrialFailed",
     "load_ensemble_config",
     "load_member",
+    "sweep_stop",
 ]
 
 PLATEAU = 1.05  # a level that does not beat the best so far by 5% ends the sweep
@@ -190,15 +191,9 @@ class JointObjective:
                 reason = "the recorded sweeps end here"
                 break
             levels.append(level)
-            if not level.feasible:
-                reason = "bound by the budget of " + ", ".join(
-                    f"{n} (p99 {level.results[n].p99_ms:.1f} ms > {budgets[n]:g} ms)"
-                    for n in level.over_budget
-                )
-                break
-            earlier = [lv.mix_throughput for lv in levels[:-1] if lv.feasible]
-            if earlier and level.mix_throughput < max(earlier) * PLATEAU:
-                reason = "the mix stopped gaining (plateau)"
+            stop = sweep_stop(levels, budgets)
+            if stop is not None:
+                reason = stop
                 break
         trial.set_user_attr("levels", [level.to_dict() for level in levels])
         trial.set_user_attr(
@@ -209,6 +204,20 @@ class JointObjective:
         elif levels and not levels[-1].feasible:
             trial.set_user_attr("bound_by", list(levels[-1].over_budget))
         return levels
+
+
+def sweep_stop(levels: Sequence[MixLevel], budgets_ms: Mapping[str, float]) -> str | None:
+    """Why a joint sweep ends at its last level, or None to go on: a model broke its budget, or the mix
+    did not beat the best level so far by PLATEAU."""
+    level = levels[-1]
+    if not level.feasible:
+        return "bound by the budget of " + ", ".join(
+            f"{n} (p99 {level.results[n].p99_ms:.1f} ms > {budgets_ms[n]:g} ms)" for n in level.over_budget
+        )
+    earlier = [lv.mix_throughput for lv in levels[:-1] if lv.feasible]
+    if earlier and level.mix_throughput < max(earlier) * PLATEAU:
+        return "the mix stopped gaining (plateau)"
+    return None
 
 
 class _PrefixedTrial:
