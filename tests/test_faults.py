@@ -18,10 +18,13 @@ import pytest
 from procs import children
 
 from optimizer.config import repository as repository_module
-from optimizer.config.render import render_config
+from optimizer.config.render import render_config, to_json
 from optimizer.config.space import Candidate
+from optimizer.errors import InferenceError
+from optimizer.measurement.builtin import LoadGenerator, measurement_deadline_s
 from optimizer.measurement.levels import MeasureSettings
-from optimizer.model.intake import inspect_model
+from optimizer.measurement.mixed import measure_mix
+from optimizer.model.intake import inspect_model, resolve_shapes, synthetic_inputs
 from optimizer.model.variants import variant_path
 from optimizer.paths import cache_dir
 from optimizer.serving.embedded import EmbeddedTriton
@@ -65,6 +68,83 @@ def test_hung_server_fails_its_trial_by_timeout_and_a_fresh_server_takes_over(mo
         not Path(f"/proc/{reporter.stopped_pid}").exists()
         or "Z" in Path(f"/proc/{reporter.stopped_pid}/stat").read_text().split()[2]
     )
+
+
+@pytest.fixture(scope="module")
+def stoppable(models):
+    """A server of its own serving the mlp, which a test may stop (SIGSTOP) and must resume; its samples."""
+    info = inspect_model(models["mlp"])
+    with EmbeddedTriton() as server:
+        config = render_config(info, Candidate(max_batch_size=4), model_name="mlp")
+        server.load_model("mlp", to_json(config), {"1/model.onnx": info.path})
+        yield server, [synthetic_inputs(info, resolve_shapes(info, {}), 1, seed=seed) for seed in range(4)]
+
+
+HANG_TIMEOUT_S = 2.0
+HANG_MEASURE = MeasureSettings(
+    warmup_s=0.3,
+    window_s=1.0,
+    min_requests=10,
+    max_window_s=2.0,
+    request_timeout_s=HANG_TIMEOUT_S,
+    rule="fixed",
+)
+
+
+@contextmanager
+def _stopped(server: EmbeddedTriton, after_s: float):
+    """The server SIGSTOPped now (``after_s`` 0) or ``after_s`` into the block; resumed after it."""
+    pid = server.pid
+    timer = threading.Timer(after_s, os.kill, (pid, signal.SIGSTOP))
+    if after_s:
+        timer.start()
+    else:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        timer.cancel()
+        os.kill(pid, signal.SIGCONT)
+
+
+@pytest.mark.parametrize("stop_after_s", [0.0, 0.5], ids=["stopped-before", "stopped-during"])
+@pytest.mark.parametrize(
+    "protocol, mode, streaming",
+    [
+        ("grpc", "concurrency", True),
+        ("grpc", "concurrency", False),
+        ("grpc", "request_rate", True),
+        ("http", "concurrency", True),
+        ("http", "request_rate", True),
+    ],
+    ids=["grpc-stream", "grpc-unary", "grpc-open-loop", "http", "http-open-loop"],
+)
+def test_a_hung_server_fails_every_load_path_in_about_the_request_timeout(
+    stoppable, protocol, mode, streaming, stop_after_s
+):
+    server, samples = stoppable
+    url = server.grpc_url if protocol == "grpc" else server.http_url.split("://", 1)[1]
+    generator = LoadGenerator(
+        url, "mlp", samples, HANG_MEASURE, protocol=protocol, mode=mode, streaming=streaming
+    )
+    levels = [2, 4, 8] if mode == "concurrency" else [50, 100, 200]
+    started = time.monotonic()
+    with _stopped(server, stop_after_s), pytest.raises(InferenceError, match="timed out") as failure:
+        generator.run_levels(levels, lambda index, level: True)
+    seconds = time.monotonic() - started
+    assert "server hung" in failure.value.message
+    # The hang is noticed by the request timeout (a stream's watchdog checks every second), not the
+    # measurement's last-resort deadline.
+    assert seconds < stop_after_s + 3 * HANG_TIMEOUT_S + 2.0
+    assert seconds < measurement_deadline_s(HANG_MEASURE, len(levels))
+
+
+def test_a_hung_server_fails_a_mixed_load_in_about_the_request_timeout(stoppable):
+    server, samples = stoppable
+    started = time.monotonic()
+    with _stopped(server, 0.0), pytest.raises(InferenceError, match="timed out"):
+        measure_mix(server.grpc_url, {"mlp": samples}, 4, {"mlp": 1.0}, {"mlp": 1000.0}, HANG_MEASURE)
+    assert time.monotonic() - started < 3 * HANG_TIMEOUT_S + 2.0
 
 
 def test_variant_that_fails_to_initialise_fails_only_its_trials(models, triton, tmp_path):

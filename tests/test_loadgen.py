@@ -270,3 +270,16 @@ def test_a_failing_request_ends_the_level_with_an_inference_error(triton, mlp):
     for mode in ("concurrency", "request_rate"):
         with pytest.raises(InferenceError, match="a request failed"):
             LoadGenerator(triton.grpc_url, "lg_mlp", wrong, settings, mode=mode).measure(2)
+
+
+@pytest.mark.server
+def test_a_low_request_rate_ends_its_level_at_the_window_not_at_the_next_arrival(triton, mlp):
+    # One request a second with a 0.5 s request timeout: the next arrival is often due after the window
+    # ends; the level must end with its window, not sleep until then (or mistake the wait for a hang).
+    settings = MeasureSettings(
+        warmup_s=0.2, window_s=2.0, max_window_s=3.0, min_requests=1, request_timeout_s=0.5, rule="fixed"
+    )
+    for _ in range(3):
+        result = LoadGenerator(triton.grpc_url, "lg_mlp", mlp, settings, mode="request_rate").measure(1)
+        assert result.requests >= 1
+        assert result.measure_s < result.warmup_s + result.duration_s + 0.5 + 0.3

@@ -6,12 +6,14 @@ The workers here share this 2-core machine (with --allow-shared-host): these tes
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 
 import optuna
 import pytest
@@ -233,3 +235,33 @@ def test_between_two_undecided_trials_of_one_config_the_lower_numbered_measures(
     _running_trial_with_config(study, "other", claimed=True)
     assert trial_module._claim_config(lower, "same") is None  # returns at once: it measures
     assert study.trials[lower.number].user_attrs["measured_here"] is True
+
+
+def _postmaster_pid(url: str) -> int:
+    """The PostgreSQL server listening on ``url``'s port (its command line names the port)."""
+    port = url.rsplit(":", 1)[1].split("/", 1)[0]
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"postgres") and b"-p" in argv and port.encode() in argv:
+            return int(entry.name)
+    raise AssertionError(f"no PostgreSQL server on port {port}")
+
+
+def test_a_postgresql_server_that_never_answers_is_a_one_line_storage_error_within_the_connect_timeout():
+    from optimizer.errors import StorageError
+    from optimizer.study.storage import POSTGRES_CONNECT_ARGS, open_storage
+
+    with postgres_server() as url:
+        pid = _postmaster_pid(url)
+        os.kill(pid, signal.SIGSTOP)  # connections are accepted by the kernel and never answered
+        started = time.monotonic()
+        try:
+            with pytest.raises(StorageError, match="cannot open study storage") as failure:
+                open_storage(url)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+    assert "\n" not in failure.value.message
+    assert time.monotonic() - started < 2 * POSTGRES_CONNECT_ARGS["connect_timeout"] + 5

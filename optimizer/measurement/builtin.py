@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from optimizer.errors import InferenceError
+from optimizer.measurement.deadlines import CANCEL_GRACE_S, DeadlineExceeded, run_bounded, settle, within
 from optimizer.measurement.levels import (
     MODES,
     PROTOCOLS,
@@ -39,7 +40,14 @@ from optimizer.measurement.streams import StreamChannel, Watchdog, end_of_stream
 from optimizer.serving.control import triton_error_parts
 from optimizer.serving.statistics import breakdown
 
-__all__ = ["LoadGenerator", "describe_failure", "measure_pooled", "summarise_level"]
+__all__ = [
+    "LoadGenerator",
+    "describe_failure",
+    "level_deadline_s",
+    "measure_pooled",
+    "measurement_deadline_s",
+    "summarise_level",
+]
 
 # An open loop whose server falls this far behind stops sending more: its p99 already says enough.
 MAX_OUTSTANDING = 1024
@@ -48,6 +56,40 @@ DEFAULT_SETTINGS = MeasureSettings()
 # The warm-up compares slices of this length (doubled while a slice sees too few requests to compare).
 WARMUP_SLICE_S = 0.1
 WARMUP_SLICE_REQUESTS = 5
+# Triton's statistics and the server's resources are a bonus to a level: read within this, or go without.
+STATISTICS_TIMEOUT_S = 5.0
+RESOURCES_TIMEOUT_S = 5.0
+CLOSE_TIMEOUT_S = 2.0
+# An open loop waiting for its next arrival looks at least this often whether the level has ended.
+STOP_CHECK_S = 0.1
+# What a sweep's own code may take between levels (the pruner's reads and writes: a locked SQLite
+# database waits up to a minute), on top of the levels' deadlines.
+BETWEEN_LEVELS_S = 60.0
+
+
+def level_deadline_s(settings: MeasureSettings) -> float:
+    """The last-resort deadline of one level, from its settings alone.
+
+    The longest warm-up and window, the statistics before and after, the resources, and the requests in
+    flight finishing (or timing out) after the window, each with its grace. A hung server fails a level
+    in about the request timeout long before this: it only catches an await that nothing else bounds.
+    """
+    statistics_s = min(STATISTICS_TIMEOUT_S, settings.request_timeout_s) + CANCEL_GRACE_S
+    return (
+        settings.warmup_s
+        + settings.max_window_s
+        + 2 * statistics_s
+        + RESOURCES_TIMEOUT_S
+        + CANCEL_GRACE_S
+        + settings.request_timeout_s
+        + 3 * CANCEL_GRACE_S
+    )
+
+
+def measurement_deadline_s(settings: MeasureSettings, levels: int) -> float:
+    """The last-resort deadline of a whole measurement of ``levels`` levels (its set-up and the sweep's
+    own work between levels included)."""
+    return max(1, levels) * (level_deadline_s(settings) + BETWEEN_LEVELS_S) + 2 * CLOSE_TIMEOUT_S
 
 
 def summarise_level(
@@ -139,8 +181,18 @@ class LoadGenerator:
         self.streaming = streaming
 
     def run_levels(self, levels: Sequence[float], on_level) -> list[LevelResult]:
-        """Measure ``levels`` in order; ``on_level(index, result)`` returns False to stop the sweep."""
-        return asyncio.run(self._run_levels(levels, on_level))
+        """Measure ``levels`` in order; ``on_level(index, result)`` returns False to stop the sweep.
+
+        Raises:
+            InferenceError: a request failed or timed out, or the measurement outlasted its deadline.
+        """
+        deadline_s = measurement_deadline_s(self.settings, len(levels))
+        try:
+            return run_bounded(self._run_levels(levels, on_level), deadline_s)
+        except DeadlineExceeded as exc:
+            raise InferenceError(
+                f"the measurement outlasted its {deadline_s:.0f} s deadline (server hung or overloaded)"
+            ) from exc
 
     def measure(self, level: float) -> LevelResult:
         """Measure a single level."""
@@ -163,7 +215,7 @@ class LoadGenerator:
         try:
             prepared = client.prepare(self.samples)
             for index, level in enumerate(levels):
-                result = await self._measure(client, prepared, level)
+                result = await self._measure_within_deadline(client, prepared, level)
                 results.append(result)
                 if not on_level(index, result):
                     break
@@ -171,6 +223,15 @@ class LoadGenerator:
             gc.unfreeze()
             await client.close()
         return results
+
+    async def _measure_within_deadline(self, client: _Client, prepared, level: float) -> LevelResult:
+        deadline_s = level_deadline_s(self.settings)
+        try:
+            return await within(self._measure(client, prepared, level), deadline_s)
+        except DeadlineExceeded as exc:
+            raise InferenceError(
+                f"the level at {level:g} outlasted its {deadline_s:.0f} s deadline (server hung or overloaded)"
+            ) from exc
 
     async def _measure(self, client: _Client, prepared, level: float) -> LevelResult:
         started = time.perf_counter()
@@ -197,15 +258,16 @@ class LoadGenerator:
             # The client's own CPU per request (this process: the event loop and its gRPC threads). On a
             # small machine it competes with the server, so it is recorded beside every level.
             client_cpu_ms = 1000 * (time.process_time() - cpu_before) / max(1, len(window.latencies))
-            resources = await asyncio.to_thread(self.resources) if self.resources else None
+            resources = await self._resources()
             window.end = time.perf_counter()
             after = await client.statistics()
         finally:
             stop.set()
-            outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+            # Each client finishes the request it has in flight, or times out: no longer than that.
+            outcomes = await settle(tasks, self.settings.request_timeout_s + 2 * CANCEL_GRACE_S)
         failures = [o for o in outcomes if isinstance(o, BaseException)]
         if failures:
-            raise failures[0]
+            raise _as_inference_error(failures[0], self.settings.request_timeout_s)
         concurrency = int(level) if self.mode == "concurrency" else 0
         # Each request carries one inference; Triton's dynamic batcher does the batching.
         result = summarise_level(concurrency, window.latencies, window.end - window.start)
@@ -219,6 +281,15 @@ class LoadGenerator:
             warmup_s=warmup_s,
             client_cpu_ms=client_cpu_ms,
         )
+
+    async def _resources(self) -> Mapping[str, float] | None:
+        """The server's resources under load (read in a thread), or None when they are not read in time."""
+        if self.resources is None:
+            return None
+        try:
+            return await within(asyncio.to_thread(self.resources), RESOURCES_TIMEOUT_S)
+        except TimeoutError:
+            return None
 
     async def _warm_up(self, window: _Window, tasks) -> float:
         """Warm up as long as the config needs: until two slices in a row agree, at most ``warmup_s``.
@@ -278,7 +349,8 @@ class LoadGenerator:
         stream = client.open_stream()
         due = dict.fromkeys(slots, 0.0)
         sent = slots.start
-        watchdog = Watchdog(stream, client.timeout_s)
+        # The watchdog cancels this task too: a write or done_writing can wait on the stream for ever.
+        watchdog = Watchdog(stream, client.timeout_s, owner=asyncio.current_task())
 
         async def send(slot: int) -> None:
             nonlocal sent
@@ -299,6 +371,11 @@ class LoadGenerator:
                 else:
                     await send(slot)
             await stream.done_writing()
+        except asyncio.CancelledError as exc:
+            if not watchdog.fired:
+                raise  # the level is being torn down
+            stop.set()
+            raise InferenceError(describe_failure(asyncio.TimeoutError(), client.timeout_s)) from exc
         finally:
             watchdog.stop()
             stream.cancel()
@@ -316,17 +393,27 @@ class LoadGenerator:
         try:
             while not stop.is_set():
                 due += rng.exponential(1.0 / rate)
-                await asyncio.sleep(max(0.0, due - time.perf_counter()))
-                _raise_failures(pending)
+                # Not one long sleep: at a low rate the next arrival can be later than the level's end.
+                while (wait := due - time.perf_counter()) > 0 and not stop.is_set():
+                    await asyncio.sleep(min(wait, STOP_CHECK_S))
+                if stop.is_set():
+                    break
+                _raise_failures(pending, client.timeout_s)
                 if len(pending) >= MAX_OUTSTANDING:
-                    await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                    done, _ = await asyncio.wait(
+                        pending,
+                        timeout=client.timeout_s + CANCEL_GRACE_S,
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+                    if not done:
+                        raise InferenceError(describe_failure(asyncio.TimeoutError(), client.timeout_s))
                 task = asyncio.create_task(one(prepared[index % len(prepared)], due))
                 pending.add(task)
                 task.add_done_callback(_forget_if_fine(pending))
                 index += 1
         finally:
-            outcomes = await asyncio.gather(*pending, return_exceptions=True)
-        _raise_failures(task for task in outcomes if isinstance(task, BaseException))
+            outcomes = await settle(pending, client.timeout_s + CANCEL_GRACE_S)
+        _raise_failures((task for task in outcomes if isinstance(task, BaseException)), client.timeout_s)
 
 
 def _forget_if_fine(pending: set[asyncio.Task]):
@@ -339,11 +426,11 @@ def _forget_if_fine(pending: set[asyncio.Task]):
     return forget
 
 
-def _raise_failures(items) -> None:
+def _raise_failures(items, timeout_s: float) -> None:
     for item in list(items):
         error = item if isinstance(item, BaseException) else (item.exception() if item.done() else None)
         if error is not None:
-            raise error
+            raise _as_inference_error(error, timeout_s)
 
 
 async def measure_pooled(
@@ -412,13 +499,13 @@ async def measure_pooled(
             window.end = end
     finally:
         stop.set()
-        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        outcomes = await settle(tasks, settings.request_timeout_s + CANCEL_GRACE_S)
         for channel in channels.values():
             await channel.close()
         gc.unfreeze()
     failures = [o for o in outcomes if isinstance(o, BaseException)]
     if failures:
-        raise failures[0]
+        raise _as_inference_error(failures[0], settings.request_timeout_s)
     idle = next((n for n in names if not windows[n].latencies), None)
     if idle is not None:
         raise InferenceError(f"no request to {idle} completed in the window of {clients} clients")
@@ -431,6 +518,8 @@ class _Client:
     def __init__(self, generator: LoadGenerator, connections: int) -> None:
         self.generator = generator
         self.timeout_s = generator.settings.request_timeout_s
+        # A server that does not answer its statistics within a request's timeout is hung, not slow.
+        self.statistics_timeout_s = min(STATISTICS_TIMEOUT_S, self.timeout_s)
         self.streams = None
         if generator.protocol == "grpc":
             from tritonclient.grpc.aio import InferenceServerClient
@@ -482,11 +571,17 @@ class _Client:
         generator = self.generator
         try:
             if generator.protocol == "grpc":
-                return await self.client.get_inference_statistics(
-                    generator.model_name, headers=generator.headers, as_json=True, client_timeout=5.0
+                call = self.client.get_inference_statistics(
+                    generator.model_name,
+                    headers=generator.headers,
+                    as_json=True,
+                    client_timeout=self.statistics_timeout_s,
                 )
-            return await self.client.get_inference_statistics(generator.model_name, headers=generator.headers)
-        except Exception:  # the breakdown is a bonus: a server that hides it still gets measured
+            else:
+                call = self.client.get_inference_statistics(generator.model_name, headers=generator.headers)
+            # gRPC's own deadline answers first; ours holds if it does not.
+            return await within(call, self.statistics_timeout_s + CANCEL_GRACE_S)
+        except Exception:  # the breakdown is a bonus: a server that hides it (or hangs) still gets measured
             return None
 
     def open_stream(self):
@@ -525,9 +620,13 @@ class _Client:
         return int(response.infer_response.id)
 
     async def close(self) -> None:
-        await self.client.close()
-        if self.streams is not None:
-            await self.streams.close()
+        """Close the connections; one that does not close in time is left to the garbage collector."""
+        closing = [self.client.close] + ([self.streams.close] if self.streams is not None else [])
+        for close in closing:
+            try:
+                await within(close(), CLOSE_TIMEOUT_S)
+            except DeadlineExceeded:
+                pass
 
 
 async def _sleep_or_fail(seconds: float, tasks) -> None:
@@ -535,6 +634,13 @@ async def _sleep_or_fail(seconds: float, tasks) -> None:
     for task in done:
         if task.exception() is not None:
             raise task.exception()
+
+
+def _as_inference_error(failure: BaseException, timeout_s: float) -> BaseException:
+    """A client's failure as the level reports it: a task left at its deadline timed out."""
+    if isinstance(failure, TimeoutError):
+        return InferenceError(describe_failure(failure, timeout_s))
+    return failure
 
 
 def describe_failure(exc: Exception, timeout_s: float) -> str:

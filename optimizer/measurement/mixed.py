@@ -11,7 +11,6 @@ second *in the mix* (equal to the sum of the t_m when the requests kept to the m
 
 from __future__ import annotations
 
-import asyncio
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -19,7 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from optimizer.measurement.builtin import measure_pooled
+from optimizer.errors import InferenceError
+from optimizer.measurement.builtin import measure_pooled, measurement_deadline_s
+from optimizer.measurement.deadlines import DeadlineExceeded, run_bounded
 from optimizer.measurement.levels import LevelResult, MeasureSettings
 
 __all__ = ["MixLevel", "measure_mix", "mix_schedule", "mix_throughput", "shares_of"]
@@ -104,6 +105,12 @@ def measure_mix(
     pooled = measure_pooled(
         url, samples, mix_schedule(shares), clients, settings, client_options=client_options, headers=headers
     )
-    results = asyncio.run(pooled)
+    deadline_s = measurement_deadline_s(settings, 1)
+    try:
+        results = run_bounded(pooled, deadline_s)
+    except DeadlineExceeded as exc:
+        raise InferenceError(
+            f"the mixed load outlasted its {deadline_s:.0f} s deadline (server hung or overloaded)"
+        ) from exc
     over = tuple(name for name in shares if results[name].p99_ms > budgets_ms[name])
     return MixLevel(clients, results, mix_throughput(results, shares), over)

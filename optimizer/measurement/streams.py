@@ -28,11 +28,17 @@ def stream_slots(clients: int) -> list[range]:
 
 
 class Watchdog:
-    """Cancels a stream when no response has come for ``timeout_s`` (a hung or overloaded server)."""
+    """Cancels a stream, and the task using it, when no response has come for ``timeout_s``.
 
-    def __init__(self, stream, timeout_s: float) -> None:
+    A stream has no per-request deadline, and cancelling the stream alone does not always wake its
+    user: grpc.aio's ``write()`` on a stream cancelled before its headers were sent (a stopped server)
+    waits on an event that is never set. Cancelling the ``owner`` task ends any await it is in.
+    """
+
+    def __init__(self, stream, timeout_s: float, owner: asyncio.Task | None = None) -> None:
         self.stream = stream
         self.timeout_s = timeout_s
+        self.owner = owner
         self.last = time.perf_counter()
         self.fired = False
         self.task = asyncio.create_task(self._watch())
@@ -43,6 +49,8 @@ class Watchdog:
             if time.perf_counter() - self.last > self.timeout_s:
                 self.fired = True
                 self.stream.cancel()
+                if self.owner is not None:
+                    self.owner.cancel()
                 return
 
     def stop(self) -> None:

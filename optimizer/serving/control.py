@@ -20,6 +20,8 @@ __all__ = ["ModelControl", "load_files"]
 LOAD_TIMEOUT_S = 600.0  # a TensorRT engine build on a big model can take minutes
 WATCH_INTERVAL_S = 2.0
 HUNG_AFTER_S = 10.0  # no liveness answer for this long while a load runs: the server is hung
+# Every other call's deadline: a metadata, statistics or unload call that a live server answers at once.
+CALL_TIMEOUT_S = 30.0
 
 
 def load_files(files: Mapping[str, Path]) -> dict[str, bytes]:
@@ -98,7 +100,7 @@ class ModelControl:
             raise error
         return time.perf_counter() - started
 
-    def unload(self, name: str, *, timeout: float | None = None) -> None:
+    def unload(self, name: str, *, timeout: float = CALL_TIMEOUT_S) -> None:
         try:
             self._client.unload_model(name, headers=self._headers, client_timeout=timeout)
         except InferenceServerException as exc:
@@ -106,11 +108,13 @@ class ModelControl:
 
     def is_model_ready(self, name: str) -> bool:
         try:
-            return bool(self._client.is_model_ready(name, headers=self._headers))
+            return bool(
+                self._client.is_model_ready(name, headers=self._headers, client_timeout=CALL_TIMEOUT_S)
+            )
         except InferenceServerException:
             return False
 
-    def server_metadata(self, *, timeout: float | None = None) -> dict:
+    def server_metadata(self, *, timeout: float = CALL_TIMEOUT_S) -> dict:
         try:
             metadata = self._client.get_server_metadata(
                 headers=self._headers, as_json=True, client_timeout=timeout
@@ -120,10 +124,15 @@ class ModelControl:
         return metadata
 
     def model_config(self, name: str) -> dict:
-        return self._client.get_model_config(name, headers=self._headers, as_json=True)["config"]
+        config = self._client.get_model_config(
+            name, headers=self._headers, as_json=True, client_timeout=CALL_TIMEOUT_S
+        )
+        return config["config"]
 
     def statistics(self, name: str) -> dict:
-        return self._client.get_inference_statistics(name, headers=self._headers, as_json=True)
+        return self._client.get_inference_statistics(
+            name, headers=self._headers, as_json=True, client_timeout=CALL_TIMEOUT_S
+        )
 
     def is_live(self, *, timeout: float = 5.0) -> bool:
         """Whether the server answers its liveness call within ``timeout`` seconds."""

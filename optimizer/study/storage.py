@@ -14,12 +14,15 @@ import socket
 import time
 import warnings
 import zlib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.trial import TrialState
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from optimizer.errors import StorageError, StudyError, UsageError
 from optimizer.paths import check_name, studies_dir
@@ -40,6 +43,15 @@ HEARTBEAT_INTERVAL_S = 10
 WORKER_PREFIX = "worker:"
 GRACE_PERIOD_S = 60
 SQLITE_TIMEOUT_S = 60
+# A PostgreSQL server that accepts the connection but never answers (stopped, overloaded) fails the
+# connect in this long instead of hanging it; keepalives notice a peer host that vanished mid-query.
+POSTGRES_CONNECT_ARGS = {
+    "connect_timeout": 10,
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+}
 SCHEMA_RACE_RETRIES = 4
 
 
@@ -61,6 +73,9 @@ def open_storage(url: str, *, create_dirs: bool = True):  # -> optuna.storages.R
                     f"cannot create the study directory {str(path.parent)!r}: {exc.strerror}"
                 ) from exc
         engine_kwargs["connect_args"] = {"timeout": SQLITE_TIMEOUT_S}
+    elif url.startswith("postgresql"):
+        given = _url_query(url)  # what the user's URL sets wins: connect_args would override it
+        engine_kwargs["connect_args"] = {k: v for k, v in POSTGRES_CONNECT_ARGS.items() if k not in given}
     elif "://" not in url:
         raise StorageError(
             f"storage URL {url!r} is malformed: use e.g. sqlite:///studies/name.db or postgresql://user@host/db"
@@ -79,6 +94,14 @@ def open_storage(url: str, *, create_dirs: bool = True):  # -> optuna.storages.R
         raise StorageError(f"cannot open study storage {_redact(url)!r}: {_detail(exc)[:300]}") from exc
     finally:
         optuna.logging.set_verbosity(optuna.logging.ERROR)
+
+
+def _url_query(url: str) -> Mapping[str, Any]:
+    """The options in a database URL's query string (none when it does not parse: the open reports it)."""
+    try:
+        return make_url(url).query
+    except ArgumentError:
+        return {}
 
 
 def _detail(exc: Exception) -> str:
