@@ -16,7 +16,6 @@ import sys
 import threading
 import traceback
 from dataclasses import replace
-from inspect import signature
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -152,6 +151,7 @@ def inspect(
 
 @app.command()
 def study(
+    ctx: typer.Context,
     models: Annotated[
         Optional[list[Path]],
         typer.Option(
@@ -477,26 +477,7 @@ def study(
     if traffic is not None and not joint_recording and models_file is None and len(models or []) < 2:
         raise UsageError("--traffic splits the load between several models: give --model twice or more")
     if joint_recording or models_file is not None or len(models or []) > 1 or _one_ensemble(models):
-        _refuse_single_model_options(
-            {
-                "--concurrency": concurrency,
-                "--request-rate": request_rate,
-                "--sampler": sampler,
-                "--confirm": confirm,
-                "--starting-points": starting_points,
-                "--warm-start": warm_start,
-                "--screen-s": screen_s,
-                "--gpus": gpus,
-                "--load-generator": load_generator,
-                "--confirm-with": confirm_with,
-                "--protocol": protocol,
-                "--stop-rule": stop_rule,
-                "--max-window-s": max_window_s,
-                "--throughput-ci": throughput_ci,
-                "--p99-ci": p99_ci,
-                "--max-memory-mb": max_memory_mb,
-            }
-        )
+        _refuse_single_model_options(ctx)
         if isinstance(server, ReplayTarget):
             raise UsageError(
                 "this recording (--target replay:) is of one model: tune several models on a server, or "
@@ -515,8 +496,10 @@ def study(
             "cpus": parse_cpus(cpus) if cpus else frozenset(),
         }
         scale_out["accuracy_tolerance"] = accuracy_tolerance
+        window = {"window_s": window_s, "warmup_s": warmup_s}
+        given_window = {name: value for name, value in window.items() if _given(ctx, name)}
         _joint_study(
-            entries, budget, space or "cpu", study_name, storage, seed, window_s, warmup_s, scale_out, server
+            entries, budget, space or "cpu", study_name, storage, seed, given_window, scale_out, server
         )
         return
     # A recording answers for its own model and space only.
@@ -581,12 +564,40 @@ def _one_ensemble(models: list[Path] | None) -> bool:
     return len(models or []) == 1 and is_ensemble_path(models[0])  # type: ignore[index]
 
 
-def _refuse_single_model_options(given: dict) -> None:
+# One model's study options a joint study does not take (it measures shared fixed windows at 1, 2, 4, 8
+# clients per model): refused when given, never silently ignored.
+SINGLE_MODEL_OPTIONS = (
+    "concurrency",
+    "request_rate",
+    "sampler",
+    "confirm",
+    "starting_points",
+    "warm_start",
+    "screen_s",
+    "gpus",
+    "load_generator",
+    "confirm_with",
+    "protocol",
+    "stop_rule",
+    "max_window_s",
+    "throughput_ci",
+    "p99_ci",
+    "max_memory_mb",
+)
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether the user set option ``name`` (on the command line or through its environment variable),
+    whatever its value: a value equal to the default counts as given."""
+    source = ctx.get_parameter_source(name)  # Click's ParameterSource (Typer vendors Click: read its name)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
+def _refuse_single_model_options(ctx: typer.Context) -> None:
     """Options of one model's study that a joint study does not take: refused when set, never ignored."""
-    defaults = signature(study).parameters
-    flags = {flag: flag.lstrip("-").replace("-", "_") for flag in given}
-    for flag, value in given.items():
-        if value != defaults[flags[flag]].default:
+    for name in SINGLE_MODEL_OPTIONS:
+        if _given(ctx, name):
+            flag = "--" + name.replace("_", "-")
             raise UsageError(
                 f"{flag} is an option of one model's study: several models are measured in shared fixed "
                 "windows (--window-s, --warmup-s) at 1, 2, 4, 8 clients per model; drop it"
@@ -668,16 +679,16 @@ def _joint_study(
     study_name: str | None,
     storage: str | None,
     seed: int | None,
-    window_s: float,
-    warmup_s: float,
+    window: dict[str, float],
     scale_out: dict,
     server=None,
 ) -> None:
     """``optimize study --models FILE`` (or ``--model`` twice): the models tuned together, the best joint
     config exported.
 
-    Every model is measured in one fixed window per level (they must overlap); ``--window-s`` and
-    ``--warmup-s`` set it when given (the window extends to 3x while a model has too few requests).
+    Every model is measured in one fixed window per level (they must overlap); ``window`` holds the
+    ``window_s`` and ``warmup_s`` the user gave, which replace the joint study's own (the window extends
+    to 3x while a model has too few requests).
     ``scale_out``: ``allow_shared_host``, ``cpus`` and ``accuracy_tolerance``, as for one model;
     ``server``: the ``--target`` (None: the embedded Triton).
     """
@@ -685,10 +696,10 @@ def _joint_study(
     from optimizer.study.progress import RichReporter, print_joint_summary
 
     measure = JOINT_MEASURE
-    if window_s != _DEFAULT_MEASURE.window_s:
-        measure = replace(measure, window_s=window_s, max_window_s=3 * window_s)
-    if warmup_s != _DEFAULT_MEASURE.warmup_s:
-        measure = replace(measure, warmup_s=warmup_s)
+    if "window_s" in window:
+        measure = replace(measure, window_s=window["window_s"], max_window_s=3 * window["window_s"])
+    if "warmup_s" in window:
+        measure = replace(measure, warmup_s=window["warmup_s"])
     settings = JointSettings(
         models=entries,
         budget=budget,

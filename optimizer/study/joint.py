@@ -24,14 +24,11 @@ model (``studies/<study>/best/``), which ``optimize serve`` and the deployment m
 
 from __future__ import annotations
 
-import os
-import statistics
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import optuna
 from optuna.trial import TrialState
 
 from optimizer.config.space import Candidate, SearchSpace, baseline_params, load_space
@@ -46,40 +43,45 @@ from optimizer.model.ensemble import (
 from optimizer.model.intake import inspect_model, load_requests
 from optimizer.paths import cache_dir, check_name, studies_dir
 from optimizer.serving.base import ServingTarget
-from optimizer.serving.embedded import EmbeddedTriton
 from optimizer.serving.environment import available_cores
 from optimizer.study.checks import check_same_space, space_distributions
+from optimizer.study.driver import (
+    BUDGET_PROBES,
+    DEFAULT_BUDGET_FACTOR,
+    default_latency_budget_ms,
+    enqueue_baseline,
+    open_study,
+    pin_worker,
+    sampler_for,
+    serving,
+    study_storage,
+)
 from optimizer.study.joint_trial import (
     JointObjective,
     JointTrials,
     Member,
     Target,
-    TrialFailed,
     load_ensemble_config,
     load_member,
 )
 from optimizer.study.mix import ModelEntry
 from optimizer.study.precisions import accurate_precisions, int8_recipe_of
 from optimizer.study.results import BUDGET_ATTR, joint_budgets, write_joint_repository
+from optimizer.study.settings import SearchSettings
 from optimizer.study.storage import (
     count_finished,
     count_running,
-    create_or_join,
     default_storage_url,
-    open_storage,
     recover_dead_local_trials,
     register_worker,
-    worker_seed,
 )
+from optimizer.study.trial import TrialFailed
 
 __all__ = ["JointSettings", "JointSummary", "run_joint_study"]
 
 # One fixed window for every model at once, extended (up to max_window_s) until each model has min_requests:
 # a model with a small share of the traffic needs longer to show its p99.
 JOINT_MEASURE = MeasureSettings(warmup_s=1.0, window_s=3.0, max_window_s=9.0, min_requests=20, rule="fixed")
-BUDGET_PROBES = 5
-DEFAULT_BUDGET_FACTOR = 10.0
-MIN_DEFAULT_BUDGET_MS = 1.0
 MAX_DRAWS_PER_TRIAL = 5  # surplus proposals (not measured, not counted) at most this many per trial
 
 
@@ -97,6 +99,7 @@ class JointSettings:
     measure: MeasureSettings = JOINT_MEASURE
     levels: tuple[int, ...] = (1, 2, 4, 8)  # clients per model at each level (shared, in the traffic mix)
     accuracy_tolerance: float = DEFAULT_TOLERANCE
+    search: SearchSettings = SearchSettings()  # the sampler's settings, as for one model
     # Several workers on one study (a shared storage): as for one model, a second live worker on this
     # host is refused unless the workers are pinned to disjoint CPU sets or allow_shared_host is set.
     allow_shared_host: bool = False
@@ -131,48 +134,53 @@ def run_joint_study(
     study_name = check_name(settings.study_name or "joint-" + "-".join(t.name for t in targets), "study name")
     out_dir = settings.output_dir or studies_dir()
     url = settings.storage or default_storage_url(out_dir, study_name)
-    storage = open_storage(url)
-    study, created = create_or_join(storage, study_name)
-    if created:  # first thing, so workers joining a moment later find it and do not enqueue another
-        study.enqueue_trial(_baseline_params(members), user_attrs={"baseline": True})
-    _check_same_study(study, targets, members)
-    joined = register_worker(study, settings)
-    seed = worker_seed(settings.seed, per_worker=joined)
-    study.sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=5)
-    for number in recover_dead_local_trials(study):
-        note(f"trial {number} was left running by a worker that died: it will be retried")
-    # The cores the server's models share (a replay: the recording machine's).
-    cores = len(settings.cpus) or (target.cpu_cores() if target is not None else available_cores())
-    _check_same_space(study, members, cores, before_settling=True)  # before the accuracy checks' work
-    members = [_settle_variants(study, m, settings, note) for m in members]
-    _check_same_space(study, members, cores)
-    if settings.cpus:  # the server is our child: it inherits the affinity
-        os.sched_setaffinity(0, settings.cpus)
-    server = target or EmbeddedTriton()
-    owned = not server.is_alive()  # a server the caller runs already stays as the caller left it
-    if owned:
-        server.start()
-    try:
-        for key, value in (("server_version", server.server_version()), ("hardware", server.hardware())):
-            if key not in study.user_attrs:  # a replay: the recording's server and machine
-                study.set_user_attr(key, value)
-        by_name = {m.name: m for m in members}
-        targets = [replace(t, budget_ms=_budget(study, t, by_name, server, settings, note)) for t in targets]
-        if not study.get_trials(deepcopy=False):  # a crash between creating the study and enqueuing
-            study.enqueue_trial(_baseline_params(members), user_attrs={"baseline": True}, skip_if_exists=True)
-        trials = JointTrials(settings.budget, settings.levels, settings.measure)
-        objective = JointObjective(server, targets, members, trials, cores, note)
-        draws = 0
-        # Other workers' running trials count too: they will finish, and the budget is the study's.
-        while count_finished(study) + count_running(study) < settings.budget:
-            if draws >= settings.budget * MAX_DRAWS_PER_TRIAL:
-                break
-            study.optimize(objective, n_trials=1, catch=(TrialFailed,))
-            draws += 1
-    finally:
-        if owned:
-            server.stop()
-    return _summarise(study, targets, members, url, out_dir)
+    with study_storage(url) as storage:
+        study, created = open_study(storage, study_name, settings.search)
+        if created:  # first thing, so workers joining a moment later find it and do not enqueue another
+            enqueue_baseline(study, _baseline_params(members))
+        _check_same_study(study, targets, members)
+        joined = register_worker(study, settings)
+        study.sampler = sampler_for("tpe", settings.search, seed=settings.seed, per_worker=joined)
+        for number in recover_dead_local_trials(study):
+            note(f"trial {number} was left running by a worker that died: it will be retried")
+        # The cores the server's models share (a replay: the recording machine's).
+        cores = len(settings.cpus) or (target.cpu_cores() if target is not None else available_cores())
+        _check_same_space(study, members, cores, before_settling=True)  # before the accuracy checks' work
+        members = [_settle_variants(study, m, settings, note) for m in members]
+        _check_same_space(study, members, cores)
+        pin_worker(settings.cpus, settings.gpus)
+        with serving(target) as server:
+            targets = _run_trials(study, server, targets, members, settings, cores, note)
+        return _summarise(study, targets, members, url, out_dir)
+
+
+def _run_trials(
+    study,
+    server: ServingTarget,
+    targets: list[Target],
+    members: list[Member],
+    settings: JointSettings,
+    cores: int,
+    note,
+) -> list[Target]:
+    """Settle each target's budget on the running server, then run trials to the study's budget."""
+    for key, value in (("server_version", server.server_version()), ("hardware", server.hardware())):
+        if key not in study.user_attrs:  # a replay: the recording's server and machine
+            study.set_user_attr(key, value)
+    by_name = {m.name: m for m in members}
+    targets = [replace(t, budget_ms=_budget(study, t, by_name, server, settings, note)) for t in targets]
+    if not study.get_trials(deepcopy=False):  # a crash between creating the study and enqueuing
+        enqueue_baseline(study, _baseline_params(members))
+    trials = JointTrials(settings.budget, settings.levels, settings.measure)
+    objective = JointObjective(server, targets, members, trials, cores, note)
+    draws = 0
+    # Other workers' running trials count too: they will finish, and the budget is the study's.
+    while count_finished(study) + count_running(study) < settings.budget:
+        if draws >= settings.budget * MAX_DRAWS_PER_TRIAL:
+            break
+        study.optimize(objective, n_trials=1, catch=(TrialFailed,))
+        draws += 1
+    return targets
 
 
 # --- settling the models -----------------------------------------------------------------------------
@@ -344,7 +352,7 @@ def _budget(
             .p99_ms
             for _ in range(BUDGET_PROBES)
         ]
-        given = float(max(MIN_DEFAULT_BUDGET_MS, round(statistics.median(probes) * DEFAULT_BUDGET_FACTOR, 1)))
+        given = default_latency_budget_ms(probes)
         budgets = joint_budgets(study.user_attrs)
         if name in budgets:  # another worker probed it first: every worker keeps one budget
             return budgets[name]

@@ -15,7 +15,6 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState
 
 from optimizer.config.render import render_config, render_ensemble, to_dict, to_json
 from optimizer.config.space import Candidate, SearchSpace, suggest_candidate
@@ -30,14 +29,14 @@ from optimizer.model.variants import config_files
 from optimizer.paths import cache_dir
 from optimizer.serving.base import ServingTarget
 from optimizer.study.mix import ModelEntry
-from optimizer.study.storage import count_finished, worker_id
+from optimizer.study.storage import is_surplus, worker_id
+from optimizer.study.trial import TrialFailed
 
 __all__ = [
     "JointObjective",
     "JointTrials",
     "Member",
     "Target",
-    "TrialFailed",
     "load_ensemble_config",
     "load_member",
     "sweep_stop",
@@ -82,10 +81,6 @@ class Target:
         return self.entry.name
 
 
-class TrialFailed(Exception):
-    """A config the server rejected, or a load it could not serve: the trial fails, the study goes on."""
-
-
 class _Surplus(optuna.TrialPruned):
     """A proposal past the study's budget (another worker took the last trial): not measured, not counted."""
 
@@ -115,7 +110,7 @@ class JointObjective:
     def __call__(self, trial) -> float:
         trial.set_user_attr("worker", worker_id())
         trial.set_user_attr("host", socket.gethostname())
-        if _is_surplus(trial, self.trials.budget):
+        if is_surplus(trial, self.trials.budget):
             trial.set_user_attr("surplus", True)
             raise _Surplus("the study's budget is taken by finished and running trials: not measured")
         candidates = self._candidates(trial)
@@ -246,14 +241,3 @@ def load_ensemble_config(server: ServingTarget, target: Target, configs: Mapping
     config = render_ensemble(target.name, target.ensemble.config_text, steps)
     server.load_model(target.name, to_json(config), ensemble_files(cache_dir()))
     return config
-
-
-def _is_surplus(trial, budget: int) -> bool:
-    """Whether the budget is already taken by counted trials and running ones started before this one.
-
-    Counting only lower-numbered running trials makes two workers starting at once agree: the lower
-    number runs, the higher one is surplus when the budget has room for one trial only.
-    """
-    running = trial.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    before = sum(1 for t in running if t.number < trial.number)
-    return count_finished(trial.study) + before >= budget

@@ -8,20 +8,14 @@ trial with its reason and the study goes on; bad input stops the run before any 
 from __future__ import annotations
 
 import math
-import os
 import statistics
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import optuna
-from optuna.exceptions import StorageInternalError
-from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
-from sqlalchemy.exc import SQLAlchemyError
 
 from optimizer.config.space import (
     SearchSpace,
@@ -43,11 +37,22 @@ from optimizer.model.profile import best_point, fastest_first
 from optimizer.model.providers import check_providers
 from optimizer.paths import cache_dir, check_name, studies_dir
 from optimizer.serving.base import ServingTarget
-from optimizer.serving.embedded import EmbeddedTriton
 from optimizer.serving.environment import available_cores
 from optimizer.study.checks import check_same_space, check_settings, check_target, space_distributions
 from optimizer.study.confirm import CONFIRMATION, choose, confirm, finalists_of, stored_confirmation
 from optimizer.study.crosscheck import cross_check_study_step, needs_cross_check, stored_cross_check
+from optimizer.study.driver import (
+    BUDGET_PROBES,
+    DEFAULT_BUDGET_FACTOR,
+    MIN_DEFAULT_BUDGET_MS,
+    default_latency_budget_ms,
+    enqueue_baseline,
+    open_study,
+    pin_worker,
+    sampler_for,
+    serving,
+    study_storage,
+)
 from optimizer.study.precisions import (
     accurate_precisions,
     inprocess_points,
@@ -68,24 +73,16 @@ from optimizer.study.settings import SearchSettings, StudySettings
 from optimizer.study.storage import (
     count_finished,
     count_running,
-    create_or_join,
     default_storage_url,
     fail_stale,
     open_storage,
     recover_dead_local_trials,
     register_worker,
     worker_id,
-    worker_seed,
 )
-from optimizer.study.trial import TrialFailed, TrialRunner, first_line
+from optimizer.study.trial import TrialFailed, TrialRunner
 
 __all__ = ["QuietReporter", "Reporter", "cross_check_study", "run_study"]
-
-# Without --latency-budget-ms, the budget is this multiple of the baseline's single-request p99: the median
-# of several probes, since one probe swung 4x with the machine's state (15 to 100 ms here).
-DEFAULT_BUDGET_FACTOR = 10.0
-BUDGET_PROBES = 5
-MIN_DEFAULT_BUDGET_MS = 5.0
 
 
 class Reporter(Protocol):
@@ -127,11 +124,10 @@ def run_study(
     """
     reporter = reporter or QuietReporter()
     plan = _plan(settings, target)
-    storage = storage if storage is not None else open_storage(plan.storage_url)
-    try:
-        study, created = _open_study(storage, plan.study_name, settings)
+    with study_storage(plan.storage_url, storage) as opened:
+        study, created = open_study(opened, plan.study_name, settings.search, pruning=settings.pruning)
         if created:  # first thing, so workers joining a moment later find it and do not enqueue another
-            _enqueue_baseline(study, plan.space)
+            enqueue_baseline(study, baseline_params(plan.space))
         space = _join(study, plan, settings, reporter)
         if (
             count_finished(study) < settings.budget
@@ -142,17 +138,6 @@ def run_study(
         else:
             reporter.note(f"study {plan.study_name!r} already has {count_finished(study)} finished trials")
         return _summarise(study, plan, settings.budget)
-    except Exception as exc:
-        database_error = _database_error_in(exc)
-        if database_error is None:
-            raise
-        raise StorageError(
-            f"the study database stopped accepting reads or writes ({first_line(str(database_error))[:160]}): "
-            "finished trials are kept; fix the storage (disk full? read-only? server down?) and rerun the same command"
-        ) from exc
-    finally:
-        if isinstance(storage, RDBStorage):
-            storage.engine.dispose()  # close the database connections now, not at garbage collection
 
 
 def cross_check_study(
@@ -218,16 +203,6 @@ def _stored_study(url: str, study_name: str):
         raise StudyError(f"no study {study_name!r} in {url}: give the name of a finished study") from None
     finally:
         storage.engine.dispose()
-
-
-def _database_error_in(exc: BaseException) -> BaseException | None:
-    """The database error behind ``exc``, if any (Optuna can mask it while reporting the trial)."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, (StorageInternalError, SQLAlchemyError)):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
 
 
 @dataclass(frozen=True)
@@ -305,8 +280,11 @@ def _join(study, plan: _Plan, settings: StudySettings, reporter: Reporter) -> Se
         plan.int8_recipes,
     )
     check_same_space(study, space_distributions(space, batching=plan.model.batching, cores=plan.cores))
-    study.sampler = _sampler(
-        settings, space, batching=plan.model.batching, per_worker=joined, cores=plan.cores
+    grid = (
+        grid_of(space, batching=plan.model.batching, cores=plan.cores) if settings.sampler == "grid" else None
+    )
+    study.sampler = sampler_for(
+        settings.sampler, settings.search, seed=settings.seed, per_worker=joined, grid=grid
     )
     for number in recover_dead_local_trials(study):
         reporter.note(f"trial {number} was left running by a worker that died: it will be retried")
@@ -328,8 +306,8 @@ def _measure(
     Only the worker that created the study enqueues its starting points: two workers joining a new
     study at once would each enqueue them and measure them twice.
     """
-    _pin_worker(settings)
-    with _serving(target) as server:
+    pin_worker(settings.cpus, settings.gpus)
+    with serving(target) as server:
         server.check_model(plan.model.sha256)  # a recording answers for the model it recorded only
         runner = TrialRunner(
             server,
@@ -356,7 +334,7 @@ def _measure(
         runner.latency_budget_ms = _latency_budget(study, runner, settings, reporter)
         _record_study_attrs(study, plan, space, server, runner.latency_budget_ms, settings)
         if not study.get_trials(deepcopy=False):  # a crash between creating the study and enqueuing
-            _enqueue_baseline(study, plan.space)
+            enqueue_baseline(study, baseline_params(plan.space))
         if created:
             _enqueue_starting_points(study, plan, space, settings.search, runner.latency_budget_ms)
         _run_trials(study, runner, settings, reporter)
@@ -364,25 +342,7 @@ def _measure(
         cross_check_study_step(study, runner.remeasure_with, settings.confirm_with, reporter.note)
 
 
-@contextmanager
-def _serving(target: ServingTarget | None) -> Iterator[ServingTarget]:
-    """The target, started and stopped here unless the caller runs it already (then it is the caller's)."""
-    if target is not None and target.is_alive():
-        yield target
-        return
-    with target or EmbeddedTriton() as server:
-        yield server
-
-
 # --- set-up --------------------------------------------------------------------------------------------
-
-
-def _pin_worker(settings: StudySettings) -> None:
-    # The server is our child: it inherits the CPU affinity and the visible GPUs.
-    if settings.cpus:
-        os.sched_setaffinity(0, settings.cpus)
-    if settings.gpus is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = settings.gpus
 
 
 def _intake(settings: StudySettings) -> tuple[ModelInfo, dict[str, tuple[int, ...]], list[dict]]:
@@ -399,34 +359,6 @@ def _intake(settings: StudySettings) -> tuple[ModelInfo, dict[str, tuple[int, ..
 def _model_name(model: ModelInfo) -> str:
     stem = "".join(c if c.isalnum() or c in "_-" else "_" for c in model.source_path.stem)
     return stem.lstrip("_-.") or "model"
-
-
-def _open_study(storage, study_name: str, settings: StudySettings):
-    """Create the study, or join it; also say whether this worker created it (it enqueues the baseline)."""
-    search = settings.search
-    pruner: optuna.pruners.BasePruner = optuna.pruners.NopPruner()
-    if settings.pruning and search.prune_percentile is not None:
-        pruner = optuna.pruners.PercentilePruner(
-            search.prune_percentile,
-            n_startup_trials=search.prune_startup_trials,
-            n_warmup_steps=search.prune_warmup_steps,
-        )
-    return create_or_join(storage, study_name, pruner)
-
-
-def _sampler(settings: StudySettings, space: SearchSpace, *, batching: bool, per_worker: bool, cores: int):
-    seed = worker_seed(settings.seed, per_worker=per_worker)
-    if settings.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if settings.sampler == "grid":
-        return optuna.samplers.GridSampler(grid_of(space, batching=batching, cores=cores), seed=seed)
-    search = settings.search
-    return optuna.samplers.TPESampler(
-        seed=seed,
-        n_startup_trials=search.tpe_startup_trials,
-        multivariate=search.tpe_multivariate,
-        constant_liar=search.tpe_constant_liar,
-    )
 
 
 def _check_same_study(study, model: ModelInfo, settings: StudySettings) -> None:
@@ -459,7 +391,7 @@ def _latency_budget(study, runner: TrialRunner, settings: StudySettings, reporte
         return settings.latency_budget_ms
     probes = runner.probe_baseline_p99s(BUDGET_PROBES)
     median = statistics.median(probes)
-    budget = float(max(MIN_DEFAULT_BUDGET_MS, math.ceil(median * DEFAULT_BUDGET_FACTOR)))
+    budget = default_latency_budget_ms(probes)
     study.set_user_attr(
         "latency_budget_source",
         {
@@ -500,11 +432,6 @@ def _record_study_attrs(
     for key, value in attrs.items():
         if study.user_attrs.get(key) != value:
             study.set_user_attr(key, value)
-
-
-def _enqueue_baseline(study, space: SearchSpace) -> None:
-    # skip_if_exists: two workers finding one empty study at the same moment enqueue it once.
-    study.enqueue_trial(baseline_params(space), user_attrs={"baseline": True}, skip_if_exists=True)
 
 
 def _enqueue_starting_points(

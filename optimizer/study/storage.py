@@ -204,6 +204,18 @@ def count_finished(study) -> int:
     return count
 
 
+def is_surplus(trial, budget: int) -> bool:
+    """Whether earlier trials already fill the study's budget: finished ones, and running ones of lower number.
+
+    Two workers can pass the budget check at the same moment; counting only lower-numbered running
+    trials makes them agree: the lower number runs, the higher one steps back (not measured, not
+    counted), so the study ends at exactly its budget.
+    """
+    running = trial.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    earlier = sum(1 for t in running if t.number < trial.number)
+    return count_finished(trial.study) + earlier >= budget
+
+
 def count_running(study) -> int:
 
     return len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))

@@ -41,7 +41,12 @@ from optimizer.serving.base import ServingTarget
 from optimizer.serving.metrics import memory_figure
 from optimizer.study.confirm import RemeasureFailed
 from optimizer.study.settings import StudySettings
-from optimizer.study.storage import count_finished, fail_stale, recover_dead_local_trials, worker_id
+from optimizer.study.storage import (
+    fail_stale,
+    is_surplus,
+    recover_dead_local_trials,
+    worker_id,
+)
 
 __all__ = [
     "CONSTRAINT",
@@ -135,7 +140,7 @@ class TrialRunner:
             raise RemeasureFailed(str(self._server_fault("while confirming", exc))) from exc
 
     def __call__(self, trial) -> float:
-        if _is_surplus(trial, self.settings.budget):
+        if is_surplus(trial, self.settings.budget):
             trial.set_user_attr("surplus", True)
             raise TrialFailed("surplus: other workers' trials already fill the budget")
         candidate = suggest_candidate(trial, self.space, batching=self.model.batching, cores=self.cores)
@@ -422,20 +427,6 @@ class TrialRunner:
 def _variant_of(params) -> tuple[str | None, str | None]:
     """A trial's execution provider and precision (None where the space has one choice)."""
     return params.get("execution_provider"), params.get("precision")
-
-
-def _is_surplus(trial, budget: int) -> bool:
-    """True when earlier trials (finished, or running in other workers) already fill the budget.
-
-    Two workers can pass the budget check in _run_trials at the same moment; the later-numbered trial
-    steps back, so the study ends at exactly its budget.
-    """
-    earlier_running = [
-        t
-        for t in trial.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        if t.number < trial.number
-    ]
-    return count_finished(trial.study) + len(earlier_running) >= budget
 
 
 _COPIED_ATTRS = (
