@@ -22,7 +22,8 @@ from optimizer.study import joint, joint_trial, trial
 from optimizer.study.driver import MIN_DEFAULT_BUDGET_MS, default_latency_budget_ms
 from optimizer.study.joint import JointSettings, run_joint_study
 from optimizer.study.mix import models_from_flags
-from optimizer.study.run import run_study
+from optimizer.study.run import QuietReporter, run_study
+from optimizer.study.settings import SearchSettings
 from optimizer.study.targets import make_target
 from studies import ENCODER_RECORDING, replay_settings
 
@@ -151,3 +152,25 @@ def test_an_option_of_one_models_study_given_at_its_default_is_refused_for_a_joi
     code = main(["study", "--target", f"replay:{JOINT}", "--storage", url, "--sampler", "tpe"])
     assert code == 2
     assert "--sampler is an option of one model's study" in capsys.readouterr().err
+
+
+class _Recorder(QuietReporter):
+    def __init__(self) -> None:
+        self.finished: list = []
+
+    def trial_finished(self, report, best_throughput) -> None:
+        self.finished.append(report)
+
+
+def test_each_finished_trial_is_reported_once_as_the_database_holds_it(tmp_path):
+    # A new study enqueues its starting points after the baseline: the trial reported after the
+    # baseline was once the highest-numbered one, a starting point still waiting ("failed: interrupted").
+    reporter = _Recorder()
+    target = make_target(f"replay:{ENCODER_RECORDING}", seed=0)
+    search = SearchSettings(confirm_finalists=0, second_load_margin=None, starting_points=("variants",))
+    run_study(replay_settings(ENCODER_RECORDING, tmp_path, budget=4, search=search), reporter, target=target)
+    trials = optuna.load_study(study_name="replay", storage=f"sqlite:///{tmp_path}/replay.db").trials
+    states = {t.number: t.state.name.lower().replace("fail", "failed") for t in trials}
+    assert [r.number for r in reporter.finished] == sorted(states)[: len(reporter.finished)]
+    assert reporter.finished and all(r.state == states[r.number] for r in reporter.finished)
+    assert all(r.reason != "interrupted" for r in reporter.finished)

@@ -198,13 +198,6 @@ class LoadGenerator:
         """Measure a single level."""
         return self.run_levels([level], lambda index, result: False)[0]
 
-    async def measure_async(self, level: float) -> LevelResult:
-        """Measure a single level in the running event loop (several generators at once: a mixed load).
-
-        grpc.aio serves one event loop per process, so generators measured together share one loop.
-        """
-        return (await self._run_levels([level], lambda index, result: False))[0]
-
     async def _run_levels(self, levels: Sequence[float], on_level) -> list[LevelResult]:
         client = _Client(self, connections=int(max(levels, default=1)) if self.mode == "concurrency" else 0)
         results: list[LevelResult] = []

@@ -21,10 +21,8 @@ import optuna_dashboard
 from optimizer.errors import StudyError, UsageError
 from optimizer.study.storage import open_storage
 
-__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "dashboard_url", "serve_dashboard"]
+__all__ = ["dashboard_url", "serve_dashboard"]
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 8080
 POLL_S = 0.5
 
 

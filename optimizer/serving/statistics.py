@@ -14,8 +14,6 @@ from typing import Any
 
 __all__ = ["ServerBreakdown", "breakdown"]
 
-PHASES = ("queue", "compute_input", "compute_infer", "compute_output")
-
 
 @dataclass(frozen=True)
 class ServerBreakdown:

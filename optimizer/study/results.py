@@ -27,7 +27,6 @@ __all__ = [
     "finalists",
     "is_joint",
     "report_of",
-    "study_attrs",
     "write_joint_repository",
 ]
 
@@ -243,7 +242,3 @@ def write_joint_repository(
             files = config_files(models[name], config, cache_dir())
         write_repository(out_dir, config, files)
     return out_dir
-
-
-def study_attrs(study) -> dict[str, Any]:
-    return dict(study.user_attrs)

@@ -530,10 +530,20 @@ def _run_trials(study, runner: TrialRunner, settings: StudySettings, reporter: R
         recover_dead_local_trials(
             study
         )  # a worker on this host died: retry its trial now, not after the grace period
-        study.optimize(runner, n_trials=1, catch=(TrialFailed,))
-        last = max(study.get_trials(deepcopy=False), key=lambda t: t.number)
+        last = _run_one(study, runner)
         repeats = repeats + 1 if "same_config_as" in last.user_attrs else 0
         reporter.trial_finished(report_of(last), best_throughput(study))
+
+
+def _run_one(study, runner: TrialRunner) -> FrozenTrial:
+    """Run one trial and return it, as Optuna hands it to its callbacks.
+
+    Not the study's highest-numbered trial: that can be a starting point still waiting in the queue,
+    which the progress then reported as "failed: interrupted" while the trial that ran went unseen.
+    """
+    ran: list[FrozenTrial] = []
+    study.optimize(runner, n_trials=1, catch=(TrialFailed,), callbacks=[lambda _, trial: ran.append(trial)])
+    return ran[-1]
 
 
 # --- confirmation ----------------------------------------------------------------------------------

@@ -30,11 +30,6 @@ _GRAPH_LEVELS = {
     1: ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     2: ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
 }
-_PROVIDER_NAMES = {
-    "openvino": "OpenVINOExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "tensorrt": "TensorrtExecutionProvider",
-}
 # Native-backend TensorRT keys whose ONNX Runtime option name differs from "trt_" + key.
 _TRT_RENAMED = {"max_workspace_size_bytes": "trt_max_workspace_size"}
 _TRT_BOOL_KEYS = {
