@@ -87,10 +87,6 @@ class ServingTarget:
     # --- defaults ---------------------------------------------------------------------------------
 
     @property
-    def can_restart(self) -> bool:
-        return self.capabilities.can_restart
-
-    @property
     def http_url(self) -> str:
         """``http://host:port``, or "" when the target has no HTTP endpoint optimize can reach."""
         return ""

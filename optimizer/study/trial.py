@@ -372,7 +372,7 @@ class TrialRunner:
         alive = _still_alive(self.target)
         detail = first_line(exc.message if isinstance(exc, OptimizeError) else str(exc))
         reason = f"the server crashed {when}" if not alive else f"{detail} {when}"
-        if not self.target.can_restart:
+        if not self.target.capabilities.can_restart:
             raise ServerDiedError(
                 f"{reason}; the {self.target.name} server cannot be restarted by optimize"
             ) from exc
