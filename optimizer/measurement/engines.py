@@ -13,11 +13,9 @@ import numpy as np
 
 from optimizer.errors import UsageError
 from optimizer.measurement.builtin import LoadGenerator
-from optimizer.measurement.joint_replay import JointReplayTarget
 from optimizer.measurement.levels import LevelResult, MeasureSettings
 from optimizer.measurement.mixed import MixLevel, measure_mix
 from optimizer.measurement.perf_analyzer import PerfAnalyzerLoadGenerator
-from optimizer.measurement.replay import ReplayTarget
 from optimizer.serving.base import ServingTarget
 
 __all__ = ["LevelSource", "MixSource", "make_load_generator", "make_mix_source"]
@@ -63,12 +61,9 @@ def make_load_generator(
     Raises:
         UsageError: the combination needs what this target or engine lacks (HTTP address, TLS).
     """
-    if isinstance(target, JointReplayTarget):
-        raise UsageError(
-            "this recording is of several models tuned together: replay it without --model, as a joint study"
-        )
-    if isinstance(target, ReplayTarget):  # a recorded surface answers instead of a server
-        return target.load_generator()
+    recorded = target.recorded_levels()
+    if recorded is not None:  # a recording answers instead of a server
+        return recorded
     url = target.grpc_url if protocol == "grpc" else _host_port(target.http_url)
     if not url:
         raise UsageError(
@@ -114,13 +109,9 @@ def make_mix_source(
     Raises:
         UsageError: ``target`` replays one model's recording, which cannot answer for a mix.
     """
-    if isinstance(target, JointReplayTarget):
-        return target.measure_mix
-    if isinstance(target, ReplayTarget):
-        raise UsageError(
-            "a recording of one model (--target replay:) answers that model's study only: replay a joint "
-            "recording (bench/record_joint_surface.py), or tune the models on a server"
-        )
+    recorded = target.recorded_mix()
+    if recorded is not None:  # a recording answers instead of a server
+        return recorded
 
     def measure(clients: int, shares: Mapping[str, float], budgets_ms: Mapping[str, float]) -> MixLevel:
         return measure_mix(

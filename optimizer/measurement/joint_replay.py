@@ -21,7 +21,7 @@ import hashlib
 import json
 import math
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -185,6 +185,14 @@ class JointReplayTarget(RecordingTarget):
         self._digests[name] = config_digest(config)
         self._drawn = None  # the next measurement draws a repeat of the joint config now loaded
         return 0.0
+
+    def recorded_levels(self) -> None:
+        raise UsageError(
+            "this recording is of several models tuned together: replay it without --model, as a joint study"
+        )
+
+    def recorded_mix(self) -> Callable[[int, Mapping[str, float], Mapping[str, float]], MixLevel | None]:
+        return self.measure_mix
 
     def measure_mix(
         self, clients: int, shares: Mapping[str, float], budgets_ms: Mapping[str, float]

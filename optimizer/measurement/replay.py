@@ -366,5 +366,11 @@ class ReplayTarget(RecordingTarget):
             raise ConfigRejected("no config loaded")
         return self._loaded
 
-    def load_generator(self, *args, **kwargs) -> ReplayLoadGenerator:
+    def recorded_levels(self) -> ReplayLoadGenerator:
         return ReplayLoadGenerator(self)
+
+    def recorded_mix(self) -> None:
+        raise UsageError(
+            "a recording of one model (--target replay:) answers that model's study only: replay a joint "
+            "recording (bench/record_joint_surface.py), or tune the models on a server"
+        )

@@ -131,6 +131,18 @@ class ServingTarget:
     def check_model(self, sha256: str) -> None:
         """Refuse a model this target cannot serve; every model is accepted by default."""
 
+    def recorded_levels(self) -> Any | None:
+        """The load generator of a target that answers from a recording instead of serving requests (a
+        ``LevelSource``: measurement's type, above this stage); None: measure the server's requests.
+
+        A target that cannot answer one model's levels at all raises UsageError saying what to do.
+        """
+        return None
+
+    def recorded_mix(self) -> Any | None:
+        """Likewise for a joint study's mixed load (a ``MixSource``); None: measure the server's requests."""
+        return None
+
     def int8_recipes(self) -> tuple[str, ...] | None:
         """The int8 recipes this target can serve, in the order to try them; None: every recipe, in the
         order the model calls for (a recording serves only the files it recorded)."""
