@@ -19,9 +19,9 @@ import asyncio
 import gc
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -46,8 +46,11 @@ __all__ = [
     "level_deadline_s",
     "measure_pooled",
     "measurement_deadline_s",
+    "run_measurement",
     "summarise_level",
 ]
+
+T = TypeVar("T")
 
 # An open loop whose server falls this far behind stops sending more: its p99 already says enough.
 MAX_OUTSTANDING = 1024
@@ -90,6 +93,18 @@ def measurement_deadline_s(settings: MeasureSettings, levels: int) -> float:
     """The last-resort deadline of a whole measurement of ``levels`` levels (its set-up and the sweep's
     own work between levels included)."""
     return max(1, levels) * (level_deadline_s(settings) + BETWEEN_LEVELS_S) + 2 * CLOSE_TIMEOUT_S
+
+
+def run_measurement(main: Coroutine[Any, Any, T], deadline_s: float, what: str) -> T:
+    """Run a measurement's coroutine on a loop of its own; at its last-resort deadline it fails as a hang."""
+    try:
+        return run_bounded(main, deadline_s)
+    except DeadlineExceeded as exc:
+        raise _outlasted(what, deadline_s) from exc
+
+
+def _outlasted(what: str, deadline_s: float) -> InferenceError:
+    return InferenceError(f"{what} outlasted its {deadline_s:.0f} s deadline (server hung or overloaded)")
 
 
 def summarise_level(
@@ -187,12 +202,7 @@ class LoadGenerator:
             InferenceError: a request failed or timed out, or the measurement outlasted its deadline.
         """
         deadline_s = measurement_deadline_s(self.settings, len(levels))
-        try:
-            return run_bounded(self._run_levels(levels, on_level), deadline_s)
-        except DeadlineExceeded as exc:
-            raise InferenceError(
-                f"the measurement outlasted its {deadline_s:.0f} s deadline (server hung or overloaded)"
-            ) from exc
+        return run_measurement(self._run_levels(levels, on_level), deadline_s, "the measurement")
 
     def measure(self, level: float) -> LevelResult:
         """Measure a single level."""
@@ -222,9 +232,7 @@ class LoadGenerator:
         try:
             return await within(self._measure(client, prepared, level), deadline_s)
         except DeadlineExceeded as exc:
-            raise InferenceError(
-                f"the level at {level:g} outlasted its {deadline_s:.0f} s deadline (server hung or overloaded)"
-            ) from exc
+            raise _outlasted(f"the level at {level:g}", deadline_s) from exc
 
     async def _measure(self, client: _Client, prepared, level: float) -> LevelResult:
         started = time.perf_counter()

@@ -18,9 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from optimizer.errors import InferenceError
-from optimizer.measurement.builtin import measure_pooled, measurement_deadline_s
-from optimizer.measurement.deadlines import DeadlineExceeded, run_bounded
+from optimizer.measurement.builtin import measure_pooled, measurement_deadline_s, run_measurement
 from optimizer.measurement.levels import LevelResult, MeasureSettings
 
 __all__ = ["MixLevel", "measure_mix", "mix_schedule", "mix_throughput", "shares_of"]
@@ -105,12 +103,6 @@ def measure_mix(
     pooled = measure_pooled(
         url, samples, mix_schedule(shares), clients, settings, client_options=client_options, headers=headers
     )
-    deadline_s = measurement_deadline_s(settings, 1)
-    try:
-        results = run_bounded(pooled, deadline_s)
-    except DeadlineExceeded as exc:
-        raise InferenceError(
-            f"the mixed load outlasted its {deadline_s:.0f} s deadline (server hung or overloaded)"
-        ) from exc
+    results = run_measurement(pooled, measurement_deadline_s(settings, 1), "the mixed load")
     over = tuple(name for name in shares if results[name].p99_ms > budgets_ms[name])
     return MixLevel(clients, results, mix_throughput(results, shares), over)
