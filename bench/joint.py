@@ -32,10 +32,9 @@ from optimizer.model.intake import inspect_model, load_requests
 from optimizer.model.variants import config_files
 from optimizer.paths import cache_dir
 from optimizer.serving.embedded import EmbeddedTriton
-from optimizer.study.joint import JOINT_MEASURE, JointSettings, run_joint_study
-from optimizer.study.mix import ModelEntry
+from optimizer.study.models_file import ModelEntry
 from optimizer.study.run import run_study
-from optimizer.study.settings import StudySettings
+from optimizer.study.settings import JOINT_MEASURE, StudySettings
 
 LEVELS = (1, 2, 4, 8)
 
@@ -81,8 +80,8 @@ def main() -> None:
             for name, (path, shapes) in paths.items()
         )
         print(f"\n# joint study, {args.joint_budget} trials  [{_load()}]", flush=True)
-        joint = run_joint_study(
-            JointSettings(
+        joint = run_study(
+            StudySettings(
                 models=entries, budget=args.joint_budget, study_name="joint", output_dir=out, seed=args.seed
             )
         )

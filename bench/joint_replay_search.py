@@ -30,9 +30,10 @@ from tritonclient.grpc import model_config_pb2
 from optimizer.config.render import config_digest
 from optimizer.measurement.joint_replay import JointRecordedConfig, JointReplayTarget, joint_key
 from optimizer.measurement.mixed import MixLevel, mix_throughput, shares_of
-from optimizer.study.joint import JOINT_MEASURE, JointSettings, run_joint_study
 from optimizer.study.joint_trial import sweep_stop
-from optimizer.study.mix import ModelEntry
+from optimizer.study.models_file import ModelEntry
+from optimizer.study.run import run_study
+from optimizer.study.settings import JOINT_MEASURE, StudySettings
 
 
 def sweep_score(sweep, budgets: dict[str, float], shares: dict[str, float]) -> float:
@@ -66,8 +67,8 @@ def study_pick(recording: Path, budget: int, seed: int, out: Path) -> str:
         for name in surface.model_names
     )
     name = f"s{budget}-{seed}"
-    summary = run_joint_study(
-        JointSettings(
+    summary = run_study(
+        StudySettings(
             models=entries,
             budget=budget,
             space=str(surface.space_path),

@@ -5,7 +5,7 @@
         [--work bench/out/joint-surface] [--dump-only]
 
 The models are the pair of bench/joint.py: the bundled example encoder and the tests' small CNN
-(3x32x32). Each repeat is one joint study (``run_joint_study``) into which every distinct joint config of
+(3x32x32). Each repeat is one joint study (``run_study`` of several models) into which every distinct joint config of
 the space (each model's grid point, all combinations) is enqueued in a shuffled order, so each gets the
 very sweep a joint study gives it: the mixed load at 1, 2, 4, 8 clients per model until a model breaks
 its budget or the mix stops gaining. Repeats follow each other in time, each in its own order, so a slow
@@ -44,9 +44,10 @@ from optimizer.model import examples
 from optimizer.model.intake import inspect_model
 from optimizer.paths import cache_dir
 from optimizer.serving.environment import available_cores
-from optimizer.study.joint import JOINT_MEASURE, JointSettings, run_joint_study
-from optimizer.study.mix import ModelEntry, parse_named_numbers
+from optimizer.study.models_file import ModelEntry, parse_named_numbers
 from optimizer.study.results import joint_budgets
+from optimizer.study.run import run_study
+from optimizer.study.settings import JOINT_MEASURE, StudySettings
 from optimizer.study.storage import create_or_join, default_storage_url, open_storage
 
 # How each recorded model is built (deterministic: the same seed writes the same bytes), under the name
@@ -132,8 +133,8 @@ def record(args, traffic, budgets, measure, levels) -> None:
                 study.enqueue_trial(params)
         started, load_before = time.perf_counter(), os.getloadavg()
         print(f"recording {name}: {len(points)} joint configs  [load {load_before[0]:.2f}]", flush=True)
-        summary = run_joint_study(
-            JointSettings(
+        summary = run_study(
+            StudySettings(
                 models=entries(traffic, budgets),
                 budget=len(points),
                 space=args.space,
@@ -141,7 +142,7 @@ def record(args, traffic, budgets, measure, levels) -> None:
                 output_dir=args.work,
                 seed=repeat,
                 measure=measure,
-                levels=levels,
+                concurrency=levels,
             )
         )
         budgets = dict(

@@ -21,7 +21,8 @@ import optuna
 from optimizer.config.render import render_config
 from optimizer.config.space import Candidate, load_space
 from optimizer.serving.embedded import EmbeddedTriton
-from optimizer.study.run import QuietReporter, _intake, _model_name
+from optimizer.study.driver import QuietReporter
+from optimizer.study.one_model import _intake, _model_name
 from optimizer.study.settings import StudySettings
 from optimizer.study.trial import TrialRunner
 

@@ -15,19 +15,17 @@ import signal
 import sys
 import threading
 import traceback
-from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
-from optimizer.config.space import parse_starting_points
 from optimizer.errors import OptimizeError, StudyError, UsageError
 from optimizer.measurement.levels import DEFAULT_MAX_WINDOW_S, Engine, MeasureSettings, Protocol, StopRule
 from optimizer.model.convert import Exporter
 from optimizer.output.formats import ExportFormat
 from optimizer.paths import cache_dir, studies_dir
-from optimizer.study.settings import CrossCheckEngine, Sampler, SearchSettings
+from optimizer.study.settings import CrossCheckEngine, Sampler, SearchSettings, StudySettings
 
 # Exit codes besides those of the OptimizeError subclasses (errors.py) and the parser's usage errors (2).
 BUG_EXIT_CODE = 70  # EX_SOFTWARE: an unexpected exception, i.e. a bug in optimize
@@ -51,8 +49,13 @@ app = typer.Typer(
 _state = {"debug": False}
 
 MODEL, SEARCH, MEASUREMENT, TARGET, SCALE_OUT = "Model", "Search", "Measurement", "Target", "Scale-out"
-_DEFAULT_MEASURE = MeasureSettings()
 TARGET_CHOICES = "embedded|local|docker|remote|replay:DIR"
+# The study's defaults are the settings' (study/settings.py); the command line shows them as its choices.
+_DEFAULT_SAMPLER = Sampler(StudySettings.sampler)
+_DEFAULT_ENGINE = Engine(StudySettings.load_generator)
+_DEFAULT_PROTOCOL = Protocol(StudySettings.protocol)
+_DEFAULT_RULE = StopRule(MeasureSettings.rule)
+_DEFAULT_STARTING_POINTS = ",".join(SearchSettings.starting_points) or "none"
 
 
 StorageOption = Annotated[
@@ -149,441 +152,343 @@ def inspect(
     console.print("request shapes: " + ", ".join(f"{n}:{','.join(map(str, d))}" for n, d in shapes.items()))
 
 
+# The options of `optimize study`, each declared once; the study reads them through study/options.py.
+_Model = Annotated[
+    Optional[list[Path]],
+    typer.Option(
+        "--model",
+        help="ONNX model (default: the bundled example); repeat it to tune several models together on "
+        "one server (an ensemble's directory counts as one).",
+        rich_help_panel=MODEL,
+    ),
+]
+_Traffic = Annotated[
+    Optional[str],
+    typer.Option(
+        "--traffic",
+        help="Several --model: each model's share of the requests, NAME=WEIGHT,... (default equal).",
+        rich_help_panel=MODEL,
+    ),
+]
+_ModelsFile = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--models",
+        help="Tune several models together on one server: a YAML file naming each model, its shapes, "
+        "traffic share and latency budget.",
+        rich_help_panel=MODEL,
+    ),
+]
+_Budget = Annotated[int, typer.Option(help="Total number of trials in the study.", rich_help_panel=SEARCH)]
+_LatencyBudgetMs = Annotated[
+    Optional[str],
+    typer.Option(
+        "--latency-budget-ms",
+        help="p99 latency budget in ms (default: 10x baseline p99); several --model: one number for "
+        "all, or NAME=MS,...",
+        rich_help_panel=SEARCH,
+    ),
+]
+_Space = Annotated[
+    Optional[str],
+    typer.Option(
+        help="Search space: a name under spaces/ or a YAML path (default cpu; replay: its own).",
+        rich_help_panel=SEARCH,
+    ),
+]
+_StudyName = Annotated[
+    Optional[str],
+    typer.Option("--study-name", help="Default: the model's file name.", rich_help_panel=SEARCH),
+]
+_Storage = Annotated[
+    Optional[str],
+    typer.Option(help="Optuna storage URL (default sqlite:///studies/NAME.db).", rich_help_panel=SCALE_OUT),
+]
+_InputData = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--input-data", help=".npz with one array per input (samples on axis 0).", rich_help_panel=MODEL
+    ),
+]
+_AccuracyTolerance = Annotated[
+    float,
+    typer.Option(
+        "--accuracy-tolerance",
+        help="Max 1 - cosine similarity of a fp16/int8 variant vs fp32.",
+        rich_help_panel=MODEL,
+    ),
+]
+_Concurrency = Annotated[
+    Optional[str], typer.Option(help="Concurrency levels, e.g. 1,2,4,8,16.", rich_help_panel=MEASUREMENT)
+]
+_Seed = Annotated[Optional[int], typer.Option(help="Sampler seed.", rich_help_panel=SEARCH)]
+_Sampler = Annotated[
+    Sampler,
+    typer.Option(
+        help="tpe (Bayesian), random, or grid (every point of a space of listed values).",
+        rich_help_panel=SEARCH,
+    ),
+]
+_Confirm = Annotated[
+    int,
+    typer.Option(
+        min=0,
+        help="Re-measure the top N configs side by side before exporting; export the best mean (0: off).",
+        rich_help_panel=SEARCH,
+    ),
+]
+_StartingPoints = Annotated[
+    str,
+    typer.Option(
+        "--starting-points",
+        help=(
+            "Configs measured right after the baseline, comma-separated: variants (a batching config "
+            "per provider x precision), batching, batching-lowp; 'none' for none."
+        ),
+        rich_help_panel=SEARCH,
+    ),
+]
+_WarmStart = Annotated[
+    Optional[str],
+    typer.Option(
+        "--warm-start",
+        help="A finished study of this model: its best configs are measured first.",
+        rich_help_panel=SEARCH,
+    ),
+]
+_WindowS = Annotated[
+    float,
+    typer.Option(
+        "--window-s",
+        help="Seconds measured per level (fixed rule) or the shortest window (ci).",
+        rich_help_panel=MEASUREMENT,
+    ),
+]
+_WarmupS = Annotated[
+    float,
+    typer.Option(
+        "--warmup-s",
+        help="Longest warm-up per level; it ends sooner once the completion rate settles.",
+        rich_help_panel=MEASUREMENT,
+    ),
+]
+_ScreenS = Annotated[
+    float,
+    typer.Option(
+        "--screen-s",
+        help="Screening window per level; full windows only where the answer is (0: every level full).",
+        rich_help_panel=MEASUREMENT,
+    ),
+]
+_AllowSharedHost = Annotated[
+    bool,
+    typer.Option(
+        "--allow-shared-host",
+        help="Let another worker of this study measure on this machine.",
+        rich_help_panel=SCALE_OUT,
+    ),
+]
+_Cpus = Annotated[
+    Optional[str],
+    typer.Option(help="Pin this worker and its server to cores, e.g. 0-3.", rich_help_panel=SCALE_OUT),
+]
+_Gpus = Annotated[
+    Optional[str],
+    typer.Option(help="GPUs this worker's server may use, e.g. 0,1.", rich_help_panel=SCALE_OUT),
+]
+_Target = Annotated[
+    str,
+    typer.Option(
+        help="Triton to tune: embedded (bundled), local (--triton-binary), docker, remote (--url), "
+        "or replay:DIR (a recorded surface, no server).",
+        parser=_target_kind,
+        metavar=f"[{TARGET_CHOICES}]",
+        rich_help_panel=TARGET,
+    ),
+]
+_TritonBinary = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--triton-binary",
+        help="local: tritonserver to run (default: the one on PATH).",
+        rich_help_panel=TARGET,
+    ),
+]
+_BackendDirectory = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--backend-directory",
+        help="local: its backends (default: next to its bin/).",
+        rich_help_panel=TARGET,
+    ),
+]
+_DockerImageTag = Annotated[
+    Optional[str],
+    typer.Option(
+        "--docker-image-tag",
+        help="docker: nvcr.io/nvidia/tritonserver:TAG-py3 (24.10).",
+        rich_help_panel=TARGET,
+    ),
+]
+_Url = Annotated[
+    Optional[str],
+    typer.Option(help="remote: HOST:PORT of the server's gRPC endpoint.", rich_help_panel=TARGET),
+]
+_MetricsUrl = Annotated[
+    Optional[str],
+    typer.Option("--metrics-url", help="remote: its /metrics URL, to see its GPUs.", rich_help_panel=TARGET),
+]
+_SslRootCert = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--ssl-root-cert",
+        help="remote: PEM of the CA of the server's TLS certificate.",
+        rich_help_panel=TARGET,
+    ),
+]
+_SslClientCert = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--ssl-client-cert", help="remote: PEM client certificate (mutual TLS).", rich_help_panel=TARGET
+    ),
+]
+_SslClientKey = Annotated[
+    Optional[Path],
+    typer.Option("--ssl-client-key", help="remote: PEM key of --ssl-client-cert.", rich_help_panel=TARGET),
+]
+_Header = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--header", help="remote: KEY:VALUE sent with every call (repeatable).", rich_help_panel=TARGET
+    ),
+]
+_LoadGenerator = Annotated[
+    Engine,
+    typer.Option(
+        "--load-generator",
+        help="builtin (asyncio, one process) or perf_analyzer (Triton's).",
+        rich_help_panel=MEASUREMENT,
+    ),
+]
+_ConfirmWith = Annotated[
+    Optional[CrossCheckEngine],
+    typer.Option(
+        "--confirm-with",
+        help="Also measure the baseline and the best with perf_analyzer; flag a difference over 10%.",
+        rich_help_panel=MEASUREMENT,
+    ),
+]
+_Protocol = Annotated[
+    Protocol, typer.Option(help="Protocol of the measured requests.", rich_help_panel=MEASUREMENT)
+]
+_RequestRate = Annotated[
+    Optional[str],
+    typer.Option(
+        "--request-rate",
+        help="Open loop: Poisson arrivals at these rates/s, e.g. 50,100,200.",
+        rich_help_panel=MEASUREMENT,
+    ),
+]
+_StopRule = Annotated[
+    StopRule,
+    typer.Option(
+        "--stop-rule",
+        help="ci: stop a window once throughput and p99 are pinned; fixed: --window-s.",
+        rich_help_panel=MEASUREMENT,
+    ),
+]
+_MaxWindowS = Annotated[
+    Optional[float],
+    typer.Option(
+        "--max-window-s",
+        help=f"Longest window per level (default: max({DEFAULT_MAX_WINDOW_S:g}, 4 x --window-s)).",
+        rich_help_panel=MEASUREMENT,
+    ),
+]
+_ThroughputCi = Annotated[
+    float,
+    typer.Option(
+        "--throughput-ci",
+        help="ci: throughput known within this fraction (95%).",
+        rich_help_panel=MEASUREMENT,
+    ),
+]
+_P99Ci = Annotated[
+    float,
+    typer.Option("--p99-ci", help="ci: p99 known within this fraction (95%).", rich_help_panel=MEASUREMENT),
+]
+_MaxMemoryMb = Annotated[
+    Optional[float],
+    typer.Option(
+        "--max-memory-mb",
+        help="Constraint: the server's process-tree RSS (MiB) under load.",
+        rich_help_panel=MEASUREMENT,
+    ),
+]
+
+
 @app.command()
 def study(
     ctx: typer.Context,
-    models: Annotated[
-        Optional[list[Path]],
-        typer.Option(
-            "--model",
-            help="ONNX model (default: the bundled example); repeat it to tune several models together on "
-            "one server (an ensemble's directory counts as one).",
-            rich_help_panel=MODEL,
-        ),
-    ] = None,
-    traffic: Annotated[
-        Optional[str],
-        typer.Option(
-            "--traffic",
-            help="Several --model: each model's share of the requests, NAME=WEIGHT,... (default equal).",
-            rich_help_panel=MODEL,
-        ),
-    ] = None,
-    models_file: Annotated[
-        Optional[Path],
-        typer.Option(
-            "--models",
-            help="Tune several models together on one server: a YAML file naming each model, its shapes, "
-            "traffic share and latency budget.",
-            rich_help_panel=MODEL,
-        ),
-    ] = None,
-    budget: Annotated[
-        int, typer.Option(help="Total number of trials in the study.", rich_help_panel=SEARCH)
-    ] = 40,
-    latency_budget_ms: Annotated[
-        Optional[str],
-        typer.Option(
-            "--latency-budget-ms",
-            help="p99 latency budget in ms (default: 10x baseline p99); several --model: one number for "
-            "all, or NAME=MS,...",
-            rich_help_panel=SEARCH,
-        ),
-    ] = None,
-    space: Annotated[
-        Optional[str],
-        typer.Option(
-            help="Search space: a name under spaces/ or a YAML path (default cpu; replay: its own).",
-            rich_help_panel=SEARCH,
-        ),
-    ] = None,
-    study_name: Annotated[
-        Optional[str],
-        typer.Option("--study-name", help="Default: the model's file name.", rich_help_panel=SEARCH),
-    ] = None,
-    storage: Annotated[
-        Optional[str],
-        typer.Option(
-            help="Optuna storage URL (default sqlite:///studies/NAME.db).", rich_help_panel=SCALE_OUT
-        ),
-    ] = None,
+    model: _Model = None,
+    traffic: _Traffic = None,
+    models_file: _ModelsFile = None,
+    budget: _Budget = StudySettings.budget,
+    latency_budget_ms: _LatencyBudgetMs = None,
+    space: _Space = None,
+    study_name: _StudyName = None,
+    storage: _Storage = None,
     shape: ShapeOption = None,
-    input_data: Annotated[
-        Optional[Path],
-        typer.Option(
-            "--input-data", help=".npz with one array per input (samples on axis 0).", rich_help_panel=MODEL
-        ),
-    ] = None,
-    accuracy_tolerance: Annotated[
-        float,
-        typer.Option(
-            "--accuracy-tolerance",
-            help="Max 1 - cosine similarity of a fp16/int8 variant vs fp32.",
-            rich_help_panel=MODEL,
-        ),
-    ] = 0.01,
-    concurrency: Annotated[
-        Optional[str], typer.Option(help="Concurrency levels, e.g. 1,2,4,8,16.", rich_help_panel=MEASUREMENT)
-    ] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Sampler seed.", rich_help_panel=SEARCH)] = None,
-    sampler: Annotated[
-        Sampler,
-        typer.Option(
-            help="tpe (Bayesian), random, or grid (every point of a space of listed values).",
-            rich_help_panel=SEARCH,
-        ),
-    ] = Sampler.tpe,
-    confirm: Annotated[
-        int,
-        typer.Option(
-            min=0,
-            help="Re-measure the top N configs side by side before exporting; export the best mean (0: off).",
-            rich_help_panel=SEARCH,
-        ),
-    ] = SearchSettings().confirm_finalists,
-    starting_points: Annotated[
-        str,
-        typer.Option(
-            "--starting-points",
-            help=(
-                "Configs measured right after the baseline, comma-separated: variants (a batching config "
-                "per provider x precision), batching, batching-lowp; 'none' for none."
-            ),
-            rich_help_panel=SEARCH,
-        ),
-    ] = ",".join(SearchSettings().starting_points) or "none",
-    warm_start: Annotated[
-        Optional[str],
-        typer.Option(
-            "--warm-start",
-            help="A finished study of this model: its best configs are measured first.",
-            rich_help_panel=SEARCH,
-        ),
-    ] = None,
-    window_s: Annotated[
-        float,
-        typer.Option(
-            "--window-s",
-            help="Seconds measured per level (fixed rule) or the shortest window (ci).",
-            rich_help_panel=MEASUREMENT,
-        ),
-    ] = _DEFAULT_MEASURE.window_s,
-    warmup_s: Annotated[
-        float,
-        typer.Option(
-            "--warmup-s",
-            help="Longest warm-up per level; it ends sooner once the completion rate settles.",
-            rich_help_panel=MEASUREMENT,
-        ),
-    ] = _DEFAULT_MEASURE.warmup_s,
-    screen_s: Annotated[
-        float,
-        typer.Option(
-            "--screen-s",
-            help="Screening window per level; full windows only where the answer is (0: every level full).",
-            rich_help_panel=MEASUREMENT,
-        ),
-    ] = _DEFAULT_MEASURE.screen_s,
-    allow_shared_host: Annotated[
-        bool,
-        typer.Option(
-            "--allow-shared-host",
-            help="Let another worker of this study measure on this machine.",
-            rich_help_panel=SCALE_OUT,
-        ),
-    ] = False,
-    cpus: Annotated[
-        Optional[str],
-        typer.Option(help="Pin this worker and its server to cores, e.g. 0-3.", rich_help_panel=SCALE_OUT),
-    ] = None,
-    gpus: Annotated[
-        Optional[str],
-        typer.Option(help="GPUs this worker's server may use, e.g. 0,1.", rich_help_panel=SCALE_OUT),
-    ] = None,
-    target: Annotated[
-        str,
-        typer.Option(
-            help="Triton to tune: embedded (bundled), local (--triton-binary), docker, remote (--url), "
-            "or replay:DIR (a recorded surface, no server).",
-            parser=_target_kind,
-            metavar=f"[{TARGET_CHOICES}]",
-            rich_help_panel=TARGET,
-        ),
-    ] = "embedded",
-    triton_binary: Annotated[
-        Optional[Path],
-        typer.Option(
-            "--triton-binary",
-            help="local: tritonserver to run (default: the one on PATH).",
-            rich_help_panel=TARGET,
-        ),
-    ] = None,
-    backend_directory: Annotated[
-        Optional[Path],
-        typer.Option(
-            "--backend-directory",
-            help="local: its backends (default: next to its bin/).",
-            rich_help_panel=TARGET,
-        ),
-    ] = None,
-    docker_image_tag: Annotated[
-        Optional[str],
-        typer.Option(
-            "--docker-image-tag",
-            help="docker: nvcr.io/nvidia/tritonserver:TAG-py3 (24.10).",
-            rich_help_panel=TARGET,
-        ),
-    ] = None,
-    url: Annotated[
-        Optional[str],
-        typer.Option(help="remote: HOST:PORT of the server's gRPC endpoint.", rich_help_panel=TARGET),
-    ] = None,
-    metrics_url: Annotated[
-        Optional[str],
-        typer.Option(
-            "--metrics-url", help="remote: its /metrics URL, to see its GPUs.", rich_help_panel=TARGET
-        ),
-    ] = None,
-    ssl_root_cert: Annotated[
-        Optional[Path],
-        typer.Option(
-            "--ssl-root-cert",
-            help="remote: PEM of the CA of the server's TLS certificate.",
-            rich_help_panel=TARGET,
-        ),
-    ] = None,
-    ssl_client_cert: Annotated[
-        Optional[Path],
-        typer.Option(
-            "--ssl-client-cert", help="remote: PEM client certificate (mutual TLS).", rich_help_panel=TARGET
-        ),
-    ] = None,
-    ssl_client_key: Annotated[
-        Optional[Path],
-        typer.Option(
-            "--ssl-client-key", help="remote: PEM key of --ssl-client-cert.", rich_help_panel=TARGET
-        ),
-    ] = None,
-    header: Annotated[
-        Optional[list[str]],
-        typer.Option(
-            "--header", help="remote: KEY:VALUE sent with every call (repeatable).", rich_help_panel=TARGET
-        ),
-    ] = None,
-    load_generator: Annotated[
-        Engine,
-        typer.Option(
-            "--load-generator",
-            help="builtin (asyncio, one process) or perf_analyzer (Triton's).",
-            rich_help_panel=MEASUREMENT,
-        ),
-    ] = Engine.builtin,
-    confirm_with: Annotated[
-        Optional[CrossCheckEngine],
-        typer.Option(
-            "--confirm-with",
-            help="Also measure the baseline and the best with perf_analyzer; flag a difference over 10%.",
-            rich_help_panel=MEASUREMENT,
-        ),
-    ] = None,
-    protocol: Annotated[
-        Protocol, typer.Option(help="Protocol of the measured requests.", rich_help_panel=MEASUREMENT)
-    ] = Protocol.grpc,
-    request_rate: Annotated[
-        Optional[str],
-        typer.Option(
-            "--request-rate",
-            help="Open loop: Poisson arrivals at these rates/s, e.g. 50,100,200.",
-            rich_help_panel=MEASUREMENT,
-        ),
-    ] = None,
-    stop_rule: Annotated[
-        StopRule,
-        typer.Option(
-            "--stop-rule",
-            help="ci: stop a window once throughput and p99 are pinned; fixed: --window-s.",
-            rich_help_panel=MEASUREMENT,
-        ),
-    ] = StopRule.ci,
-    max_window_s: Annotated[
-        Optional[float],
-        typer.Option(
-            "--max-window-s",
-            help=f"Longest window per level (default: max({DEFAULT_MAX_WINDOW_S:g}, 4 x --window-s)).",
-            rich_help_panel=MEASUREMENT,
-        ),
-    ] = None,
-    throughput_ci: Annotated[
-        float,
-        typer.Option(
-            "--throughput-ci",
-            help="ci: throughput known within this fraction (95%).",
-            rich_help_panel=MEASUREMENT,
-        ),
-    ] = _DEFAULT_MEASURE.throughput_ci,
-    p99_ci: Annotated[
-        float,
-        typer.Option(
-            "--p99-ci", help="ci: p99 known within this fraction (95%).", rich_help_panel=MEASUREMENT
-        ),
-    ] = _DEFAULT_MEASURE.p99_ci,
-    max_memory_mb: Annotated[
-        Optional[float],
-        typer.Option(
-            "--max-memory-mb",
-            help="Constraint: the server's process-tree RSS (MiB) under load.",
-            rich_help_panel=MEASUREMENT,
-        ),
-    ] = None,
+    input_data: _InputData = None,
+    accuracy_tolerance: _AccuracyTolerance = StudySettings.accuracy_tolerance,
+    concurrency: _Concurrency = None,
+    seed: _Seed = None,
+    sampler: _Sampler = _DEFAULT_SAMPLER,
+    confirm: _Confirm = SearchSettings.confirm_finalists,
+    starting_points: _StartingPoints = _DEFAULT_STARTING_POINTS,
+    warm_start: _WarmStart = None,
+    window_s: _WindowS = MeasureSettings.window_s,
+    warmup_s: _WarmupS = MeasureSettings.warmup_s,
+    screen_s: _ScreenS = MeasureSettings.screen_s,
+    allow_shared_host: _AllowSharedHost = StudySettings.allow_shared_host,
+    cpus: _Cpus = None,
+    gpus: _Gpus = None,
+    target: _Target = "embedded",
+    triton_binary: _TritonBinary = None,
+    backend_directory: _BackendDirectory = None,
+    docker_image_tag: _DockerImageTag = None,
+    url: _Url = None,
+    metrics_url: _MetricsUrl = None,
+    ssl_root_cert: _SslRootCert = None,
+    ssl_client_cert: _SslClientCert = None,
+    ssl_client_key: _SslClientKey = None,
+    header: _Header = None,
+    load_generator: _LoadGenerator = _DEFAULT_ENGINE,
+    confirm_with: _ConfirmWith = None,
+    protocol: _Protocol = _DEFAULT_PROTOCOL,
+    request_rate: _RequestRate = None,
+    stop_rule: _StopRule = _DEFAULT_RULE,
+    max_window_s: _MaxWindowS = None,
+    throughput_ci: _ThroughputCi = MeasureSettings.throughput_ci,
+    p99_ci: _P99Ci = MeasureSettings.p99_ci,
+    max_memory_mb: _MaxMemoryMb = None,
 ) -> None:
     """Run (or resume) the Bayesian study and export the best configuration."""
-    model = models[0] if models else None
-    from optimizer.config.space import load_space
-    from optimizer.measurement.joint_replay import JointReplayTarget
-    from optimizer.measurement.replay import ReplayTarget
-    from optimizer.measurement.sweep import DEFAULT_LEVELS, parse_levels, parse_rates
-    from optimizer.model.intake import parse_shape_args
-    from optimizer.study.progress import RichReporter, print_summary
+    from optimizer.study.options import study_request
+    from optimizer.study.progress import RichReporter, print_any_summary
     from optimizer.study.run import run_study
-    from optimizer.study.settings import StudySettings
-    from optimizer.study.storage import parse_cpus
-    from optimizer.study.targets import check_target_options, make_target, parse_headers
 
-    target_options = dict(
-        triton_binary=triton_binary,
-        backend_directory=backend_directory,
-        docker_image_tag=docker_image_tag,
-        url=url,
-        metrics_url=metrics_url,
-        ssl_root_cert=ssl_root_cert,
-        ssl_client_cert=ssl_client_cert,
-        ssl_client_key=ssl_client_key,
-        headers=parse_headers(header or []),
-    )
-    check_target_options(target, **target_options)  # before any work: a stray --url is an error
-    if request_rate and concurrency:
-        raise UsageError("give --concurrency (closed loop) or --request-rate (open loop), not both")
-    server = None  # embedded: run_study's default
-    if target != "embedded":
-        gpu_space = target == "docker" and load_space(space or "cpu").device == "gpu"
-        server = make_target(
-            target,
-            gpu_space=gpu_space,
-            gpu_devices=gpus if target == "docker" else None,
-            seed=seed,
-            **target_options,
-        )
-    joint_recording = isinstance(server, JointReplayTarget)
-    if traffic is not None and not joint_recording and models_file is None and len(models or []) < 2:
-        raise UsageError("--traffic splits the load between several models: give --model twice or more")
-    if joint_recording or models_file is not None or len(models or []) > 1 or _one_ensemble(models):
-        _refuse_single_model_options(ctx)
-        if isinstance(server, ReplayTarget):
-            raise UsageError(
-                "this recording (--target replay:) is of one model: tune several models on a server, or "
-                "replay a joint recording (bench/record_joint_surface.py)"
-            )
-        if isinstance(server, JointReplayTarget):
-            given = {"--model": models, "--models": models_file, "--shape": shape, "--input-data": input_data}
-            entries = _replayed_models(server, given, traffic, latency_budget_ms)
-            space = space or str(server.surface.space_path)
-        else:
-            entries = _several_models(
-                models_file, models or [], traffic, latency_budget_ms, shape, input_data
-            )
-        scale_out = {
-            "allow_shared_host": allow_shared_host,
-            "cpus": parse_cpus(cpus) if cpus else frozenset(),
-        }
-        scale_out["accuracy_tolerance"] = accuracy_tolerance
-        window = {"window_s": window_s, "warmup_s": warmup_s}
-        given_window = {name: value for name, value in window.items() if _given(ctx, name)}
-        _joint_study(
-            entries, budget, space or "cpu", study_name, storage, seed, given_window, scale_out, server
-        )
-        return
-    # A recording answers for its own model and space only.
-    replayed = server.surface if isinstance(server, ReplayTarget) else None
-    if replayed is not None and model is None:
-        model, shape = (
-            replayed.model_path(),
-            shape or [f"{n}:{','.join(map(str, d))}" for n, d in replayed.shapes.items()],
-        )
-    if space is None:
-        space = str(replayed.space_path) if replayed is not None else "cpu"
-    settings = StudySettings(
-        model_path=model,
-        budget=budget,
-        latency_budget_ms=_one_budget(latency_budget_ms),
-        space=space,
-        study_name=study_name,
-        storage=storage,
-        shapes=parse_shape_args(shape or []),
-        concurrency=parse_levels(concurrency) if concurrency else DEFAULT_LEVELS,
-        seed=seed,
-        sampler=sampler.value,
-        search=SearchSettings(
-            confirm_finalists=confirm, starting_points=parse_starting_points(starting_points)
-        ),
-        warm_start=warm_start,
-        measure=MeasureSettings.with_window(
-            window_s,
-            max_window_s,
-            warmup_s=warmup_s,
-            screen_s=screen_s,
-            rule=stop_rule.value,
-            throughput_ci=throughput_ci,
-            p99_ci=p99_ci,
-        ),
-        input_data=input_data,
-        accuracy_tolerance=accuracy_tolerance,
-        allow_shared_host=allow_shared_host,
-        cpus=parse_cpus(cpus) if cpus else frozenset(),
-        gpus=gpus,
-        load_generator=load_generator.value,
-        confirm_with=confirm_with.value if confirm_with else None,
-        protocol=protocol.value,
-        request_rates=parse_rates(request_rate) if request_rate else (),
-        max_memory_mb=max_memory_mb,
-    )
+    given = {name: value for name, value in ctx.params.items() if _given(ctx, name)}
+    settings, server = study_request(given)
     try:
         with RichReporter() as reporter:
             summary = run_study(settings, reporter, target=server)
     except KeyboardInterrupt:
         raise Interrupted("interrupted: finished trials are kept; rerun the same command to resume") from None
-    print_summary(summary)
+    print_any_summary(summary)
     _write_study_report(summary.study_name, summary.storage_url, summary.best_repository)
-    if summary.best is None:
-        raise _no_feasible(summary)
-
-
-def _one_ensemble(models: list[Path] | None) -> bool:
-    """One --model that is an ensemble: tuned as its steps, by the joint study."""
-    from optimizer.model.ensemble import is_ensemble_path
-
-    return len(models or []) == 1 and is_ensemble_path(models[0])  # type: ignore[index]
-
-
-# One model's study options a joint study does not take (it measures shared fixed windows at 1, 2, 4, 8
-# clients per model): refused when given, never silently ignored.
-SINGLE_MODEL_OPTIONS = (
-    "concurrency",
-    "request_rate",
-    "sampler",
-    "confirm",
-    "starting_points",
-    "warm_start",
-    "screen_s",
-    "gpus",
-    "load_generator",
-    "confirm_with",
-    "protocol",
-    "stop_rule",
-    "max_window_s",
-    "throughput_ci",
-    "p99_ci",
-    "max_memory_mb",
-)
+    if summary.nothing_feasible:
+        raise StudyError(summary.nothing_feasible)
 
 
 def _given(ctx: typer.Context, name: str) -> bool:
@@ -591,145 +496,6 @@ def _given(ctx: typer.Context, name: str) -> bool:
     whatever its value: a value equal to the default counts as given."""
     source = ctx.get_parameter_source(name)  # Click's ParameterSource (Typer vendors Click: read its name)
     return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
-
-
-def _refuse_single_model_options(ctx: typer.Context) -> None:
-    """Options of one model's study that a joint study does not take: refused when set, never ignored."""
-    for name in SINGLE_MODEL_OPTIONS:
-        if _given(ctx, name):
-            flag = "--" + name.replace("_", "-")
-            raise UsageError(
-                f"{flag} is an option of one model's study: several models are measured in shared fixed "
-                "windows (--window-s, --warmup-s) at 1, 2, 4, 8 clients per model; drop it"
-            )
-
-
-def _several_models(
-    models_file: Path | None,
-    models: list[Path],
-    traffic: str | None,
-    budgets: str | None,
-    shape: list[str] | None,
-    input_data: Path | None,
-):
-    """The models of a joint study: from ``--models FILE``, or from ``--model`` given twice or more."""
-    from optimizer.model.intake import parse_shape_args
-    from optimizer.study.mix import load_models_file, models_from_flags
-
-    if models_file is None:
-        if input_data is not None:
-            raise UsageError("give each model's --input-data in a models file (--models FILE)")
-        return models_from_flags(models, parse_shape_args(shape or []), traffic, budgets)
-    given = {
-        "--model": models,
-        "--traffic": traffic,
-        "--shape": shape,
-        "--input-data": input_data,
-        "--latency-budget-ms": budgets,
-    }
-    stray = next((flag for flag, value in given.items() if value), None)
-    if stray:
-        raise UsageError(
-            f"--models takes each model's path, shapes, input data and budget from the file: drop {stray}"
-        )
-    return load_models_file(models_file)
-
-
-def _replayed_models(server, given: dict, traffic: str | None, budgets: str | None):
-    """The models of a joint recording, in its traffic mix, each with its recorded budget unless given."""
-    from optimizer.measurement.mixed import shares_of
-    from optimizer.study.mix import models_from_flags
-
-    surface = server.surface
-    names = surface.model_names
-    stray = next((flag for flag, value in given.items() if value), None)
-    if stray:
-        raise UsageError(
-            f"a joint recording replays the models it recorded ({', '.join(names)}): drop {stray}"
-        )
-    shapes = {f"{name}.{tensor}": dims for name in names for tensor, dims in surface.shapes(name).items()}
-    recorded_mix = ",".join(f"{name}={weight:g}" for name, weight in surface.traffic.items())
-    entries = models_from_flags(
-        [surface.model_path(name) for name in names], shapes, traffic or recorded_mix, budgets
-    )
-    server.check_traffic(shares_of({entry.name: entry.traffic for entry in entries}))
-    recorded = surface.latency_budgets_ms
-    return tuple(
-        replace(entry, latency_budget_ms=recorded[entry.name]) if entry.latency_budget_ms is None else entry
-        for entry in entries
-    )
-
-
-def _one_budget(text: str | None) -> float | None:
-    """One model's ``--latency-budget-ms`` (checked for being positive with the other settings)."""
-    if text is None:
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        raise UsageError(
-            f"--latency-budget-ms must be a positive number of milliseconds, got {text!r}"
-        ) from None
-
-
-def _joint_study(
-    entries,
-    budget: int,
-    space: str,
-    study_name: str | None,
-    storage: str | None,
-    seed: int | None,
-    window: dict[str, float],
-    scale_out: dict,
-    server=None,
-) -> None:
-    """``optimize study --models FILE`` (or ``--model`` twice): the models tuned together, the best joint
-    config exported.
-
-    Every model is measured in one fixed window per level (they must overlap); ``window`` holds the
-    ``window_s`` and ``warmup_s`` the user gave, which replace the joint study's own (the window extends
-    to 3x while a model has too few requests).
-    ``scale_out``: ``allow_shared_host``, ``cpus`` and ``accuracy_tolerance``, as for one model;
-    ``server``: the ``--target`` (None: the embedded Triton).
-    """
-    from optimizer.study.joint import JOINT_MEASURE, JointSettings, run_joint_study
-    from optimizer.study.progress import RichReporter, print_joint_summary
-
-    measure = JOINT_MEASURE
-    if "window_s" in window:
-        measure = replace(measure, window_s=window["window_s"], max_window_s=3 * window["window_s"])
-    if "warmup_s" in window:
-        measure = replace(measure, warmup_s=window["warmup_s"])
-    settings = JointSettings(
-        models=entries,
-        budget=budget,
-        space=space,
-        study_name=study_name,
-        storage=storage,
-        seed=seed,
-        measure=measure,
-        **scale_out,
-    )
-    try:
-        with RichReporter() as reporter:
-            summary = run_joint_study(settings, reporter, target=server)
-    except KeyboardInterrupt:
-        raise Interrupted("interrupted: finished trials are kept; rerun the same command to resume") from None
-    print_joint_summary(summary)
-    _write_study_report(summary.study_name, summary.storage_url, summary.repository)
-    if summary.best_trial is None:
-        raise StudyError(
-            f"no joint configuration kept every model within its budget in {summary.finished} trials: "
-            "raise the budgets (--latency-budget-ms, or the models file) with a new --study-name, or widen "
-            "the space"
-        )
-
-
-def _no_feasible(summary) -> OptimizeError:
-    return StudyError(
-        f"no configuration met the {summary.latency_budget_ms:g} ms latency budget in {summary.finished} trials: "
-        "raise --latency-budget-ms (with a new --study-name) or widen the space"
-    )
 
 
 @app.command()

@@ -7,7 +7,6 @@ Both workloads run here without a server, on the repository's recordings (bench/
 
 from __future__ import annotations
 
-import inspect
 import os
 import subprocess
 from dataclasses import replace
@@ -16,21 +15,21 @@ from pathlib import Path
 import optuna
 import pytest
 
-from optimizer.cli import SINGLE_MODEL_OPTIONS, main, study
+from optimizer.cli import main, study
 from optimizer.errors import StorageError
-from optimizer.study import joint, joint_trial, trial
+from optimizer.study import driver, joint, joint_trial, run, trial
 from optimizer.study.driver import MIN_DEFAULT_BUDGET_MS, default_latency_budget_ms
-from optimizer.study.joint import JointSettings, run_joint_study
-from optimizer.study.mix import models_from_flags
+from optimizer.study.models_file import models_from_flags
+from optimizer.study.options import ROUTES, WHAT_IS_TUNED
 from optimizer.study.run import QuietReporter, run_study
-from optimizer.study.settings import SearchSettings
-from optimizer.study.targets import make_target
+from optimizer.study.settings import SearchSettings, StudySettings, is_one_model_setting
+from optimizer.study.targets import TARGET_OPTIONS, make_target
 from studies import ENCODER_RECORDING, replay_settings
 
 JOINT = Path(__file__).resolve().parent.parent / "bench" / "data" / "joint"
 
 
-def _joint_settings(target, tmp_path: Path, **overrides) -> JointSettings:
+def _joint_settings(target, tmp_path: Path, **overrides) -> StudySettings:
     """A joint study of the joint recording's models, in its traffic mix, at its recorded budgets."""
     surface = target.surface
     names = surface.model_names
@@ -47,7 +46,7 @@ def _joint_settings(target, tmp_path: Path, **overrides) -> JointSettings:
         seed=0,
     )
     values.update(overrides)
-    return JointSettings(**values)
+    return StudySettings(**values)
 
 
 def _run(workload: str, tmp_path: Path, **overrides):
@@ -58,7 +57,7 @@ def _run(workload: str, tmp_path: Path, **overrides):
         run_study(settings, target=target)
         return f"sqlite:///{tmp_path}/replay.db", "replay"
     target = make_target(f"replay:{JOINT}", seed=0)
-    run_joint_study(_joint_settings(target, tmp_path, **{"budget": 2, **overrides}), target=target)
+    run_study(_joint_settings(target, tmp_path, **{"budget": 2, **overrides}), target=target)
     return f"sqlite:///{tmp_path}/joint.db", "joint"
 
 
@@ -116,9 +115,28 @@ def test_the_default_latency_budget_is_one_rule_for_both_workloads():
     assert default_latency_budget_ms([0.05] * 5) == MIN_DEFAULT_BUDGET_MS
 
 
-def test_every_option_refused_for_a_joint_study_is_an_option_of_the_study_command():
-    parameters = inspect.signature(study).parameters
-    assert [name for name in SINGLE_MODEL_OPTIONS if name not in parameters] == []
+def test_every_option_of_the_study_command_reaches_the_settings_the_target_or_the_workload():
+    # An option the command declares but nothing reads would be silently ignored.
+    options = set(study.__annotations__) - {"ctx", "return"}
+    read = set(ROUTES) | set(WHAT_IS_TUNED) | set(TARGET_OPTIONS) - {"headers"} | {"header", "target"}
+    assert options - read == set()
+    assert set(ROUTES) - options == set()  # and every route is an option
+
+
+def test_the_options_a_joint_study_refuses_are_the_settings_only_one_model_reads():
+    refused = {option for option, (setting, _) in ROUTES.items() if is_one_model_setting(setting)}
+    assert {"concurrency", "sampler", "p99_ci", "confirm", "warm_start", "max_memory_mb"} <= refused
+    assert not refused & {"budget", "window_s", "warmup_s", "cpus", "gpus", "seed", "accuracy_tolerance"}
+
+
+@pytest.mark.parametrize("workload", ["one", "joint"])
+def test_both_workloads_run_their_trials_through_the_one_trial_loop(workload, tmp_path, monkeypatch):
+    calls = []
+    real = driver.run_trials
+    monkeypatch.setattr(driver, "run_trials", lambda *args: calls.append(args[1]) or real(*args))
+    _run(workload, tmp_path)
+    expected = trial.TrialRunner if workload == "one" else joint_trial.JointObjective
+    assert len(calls) == 1 and isinstance(calls[0], expected)
 
 
 @pytest.mark.parametrize(
@@ -138,7 +156,7 @@ def test_a_window_given_for_a_joint_study_is_applied_even_when_it_equals_a_defau
         seen["measure"] = settings.measure
         raise KeyboardInterrupt  # stop here: the settings are what this test is about
 
-    monkeypatch.setattr(joint, "run_joint_study", capture)
+    monkeypatch.setattr(run, "run_study", capture)
     url = f"sqlite:///{tmp_path}/r.db"
     code = main(["study", "--target", f"replay:{JOINT}", "--study-name", "r", "--storage", url, *args])
     assert code != 0 and "measure" in seen

@@ -26,9 +26,10 @@ from optimizer.model.intake import inspect_model, resolve_shapes, synthetic_inpu
 from optimizer.model.variants import config_files
 from optimizer.output.serve import serving
 from optimizer.paths import cache_dir
-from optimizer.study.joint import JointSettings, run_joint_study
-from optimizer.study.mix import load_models_file, models_from_flags
+from optimizer.study.models_file import load_models_file, models_from_flags
 from optimizer.study.results import joint_budgets
+from optimizer.study.run import run_study
+from optimizer.study.settings import StudySettings
 
 FAST = MeasureSettings(warmup_s=0.1, window_s=0.4, max_window_s=0.4, min_requests=5, rule="fixed")
 CNN_SHAPES = "{image: [3, 32, 32]}"
@@ -163,10 +164,16 @@ def test_models_with_a_single_model_flag_is_refused(tmp_path, models, capsys):
 @pytest.mark.server
 def test_a_joint_study_loads_measures_and_exports_both_models_within_their_budgets(tmp_path, models, triton):
     entries = load_models_file(_models_file(tmp_path, models))
-    settings = JointSettings(
-        models=entries, budget=3, study_name="joint", output_dir=tmp_path, seed=0, measure=FAST, levels=(1, 2)
+    settings = StudySettings(
+        models=entries,
+        budget=3,
+        study_name="joint",
+        output_dir=tmp_path,
+        seed=0,
+        measure=FAST,
+        concurrency=(1, 2),
     )
-    summary = run_joint_study(settings, target=triton)
+    summary = run_study(settings, target=triton)
     study = optuna.load_study(study_name="joint", storage=f"sqlite:///{tmp_path}/joint.db")
     assert joint_budgets(study.user_attrs) == {"mlp": 200.0, "cnn": 300.0}
     assert study.user_attrs["traffic"] == {"mlp": 3.0, "cnn": 1.0}
@@ -189,7 +196,7 @@ def test_a_joint_study_loads_measures_and_exports_both_models_within_their_budge
     client = grpcclient.InferenceServerClient(triton.grpc_url)
     assert client.is_model_ready("mlp") and client.is_model_ready("cnn")
     client.close()
-    repository = summary.repository
+    repository = summary.best_repository
     assert sorted(p.name for p in repository.iterdir() if not p.name.startswith(".")) == ["cnn", "mlp"]
     with serving(repository) as served:
         client = grpcclient.InferenceServerClient(served.server.grpc_url)
@@ -205,9 +212,14 @@ def test_a_joint_study_loads_measures_and_exports_both_models_within_their_budge
             assert np.isfinite(result.as_numpy(info.outputs[0].name)).all()
         client.close()
     # Rerun with a larger budget: it resumes, runs only what is missing.
-    again = run_joint_study(
-        JointSettings(
-            models=entries, budget=4, study_name="joint", output_dir=tmp_path, measure=FAST, levels=(1, 2)
+    again = run_study(
+        StudySettings(
+            models=entries,
+            budget=4,
+            study_name="joint",
+            output_dir=tmp_path,
+            measure=FAST,
+            concurrency=(1, 2),
         ),
         target=triton,
     )
@@ -356,10 +368,16 @@ def test_a_bad_ensemble_is_one_line_and_leaves_an_existing_study_intact(
 @pytest.mark.server
 def test_an_ensemble_is_tuned_as_its_steps_and_measured_through_it(tmp_path, models, ensemble_repo, triton):
     entries = load_models_file(_ensemble_models_file(tmp_path, ensemble_repo, models))
-    settings = JointSettings(
-        models=entries, budget=3, study_name="ens", output_dir=tmp_path, seed=1, measure=FAST, levels=(1, 2)
+    settings = StudySettings(
+        models=entries,
+        budget=3,
+        study_name="ens",
+        output_dir=tmp_path,
+        seed=1,
+        measure=FAST,
+        concurrency=(1, 2),
     )
-    summary = run_joint_study(settings, target=triton)
+    summary = run_study(settings, target=triton)
     study = optuna.load_study(study_name="ens", storage=f"sqlite:///{tmp_path}/ens.db")
     assert study.user_attrs["ensembles"] == {"pipeline": ["pre", "head"]}
     assert set(joint_budgets(study.user_attrs)) == {"pipeline", "cnn"}
@@ -385,14 +403,14 @@ def test_an_ensemble_is_tuned_as_its_steps_and_measured_through_it(tmp_path, mod
         expected, _ = run_ensemble(ensemble, _served_sessions(ensemble, trial.user_attrs["configs"]), request)
         with contextlib.ExitStack() as stack:
             if server is None:
-                server = stack.enter_context(serving(summary.repository)).server
+                server = stack.enter_context(serving(summary.best_repository)).server
             client = grpcclient.InferenceServerClient(server.grpc_url)
             tensor = grpcclient.InferInput("INPUT", [1, 64], "FP32")
             tensor.set_data_from_numpy(request["INPUT"])
             served = client.infer("pipeline", [tensor]).as_numpy("OUTPUT")
             client.close()
         np.testing.assert_allclose(served, expected["OUTPUT"], rtol=1e-5, atol=1e-6)
-    exported = summary.repository
+    exported = summary.best_repository
     assert sorted(p.name for p in exported.iterdir() if not p.name.startswith(".")) == [
         "cnn",
         "head",

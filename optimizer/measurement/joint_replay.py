@@ -36,6 +36,7 @@ from optimizer.measurement.replay import (
     read_rows,
     recorded_level,
 )
+from optimizer.serving.base import RecordedStudy
 
 __all__ = [
     "JointRecordedConfig",
@@ -205,6 +206,16 @@ class JointReplayTarget(RecordingTarget):
             return None
         over = tuple(name for name in shares if results[name].p99_ms > budgets_ms[name])
         return MixLevel(clients, results, mix_throughput(results, shares), over)
+
+    def recorded_study(self) -> RecordedStudy:
+        surface = self.surface
+        return RecordedStudy(
+            surface.space_path,
+            {name: (surface.model_path(name), surface.shapes(name)) for name in surface.model_names},
+            joint=True,
+            traffic=surface.traffic,
+            latency_budgets_ms=surface.latency_budgets_ms,
+        )
 
     def check_traffic(self, shares: Mapping[str, float]) -> None:
         """Refuse another traffic mix than the recorded one."""

@@ -25,7 +25,7 @@ from optimizer.measurement.sweep import best_feasible, next_step
 from optimizer.model import examples
 from optimizer.model.quantize import DEFAULT_INT8_RECIPE
 from optimizer.paths import cache_dir
-from optimizer.serving.base import Capabilities, ServingTarget
+from optimizer.serving.base import Capabilities, RecordedStudy, ServingTarget
 
 __all__ = [
     "BadStarts",
@@ -368,6 +368,11 @@ class ReplayTarget(RecordingTarget):
 
     def recorded_levels(self) -> ReplayLoadGenerator:
         return ReplayLoadGenerator(self)
+
+    def recorded_study(self) -> RecordedStudy:
+        surface = self.surface
+        name = surface.meta["model_name"]
+        return RecordedStudy(surface.space_path, {name: (surface.model_path(), surface.shapes)})
 
     def recorded_mix(self) -> None:
         raise UsageError(

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from optimizer.serving.environment import available_cores, hardware
 from optimizer.serving.metrics import METRICS_ERRORS, fetch_metrics, process_tree_rss_mb, resource_usage
 
-__all__ = ["Capabilities", "ServingTarget"]
+__all__ = ["Capabilities", "RecordedStudy", "ServingTarget"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,18 @@ class Capabilities:
     shared_filesystem: bool
     serves_requests: bool = True
     same_machine: bool = True
+
+
+@dataclass(frozen=True)
+class RecordedStudy:
+    """The study a recording was made from: its models, their request shapes, the space, and for several
+    models recorded together (``joint``) the traffic mix and the latency budgets."""
+
+    space_path: Path
+    models: Mapping[str, tuple[Path, Mapping[str, tuple[int, ...]]]]  # name: (its file, its request shapes)
+    joint: bool = False
+    traffic: Mapping[str, float] = field(default_factory=dict)
+    latency_budgets_ms: Mapping[str, float] = field(default_factory=dict)
 
 
 class ServingTarget:
@@ -141,6 +153,15 @@ class ServingTarget:
 
     def recorded_mix(self) -> Any | None:
         """Likewise for a joint study's mixed load (a ``MixSource``); None: measure the server's requests."""
+        return None
+
+    def check_traffic(self, shares: Mapping[str, float]) -> None:
+        """Refuse a traffic mix (each model's share of the requests) this target cannot serve; every mix
+        is accepted by default."""
+
+    def recorded_study(self) -> RecordedStudy | None:
+        """What a target that answers from a recording recorded, for the command line to fill in what
+        the user left out (the models, the space); None: a server, which serves what it is sent."""
         return None
 
     def int8_recipes(self) -> tuple[str, ...] | None:

@@ -1,9 +1,13 @@
-"""What every study run does, whatever it tunes: one model (run.py) or several together (joint.py).
+"""The one study driver: what every study does, whatever it tunes (a :class:`Workload`).
 
-The storage opened, its errors mapped to one line and its connections closed; the study created or
-joined with its pruner and sampler; the untuned baseline enqueued once; this worker pinned to its cores
-and GPUs; the server started and stopped unless the caller runs it; the default latency budget from the
-untuned config's single-request p99. A rule changed here holds for both workloads.
+:func:`drive` runs a workload, one model (one_model.py) or several together (joint.py), through the same
+steps: the storage opened, its errors mapped to one line and its connections closed; the study created
+or joined with its pruner and sampler; the untuned baseline enqueued once; this worker registered,
+pinned to its cores and GPUs, and the trials of dead workers retried; the server started and stopped
+unless the caller runs it; the default latency budget from the untuned config's single-request p99; the
+trials run to the study's budget (:func:`run_trials`). A rule changed here holds for both workloads.
+What differs, the workload answers: its intake and identity, its space and the variants it keeps, its
+objective, and what it does once the budget is in (one model confirms its finalists).
 """
 
 from __future__ import annotations
@@ -11,23 +15,41 @@ from __future__ import annotations
 import math
 import os
 import statistics
-from collections.abc import Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Protocol
 
 import optuna
 from optuna.exceptions import StorageInternalError
 from optuna.storages import RDBStorage
+from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.exc import SQLAlchemyError
 
 from optimizer.errors import StorageError
 from optimizer.serving.base import ServingTarget
 from optimizer.serving.embedded import EmbeddedTriton
-from optimizer.study.settings import SearchSettings
-from optimizer.study.storage import create_or_join, open_storage, worker_seed
+from optimizer.study.settings import SearchSettings, StudySettings
+from optimizer.study.storage import (
+    count_finished,
+    count_running,
+    create_or_join,
+    fail_stale,
+    open_storage,
+    recover_dead_local_trials,
+    register_worker,
+    worker_id,
+    worker_seed,
+)
+from optimizer.study.trial import TrialFailed
 
 __all__ = [
     "BUDGET_PROBES",
+    "QuietReporter",
+    "Reporter",
+    "Workload",
+    "drive",
+    "run_trials",
     "DEFAULT_BUDGET_FACTOR",
     "MIN_DEFAULT_BUDGET_MS",
     "default_latency_budget_ms",
@@ -44,6 +66,170 @@ __all__ = [
 BUDGET_PROBES = 5
 DEFAULT_BUDGET_FACTOR = 10.0
 MIN_DEFAULT_BUDGET_MS = 5.0
+WAIT_FOR_OTHERS_S = 2.0  # how often a worker whose budget is taken by others' running trials looks again
+
+
+class Reporter(Protocol):
+    def note(self, message: str) -> None: ...
+
+    def trial_started(self, number: int, summary: str, done: int, budget: int) -> None: ...
+
+    def trial_finished(self, report: Any, best_throughput: float | None) -> None: ...
+
+
+class QuietReporter:
+    def note(self, message: str) -> None:
+        pass
+
+    def trial_started(self, number: int, summary: str, done: int, budget: int) -> None:
+        pass
+
+    def trial_finished(self, report: Any, best_throughput: float | None) -> None:
+        pass
+
+
+class Objective(Protocol):
+    """A workload's objective: one trial's config loaded and measured; ``progress`` is (done, budget)."""
+
+    progress: tuple[int, int]
+
+    def __call__(self, trial: optuna.Trial) -> float: ...
+
+
+class Workload(Protocol):
+    """What one kind of study tunes; settled before the database is touched (intake, checks, names)."""
+
+    study_name: str
+    storage_url: str
+
+    def baseline_params(self) -> Mapping[str, Any]:
+        """The untuned config's parameters: the study's first trial."""
+
+    def check_same_study(self, study) -> None:
+        """Refuse a stored study made for something else (models, budgets, space), before any work."""
+
+    def settle(self, study, reporter: Reporter) -> None:
+        """Settle what the trials search (the accurate variants), recorded in the study for resuming."""
+
+    def grid(self) -> Mapping[str, Sequence[Any]] | None:
+        """The grid of a grid sampler (None: the study samples)."""
+
+    def work_after_budget(self, study) -> bool:
+        """Whether a study at its budget still has work (finalists to confirm, a cross-check to run)."""
+
+    def start(self, study, server: ServingTarget, reporter: Reporter, *, created: bool) -> Objective:
+        """On the running server: the latency budgets, the study's records, the starting points."""
+
+    def trial_finished(self, study, trial: FrozenTrial, reporter: Reporter) -> None:
+        """Tell the reporter about a finished trial."""
+
+    def finish(self, study, objective: Objective, reporter: Reporter) -> None:
+        """Once the budget is in (or the space exhausted)."""
+
+    def summarise(self, study) -> Any:
+        """The study's summary; the best config exported."""
+
+
+def drive(
+    workload: Workload,
+    settings: StudySettings,
+    reporter: Reporter,
+    target: ServingTarget | None = None,
+    storage: optuna.storages.BaseStorage | None = None,
+):
+    """Run (or resume) ``workload``'s study to its budget; its summary. See the module docstring."""
+    with study_storage(workload.storage_url, storage) as opened:
+        study, created = open_study(opened, workload.study_name, settings.search, pruning=settings.pruning)
+        if created:  # first thing, so workers joining a moment later find it and do not enqueue another
+            enqueue_baseline(study, workload.baseline_params())
+        workload.check_same_study(study)
+        joined = register_worker(study, settings)
+        workload.settle(study, reporter)
+        study.sampler = sampler_for(
+            settings.sampler, settings.search, seed=settings.seed, per_worker=joined, grid=workload.grid()
+        )
+        for number in recover_dead_local_trials(study):
+            reporter.note(f"trial {number} was left running by a worker that died: it will be retried")
+        if count_finished(study) < settings.budget or workload.work_after_budget(study):
+            pin_worker(settings.cpus, settings.gpus)
+            with serving(target) as server:
+                objective = workload.start(study, server, reporter, created=created)
+                if not study.get_trials(deepcopy=False):  # a crash between creating the study and enqueuing
+                    enqueue_baseline(study, workload.baseline_params())
+                run_trials(study, objective, settings, reporter, workload.trial_finished)
+                workload.finish(study, objective, reporter)
+        else:
+            reporter.note(
+                f"study {workload.study_name!r} already has {count_finished(study)} finished trials"
+            )
+        return workload.summarise(study)
+
+
+def run_trials(
+    study,
+    objective: Objective,
+    settings: StudySettings,
+    reporter: Reporter,
+    finished: Callable[[Any, FrozenTrial, Reporter], None],
+) -> None:
+    """Run trials until the study-wide count of finished trials reaches the budget.
+
+    Trials running elsewhere count toward the budget (so workers never overshoot it); when they are
+    all that is missing, wait for them to finish, or for their heartbeats to go stale (a dead worker),
+    in which case Optuna fails them and re-enqueues their parameters for us to run.
+    """
+    # Proposals of already-measured configs cost nothing and do not count toward the budget; many in a
+    # row mean the sampler has nothing new to try.
+    budget = settings.budget
+    waiting_noted, repeats = False, 0
+    while (done := count_finished(study)) < budget:
+        if repeats >= settings.search.max_repeated_configs:
+            reporter.note(
+                f"the last {repeats} proposals repeated measured configs: the space looks exhausted"
+            )
+            return
+        if done + count_running(study) >= budget:
+            _check_none_left_running_by_us(study)
+            if not waiting_noted:
+                reporter.note(f"waiting for {count_running(study)} trial(s) running in other workers")
+                waiting_noted = True
+            time.sleep(WAIT_FOR_OTHERS_S)
+            fail_stale(study)
+            continue
+        objective.progress = (done, budget)
+        # A worker on this host died: retry its trial now, not after the grace period.
+        recover_dead_local_trials(study)
+        last = _run_one(study, objective)
+        repeats = repeats + 1 if "same_config_as" in last.user_attrs else 0
+        finished(study, last, reporter)
+
+
+def _run_one(study, objective: Objective) -> FrozenTrial:
+    """Run one trial and return it, as Optuna hands it to its callbacks.
+
+    Not the study's highest-numbered trial: that can be a starting point still waiting in the queue,
+    which the progress then reported as "failed: interrupted" while the trial that ran went unseen.
+    """
+    ran: list[FrozenTrial] = []
+    study.optimize(
+        objective, n_trials=1, catch=(TrialFailed,), callbacks=[lambda _, trial: ran.append(trial)]
+    )
+    return ran[-1]
+
+
+def _check_none_left_running_by_us(study) -> None:
+    """Between trials none of this worker's trials runs: one still RUNNING is one the database did not
+    let us finish (it went read-only or away mid-write), and waiting for it would wait forever."""
+    mine = [
+        t.number
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if t.user_attrs.get("worker") == worker_id()
+    ]
+    if mine:
+        raise StorageError(
+            f"the study database stopped accepting reads or writes (the end of trial {mine[0]} was not recorded): "
+            "finished trials are kept; fix the storage (disk full? read-only? server down?) and rerun the same command"
+        )
 
 
 @contextmanager

@@ -28,7 +28,7 @@ from optimizer.model.quantize import DEFAULT_INT8_RECIPE
 from optimizer.model.variants import config_files
 from optimizer.paths import cache_dir
 from optimizer.serving.base import ServingTarget
-from optimizer.study.mix import ModelEntry
+from optimizer.study.models_file import ModelEntry
 from optimizer.study.storage import is_surplus, worker_id
 from optimizer.study.trial import TrialFailed
 
@@ -36,7 +36,7 @@ __all__ = [
     "JointObjective",
     "JointTrials",
     "Member",
-    "Target",
+    "Destination",
     "load_ensemble_config",
     "load_member",
     "sweep_stop",
@@ -67,7 +67,7 @@ class Member:
 
 
 @dataclass(frozen=True)
-class Target:
+class Destination:
     """What the traffic goes to: a model of the file, or an ensemble (measured through it)."""
 
     entry: ModelEntry
@@ -92,20 +92,21 @@ class JointObjective:
     def __init__(
         self,
         server: ServingTarget,
-        targets: list[Target],
+        destinations: list[Destination],
         members: list[Member],
         trials: JointTrials,
         cores: int,
         note,
     ):
         self.server = server
-        self.targets = targets
+        self.destinations = destinations
         self.members = members
         self.trials = trials
         self.cores = cores
         self.note = note
-        self.shares = shares_of({t.name: t.entry.traffic for t in targets})
-        self.measure = make_mix_source(server, {t.name: t.samples for t in targets}, trials.measure)
+        self.progress = (0, trials.budget)  # (finished trials, the study's budget), set by the trial loop
+        self.shares = shares_of({t.name: t.entry.traffic for t in destinations})
+        self.measure = make_mix_source(server, {t.name: t.samples for t in destinations}, trials.measure)
 
     def __call__(self, trial) -> float:
         trial.set_user_attr("worker", worker_id())
@@ -120,9 +121,11 @@ class JointObjective:
             configs[member.name] = self._load(
                 trial, member.name, load_member, member, candidates[member.name]
             )
-        for target in self.targets:
-            if target.ensemble is not None:
-                configs[target.name] = self._load(trial, target.name, load_ensemble_config, target, configs)
+        for destination in self.destinations:
+            if destination.ensemble is not None:
+                configs[destination.name] = self._load(
+                    trial, destination.name, load_ensemble_config, destination, configs
+                )
         trial.set_user_attr("configs", {name: to_dict(config) for name, config in configs.items()})
         started = time.perf_counter()
         levels = self._sweep(trial)
@@ -170,12 +173,12 @@ class JointObjective:
 
     def _sweep(self, trial) -> list[MixLevel]:
         """Rising levels until a model breaks its budget or the mix stops gaining (PLATEAU)."""
-        budgets = {t.name: t.budget_ms for t in self.targets}
+        budgets = {t.name: t.budget_ms for t in self.destinations}
         levels: list[MixLevel] = []
         reason = "the sweep reached its top level"
         for per_model in self.trials.levels:
             try:
-                level = self.measure(per_model * len(self.targets), self.shares, budgets)
+                level = self.measure(per_model * len(self.destinations), self.shares, budgets)
             except InferenceError as exc:
                 trial.set_user_attr("reason", f"requests failed under the mixed load: {exc.message}")
                 raise TrialFailed(trial.user_attrs["reason"]) from exc
@@ -234,10 +237,10 @@ def load_member(server: ServingTarget, member: Member, candidate: Candidate):
     return config
 
 
-def load_ensemble_config(server: ServingTarget, target: Target, configs: Mapping[str, Any]):
+def load_ensemble_config(server: ServingTarget, destination: Destination, configs: Mapping[str, Any]):
     """The ensemble's config over its steps' configs just loaded (``configs`` by step name)."""
-    assert target.ensemble is not None
-    steps = {name: configs[name].max_batch_size for name in target.members}
-    config = render_ensemble(target.name, target.ensemble.config_text, steps)
-    server.load_model(target.name, to_json(config), ensemble_files(cache_dir()))
+    assert destination.ensemble is not None
+    steps = {name: configs[name].max_batch_size for name in destination.members}
+    config = render_ensemble(destination.name, destination.ensemble.config_text, steps)
+    server.load_model(destination.name, to_json(config), ensemble_files(cache_dir()))
     return config

@@ -11,9 +11,9 @@ from rich.table import Table
 
 from optimizer.study.confirm import Finalist
 from optimizer.study.crosscheck import DISAGREEMENT, cross_check_rows
-from optimizer.study.results import StudySummary, TrialReport
+from optimizer.study.results import JointSummary, StudySummary, TrialReport
 
-__all__ = ["RichReporter", "print_summary"]
+__all__ = ["RichReporter", "print_any_summary", "print_joint_summary", "print_summary"]
 
 
 class RichReporter:
@@ -182,7 +182,15 @@ def print_summary(summary: StudySummary, console: Console | None = None) -> None
     console.print(f"study database: {summary.storage_url}")
 
 
-def print_joint_summary(summary, console: Console | None = None) -> None:
+def print_any_summary(summary: StudySummary | JointSummary, console: Console | None = None) -> None:
+    """The end of a study of one model or of several."""
+    if isinstance(summary, JointSummary):
+        print_joint_summary(summary, console)
+    else:
+        print_summary(summary, console)
+
+
+def print_joint_summary(summary: JointSummary, console: Console | None = None) -> None:
     """A joint study's end: the mix's throughput, baseline vs best; each model's figures and budget."""
     console = console or Console()
     ratio = ""
@@ -210,4 +218,4 @@ def print_joint_summary(summary, console: Console | None = None) -> None:
             )
         console.print(table)
         console.print(f"why it stopped there: {summary.bound_by}")
-        console.print(f"repository with every model: {summary.repository}")
+        console.print(f"repository with every model: {summary.best_repository}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from optimizer.paths import cache_dir
 from optimizer.study.confirm import CONFIRMATION, Finalist
 
 __all__ = [
+    "JointSummary",
     "StudySummary",
     "TrialReport",
     "best_throughput",
@@ -99,6 +100,42 @@ class StudySummary:
         if self.baseline and self.best and self.baseline.throughput and self.best.throughput:
             return self.best.throughput / self.baseline.throughput, "single measurements"
         return None
+
+    @property
+    def nothing_feasible(self) -> str | None:
+        """What to do when no config met the latency budget (None: one did)."""
+        if self.best is not None:
+            return None
+        return (
+            f"no configuration met the {self.latency_budget_ms:g} ms latency budget in {self.finished} "
+            "trials: raise --latency-budget-ms (with a new --study-name) or widen the space"
+        )
+
+
+@dataclass(frozen=True)
+class JointSummary:
+    """How a study of several models ended: the mix's throughput, baseline and best, per model."""
+
+    study_name: str
+    storage_url: str
+    finished: int
+    baseline_throughput: float | None  # requests/s in the mix, within every budget
+    best_trial: int | None
+    best_throughput: float | None
+    per_model: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # at the best trial's level
+    bound_by: str = ""  # why the best trial's sweep stopped: whose budget, or a plateau
+    best_repository: Path | None = None
+
+    @property
+    def nothing_feasible(self) -> str | None:
+        """What to do when no trial kept every model within its budget (None: one did)."""
+        if self.best_trial is not None:
+            return None
+        return (
+            f"no joint configuration kept every model within its budget in {self.finished} trials: "
+            "raise the budgets (--latency-budget-ms, or the models file) with a new --study-name, or widen "
+            "the space"
+        )
 
 
 def report_of(trial) -> TrialReport:

@@ -19,7 +19,7 @@ from optimizer.serving.embedded import EmbeddedTriton
 from optimizer.serving.local import LocalTriton
 from optimizer.serving.remote import RemoteTriton, TlsOptions
 
-__all__ = ["TARGET_KINDS", "check_target_options", "make_target", "parse_headers"]
+__all__ = ["TARGET_KINDS", "TARGET_OPTIONS", "check_target_options", "make_target", "parse_headers"]
 
 TARGET_KINDS = ("embedded", "local", "docker", "remote", "replay")
 
@@ -35,6 +35,7 @@ _OPTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
     "ssl_client_key": ("--ssl-client-key", ("remote",)),
     "headers": ("--header", ("remote",)),
 }
+TARGET_OPTIONS = tuple(_OPTIONS)
 
 
 def parse_headers(values: Sequence[str]) -> dict[str, str]:
