@@ -45,7 +45,7 @@ from optimizer.model.intake import inspect_model
 from optimizer.paths import cache_dir
 from optimizer.serving.environment import available_cores
 from optimizer.study.models_file import ModelEntry, parse_named_numbers
-from optimizer.study.results import joint_budgets
+from optimizer.study.records import joint_budgets
 from optimizer.study.run import run_study
 from optimizer.study.settings import JOINT_MEASURE, StudySettings
 from optimizer.study.storage import create_or_join, default_storage_url, open_storage

@@ -40,6 +40,7 @@ from optimizer.model import examples
 from optimizer.model.intake import inspect_model
 from optimizer.paths import cache_dir
 from optimizer.serving.environment import available_cores
+from optimizer.study.records import CONFIG_DIGEST
 from optimizer.study.run import run_study
 from optimizer.study.settings import SearchSettings, StudySettings
 
@@ -150,11 +151,11 @@ def dump(name: str, args) -> None:
     for repeat, study in enumerate(studies):
         for trial in study.get_trials(deepcopy=False):
             attrs = trial.user_attrs
-            if not trial.state.is_finished() or "same_config_as" in attrs or "config_key" not in attrs:
+            if not trial.state.is_finished() or "same_config_as" in attrs or CONFIG_DIGEST not in attrs:
                 continue
             outcome_rows.append(_outcome_row(repeat, trial))
             for level in attrs.get("sweep", []):
-                level_rows.append({"config_key": attrs["config_key"], "repeat": repeat, **level})
+                level_rows.append({"config_key": attrs[CONFIG_DIGEST], "repeat": repeat, **level})
     _write_csv(out / "levels.csv", ["config_key", "repeat", *LEVEL_FIELDS], level_rows)
     _write_csv(out / "outcomes.csv", list(outcome_rows[0]), outcome_rows)
     shutil.copyfile(load_space(args.space).source, out / "space.yaml")
@@ -196,7 +197,7 @@ def _outcome_row(repeat: int, trial) -> dict:
     else:
         state = "failed"
     return {
-        "config_key": attrs["config_key"],
+        "config_key": attrs[CONFIG_DIGEST],
         "repeat": repeat,
         "candidate": attrs.get("candidate", ""),
         "state": state,

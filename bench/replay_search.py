@@ -143,9 +143,9 @@ def _run_of(study, warmup_s: float) -> Run:
     keys, observed, infeasible, seconds = [], [], [], []
     for trial in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
         attrs = trial.user_attrs
-        if not trial.state.is_finished() or "same_config_as" in attrs or "config_key" not in attrs:
+        if not trial.state.is_finished() or "same_config_as" in attrs or "config_digest" not in attrs:
             continue
-        keys.append(attrs["config_key"])
+        keys.append(attrs["config_digest"])
         observed.append(trial.value if trial.state == TrialState.COMPLETE else None)
         infeasible.append(
             str(attrs.get("reason", "")).startswith("infeasible") or not attrs.get("feasible", True)

@@ -498,8 +498,8 @@ def _given(ctx: typer.Context, name: str) -> bool:
     return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
 
 
-@app.command()
-def confirm(
+@app.command("cross-check")
+def cross_check(
     study_name: Annotated[str, typer.Option("--study-name", help="The finished study to cross-check.")],
     storage: StorageOption = None,
     engine: Annotated[
@@ -519,6 +519,10 @@ def confirm(
         )
     print_summary(summary)
     _write_study_report(summary.study_name, summary.storage_url, summary.best_repository)
+
+
+# Its name before it was named for what it does (``confirm`` also names the study's re-measured finalists).
+app.command("confirm", hidden=True, help="Alias of cross-check.")(cross_check)
 
 
 @app.command()

@@ -35,7 +35,7 @@ def _trial(number: int, value: float, key: str, *, p99: float = 10.0, feasible: 
             "throughput": value,
             "p99_ms": p99,
             "feasible": feasible,
-            "config_key": key,
+            "config_digest": key,
             "concurrency": 4,
             **attrs,
         },

@@ -142,11 +142,11 @@ def test_the_report_shows_both_engines_side_by_side(checked_study):
 
 
 @pytest.mark.server
-def test_optimize_confirm_cross_checks_a_finished_study(models, triton, tmp_path, capsys):
+def test_optimize_cross_check_cross_checks_a_finished_study(models, triton, tmp_path, capsys):
     run_study(study_settings(models["mlp"], tmp_path, budget=2), target=triton)
     db = tmp_path / "s.db"
     finished = [t.number for t in load_study(tmp_path).trials if t.state == TrialState.COMPLETE]
-    assert main(["confirm", "--study-name", "s", "--storage", f"sqlite:///{db}"]) == 0
+    assert main(["cross-check", "--study-name", "s", "--storage", f"sqlite:///{db}"]) == 0
     out = capsys.readouterr().out
     assert "cross-check: the built-in generator and perf_analyzer" in out, out
     study = load_study(tmp_path)
@@ -157,8 +157,9 @@ def test_optimize_confirm_cross_checks_a_finished_study(models, triton, tmp_path
     assert "Cross-checked with perf_analyzer" in Path(report).read_text()
 
 
-def test_optimize_confirm_of_a_missing_study_is_one_line(tmp_path, capsys):
-    code = main(["confirm", "--study-name", "nosuch", "--storage", f"sqlite:///{tmp_path / 'nosuch.db'}"])
+@pytest.mark.parametrize("command", ["cross-check", "confirm"])  # confirm: its earlier name, an alias
+def test_optimize_cross_check_of_a_missing_study_is_one_line(command, tmp_path, capsys):
+    code = main([command, "--study-name", "nosuch", "--storage", f"sqlite:///{tmp_path / 'nosuch.db'}"])
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
     assert code != 0 and len(lines) == 1 and "no study 'nosuch'" in lines[0], err

@@ -27,7 +27,7 @@ from optimizer.model.variants import config_files
 from optimizer.output.serve import serving
 from optimizer.paths import cache_dir
 from optimizer.study.models_file import load_models_file, models_from_flags
-from optimizer.study.results import joint_budgets
+from optimizer.study.records import joint_budgets
 from optimizer.study.run import run_study
 from optimizer.study.settings import StudySettings
 

@@ -23,7 +23,7 @@ from optimizer.config.space import load_space
 from optimizer.errors import ConfigRejected, UsageError
 from optimizer.measurement.joint_replay import JointReplayTarget, is_joint_recording, load_joint_surface
 from optimizer.paths import studies_dir
-from optimizer.study.results import joint_budgets
+from optimizer.study.records import joint_budgets
 from optimizer.study.targets import make_target
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -44,7 +44,7 @@ def _measured(study) -> list:
     return [
         t
         for t in study.get_trials(deepcopy=False)
-        if t.state.is_finished() and "same_config_as" not in t.user_attrs and "config_key" in t.user_attrs
+        if t.state.is_finished() and "same_config_as" not in t.user_attrs and "config_digest" in t.user_attrs
     ]
 
 
@@ -78,7 +78,7 @@ def test_a_study_against_the_replay_target_gets_recorded_measurements(tmp_path: 
     assert summary.finished == 8
     assert study.user_attrs["target"] == "replay"
     for trial in _measured(study):
-        recorded = surface.configs[trial.user_attrs["config_key"]]
+        recorded = surface.configs[trial.user_attrs["config_digest"]]
         for level in trial.user_attrs.get("sweep", []):
             level = {
                 key: value for key, value in level.items() if key != "phase"
@@ -110,19 +110,19 @@ def test_the_replay_target_refuses_another_model(models, tmp_path: Path) -> None
 def test_canonicalisation_never_measures_one_rendered_config_twice(sampler: str, tmp_path: Path) -> None:
     # 40 measured trials in a 72-config space whose 96 parameter points render alike in places.
     summary, study = _replay(ENCODER, tmp_path, seed=3, budget=40, sampler=sampler)
-    keys = [t.user_attrs["config_key"] for t in _measured(study)]
+    keys = [t.user_attrs["config_digest"] for t in _measured(study)]
     assert len(keys) == summary.finished == 40
     assert len(set(keys)) == len(keys)
     reused = [t for t in study.get_trials(deepcopy=False) if "same_config_as" in t.user_attrs]
     for trial in reused:  # a repeat copies the measurement of the trial it names
         earlier = study.trials[trial.user_attrs["same_config_as"]]
-        assert trial.user_attrs["config_key"] == earlier.user_attrs["config_key"]
+        assert trial.user_attrs["config_digest"] == earlier.user_attrs["config_digest"]
         assert trial.user_attrs.get("throughput") == earlier.user_attrs.get("throughput")
 
 
 def test_the_grid_sampler_measures_every_config_of_a_listed_space_once(tmp_path: Path) -> None:
     summary, study = _replay(ENCODER, tmp_path, budget=72, sampler="grid", pruning=False)
-    keys = {t.user_attrs["config_key"] for t in _measured(study)}
+    keys = {t.user_attrs["config_digest"] for t in _measured(study)}
     assert summary.finished == 72
     assert keys == set(load_surface(ENCODER).configs)
 

@@ -21,8 +21,9 @@ from postgres import postgres_server
 
 from optimizer.errors import StudyError
 from optimizer.study import trial as trial_module
+from optimizer.study.records import workers_of
 from optimizer.study.run import run_study
-from optimizer.study.storage import count_finished, worker_id, workers_of
+from optimizer.study.storage import count_finished, worker_id
 from studies import FAST_CLI, study_settings
 
 pytestmark = pytest.mark.server
@@ -87,7 +88,7 @@ def test_two_workers_share_one_study_to_exactly_its_budget(models, postgres_url,
     measured = _measured(study)
     assert count_finished(study) == len(measured) == 6
     assert sum(1 for t in study.trials if t.user_attrs.get("baseline")) == 1
-    keys = Counter(t.user_attrs["config_key"] for t in measured)
+    keys = Counter(t.user_attrs["config_digest"] for t in measured)
     assert max(keys.values()) == 1  # no config measured twice
     assert len({t.user_attrs["worker"] for t in measured}) == 2  # both workers ran trials
     assert all(t.user_attrs["host"] for t in measured)
@@ -206,7 +207,7 @@ def test_migrate_copies_a_sqlite_study_into_postgresql(models, triton, postgres_
 def _running_trial_with_config(study, key: str, claimed: bool):
     trial = study.ask()
     trial.set_user_attr("worker", worker_id())  # a live worker: nobody recovers its trial
-    trial.set_user_attr("config_key", key)
+    trial.set_user_attr("config_digest", key)
     if claimed:
         trial.set_user_attr("measured_here", True)
     return trial

@@ -20,7 +20,7 @@ from optimizer.report.data import ReportData, build_report_data
 from optimizer.report.html import render_html
 from optimizer.report.joint import joint_report_data, joint_trials_frame, render_joint_html
 from optimizer.report.pipeline import PNG_NAME, plot_pipeline, write_png
-from optimizer.study.results import is_joint
+from optimizer.study.records import is_joint
 
 __all__ = [
     "CSV_NAME",
@@ -63,7 +63,7 @@ def write_report(study: Any, out_dir: Path, *, repository: Path | None = None) -
 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = ReportPaths(html=out_dir / HTML_NAME, csv=out_dir / CSV_NAME)
-    if is_joint(study):
+    if is_joint(study.user_attrs):
         where = repository or studies_dir() / study.study_name / "best"
         _write_atomically(paths.html, render_joint_html(joint_report_data(study), str(where)))
         _write_atomically(paths.csv, joint_trials_frame(study).to_csv(index=False))

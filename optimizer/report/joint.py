@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 from plotly.subplots import make_subplots
 
 from optimizer.report.html import _CSS, _PLOT_CONFIG, COLORS, _card, _e, _layout, _num, _section, _table
-from optimizer.study.results import joint_budgets
+from optimizer.study.records import joint_budgets
 
 __all__ = [
     "JointReportData",

@@ -17,6 +17,8 @@ from typing import Any
 
 from optuna.trial import FrozenTrial, TrialState
 
+from optimizer.study.records import config_digest_of
+
 __all__ = [
     "CONFIRMATION",
     "Finalist",
@@ -105,7 +107,7 @@ def finalists_of(trials: Sequence[FrozenTrial], count: int) -> list[FrozenTrial]
     chosen: list[FrozenTrial] = []
     keys: set[str] = set()
     for trial in ranked:
-        key = trial.user_attrs.get("config_key", str(trial.number))
+        key = config_digest_of(trial.user_attrs) or str(trial.number)
         if key not in keys:
             keys.add(key)
             chosen.append(trial)

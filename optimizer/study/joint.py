@@ -54,7 +54,8 @@ from optimizer.study.joint_trial import (
 )
 from optimizer.study.models_file import ModelEntry
 from optimizer.study.precisions import accurate_precisions, int8_recipe_of
-from optimizer.study.results import BUDGET_ATTR, JointSummary, joint_budgets, write_joint_repository
+from optimizer.study.records import BUDGET_ATTR, joint_budgets
+from optimizer.study.results import JointSummary, write_joint_repository
 from optimizer.study.settings import StudySettings
 from optimizer.study.storage import count_finished, default_storage_url
 

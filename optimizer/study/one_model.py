@@ -48,6 +48,7 @@ from optimizer.study.precisions import (
     int8_recipe_of,
     profile_in_process,
 )
+from optimizer.study.records import is_joint
 from optimizer.study.results import (
     StudySummary,
     best_throughput,
@@ -186,7 +187,7 @@ class OneModel:
             "cpu_cores": self.cores,  # what a space that does not oversubscribe derived its threads from
             "output_dir": str(
                 self.out_dir
-            ),  # where its exports and reports go (optimize confirm writes there)
+            ),  # where its exports and reports go (optimize cross-check writes there)
         }
         for key, value in attrs.items():
             if study.user_attrs.get(key) != value:
@@ -279,6 +280,11 @@ def _cores(settings: StudySettings, target: ServingTarget | None) -> int:
 def _check_same_study(study, model: ModelInfo, settings: StudySettings) -> None:
     latency_budget_ms = settings.latency_budget_ms
     attrs = study.user_attrs
+    if is_joint(attrs):
+        raise StudyError(
+            f"study {study.study_name!r} tunes several models together: give a new --study-name for one "
+            "model's study"
+        )
     if "model_sha256" in attrs and attrs["model_sha256"] != model.sha256:
         raise StudyError(
             f"study {study.study_name!r} was made for a different model (sha256 {attrs['model_sha256'][:12]}…, "

@@ -17,6 +17,7 @@ from optimizer.model.intake import ModelInfo, inspect_model
 from optimizer.model.variants import config_files
 from optimizer.paths import cache_dir
 from optimizer.study.confirm import CONFIRMATION, Finalist
+from optimizer.study.records import baseline_rounds, is_joint
 
 __all__ = [
     "JointSummary",
@@ -26,7 +27,6 @@ __all__ = [
     "best_trial",
     "export_trial",
     "finalists",
-    "is_joint",
     "report_of",
     "write_joint_repository",
 ]
@@ -192,35 +192,13 @@ def finalists(study) -> tuple[Finalist, ...]:
 def confirmed_baseline(study) -> Finalist | None:
     """The baseline as the confirmation re-measured it (with the finalists, or as one of them)."""
     record = study.user_attrs.get(CONFIRMATION) or {}
-    if record.get("baseline_rounds"):
-        return Finalist.from_dict(record["baseline_rounds"])
-    if "throughput" in (record.get("baseline") or {}):  # a study confirmed before the cross-check existed
-        return Finalist.from_dict(record["baseline"])
+    rounds = baseline_rounds(record)
+    if rounds is not None:
+        return Finalist.from_dict(rounds)
     baseline = next(
         (t.number for t in study.get_trials(deepcopy=False) if t.user_attrs.get("baseline")), None
     )
     return next((f for f in finalists(study) if f.trial == baseline), None)
-
-
-BUDGET_ATTR = "latency_budget_ms:"  # + a model's name: its p99 budget in a joint study
-
-
-def joint_budgets(attrs: Mapping[str, Any]) -> dict[str, float]:
-    """Each model's p99 budget in a joint study, by model name.
-
-    One attribute per model: workers settling the budgets of a new study at once never overwrite each
-    other's, as they could rewriting one dict. (A study of an earlier version holds them in one dict.)
-    """
-    budgets = dict(attrs.get("latency_budgets_ms", {}))
-    budgets.update(
-        {key[len(BUDGET_ATTR) :]: value for key, value in attrs.items() if key.startswith(BUDGET_ATTR)}
-    )
-    return {name: float(ms) for name, ms in budgets.items()}
-
-
-def is_joint(study) -> bool:
-    """A study of several models tuned together (``optimize study --models``)."""
-    return "models" in study.user_attrs and "model_sha256" not in study.user_attrs
 
 
 def export_trial(study, trial, out_dir: Path, model: ModelInfo | None = None) -> Path:
@@ -229,7 +207,7 @@ def export_trial(study, trial, out_dir: Path, model: ModelInfo | None = None) ->
     Returns:
         The model's directory; for a joint study, the repository holding every model.
     """
-    if is_joint(study):
+    if is_joint(study.user_attrs):
         return write_joint_repository(trial.user_attrs["configs"], _stored_models(study), out_dir)
     if model is None:
         model = _stored_model(study)

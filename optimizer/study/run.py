@@ -18,6 +18,7 @@ from optimizer.serving.base import ServingTarget
 from optimizer.study.driver import QuietReporter, Reporter, drive
 from optimizer.study.joint import JointSummary, SeveralModels
 from optimizer.study.one_model import OneModel
+from optimizer.study.records import is_joint
 from optimizer.study.results import StudySummary, best_trial
 from optimizer.study.settings import SearchSettings, StudySettings
 from optimizer.study.storage import count_finished, default_storage_url, open_storage
@@ -57,7 +58,7 @@ def cross_check_study(
     input_data: Path | None = None,
     target: ServingTarget | None = None,
 ) -> StudySummary:
-    """Measure a finished study's baseline and best with ``engine`` beside ours (``optimize confirm``).
+    """Measure a finished study's baseline and best with ``engine`` beside ours (``optimize cross-check``).
 
     The study is resumed as it was made (its model, shapes, space and latency budget, read from the
     study), with nothing left to run but the cross-check; its record joins the ``confirmation`` attribute.
@@ -72,9 +73,9 @@ def cross_check_study(
             f"no study {study_name!r} in {out_dir}: give the name of a finished study (or --storage)"
         )
     attrs, finished, best = _stored_study(url, study_name)
-    if "model_path" not in attrs and "models" in attrs:
+    if is_joint(attrs):
         raise StudyError(
-            f"study {study_name!r} tunes several models together: optimize confirm cross-checks one model's "
+            f"study {study_name!r} tunes several models together: optimize cross-check measures one model's "
             "study (serve the joint best with optimize serve --study-name and run perf_analyzer per model)"
         )
     out_dir = Path(attrs.get("output_dir") or out_dir)

@@ -26,6 +26,7 @@ from sqlalchemy.exc import ArgumentError
 
 from optimizer.errors import StorageError, StudyError, UsageError
 from optimizer.paths import check_name, studies_dir
+from optimizer.study.records import WORKER_PREFIX, not_measured, workers_of
 
 __all__ = [
     "HEARTBEAT_INTERVAL_S",
@@ -36,11 +37,9 @@ __all__ = [
     "open_storage",
     "recover_dead_local_trials",
     "worker_id",
-    "workers_of",
 ]
 
 HEARTBEAT_INTERVAL_S = 10
-WORKER_PREFIX = "worker:"
 GRACE_PERIOD_S = 60
 SQLITE_TIMEOUT_S = 60
 # A PostgreSQL server that accepts the connection but never answers (stopped, overloaded) fails the
@@ -196,8 +195,7 @@ def count_finished(study) -> int:
 
     count = 0
     for trial in study.get_trials(deepcopy=False, states=_finished_states()):
-        # "oversubscribed": a joint proposal of older versions, redrawn without being measured.
-        if {"same_config_as", "surplus", "oversubscribed"} & set(trial.user_attrs):
+        if not_measured(trial.user_attrs):
             continue
         if trial.state != TrialState.FAIL or "reason" in trial.user_attrs:
             count += 1
@@ -293,15 +291,6 @@ def register_worker(study, settings) -> bool:
     # One attribute per worker: workers joining at the same moment would each overwrite a shared dict.
     study.set_user_attr(WORKER_PREFIX + me, mine)
     return joined
-
-
-def workers_of(attrs) -> dict[str, dict]:
-    """Every worker a study recorded, by id (``worker:<host>:<pid>`` attributes, and the older ``workers``)."""
-    workers = dict(attrs.get("workers", {}))
-    workers.update(
-        {key[len(WORKER_PREFIX) :]: value for key, value in attrs.items() if key.startswith(WORKER_PREFIX)}
-    )
-    return workers
 
 
 def _pinned_apart(mine: dict, other: dict) -> bool:

@@ -40,6 +40,7 @@ from optimizer.paths import cache_dir
 from optimizer.serving.base import ServingTarget
 from optimizer.serving.metrics import memory_figure
 from optimizer.study.confirm import RemeasureFailed
+from optimizer.study.records import CONFIG_DIGEST, config_digest_of
 from optimizer.study.settings import StudySettings
 from optimizer.study.storage import (
     fail_stale,
@@ -152,7 +153,7 @@ class TrialRunner:
         trial.set_user_attr("candidate", candidate.summary())
         trial.set_user_attr("config", to_dict(config))
         key = config_digest(config)
-        trial.set_user_attr("config_key", key)
+        trial.set_user_attr(CONFIG_DIGEST, key)
         self.reporter.trial_started(trial.number, candidate.summary(), *self.progress)
         earlier = _claim_config(trial, key)
         if earlier is not None:
@@ -463,7 +464,7 @@ def _measured_config(study, key: str):
         deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
     ):
         attrs = trial.user_attrs
-        if attrs.get("config_key") != key or "same_config_as" in attrs or attrs.get("transient_fault"):
+        if config_digest_of(attrs) != key or "same_config_as" in attrs or attrs.get("transient_fault"):
             continue
         if trial.state != TrialState.FAIL or "reason" in attrs:
             return trial
@@ -511,7 +512,7 @@ def _running_with_config(trial, key: str) -> list:
     return [
         other
         for other in trial.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        if other.number != trial.number and other.user_attrs.get("config_key") == key
+        if other.number != trial.number and config_digest_of(other.user_attrs) == key
     ]
 
 
