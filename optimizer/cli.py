@@ -25,6 +25,7 @@ from optimizer.measurement.levels import DEFAULT_MAX_WINDOW_S, Engine, MeasureSe
 from optimizer.model.convert import Exporter
 from optimizer.output.formats import ExportFormat
 from optimizer.paths import cache_dir, studies_dir
+from optimizer.serving import TARGET_KINDS
 from optimizer.study.settings import CrossCheckEngine, Sampler, SearchSettings, StudySettings
 
 # Exit codes besides those of the OptimizeError subclasses (errors.py) and the parser's usage errors (2).
@@ -49,7 +50,7 @@ app = typer.Typer(
 _state = {"debug": False}
 
 MODEL, SEARCH, MEASUREMENT, TARGET, SCALE_OUT = "Model", "Search", "Measurement", "Target", "Scale-out"
-TARGET_CHOICES = "embedded|local|docker|remote|replay:DIR"
+TARGET_CHOICES = "|".join(kind + (":DIR" if kind == "replay" else "") for kind in TARGET_KINDS)
 # The study's defaults are the settings' (study/settings.py); the command line shows them as its choices.
 _DEFAULT_SAMPLER = Sampler(StudySettings.sampler)
 _DEFAULT_ENGINE = Engine(StudySettings.load_generator)
@@ -85,7 +86,7 @@ def _root(
 def _target_kind(value: str) -> str:
     """``--target``'s parser: a known kind (``replay`` takes ``:DIR``), checked before any work."""
     kind = value.partition(":")[0]
-    if kind not in TARGET_CHOICES.replace(":DIR", "").split("|"):
+    if kind not in TARGET_KINDS:
         raise typer.BadParameter(f"{value!r} is not one of {TARGET_CHOICES.replace('|', ', ')}")
     return value
 

@@ -16,7 +16,7 @@ import optuna
 import pytest
 
 from optimizer.cli import main, study
-from optimizer.errors import StorageError
+from optimizer.errors import StorageError, StudyError
 from optimizer.study import driver, joint, joint_trial, run, trial
 from optimizer.study.driver import MIN_DEFAULT_BUDGET_MS, default_latency_budget_ms
 from optimizer.study.models_file import models_from_flags
@@ -192,3 +192,29 @@ def test_each_finished_trial_is_reported_once_as_the_database_holds_it(tmp_path)
     assert [r.number for r in reporter.finished] == sorted(states)[: len(reporter.finished)]
     assert reporter.finished and all(r.state == states[r.number] for r in reporter.finished)
     assert all(r.reason != "interrupted" for r in reporter.finished)
+
+
+@pytest.mark.parametrize("workload", ["one", "joint"])
+def test_resuming_with_another_accuracy_tolerance_is_refused_for_both_workloads(workload, tmp_path):
+    url, name = _run(workload, tmp_path)
+    before = len(optuna.load_study(study_name=name, storage=url).trials)
+    with pytest.raises(StudyError, match="uses an accuracy tolerance of 0.01, not 0.05"):
+        _run(workload, tmp_path, budget=3, accuracy_tolerance=0.05)
+    assert len(optuna.load_study(study_name=name, storage=url).trials) == before  # nothing run, nothing lost
+
+
+@pytest.mark.parametrize("workload", ["one", "joint"])
+def test_both_workloads_record_the_server_and_the_machine_they_ran_on(workload, tmp_path):
+    url, name = _run(workload, tmp_path)
+    attrs = optuna.load_study(study_name=name, storage=url).user_attrs
+    assert attrs["target"] == "replay" and attrs["server_version"].startswith("replay of")
+    assert attrs["hardware"]["cores"] >= 1 and attrs["budget"] == 2 and attrs["cpu_cores"] >= 1
+
+
+def test_a_study_of_one_model_and_a_joint_study_refuse_each_others_name(tmp_path):
+    _run("one", tmp_path)
+    _run("joint", tmp_path)
+    with pytest.raises(StudyError, match="tunes one model: give a new --study-name"):
+        _run("joint", tmp_path, study_name="replay")
+    with pytest.raises(StudyError, match="tunes several models together: give a new --study-name"):
+        _run("one", tmp_path, study_name="joint")

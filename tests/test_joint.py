@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import signal
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,7 @@ from optimizer.model.intake import inspect_model, resolve_shapes, synthetic_inpu
 from optimizer.model.variants import config_files
 from optimizer.output.serve import serving
 from optimizer.paths import cache_dir
+from optimizer.serving.embedded import EmbeddedTriton
 from optimizer.study.models_file import load_models_file, models_from_flags
 from optimizer.study.records import joint_budgets
 from optimizer.study.run import run_study
@@ -224,6 +227,46 @@ def test_a_joint_study_loads_measures_and_exports_both_models_within_their_budge
         target=triton,
     )
     assert again.finished == 4
+
+
+class _KilledOnLoad(EmbeddedTriton):
+    """A real embedded Triton that is SIGKILLed a second after its ``kill_on``-th model load."""
+
+    def __init__(self, kill_on: int) -> None:
+        super().__init__()
+        self.loads, self.kill_on, self.killed = 0, kill_on, False
+
+    def load_model(self, name, config_json, files):
+        seconds = super().load_model(name, config_json, files)
+        self.loads += 1
+        if self.loads == self.kill_on:
+            self.killed = True
+            threading.Timer(1.0, os.kill, (self.pid, signal.SIGKILL)).start()
+        return seconds
+
+
+@pytest.mark.server
+def test_a_server_killed_under_the_mixed_load_fails_that_trial_and_a_restarted_server_runs_the_next(
+    tmp_path, models
+):
+    # The one-model rule, now the joint study's too: the fault is the trial's, the server is restarted.
+    entries = load_models_file(_models_file(tmp_path, models))
+    measure = MeasureSettings(warmup_s=0.3, window_s=2.0, min_requests=10, max_window_s=3.0, rule="fixed")
+    server = _KilledOnLoad(kill_on=4)  # trial 1's second model: killed a second into its mixed load
+    with server:
+        summary = run_study(
+            StudySettings(
+                models=entries, budget=3, study_name="j", output_dir=tmp_path, seed=0, measure=measure
+            ),
+            target=server,
+        )
+    assert server.killed
+    study = optuna.load_study(study_name="j", storage=f"sqlite:///{tmp_path}/j.db")
+    killed = study.trials[1]
+    assert killed.state == optuna.trial.TrialState.FAIL
+    assert killed.user_attrs["reason"].startswith("the server crashed under the mixed load")
+    assert killed.user_attrs["transient_fault"] is True
+    assert summary.finished == 3 and study.trials[2].state == optuna.trial.TrialState.COMPLETE
 
 
 # --- an ensemble, tuned as its steps ------------------------------------------------------------------------

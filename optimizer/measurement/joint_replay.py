@@ -25,14 +25,18 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from optimizer.config.render import config_digest
-from optimizer.errors import ConfigRejected, UsageError
+from optimizer.config.render import config_digest, config_from_json
+from optimizer.errors import UsageError
 from optimizer.measurement.levels import LevelResult
 from optimizer.measurement.mixed import MixLevel, mix_throughput, shares_of
 from optimizer.measurement.replay import (
     Recording,
     RecordingTarget,
     build_recorded_model,
+    draw_sweep,
+    level_of_any_repeat,
+    open_recording,
+    read_outcomes,
     read_rows,
     recorded_level,
 )
@@ -122,37 +126,22 @@ def is_joint_recording(path: Path | str) -> bool:
 
 def load_joint_surface(path: Path | str) -> JointSurface:
     """Read a joint recording directory."""
-    path = Path(path)
-    names = ("meta.json", "outcomes.csv", "levels.csv", "space.yaml")
-    missing = [name for name in names if not (path / name).is_file()]
-    if missing:
-        raise UsageError(
-            f"{str(path)!r} is not a joint recording (missing {', '.join(missing)}): "
-            "give a directory written by bench/record_joint_surface.py, e.g. bench/data/joint"
-        )
-    meta = json.loads((path / "meta.json").read_text())
+    path, meta = open_recording(
+        path, "a joint recording", "bench/record_joint_surface.py", "bench/data/joint"
+    )
     levels: dict[tuple[str, int], dict[int, dict[str, LevelResult]]] = defaultdict(lambda: defaultdict(dict))
     for row in read_rows(path / "levels.csv"):
         clients = int(row["clients"])
         levels[(row["joint_key"], int(row["repeat"]))][clients][row["model"]] = recorded_level(row, clients)
-    sweeps: dict[str, list[RecordedSweep]] = defaultdict(list)
-    failures: dict[str, list[str]] = defaultdict(list)
-    candidates: dict[str, dict[str, str]] = {}
-    rendered: dict[str, dict[str, Mapping]] = {}
-    for row in read_rows(path / "outcomes.csv"):
-        key = row["joint_key"]
-        candidates[key] = json.loads(row["candidates"])
-        rendered[key] = json.loads(row["configs"])
-        if row["state"] == "failed":
-            failures[key].append(row["reason"])
-        else:
-            recorded = levels.get((key, int(row["repeat"])), {})
-            sweeps[key].append(tuple(sorted(recorded.items())))
+
+    def sweep(key: str, repeat: int) -> RecordedSweep:
+        return tuple(sorted(levels.get((key, repeat), {}).items()))
+
     configs = {
         key: JointRecordedConfig(
-            key, candidates[key], rendered[key], tuple(sweeps[key]), tuple(failures[key])
+            key, json.loads(row["candidates"]), json.loads(row["configs"]), sweeps, failures
         )
-        for key in candidates
+        for key, (row, sweeps, failures) in read_outcomes(path, "joint_key", sweep).items()
     }
     return JointSurface(path=path, meta=meta, configs=configs)
 
@@ -179,11 +168,7 @@ class JointReplayTarget(RecordingTarget):
             )
 
     def load_model(self, name: str, config_json: str, files: Mapping[str, Path]) -> float:
-        from google.protobuf import json_format
-        from tritonclient.grpc import model_config_pb2
-
-        config = json_format.Parse(config_json, model_config_pb2.ModelConfig())
-        self._digests[name] = config_digest(config)
+        self._digests[name] = config_digest(config_from_json(config_json))
         self._drawn = None  # the next measurement draws a repeat of the joint config now loaded
         return 0.0
 
@@ -201,7 +186,9 @@ class JointReplayTarget(RecordingTarget):
         """The recorded level at ``clients`` of the loaded joint config; None where no repeat reached it."""
         self.check_traffic(shares)
         config, drawn = self._loaded()
-        results = dict(drawn).get(clients) or self._level_of_any_repeat(config, clients)
+        results = dict(drawn).get(clients) or level_of_any_repeat(
+            config, lambda sweep: dict(sweep).get(clients), self.rng
+        )
         if results is None:
             return None
         over = tuple(name for name in shares if results[name].p99_ms > budgets_ms[name])
@@ -240,15 +227,5 @@ class JointReplayTarget(RecordingTarget):
                     f"this joint config is not in the recording {str(self.surface.path)!r}: search the "
                     f"space it recorded (--space {self.surface.space_path})"
                 )
-            index = self.rng.randrange(len(config.sweeps) + len(config.failures))
-            if index >= len(config.sweeps):
-                raise ConfigRejected(f"recorded failure: {config.failures[index - len(config.sweeps)]}")
-            self._drawn = (config, config.sweeps[index])
+            self._drawn = (config, draw_sweep(config, self.rng))
         return self._drawn
-
-    def _level_of_any_repeat(
-        self, config: JointRecordedConfig, clients: int
-    ) -> Mapping[str, LevelResult] | None:
-        """A level the drawn repeat did not reach (its sweep stopped earlier), from a repeat that did."""
-        found = [dict(sweep)[clients] for sweep in config.sweeps if clients in dict(sweep)]
-        return self.rng.choice(found) if found else None

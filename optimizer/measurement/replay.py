@@ -16,9 +16,11 @@ import random
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
+from typing import Protocol, TypeVar
 
-from optimizer.config.render import config_digest
+from optimizer.config.render import config_digest, config_from_json
 from optimizer.errors import ConfigRejected, UsageError
 from optimizer.measurement.levels import LevelResult
 from optimizer.measurement.sweep import best_feasible, next_step
@@ -28,6 +30,7 @@ from optimizer.paths import cache_dir
 from optimizer.serving.base import Capabilities, RecordedStudy, ServingTarget
 
 __all__ = [
+    "RECORDING_FILES",
     "BadStarts",
     "RecordedConfig",
     "Recording",
@@ -36,11 +39,19 @@ __all__ = [
     "Surface",
     "build_recorded_model",
     "draw_repeat",
+    "draw_sweep",
+    "level_of_any_repeat",
     "load_surface",
+    "open_recording",
+    "read_outcomes",
     "read_rows",
     "recorded_level",
     "replay_sweep",
 ]
+
+T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
+L = TypeVar("L")
 
 
 @dataclass(frozen=True)
@@ -114,34 +125,57 @@ def build_recorded_model(model_name: str, builder: str, args: Mapping) -> Path:
 
 def load_surface(path: Path | str) -> Surface:
     """Read a recording directory (``levels.csv``, ``outcomes.csv``, ``meta.json``)."""
-    path = Path(path)
-    files = [path / name for name in ("meta.json", "outcomes.csv", "levels.csv", "space.yaml")]
-    missing = [file.name for file in files if not file.is_file()]
-    if missing:
-        raise UsageError(
-            f"{str(path)!r} is not a recorded surface (missing {', '.join(missing)}): "
-            "give a directory written by bench/record_surface.py, e.g. bench/data/encoder"
-        )
-    meta = json.loads((path / "meta.json").read_text())
+    path, meta = open_recording(path, "a recorded surface", "bench/record_surface.py", "bench/data/encoder")
     levels: dict[tuple[str, int], list[LevelResult]] = defaultdict(list)
     for row in read_rows(path / "levels.csv"):
         levels[(row["config_key"], int(row["repeat"]))].append(recorded_level(row, int(row["concurrency"])))
-    sweeps: dict[str, list[tuple[LevelResult, ...]]] = defaultdict(list)
+
+    def sweep(key: str, repeat: int) -> tuple[LevelResult, ...]:
+        return tuple(sorted(levels.get((key, repeat), []), key=lambda level: level.concurrency))
+
+    outcomes = read_outcomes(path, "config_key", sweep)
+    configs = {
+        key: RecordedConfig(key, row["candidate"], sweeps, failures)
+        for key, (row, sweeps, failures) in outcomes.items()
+    }
+    return Surface(path=path, meta=meta, configs=configs)
+
+
+RECORDING_FILES = ("meta.json", "outcomes.csv", "levels.csv", "space.yaml")
+
+
+def open_recording(path: Path | str, what: str, writer: str, example: str) -> tuple[Path, dict]:
+    """A recording directory checked to hold every file, and its ``meta.json``.
+
+    Raises:
+        UsageError: a file is missing; says which, and what writes ``what`` (``writer``, e.g. ``example``).
+    """
+    path = Path(path)
+    missing = [name for name in RECORDING_FILES if not (path / name).is_file()]
+    if missing:
+        raise UsageError(
+            f"{str(path)!r} is not {what} (missing {', '.join(missing)}): "
+            f"give a directory written by {writer}, e.g. {example}"
+        )
+    return path, json.loads((path / "meta.json").read_text())
+
+
+def read_outcomes(
+    path: Path, key_field: str, sweep: Callable[[str, int], T]
+) -> dict[str, tuple[dict[str, str], tuple[T, ...], tuple[str, ...]]]:
+    """Each recorded config's outcomes: its last ``outcomes.csv`` row, the sweep of each measured
+    repeat (``sweep(key, repeat)``) and the reason of each failed one, by config key."""
+    rows: dict[str, dict[str, str]] = {}
+    sweeps: dict[str, list[T]] = defaultdict(list)
     failures: dict[str, list[str]] = defaultdict(list)
-    candidates: dict[str, str] = {}
     for row in read_rows(path / "outcomes.csv"):
-        key = row["config_key"]
-        candidates[key] = row["candidate"]
+        key = row[key_field]
+        rows[key] = row
         if row["state"] == "failed":
             failures[key].append(row["reason"])
         else:
-            recorded = levels.get((key, int(row["repeat"])), [])
-            sweeps[key].append(tuple(sorted(recorded, key=lambda level: level.concurrency)))
-    configs = {
-        key: RecordedConfig(key, candidates[key], tuple(sweeps[key]), tuple(failures[key]))
-        for key in candidates
-    }
-    return Surface(path=path, meta=meta, configs=configs)
+            sweeps[key].append(sweep(key, int(row["repeat"])))
+    return {key: (row, tuple(sweeps[key]), tuple(failures[key])) for key, row in rows.items()}
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
@@ -204,14 +238,39 @@ class BadStarts:
         )
 
 
+class Repeats(Protocol[T_co]):
+    """A recorded config's repeats: the sweep of each measured one, the reason of each failed one."""
+
+    @property
+    def sweeps(self) -> tuple[T_co, ...]: ...
+
+    @property
+    def failures(self) -> tuple[str, ...]: ...
+
+
+def draw_sweep(config: Repeats[T], rng: random.Random) -> T:
+    """One recorded repeat of ``config``, at random; a failed repeat raises ConfigRejected as it failed."""
+    index = rng.randrange(len(config.sweeps) + len(config.failures))
+    if index >= len(config.sweeps):
+        raise ConfigRejected(f"recorded failure: {config.failures[index - len(config.sweeps)]}")
+    return config.sweeps[index]
+
+
+def level_of_any_repeat(
+    config: Repeats[T], level_in: Callable[[T], L | None], rng: random.Random
+) -> L | None:
+    """A level the drawn repeat did not reach (its sweep stopped earlier), from a repeat that did, at
+    random; None where none did (every recorded sweep stopped before it)."""
+    found = [level for sweep in config.sweeps if (level := level_in(sweep)) is not None]
+    return rng.choice(found) if found else None
+
+
 def draw_repeat(
     config: RecordedConfig, rng: random.Random, bad_starts: BadStarts | None = None
 ) -> tuple[LevelResult, ...]:
-    """One recorded repeat of ``config``, at random; a failed repeat raises ConfigRejected as it failed."""
-    index = rng.randrange(_repeats(config))
-    if index >= len(config.sweeps):
-        raise ConfigRejected(f"recorded failure: {config.failures[index - len(config.sweeps)]}")
-    return bad_starts.apply(config.sweeps[index], rng) if bad_starts else config.sweeps[index]
+    """One recorded repeat of one model's ``config``, with the noise model's bad starts if given."""
+    sweep = draw_sweep(config, rng)
+    return bad_starts.apply(sweep, rng) if bad_starts else sweep
 
 
 def replay_sweep(
@@ -224,7 +283,8 @@ def replay_sweep(
     """
     results: list[LevelResult] = []
     for index, concurrency in enumerate(levels):
-        level = _level_at(drawn, concurrency) or _level_at_any(config.sweeps, concurrency, rng)
+        at = partial(_level_at, concurrency=concurrency)
+        level = at(drawn) or level_of_any_repeat(config, at, rng)
         if level is None:
             break
         results.append(level)
@@ -233,17 +293,8 @@ def replay_sweep(
     return results
 
 
-def _repeats(config: RecordedConfig) -> int:
-    return len(config.sweeps) + len(config.failures)
-
-
 def _level_at(sweep: Sequence[LevelResult], concurrency: int) -> LevelResult | None:
     return next((level for level in sweep if level.concurrency == concurrency), None)
-
-
-def _level_at_any(sweeps, concurrency: int, rng: random.Random) -> LevelResult | None:
-    found = [level for sweep in sweeps if (level := _level_at(sweep, concurrency)) is not None]
-    return rng.choice(found) if found else None
 
 
 class ReplayLoadGenerator:
@@ -347,10 +398,7 @@ class ReplayTarget(RecordingTarget):
         return (recorded.get("recipe") or DEFAULT_INT8_RECIPE,)
 
     def load_model(self, name: str, config_json: str, files: Mapping[str, Path]) -> float:
-        from google.protobuf import json_format
-        from tritonclient.grpc import model_config_pb2
-
-        key = config_digest(json_format.Parse(config_json, model_config_pb2.ModelConfig()))
+        key = config_digest(config_from_json(config_json))
         if key not in self.surface.configs:
             raise UsageError(
                 f"this config is not in the recording {str(self.surface.path)!r}: search the space it "

@@ -8,3 +8,7 @@ drives a server that is already running. :mod:`.control` is the model-control cl
 and :mod:`.statistics` read what the server says about itself, ``backends/`` holds the Python-based
 ``onnxruntime`` backend the embedded server runs.
 """
+
+# What ``--target`` may name (``replay`` takes the recording's directory: ``replay:DIR``); built by
+# optimizer.study.targets.make_target.
+TARGET_KINDS = ("embedded", "local", "docker", "remote", "replay")

@@ -26,7 +26,7 @@ from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.exc import SQLAlchemyError
 
-from optimizer.errors import StorageError
+from optimizer.errors import StorageError, StudyError
 from optimizer.serving.base import ServingTarget
 from optimizer.serving.embedded import EmbeddedTriton
 from optimizer.study.settings import SearchSettings, StudySettings
@@ -49,6 +49,7 @@ __all__ = [
     "Reporter",
     "Workload",
     "drive",
+    "record_study",
     "run_trials",
     "DEFAULT_BUDGET_FACTOR",
     "MIN_DEFAULT_BUDGET_MS",
@@ -120,6 +121,9 @@ class Workload(Protocol):
     def start(self, study, server: ServingTarget, reporter: Reporter, *, created: bool) -> Objective:
         """On the running server: the latency budgets, the study's records, the starting points."""
 
+    def records(self) -> Mapping[str, Any]:
+        """What the study records of what it tunes, once started (the models, the space, the budgets)."""
+
     def trial_finished(self, study, trial: FrozenTrial, reporter: Reporter) -> None:
         """Tell the reporter about a finished trial."""
 
@@ -142,6 +146,7 @@ def drive(
         study, created = open_study(opened, workload.study_name, settings.search, pruning=settings.pruning)
         if created:  # first thing, so workers joining a moment later find it and do not enqueue another
             enqueue_baseline(study, workload.baseline_params())
+        _check_same_settings(study, settings)
         workload.check_same_study(study)
         joined = register_worker(study, settings)
         workload.settle(study, reporter)
@@ -154,6 +159,7 @@ def drive(
             pin_worker(settings.cpus, settings.gpus)
             with serving(target) as server:
                 objective = workload.start(study, server, reporter, created=created)
+                record_study(study, {**_server_records(server, settings), **workload.records()})
                 if not study.get_trials(deepcopy=False):  # a crash between creating the study and enqueuing
                     enqueue_baseline(study, workload.baseline_params())
                 run_trials(study, objective, settings, reporter, workload.trial_finished)
@@ -163,6 +169,33 @@ def drive(
                 f"study {workload.study_name!r} already has {count_finished(study)} finished trials"
             )
         return workload.summarise(study)
+
+
+def _check_same_settings(study, settings: StudySettings) -> None:
+    """Refuse to resume a study with settings that decided what its trials search (before any work)."""
+    tolerance = study.user_attrs.get("accuracy_tolerance")
+    if tolerance is not None and not math.isclose(tolerance, settings.accuracy_tolerance):
+        raise StudyError(
+            f"study {study.study_name!r} uses an accuracy tolerance of {tolerance:g}, not "
+            f"{settings.accuracy_tolerance:g}: resume it with the same tolerance, or use another --study-name"
+        )
+
+
+def record_study(study, records: Mapping[str, Any]) -> None:
+    """Write the study's records where they differ from what it holds (a study of an earlier version gets
+    the later ones on resume; a record that changes, such as the server's version, is brought up to date)."""
+    for key, value in records.items():
+        if study.user_attrs.get(key) != value:
+            study.set_user_attr(key, value)
+
+
+def _server_records(server: ServingTarget, settings: StudySettings) -> dict[str, Any]:
+    return {
+        "server_version": server.server_version(),
+        "target": server.name,
+        "hardware": server.hardware(),  # a replay: the recording's machine
+        "budget": settings.budget,
+    }
 
 
 def run_trials(

@@ -87,7 +87,7 @@ class SeveralModels:
         return {f"{m.name}.{k}": v for m in self.members for k, v in baseline_params(m.space).items()}
 
     def check_same_study(self, study) -> None:
-        _check_same_study(study, self.destinations, self.members)
+        _check_same_study(study, self.records(), self.destinations)
         _check_same_space(study, self.members, self.cores, before_settling=True)  # before the accuracy checks
 
     def settle(self, study, reporter) -> None:
@@ -103,9 +103,6 @@ class SeveralModels:
 
     def start(self, study, server: ServingTarget, reporter, *, created: bool) -> JointObjective:
         """The objective on ``server``, once every destination's budget is settled."""
-        for key, value in (("server_version", server.server_version()), ("hardware", server.hardware())):
-            if key not in study.user_attrs:  # a replay: the recording's server and machine
-                study.set_user_attr(key, value)
         by_name = {m.name: m for m in self.members}
         self.destinations = [
             replace(d, budget_ms=_budget(study, d, by_name, server, self.settings, reporter.note))
@@ -113,6 +110,19 @@ class SeveralModels:
         ]
         trials = JointTrials(self.settings.budget, self.settings.concurrency, self.settings.measure)
         return JointObjective(server, self.destinations, self.members, trials, self.cores, reporter.note)
+
+    def records(self) -> dict[str, Any]:
+        destinations, members = self.destinations, self.members
+        models = {m.name: m.info.sha256 for m in members}
+        models.update({d.name: d.ensemble.sha256 for d in destinations if d.ensemble is not None})
+        return {
+            "models": models,
+            "model_paths": {m.name: str(m.info.source_path) for m in members},
+            "traffic": {d.name: d.entry.traffic for d in destinations},
+            "ensembles": {d.name: list(d.members) for d in destinations if d.ensemble is not None},
+            "cpu_cores": self.cores,
+            "output_dir": str(self.out_dir),
+        }
 
     def trial_finished(self, study, trial, reporter) -> None:
         pass  # the objective notes each trial's figures as it ends
@@ -179,10 +189,9 @@ def _intake(entry: ModelEntry, space: SearchSpace) -> tuple[Destination, list[Me
     return Destination(entry, requests, tuple(infos), ensemble), members
 
 
-def _check_same_study(study, destinations: list[Destination], members: list[Member]) -> None:
+def _check_same_study(study, records: Mapping[str, Any], destinations: list[Destination]) -> None:
     """Refuse other models, another traffic mix or other budgets for a stored study, before any work."""
-    models = {m.name: m.info.sha256 for m in members}
-    models.update({t.name: t.ensemble.sha256 for t in destinations if t.ensemble is not None})
+    models, traffic = records["models"], records["traffic"]
     attrs = study.user_attrs
     stored = attrs.get("models")
     if "model_sha256" in attrs:
@@ -194,7 +203,6 @@ def _check_same_study(study, destinations: list[Destination], members: list[Memb
             f"study {study.study_name!r} was made for other models ({', '.join(sorted(stored))}): "
             "give a new --study-name, or the same models file"
         )
-    traffic = {t.name: t.entry.traffic for t in destinations}
     if "traffic" in attrs and shares_of(attrs["traffic"]) != shares_of(traffic):
         mix = ", ".join(f"{name}={weight:g}" for name, weight in attrs["traffic"].items())
         raise StudyError(
@@ -209,16 +217,6 @@ def _check_same_study(study, destinations: list[Destination], members: list[Memb
                 f"study {study.study_name!r} was run with a {kept:g} ms budget for {destination.name!r}: "
                 "resume with the same budgets, or give a new --study-name"
             )
-    # Every record a joint study keeps (a study of an older version lacks the later ones: added on resume).
-    records = {
-        "models": models,
-        "model_paths": {m.name: str(m.info.source_path) for m in members},
-        "traffic": traffic,
-        "ensembles": {t.name: list(t.members) for t in destinations if t.ensemble is not None},
-    }
-    for key, value in records.items():
-        if key not in attrs:
-            study.set_user_attr(key, value)
 
 
 def _check_same_space(study, members: list[Member], cores: int, *, before_settling: bool = False) -> None:

@@ -30,7 +30,7 @@ from optimizer.paths import cache_dir
 from optimizer.serving.base import ServingTarget
 from optimizer.study.models_file import ModelEntry
 from optimizer.study.storage import is_surplus, worker_id
-from optimizer.study.trial import TrialFailed
+from optimizer.study.trial import TrialFailed, server_fault
 
 __all__ = [
     "JointObjective",
@@ -163,13 +163,21 @@ class JointObjective:
         try:
             return load(self.server, *args)
         except ConfigRejected as exc:
-            trial.set_user_attr("reason", f"Triton rejected the config of {name}: {exc.message}")
-            raise TrialFailed(trial.user_attrs["reason"]) from exc
+            raise self._fail(
+                trial, TrialFailed(f"Triton rejected the config of {name}: {exc.message}")
+            ) from exc
         except ServerDiedError as exc:
-            trial.set_user_attr("reason", f"the server died loading {name}: {exc.message}")
-            if self.server.capabilities.can_restart:
-                self.server.restart()
-            raise TrialFailed(trial.user_attrs["reason"]) from exc
+            raise self._fail(
+                trial, server_fault(self.server, f"while loading {name}", exc, self.note)
+            ) from exc
+
+    @staticmethod
+    def _fail(trial, failure: TrialFailed) -> TrialFailed:
+        """``failure`` recorded on the trial (its reason; a server fault is transient: retried on resume)."""
+        trial.set_user_attr("reason", str(failure))
+        if failure.transient:
+            trial.set_user_attr("transient_fault", True)
+        return failure
 
     def _sweep(self, trial) -> list[MixLevel]:
         """Rising levels until a model breaks its budget or the mix stops gaining (PLATEAU)."""
@@ -179,9 +187,9 @@ class JointObjective:
         for per_model in self.trials.levels:
             try:
                 level = self.measure(per_model * len(self.destinations), self.shares, budgets)
-            except InferenceError as exc:
-                trial.set_user_attr("reason", f"requests failed under the mixed load: {exc.message}")
-                raise TrialFailed(trial.user_attrs["reason"]) from exc
+            except (InferenceError, ServerDiedError) as exc:
+                fault = server_fault(self.server, "under the mixed load", exc, self.note)
+                raise self._fail(trial, fault) from exc
             except ConfigRejected as exc:  # a replayed failure: the recorded server refused the configs
                 trial.set_user_attr("reason", exc.message)
                 raise TrialFailed(trial.user_attrs["reason"]) from exc

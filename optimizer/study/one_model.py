@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -91,6 +92,7 @@ class OneModel:
         self.same_machine = target is None or target.capabilities.same_machine
         self.warm_start = _warm_start_params(settings, self) if settings.warm_start else ()
         self.settled = self.space  # without the variants that break accuracy, once settle() ran
+        self.latency_budget_ms = math.nan  # the study's, once start() settled it
 
     # --- before the server ------------------------------------------------------------------------------
 
@@ -158,7 +160,7 @@ class OneModel:
             reporter=reporter,
         )
         runner.latency_budget_ms = _latency_budget(study, runner, settings, reporter)
-        self._record_study_attrs(study, server, runner.latency_budget_ms)
+        self.latency_budget_ms = runner.latency_budget_ms
         if created:
             self._enqueue_starting_points(study, runner.latency_budget_ms)
         return runner
@@ -170,28 +172,19 @@ class OneModel:
         _confirm(study, objective, self.settings.search, reporter)
         cross_check_study_step(study, objective.remeasure_with, self.settings.confirm_with, reporter.note)
 
-    def _record_study_attrs(self, study, server: ServingTarget, budget_ms: float) -> None:
+    def records(self) -> dict[str, Any]:
         model = self.model
-        attrs = {
+        return {
             "model_sha256": model.sha256,
             "model_path": str(model.source_path),
             "model_name": _model_name(model),
             "shapes": {name: list(dims) for name, dims in self.shapes.items()},
-            "latency_budget_ms": budget_ms,
+            "latency_budget_ms": self.latency_budget_ms,
             "space": self.settled.to_dict(),
-            "server_version": server.server_version(),
-            "target": server.name,
-            "hardware": server.hardware(),  # a replay: the recording's machine
-            "budget": self.settings.budget,
             "concurrency_levels": list(self.settings.concurrency),
             "cpu_cores": self.cores,  # what a space that does not oversubscribe derived its threads from
-            "output_dir": str(
-                self.out_dir
-            ),  # where its exports and reports go (optimize cross-check writes there)
+            "output_dir": str(self.out_dir),  # its exports and reports go there (and cross-check's)
         }
-        for key, value in attrs.items():
-            if study.user_attrs.get(key) != value:
-                study.set_user_attr(key, value)
 
     def _enqueue_starting_points(self, study, latency_budget_ms: float) -> None:
         """In a new study: the warm-start study's best configs, the in-process profile's fastest point, then
@@ -295,12 +288,6 @@ def _check_same_study(study, model: ModelInfo, settings: StudySettings) -> None:
         raise StudyError(
             f"study {study.study_name!r} uses a latency budget of {stored:g} ms, not {latency_budget_ms:g} ms: "
             "resume it with the same budget (or no --latency-budget-ms), or use another --study-name"
-        )
-    tolerance = attrs.get("accuracy_tolerance")
-    if tolerance is not None and not math.isclose(tolerance, settings.accuracy_tolerance):
-        raise StudyError(
-            f"study {study.study_name!r} uses an accuracy tolerance of {tolerance:g}, not "
-            f"{settings.accuracy_tolerance:g}: resume it with the same tolerance, or use another --study-name"
         )
 
 

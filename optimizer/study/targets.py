@@ -13,6 +13,7 @@ from typing import Any
 from optimizer.errors import UsageError
 from optimizer.measurement.joint_replay import JointReplayTarget, is_joint_recording
 from optimizer.measurement.replay import ReplayTarget
+from optimizer.serving import TARGET_KINDS
 from optimizer.serving.base import ServingTarget
 from optimizer.serving.docker import DEFAULT_TAG, DockerTriton
 from optimizer.serving.embedded import EmbeddedTriton
@@ -21,7 +22,6 @@ from optimizer.serving.remote import RemoteTriton, TlsOptions
 
 __all__ = ["TARGET_KINDS", "TARGET_OPTIONS", "check_target_options", "make_target", "parse_headers"]
 
-TARGET_KINDS = ("embedded", "local", "docker", "remote", "replay")
 
 # option -> (its command-line flag, the targets it applies to)
 _OPTIONS: dict[str, tuple[str, tuple[str, ...]]] = {

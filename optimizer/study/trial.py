@@ -369,17 +369,7 @@ class TrialRunner:
             )
 
     def _server_fault(self, when: str, exc: Exception) -> TrialFailed:
-        """Turn a crash or hang into a failed trial, restarting the server so later trials are unaffected."""
-        alive = _still_alive(self.target)
-        detail = first_line(exc.message if isinstance(exc, OptimizeError) else str(exc))
-        reason = f"the server crashed {when}" if not alive else f"{detail} {when}"
-        if not self.target.capabilities.can_restart:
-            raise ServerDiedError(
-                f"{reason}; the {self.target.name} server cannot be restarted by optimize"
-            ) from exc
-        self.reporter.note(f"{reason}: restarting the server")
-        self.target.restart()
-        return TrialFailed(reason, transient=True)
+        return server_fault(self.target, when, exc, self.reporter.note)
 
     def _record(self, trial, outcome: SweepOutcome) -> None:
         trial.set_user_attr("sweep", [level.to_dict() for level in outcome.levels])
@@ -531,6 +521,23 @@ def _reuse_measurement(trial, earlier) -> float:
     if earlier.state == TrialState.PRUNED:
         raise optuna.TrialPruned(f"same config as trial {earlier.number}")
     raise TrialFailed(earlier.user_attrs.get("reason", f"same config as failed trial {earlier.number}"))
+
+
+def server_fault(target: ServingTarget, when: str, exc: Exception, note) -> TrialFailed:
+    """A crash or hang of the server (or requests failing ``when``) as a failed trial, the server
+    restarted so later trials are unaffected; the rule of every study's trials.
+
+    Raises:
+        ServerDiedError: the target cannot be restarted by optimize (a remote server): the study ends.
+    """
+    alive = _still_alive(target)
+    detail = first_line(exc.message if isinstance(exc, OptimizeError) else str(exc))
+    reason = f"the server crashed {when}" if not alive else f"{detail} {when}"
+    if not target.capabilities.can_restart:
+        raise ServerDiedError(f"{reason}; the {target.name} server cannot be restarted by optimize") from exc
+    note(f"{reason}: restarting the server")
+    target.restart()
+    return TrialFailed(reason, transient=True)
 
 
 def _still_alive(target, settle_s: float = 2.0) -> bool:
