@@ -427,6 +427,15 @@ _MaxMemoryMb = Annotated[
     ),
 ]
 
+_MaxGpuMemoryMb = Annotated[
+    Optional[float],
+    typer.Option(
+        "--max-gpu-memory-mb",
+        help="Constraint: the GPU memory the server uses under load, over its GPUs (MiB, from its /metrics).",
+        rich_help_panel=MEASUREMENT,
+    ),
+]
+
 
 @app.command()
 def study(
@@ -473,6 +482,7 @@ def study(
     throughput_ci: _ThroughputCi = MeasureSettings.throughput_ci,
     p99_ci: _P99Ci = MeasureSettings.p99_ci,
     max_memory_mb: _MaxMemoryMb = None,
+    max_gpu_memory_mb: _MaxGpuMemoryMb = None,
 ) -> None:
     """Run (or resume) the Bayesian study and export the best configuration."""
     from optimizer.study.options import study_request

@@ -7,16 +7,18 @@ that is cheap (the embedded server is started, the Docker daemon pinged, provide
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from optimizer.errors import OptimizeError
 from optimizer.measurement.perf_analyzer import find_perf_analyzer, install_command
+from optimizer.model.libraries import GpuLibraries, gpu_libraries
 from optimizer.model.providers import ORT_NAMES, runnable_providers
 from optimizer.serving.docker import DockerUnreachable, connect
 from optimizer.serving.embedded import EmbeddedTriton
+from optimizer.serving.gpu import PROC_NVIDIA, detect_gpus, gpu_mismatches
 from optimizer.serving.local import find_backend_directory, find_binary
 
 __all__ = ["Check", "format_check", "run_checks"]
@@ -105,20 +107,47 @@ def check_providers() -> Check:
     return Check("execution providers", True, detail, fix)
 
 
-def check_gpus() -> Check:
-    smi = shutil.which("nvidia-smi")
-    fix = "GPU spaces need an NVIDIA GPU and its driver (nvidia-smi); CPU spaces work without"
-    if smi is None:
-        return Check("GPUs", False, "none seen (nvidia-smi not found)", fix)
-    try:
-        result = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20, check=False)  # noqa: S603
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return Check("GPUs", False, f"nvidia-smi failed: {exc}", fix)
-    gpus = [line.strip() for line in result.stdout.splitlines() if line.startswith("GPU")]
-    if result.returncode != 0 or not gpus:
-        reason = (result.stderr or result.stdout).strip().splitlines()[:1]
-        return Check("GPUs", False, f"nvidia-smi sees none ({reason[0] if reason else 'no output'})", fix)
-    return Check("GPUs", True, "; ".join(gpus))
+def check_gpus(nvml: Any = None, proc: Path = PROC_NVIDIA) -> Check:
+    """The driver, the CUDA it runs and each GPU's compute capability (NVML, else /proc/driver/nvidia)."""
+    driver = detect_gpus(nvml, proc)
+    if not driver.devices:
+        fix = "GPU spaces need an NVIDIA GPU and its driver; CPU spaces work without"
+        return Check("GPUs", False, "none seen (NVML, /proc/driver/nvidia)", fix)
+    cuda = f", CUDA {driver.cuda[0]}.{driver.cuda[1]}" if driver.cuda else ""
+    gpus = "; ".join(
+        f"GPU {d.index}: {d.name}"
+        + (
+            f" (compute capability {d.compute_capability[0]}.{d.compute_capability[1]})"
+            if d.compute_capability
+            else ""
+        )
+        for d in driver.devices
+    )
+    return Check("GPUs", True, f"driver {driver.version or '?'}{cuda} ({driver.source}); {gpus}")
+
+
+def check_gpu_libraries(
+    nvml: Any = None, proc: Path = PROC_NVIDIA, libraries: GpuLibraries | None = None
+) -> Check:
+    """ONNX Runtime's CUDA build, cuDNN and TensorRT against the driver and the GPUs; each mismatch with
+    the command that fixes it."""
+    driver = detect_gpus(nvml, proc)
+    libraries = gpu_libraries() if libraries is None else libraries
+    if not driver.devices:
+        return Check("GPU libraries", True, "no GPU here: not needed")
+    found = (
+        ", ".join(f"{name} {version}" for name, version in libraries.packages.items()) or "no nvidia-* wheels"
+    )
+    detail = f"onnxruntime-gpu {libraries.onnxruntime or 'missing'} (CUDA {libraries.onnxruntime_cuda or '?'}); {found}"
+    problems = gpu_mismatches(driver, libraries)
+    if not problems:
+        return Check("GPU libraries", True, detail)
+    return Check(
+        "GPU libraries",
+        False,
+        detail + "; " + "; ".join(problem for problem, _ in problems),
+        "; ".join(dict.fromkeys(f"`{fix}`" for _, fix in problems)),
+    )
 
 
 def check_perf_analyzer() -> Check:
@@ -135,6 +164,7 @@ CHECKS: tuple[Callable[[], Check], ...] = (
     check_remote,
     check_providers,
     check_gpus,
+    check_gpu_libraries,
     check_perf_analyzer,
 )
 

@@ -18,6 +18,7 @@ from optimizer.model.providers import check_providers
 from optimizer.model.quantize import (
     BASE_RECIPES,
     DEFAULT_INT8_RECIPE,
+    GPU_INT8_RECIPE,
     INT8_RECIPES,
     fused_recipe,
     recipe_order,
@@ -191,7 +192,10 @@ def test_the_fused_int8_recipes_quantize_the_fused_graph_and_a_model_without_pat
     assert path.name == "model.int8-fused-dynamic-per-channel.onnx"
     ops = {node.op_type for node in onnx.load(str(path)).graph.node}
     assert ops & {"SkipLayerNormalization", "BiasGelu"} and ops & {"DynamicQuantizeMatMul", "MatMulInteger"}
-    assert set(INT8_RECIPES) == set(BASE_RECIPES) | {fused_recipe(name) for name in BASE_RECIPES}
+    # The CPU's recipes and their fused forms, and the GPU providers' own (never tried for the CPU).
+    assert set(INT8_RECIPES) == set(BASE_RECIPES) | {fused_recipe(name) for name in BASE_RECIPES} | {
+        GPU_INT8_RECIPE
+    }
     mlp = inspect_model(models["mlp"])
     choice = choose_int8(mlp, _samples(mlp, {}), 0.01, cache_dir())
     assert choice.recipe == DEFAULT_INT8_RECIPE and [a["recipe"] for a in choice.attempts] == ["dynamic"]

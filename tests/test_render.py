@@ -199,6 +199,7 @@ def test_tensorrt_fp16_sets_trt_precision_mode_and_serves_the_fp32_file() -> Non
     assert dict(trt.parameters) == {
         "precision_mode": "FP16",
         "max_workspace_size_bytes": str(TRT_WORKSPACE_BYTES),
+        "trt_layer_norm_fp32_fallback": "1",  # LayerNorm kept in fp32: it overflows in fp16
     }
 
 
@@ -209,10 +210,12 @@ def test_tensorrt_fp32_sets_trt_precision_mode_fp32() -> None:
     assert trt.parameters["precision_mode"] == "FP32"
 
 
-def test_tensorrt_int8_serves_the_int8_file() -> None:
+def test_tensorrt_int8_serves_the_int8_file_in_tensorrts_int8_mode() -> None:
     config = _render(Candidate(provider="tensorrt", precision="int8"))
 
     assert config.default_model_filename == "model.int8.onnx"
+    (trt,) = config.optimization.execution_accelerators.gpu_execution_accelerator
+    assert trt.parameters["precision_mode"] == "INT8"
 
 
 def test_tensorrt_with_engine_cache_dir_enables_the_engine_cache() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from google.protobuf import json_format, text_format
@@ -24,7 +25,10 @@ __all__ = [
     "config_from_pbtxt",
     "config_key",
     "render_config",
+    "portable",
     "render_ensemble",
+    "tensorrt_cache_dir",
+    "tensorrt_profile",
     "to_dict",
     "config_digest",
     "to_json",
@@ -52,6 +56,9 @@ _TRITON_TYPES = {
 _GRAPH_LEVELS = {"basic": -1, "extended": 1, "disabled": 2}
 
 TRT_WORKSPACE_BYTES = 1 << 30
+# TensorRT's precision_mode for each precision the study proposes on the tensorrt provider (the native
+# backend refuses any other value): fp16 and int8 are TensorRT's own modes, built from the fp32 file.
+TRT_PRECISION_MODES = {"fp32": "FP32", "fp32-fused": "FP32", "fp16": "FP16", "int8": "INT8"}
 
 
 def render_config(
@@ -60,6 +67,7 @@ def render_config(
     *,
     model_name: str,
     engine_cache_dir: str | None = None,
+    request_shapes: Mapping[str, tuple[int, ...]] | None = None,
 ) -> mc.ModelConfig:
     """The Triton model config for serving ``info`` as ``candidate`` says.
 
@@ -67,7 +75,11 @@ def render_config(
         info: The model, from intake.
         candidate: The point of the search space.
         model_name: Triton's name for the model.
-        engine_cache_dir: Where TensorRT keeps built engines, so a reloaded trial does not rebuild.
+        engine_cache_dir: Where TensorRT keeps built engines and its timing cache, so a config seen
+            before loads without a rebuild (see :func:`tensorrt_cache_dir`).
+        request_shapes: Each input's shape as clients send it (without the batch dimension when the
+            model batches): TensorRT's optimization profile and the warm-up at the max batch are built
+            from them. None: no profile (TensorRT then builds for the shapes it meets, and rebuilds).
     """
     config = mc.ModelConfig(name=model_name, backend="onnxruntime")
     config.max_batch_size = candidate.max_batch_size if info.batching else 0
@@ -77,8 +89,48 @@ def render_config(
     _set_instances(config, candidate)
     _set_batching(config, candidate)
     _set_optimization(config, candidate, engine_cache_dir)
+    if candidate.provider == "tensorrt" and request_shapes is not None:
+        _set_tensorrt_profile(config, info, candidate, request_shapes)
+        _set_warmup(config, info, request_shapes)
     _set_parameters(config, candidate)
     return config
+
+
+def tensorrt_profile(
+    info: ModelInfo, candidate: Candidate, request_shapes: Mapping[str, tuple[int, ...]]
+) -> dict[str, str]:
+    """TensorRT's optimization profile for the candidate: ``trt_profile_{min,opt,max}_shapes`` values.
+
+    Each is ``input:D0xD1...,...`` over every input (the onnxruntime backend's format). The batch
+    dimension runs from 1 through the preferred size the batcher aims at (opt; the max batch without
+    one) to the max batch size, so one engine serves every batch the trial sends; a model that does not
+    batch has one shape.
+    """
+    batches: dict[str, tuple[int, ...]]
+    if info.batching:
+        largest = max(1, candidate.max_batch_size)
+        opt = max(candidate.preferred_batch_sizes, default=largest) if candidate.dynamic_batching else 1
+        batches = {"min": (1,), "opt": (opt,), "max": (largest,)}
+    else:
+        batches = {"min": (), "opt": (), "max": ()}
+    return {
+        f"trt_profile_{which}_shapes": ",".join(
+            f"{spec.name}:" + "x".join(str(d) for d in batch + tuple(request_shapes[spec.name]))
+            for spec in info.inputs
+        )
+        for which, batch in batches.items()
+    }
+
+
+def tensorrt_cache_dir(
+    root: Path, info: ModelInfo, candidate: Candidate, request_shapes: Mapping[str, tuple[int, ...]]
+) -> Path:
+    """Where a TensorRT candidate's engines and timing cache live, under ``root``: one folder per model
+    content, precision and profile, so a config seen before (in this study or another) loads in
+    seconds, and the exported repository names the engines it was measured with."""
+    profile = json.dumps(tensorrt_profile(info, candidate, request_shapes), sort_keys=True)
+    key = hashlib.sha256(f"{info.sha256}|{candidate.precision}|{profile}".encode()).hexdigest()[:16]
+    return root / "tensorrt" / f"{info.sha256[:12]}-{candidate.precision}-{key}"
 
 
 def _precision_is_trt_mode(candidate: Candidate) -> bool:
@@ -124,13 +176,42 @@ def _set_optimization(config: mc.ModelConfig, candidate: Candidate, engine_cache
         accelerators.cpu_execution_accelerator.add(name="openvino")
     elif candidate.provider == "tensorrt":
         trt = accelerators.gpu_execution_accelerator.add(name="tensorrt")
-        trt.parameters["precision_mode"] = "FP16" if candidate.precision == "fp16" else "FP32"
+        trt.parameters["precision_mode"] = TRT_PRECISION_MODES[candidate.precision]
         trt.parameters["max_workspace_size_bytes"] = str(TRT_WORKSPACE_BYTES)
+        if candidate.precision == "fp16":  # LayerNorm in fp16 overflows on transformer models
+            trt.parameters["trt_layer_norm_fp32_fallback"] = "1"
         if engine_cache_dir:
             trt.parameters["trt_engine_cache_enable"] = "1"
             trt.parameters["trt_engine_cache_path"] = engine_cache_dir
+            trt.parameters["trt_timing_cache_enable"] = "1"
+            trt.parameters["trt_timing_cache_path"] = engine_cache_dir
     elif candidate.provider == "cuda":
         accelerators.gpu_execution_accelerator.add(name="cuda")
+
+
+def _set_tensorrt_profile(
+    config: mc.ModelConfig,
+    info: ModelInfo,
+    candidate: Candidate,
+    request_shapes: Mapping[str, tuple[int, ...]],
+) -> None:
+    trt = next(a for a in config.optimization.execution_accelerators.gpu_execution_accelerator)
+    for key, value in tensorrt_profile(info, candidate, request_shapes).items():
+        trt.parameters[key] = value
+
+
+def _set_warmup(
+    config: mc.ModelConfig, info: ModelInfo, request_shapes: Mapping[str, tuple[int, ...]]
+) -> None:
+    """Triton's ``model_warmup`` at the max batch: the engine is built while the model loads, before any
+    request is timed, in the study and in production alike (zeros: the shapes build it, not the values)."""
+    warmup = config.model_warmup.add(name="tensorrt engine at the max batch size")
+    warmup.batch_size = max(1, config.max_batch_size)
+    for spec in info.inputs:
+        tensor = warmup.inputs[spec.name]
+        tensor.data_type = _TRITON_TYPES[spec.dtype]
+        tensor.dims.extend(request_shapes[spec.name] or (1,))
+        tensor.zero_data = True
 
 
 def _set_parameters(config: mc.ModelConfig, candidate: Candidate) -> None:
@@ -184,8 +265,31 @@ def config_from_pbtxt(text: str) -> mc.ModelConfig:
 
 
 def config_key(config: mc.ModelConfig) -> str:
-    """A canonical string of the config: two candidates with the same key serve identically."""
-    return json_format.MessageToJson(config, preserving_proto_field_name=True, indent=None, sort_keys=True)
+    """A canonical string of the config: two candidates with the same key serve identically (where this
+    machine keeps TensorRT's caches is not part of it: see :func:`portable`)."""
+    return json_format.MessageToJson(
+        portable(config), preserving_proto_field_name=True, indent=None, sort_keys=True
+    )
+
+
+# TensorRT's caches: a path of the machine that measured the config, meaningless in an exported repository.
+_MACHINE_PARAMETERS = (
+    "trt_engine_cache_enable",
+    "trt_engine_cache_path",
+    "trt_timing_cache_enable",
+    "trt_timing_cache_path",
+)
+
+
+def portable(config: mc.ModelConfig) -> mc.ModelConfig:
+    """The config without this machine's cache paths: what is exported and compared. A deployment builds
+    its TensorRT engine at load instead (the config's ``model_warmup`` runs the build before it serves)."""
+    copy = mc.ModelConfig()
+    copy.CopyFrom(config)
+    for accelerator in copy.optimization.execution_accelerators.gpu_execution_accelerator:
+        for key in _MACHINE_PARAMETERS:
+            accelerator.parameters.pop(key, None)
+    return copy
 
 
 def config_digest(config: mc.ModelConfig) -> str:

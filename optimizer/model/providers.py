@@ -7,11 +7,13 @@ even on a machine without a GPU; only a session that keeps the provider proves i
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from functools import lru_cache
 
 from optimizer.errors import SpaceError
+from optimizer.model.libraries import library_environment
 
 __all__ = ["ORT_NAMES", "check_providers", "runnable_providers"]
 
@@ -64,6 +66,7 @@ def runnable_providers() -> tuple[str, ...]:
     """
     result = subprocess.run(  # noqa: S603 - argument list, never a shell
         [sys.executable, "-c", _PROBE, json.dumps(list(ORT_NAMES.values()))],
+        env={**os.environ, **library_environment()},  # the GPU wheels' libraries, as the server gets them
         capture_output=True,
         text=True,
         timeout=300,

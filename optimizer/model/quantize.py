@@ -27,7 +27,17 @@ import numpy as np
 
 from optimizer.model.fusion import fuse_transformer
 
-__all__ = ["BASE_RECIPES", "DEFAULT_INT8_RECIPE", "INT8_RECIPES", "Recipe", "fused_recipe", "recipe_order"]
+__all__ = [
+    "BASE_RECIPES",
+    "DEFAULT_INT8_RECIPE",
+    "GPU_INT8_RECIPE",
+    "GPU_PROVIDERS",
+    "INT8_RECIPES",
+    "Recipe",
+    "fused_recipe",
+    "recipe_order",
+    "recipes_for",
+]
 
 Samples = Sequence[Mapping[str, np.ndarray]]
 # ONNX's shape inference does not know the fused contrib ops (SkipLayerNormalization, BiasGelu): the
@@ -88,7 +98,37 @@ def _static_qdq(source: Path, target: Path, samples: Samples) -> None:
         )
 
 
+def _symmetric_qdq(source: Path, target: Path, samples: Samples) -> None:
+    """TensorRT's int8: QDQ with signed, symmetric activations and weights (TensorRT quantizes
+    symmetrically and runs int8 from QDQ nodes; the CPU recipes' u8 activations and 7-bit weights fall
+    back to other kernels there)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._samples = iter(list(samples)[:CALIBRATION_SAMPLES])
+
+        def get_next(self):
+            return next(self._samples, None)
+
+    with _private_copy(source, target) as private:
+        quantize_static(
+            str(private),
+            str(target),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            reduce_range=False,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            extra_options={**UNKNOWN_TYPES_ARE_FLOAT, "ActivationSymmetric": True, "WeightSymmetric": True},
+        )
+
+
 DEFAULT_INT8_RECIPE = "dynamic"  # what optimize served before there were recipes: model.int8.onnx
+GPU_INT8_RECIPE = "symmetric-qdq"
+# The execution providers that serve int8 from symmetric QDQ only (never the CPU's dynamic recipes).
+GPU_PROVIDERS = ("cuda", "tensorrt")
 FUSED_PREFIX = "fused-"
 _BASE: tuple[Recipe, ...] = (
     Recipe("dynamic", "dynamic int8, per-tensor weights (quantize_dynamic's defaults)", _dynamic(False)),
@@ -109,6 +149,14 @@ _BASE: tuple[Recipe, ...] = (
         calibrated=True,
     ),
 )
+# The GPU providers' one recipe (recipes_for), never tried for the CPU.
+_GPU_RECIPE = Recipe(
+    GPU_INT8_RECIPE,
+    f"static int8 (QDQ), symmetric int8 activations and weights calibrated on {CALIBRATION_SAMPLES} "
+    "samples: TensorRT's int8",
+    _symmetric_qdq,
+    calibrated=True,
+)
 
 
 def _after_fusion(build: Callable[[Path, Path, Samples], None]) -> Callable[[Path, Path, Samples], None]:
@@ -127,15 +175,27 @@ def fused_recipe(name: str) -> str:
 
 
 BASE_RECIPES = tuple(recipe.name for recipe in _BASE)
-INT8_RECIPES: dict[str, Recipe] = {recipe.name: recipe for recipe in _BASE} | {
-    fused_recipe(recipe.name): Recipe(
-        fused_recipe(recipe.name),
-        f"{recipe.summary}, after the transformer fusions",
-        _after_fusion(recipe.build),
-        recipe.calibrated,
-    )
-    for recipe in _BASE
-}
+INT8_RECIPES: dict[str, Recipe] = (
+    {recipe.name: recipe for recipe in _BASE}
+    | {
+        fused_recipe(recipe.name): Recipe(
+            fused_recipe(recipe.name),
+            f"{recipe.summary}, after the transformer fusions",
+            _after_fusion(recipe.build),
+            recipe.calibrated,
+        )
+        for recipe in _BASE
+    }
+    | {GPU_INT8_RECIPE: _GPU_RECIPE}
+)
+
+
+def recipes_for(providers: Sequence[str]) -> tuple[str, ...] | None:
+    """The int8 recipes a space's providers may serve: a GPU provider's only (symmetric QDQ, for
+    TensorRT's INT8 mode); None: the CPU's, in :func:`recipe_order`."""
+    if any(provider in GPU_PROVIDERS for provider in providers):
+        return (GPU_INT8_RECIPE,)
+    return None
 
 
 def recipe_order(model_path: Path) -> tuple[str, ...]:

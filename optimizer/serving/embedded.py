@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from optimizer.errors import ServerStartError
+from optimizer.model.libraries import library_environment
 from optimizer.paths import cache_dir
 from optimizer.serving.process import STARTUP_TIMEOUT_S, TritonProcess
 
@@ -76,7 +77,9 @@ def prepare_bundle(root: Path | None = None) -> Path:
 def bundle_environment() -> dict[str, str]:
     """Variables the bundled server needs over this process's environment (libraries, ``python``)."""
     libs = _pytriton_dir().parent / "nvidia_pytriton.libs"
-    ld_path = os.environ.get("LD_LIBRARY_PATH", "")
+    # The GPU wheels' libraries (CUDA, cuDNN, TensorRT) for the backend stubs' ONNX Runtime, which
+    # inherit the server's environment; then whatever the user's environment had.
+    ld_path = library_environment().get("LD_LIBRARY_PATH", "")
     # The backend stub runs `python` from PATH to find its packages: make it this environment's.
     scripts = sysconfig.get_path("scripts")
     return {

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import platform
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +36,16 @@ def available_cores() -> int:
 
 
 def hardware() -> dict[str, Any]:
-    """CPU model, cores, memory, and whether an NVIDIA driver is visible."""
+    """CPU model, cores, memory, and the NVIDIA GPUs and driver (NVML, or /proc/driver/nvidia)."""
+    from optimizer.serving.gpu import detect_gpus
+
+    gpus = detect_gpus()
     return {
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
         "memory_gib": _memory_gib(),
-        "gpu": "nvidia-smi present" if shutil.which("nvidia-smi") else None,
+        "gpu": [device.name for device in gpus.devices] or None,
+        "gpu_driver": gpus.version,
         "platform": platform.platform(),
         "python": platform.python_version(),
     }

@@ -52,6 +52,11 @@ def _check_measure_settings(settings: StudySettings) -> None:
             or (math.isfinite(settings.max_memory_mb) and settings.max_memory_mb > 0),
             f"--max-memory-mb must be a positive number of MiB, got {settings.max_memory_mb}",
         ),
+        (
+            settings.max_gpu_memory_mb is None
+            or (math.isfinite(settings.max_gpu_memory_mb) and settings.max_gpu_memory_mb > 0),
+            f"--max-gpu-memory-mb must be a positive number of MiB, got {settings.max_gpu_memory_mb}",
+        ),
     ]
     for ok, message in checks:
         if not ok:

@@ -16,7 +16,7 @@ from typing import Any
 
 import optuna
 
-from optimizer.config.render import render_config, render_ensemble, to_dict, to_json
+from optimizer.config.render import render_ensemble, to_dict, to_json
 from optimizer.config.space import Candidate, SearchSpace, suggest_candidate
 from optimizer.errors import ConfigRejected, InferenceError, ServerDiedError
 from optimizer.measurement.engines import make_mix_source
@@ -30,7 +30,7 @@ from optimizer.paths import cache_dir
 from optimizer.serving.base import ServingTarget
 from optimizer.study.models_file import ModelEntry
 from optimizer.study.storage import is_surplus, worker_id
-from optimizer.study.trial import TrialFailed, server_fault
+from optimizer.study.trial import TrialFailed, render_trial_config, server_fault
 
 __all__ = [
     "JointObjective",
@@ -240,7 +240,7 @@ class _PrefixedTrial:
 
 
 def load_member(server: ServingTarget, member: Member, candidate: Candidate):
-    config = render_config(member.info, candidate, model_name=member.name)
+    config = render_trial_config(member.info, candidate, member.name, member.samples)
     server.load_model(member.name, to_json(config), config_files(member.info, config, cache_dir()))
     return config
 

@@ -57,6 +57,7 @@ from optimizer.study.results import (
     confirmed_baseline,
     export_trial,
     finalists,
+    gpu_fit,
     report_of,
 )
 from optimizer.study.settings import SearchSettings, StudySettings
@@ -149,6 +150,9 @@ class OneModel:
             int8_recipe=int8_recipe_of(study),
         )
         runner.check_memory_limit()
+        idle_gpu = server.resources().get("gpu_memory_used_mb")
+        if idle_gpu is not None and "gpu_memory_idle_mb" not in study.user_attrs:  # before any model loads
+            study.set_user_attr("gpu_memory_idle_mb", idle_gpu)
         # Before any trial loads a model, so the idle server leaves ONNX Runtime this machine's cores.
         profile_in_process(
             study,
@@ -241,6 +245,7 @@ class OneModel:
             finalists=finalists(study),
             confirmed_baseline=confirmed_baseline(study),
             cross_check=stored_cross_check(study.user_attrs),
+            gpu_fit=gpu_fit(study, best),
         )
 
 

@@ -76,6 +76,7 @@ ROUTES: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "confirm_with": ("confirm_with", _choice),
     "protocol": ("protocol", _choice),
     "max_memory_mb": ("max_memory_mb", _as_is),
+    "max_gpu_memory_mb": ("max_gpu_memory_mb", _as_is),
     "confirm": ("search.confirm_finalists", _as_is),
     "starting_points": ("search.starting_points", parse_starting_points),
     "window_s": ("measure.window_s", _as_is),

@@ -14,7 +14,7 @@ from optimizer.model.accuracy import check_variant
 from optimizer.model.fusion import NOTHING_TO_FUSE
 from optimizer.model.intake import ModelInfo
 from optimizer.model.profile import PROFILE_BATCHES, InprocessPoint, profile_variant
-from optimizer.model.quantize import DEFAULT_INT8_RECIPE
+from optimizer.model.quantize import DEFAULT_INT8_RECIPE, recipes_for
 from optimizer.model.variants import Int8Choice, choose_int8, variant_path
 from optimizer.paths import cache_dir
 
@@ -42,6 +42,9 @@ def accurate_precisions(
     the recipes before it were refused. ``attr``: the study attribute that holds them (a joint study of
     several models keeps one per model).
     """
+    # A GPU provider serves int8 from symmetric QDQ only; a target that can serve only some recipes (a
+    # recording) says which.
+    int8_recipes = int8_recipes or recipes_for(space.execution_providers)
     variants = dict(study.user_attrs.get(attr, {}))
     kept = []
     for precision in space.precisions:

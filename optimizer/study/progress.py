@@ -177,6 +177,12 @@ def print_summary(summary: StudySummary, console: Console | None = None) -> None
     console.print(f"pruned: {summary.pruned}, failed: {summary.failed}")
     for reason in summary.reasons[:20]:
         console.print(f"  {reason}")
+    fit = summary.gpu_fit
+    if fit is not None and fit.copies is not None:
+        console.print(
+            f"GPU memory: the best config takes {fit.per_copy_mb:.0f} MiB under load; {fit.copies} copies fit "
+            f"in the {fit.total_mb:.0f} MiB beside the {fit.idle_mb:.0f} MiB already in use"
+        )
     if summary.best_repository:
         console.print(f"best model repository: {summary.best_repository}")
     console.print(f"study database: {summary.storage_url}")

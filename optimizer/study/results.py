@@ -9,7 +9,7 @@ from typing import Any
 
 from optuna.trial import TrialState
 
-from optimizer.config.render import config_from_json
+from optimizer.config.render import config_from_json, portable
 from optimizer.config.repository import write_repository
 from optimizer.errors import StudyError
 from optimizer.model.ensemble import ensemble_files
@@ -20,6 +20,7 @@ from optimizer.study.confirm import CONFIRMATION, Finalist
 from optimizer.study.records import baseline_rounds, is_joint
 
 __all__ = [
+    "GpuFit",
     "JointSummary",
     "StudySummary",
     "TrialReport",
@@ -27,6 +28,7 @@ __all__ = [
     "best_trial",
     "export_trial",
     "finalists",
+    "gpu_fit",
     "report_of",
     "write_joint_repository",
 ]
@@ -75,6 +77,35 @@ class TrialReport:
 
 
 @dataclass(frozen=True)
+class GpuFit:
+    """What the best config takes of the server's GPUs, and how many copies of it they hold."""
+
+    used_mb: float  # the GPUs' memory in use under the best config's load
+    idle_mb: float  # in use before the study loaded any model (other processes, the server itself)
+    total_mb: float
+
+    @property
+    def per_copy_mb(self) -> float:
+        return max(self.used_mb - self.idle_mb, 0.0)
+
+    @property
+    def copies(self) -> int | None:
+        """Copies of the best config that fit beside what was already there (None: it took nothing)."""
+        if self.per_copy_mb <= 0:
+            return None
+        return int((self.total_mb - self.idle_mb) // self.per_copy_mb)
+
+
+def gpu_fit(study, best) -> GpuFit | None:
+    """The best trial's GPU memory against the GPUs' size and what they held idle (None: no GPU figures)."""
+    attrs = best.user_attrs if best is not None else {}
+    idle = study.user_attrs.get("gpu_memory_idle_mb")
+    if "gpu_memory_mb" not in attrs or not attrs.get("gpu_memory_total_mb") or idle is None:
+        return None
+    return GpuFit(attrs["gpu_memory_mb"], idle, attrs["gpu_memory_total_mb"])
+
+
+@dataclass(frozen=True)
 class StudySummary:
     study_name: str
     storage_url: str
@@ -90,6 +121,7 @@ class StudySummary:
     finalists: tuple[Finalist, ...] = ()  # the top configs re-measured before export (see confirm.py)
     confirmed_baseline: Finalist | None = None  # the baseline, re-measured in the same rounds
     cross_check: dict[str, Any] | None = None  # the baseline and best measured by perf_analyzer too
+    gpu_fit: GpuFit | None = None  # how many copies of the best config the GPUs hold (GPU servers only)
 
     @property
     def speed_up(self) -> tuple[float, str] | None:
@@ -211,7 +243,7 @@ def export_trial(study, trial, out_dir: Path, model: ModelInfo | None = None) ->
         return write_joint_repository(trial.user_attrs["configs"], _stored_models(study), out_dir)
     if model is None:
         model = _stored_model(study)
-    config = config_from_json(trial.user_attrs["config"])
+    config = portable(config_from_json(trial.user_attrs["config"]))
     return write_repository(out_dir, config, config_files(model, config, cache_dir()))
 
 
@@ -250,7 +282,7 @@ def write_joint_repository(
 ) -> Path:
     """One repository with every model of a joint trial (``configs`` as stored) and its ensembles."""
     for name, stored in configs.items():
-        config = config_from_json(stored)
+        config = portable(config_from_json(stored))
         if config.platform == "ensemble":
             files = ensemble_files(cache_dir())
         else:

@@ -149,6 +149,8 @@ class StudySettings:
     request_rates: tuple[float, ...] = field(default=(), metadata=ONE_MODEL)
     # The server's process-tree RSS (see serving/metrics.memory_figure).
     max_memory_mb: float | None = field(default=None, metadata=ONE_MODEL)
+    # The GPU memory the server uses under load, summed over its GPUs (/metrics nv_gpu_memory_used_bytes).
+    max_gpu_memory_mb: float | None = field(default=None, metadata=ONE_MODEL)
 
     def __post_init__(self) -> None:
         # Several models measure in their own shared windows unless the caller chose others; the

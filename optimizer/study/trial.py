@@ -20,7 +20,14 @@ from dataclasses import replace
 import optuna
 from optuna.trial import TrialState
 
-from optimizer.config.render import config_digest, config_from_json, render_config, to_dict, to_json
+from optimizer.config.render import (
+    config_digest,
+    config_from_json,
+    render_config,
+    tensorrt_cache_dir,
+    to_dict,
+    to_json,
+)
 from optimizer.config.space import Candidate, SearchSpace, suggest_candidate
 from optimizer.errors import ConfigRejected, InferenceError, OptimizeError, ServerDiedError, StudyError
 from optimizer.measurement.engines import LevelSource, make_load_generator
@@ -33,7 +40,7 @@ from optimizer.measurement.sweep import (
     next_step,
     pin_down,
 )
-from optimizer.model.intake import ModelInfo
+from optimizer.model.intake import ModelInfo, shapes_from_samples
 from optimizer.model.quantize import DEFAULT_INT8_RECIPE
 from optimizer.model.variants import config_files
 from optimizer.paths import cache_dir
@@ -51,6 +58,7 @@ from optimizer.study.storage import (
 
 __all__ = [
     "CONSTRAINT",
+    "GPU_MEMORY_CONSTRAINT",
     "MEMORY_CONSTRAINT",
     "TrialFailed",
     "TrialRunner",
@@ -59,6 +67,7 @@ __all__ = [
 
 CONSTRAINT = "latency_budget"
 MEMORY_CONSTRAINT = "memory"
+GPU_MEMORY_CONSTRAINT = "gpu_memory"
 
 
 class TrialFailed(Exception):
@@ -147,7 +156,7 @@ class TrialRunner:
         candidate = suggest_candidate(trial, self.space, batching=self.model.batching, cores=self.cores)
         if candidate.precision == "int8":
             candidate = replace(candidate, int8_recipe=self.int8_recipe)
-        config = render_config(self.model, candidate, model_name=self.model_name)
+        config = render_trial_config(self.model, candidate, self.model_name, self.samples)
         trial.set_user_attr("worker", worker_id())
         trial.set_user_attr("host", socket.gethostname())
         trial.set_user_attr("candidate", candidate.summary())
@@ -347,11 +356,13 @@ class TrialRunner:
         )
 
     def check_memory_limit(self) -> None:
-        """Stop before any trial when ``--max-memory-mb`` cannot be judged or cannot be met.
+        """Stop before any trial when ``--max-memory-mb`` or ``--max-gpu-memory-mb`` cannot be judged or
+        cannot be met.
 
         Raises:
             StudyError: the server's memory is unreadable, or the server alone already uses more.
         """
+        self._check_gpu_memory_limit()
         limit = self.settings.max_memory_mb
         if limit is None:
             return
@@ -366,6 +377,23 @@ class TrialRunner:
             raise StudyError(
                 f"--max-memory-mb {limit:g} is impossible: before any model is loaded the {source} is "
                 f"already {used:.0f} MiB; raise the limit"
+            )
+
+    def _check_gpu_memory_limit(self) -> None:
+        limit = self.settings.max_gpu_memory_mb
+        if limit is None:
+            return
+        used = self.target.resources().get("gpu_memory_used_mb")
+        if used is None:
+            raise StudyError(
+                f"--max-gpu-memory-mb needs the GPU memory the server reports (/metrics "
+                f"nv_gpu_memory_used_bytes), which the {self.target.name} target does not show: run on a GPU "
+                "server (remote: give --metrics-url) or drop --max-gpu-memory-mb"
+            )
+        if used >= limit:
+            raise StudyError(
+                f"--max-gpu-memory-mb {limit:g} is impossible: before any model is loaded the server's GPUs "
+                f"already hold {used:.0f} MiB; raise the limit"
             )
 
     def _server_fault(self, when: str, exc: Exception) -> TrialFailed:
@@ -398,7 +426,32 @@ class TrialRunner:
                     trial.set_user_attr(key, record[key])
 
     def _record_memory(self, trial, outcome: SweepOutcome) -> str | None:
-        """Record the most memory any level needed; why the trial breaks ``--max-memory-mb``, or None."""
+        """Record the most memory (and GPU memory) any level needed; why the trial breaks
+        ``--max-memory-mb`` or ``--max-gpu-memory-mb``, or None."""
+        over_gpu = self._record_gpu_memory(trial, outcome)
+        over = self._record_host_memory(trial, outcome)
+        return over or over_gpu
+
+    def _record_gpu_memory(self, trial, outcome: SweepOutcome) -> str | None:
+        usage = [dict(level.resources or {}) for level in outcome.levels]
+        used = max((u["gpu_memory_used_mb"] for u in usage if "gpu_memory_used_mb" in u), default=None)
+        if used is None:
+            return None
+        trial.set_user_attr("gpu_memory_mb", round(used, 3))
+        total = max((u.get("gpu_memory_total_mb", 0.0) for u in usage), default=0.0)
+        if total:
+            trial.set_user_attr("gpu_memory_total_mb", round(total, 3))
+        limit = self.settings.max_gpu_memory_mb
+        if limit is None:
+            return None
+        trial.set_constraint(GPU_MEMORY_CONSTRAINT, (used - limit) / limit)
+        return (
+            None
+            if used <= limit
+            else f"GPU memory {used:.0f} MiB broke the --max-gpu-memory-mb {limit:g} limit"
+        )
+
+    def _record_host_memory(self, trial, outcome: SweepOutcome) -> str | None:
         figures = [memory_figure(dict(level.resources or {})) for level in outcome.levels]
         known = [figure for figure in figures if figure is not None]
         if not known:
@@ -521,6 +574,18 @@ def _reuse_measurement(trial, earlier) -> float:
     if earlier.state == TrialState.PRUNED:
         raise optuna.TrialPruned(f"same config as trial {earlier.number}")
     raise TrialFailed(earlier.user_attrs.get("reason", f"same config as failed trial {earlier.number}"))
+
+
+def render_trial_config(info: ModelInfo, candidate: Candidate, model_name: str, samples: list):
+    """A trial's config, as every study renders it: a TensorRT candidate gets its optimization profile
+    and warm-up from the requests' shapes, and its engines and timing cache in this machine's cache."""
+    shapes = shapes_from_samples(info, samples)
+    engine_cache = None
+    if candidate.provider == "tensorrt":
+        engine_cache = str(tensorrt_cache_dir(cache_dir(), info, candidate, shapes))
+    return render_config(
+        info, candidate, model_name=model_name, engine_cache_dir=engine_cache, request_shapes=shapes
+    )
 
 
 def server_fault(target: ServingTarget, when: str, exc: Exception, note) -> TrialFailed:

@@ -9,8 +9,11 @@ production Triton with the native backend runs:
 - ``parameters``: ``intra_op_thread_count``, ``inter_op_thread_count``, ``execution_mode``,
   ``enable_mem_arena``, ``enable_mem_pattern``;
 - ``optimization.graph.level`` (-1 basic, 1 extended, 2 disabled, absent: all);
-- ``optimization.execution_accelerators``: CPU ``openvino``; GPU ``cuda`` and ``tensorrt``
-  (``precision_mode``, ``max_workspace_size_bytes``, ``trt_*`` options);
+- ``optimization.execution_accelerators``: CPU ``openvino``; GPU ``cuda`` (its parameters, and the
+  model-level ``cudnn_conv_algo_search``, ``gpu_mem_limit``, ``arena_extend_strategy``,
+  ``do_copy_in_default_stream``) and ``tensorrt`` (``precision_mode`` FP32/FP16/BF16/INT8, anything
+  else refused; ``max_workspace_size_bytes``, ``int8_calibration_table_name``,
+  ``int8_use_native_calibration_table`` and every ``trt_*`` option of the README's mapping table);
 - ``instance_group`` kind and device.
 
 Requests arrive grouped by Triton's dynamic batcher; they are concatenated along the batch axis,
@@ -30,17 +33,43 @@ _GRAPH_LEVELS = {
     1: ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     2: ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
 }
-# Native-backend TensorRT keys whose ONNX Runtime option name differs from "trt_" + key.
-_TRT_RENAMED = {"max_workspace_size_bytes": "trt_max_workspace_size"}
+# The native backend's TensorRT keys (its README's "Parameter mapping" table) whose ONNX Runtime option is
+# named otherwise; every other key is a ``trt_*`` option of the same name.
+_TRT_RENAMED = {
+    "max_workspace_size_bytes": "trt_max_workspace_size",
+    "int8_calibration_table_name": "trt_int8_calibration_table_name",
+    "int8_use_native_calibration_table": "trt_int8_use_native_calibration_table",
+}
+# precision_mode's allowed values (the native backend refuses any other).
+_TRT_PRECISIONS = {
+    "FP32": {},
+    "FP16": {"trt_fp16_enable": True},
+    "BF16": {"trt_bf16_enable": True},
+    "INT8": {"trt_int8_enable": True},
+}
 _TRT_BOOL_KEYS = {
+    "trt_int8_use_native_calibration_table",
+    "trt_dla_enable",
     "trt_engine_cache_enable",
     "trt_timing_cache_enable",
+    "trt_force_timing_cache",
     "trt_dump_subgraphs",
     "trt_force_sequential_engine_build",
+    "trt_context_memory_sharing_enable",
     "trt_layer_norm_fp32_fallback",
-    "trt_cuda_graph_enable",
-    "trt_sparsity_enable",
+    "trt_detailed_build_log",
     "trt_build_heuristics_enable",
+    "trt_sparsity_enable",
+    "trt_cuda_graph_enable",
+    "trt_dump_ep_context_model",
+}
+# The model-level parameters the native backend still hands to the CUDA provider (its README's
+# "Deprecated Parameters"), with their values as ONNX Runtime spells them.
+_CUDA_MODEL_PARAMETERS = {
+    "cudnn_conv_algo_search": {"0": "EXHAUSTIVE", "1": "HEURISTIC", "2": "DEFAULT"},
+    "gpu_mem_limit": None,
+    "arena_extend_strategy": {"0": "kNextPowerOfTwo", "1": "kSameAsRequested"},
+    "do_copy_in_default_stream": None,
 }
 
 
@@ -68,15 +97,34 @@ def session_options(config):
 
 
 def _tensorrt_options(parameters, device_id):
+    """The TensorRT provider's options from the ``tensorrt`` accelerator's parameters; an unknown
+    ``precision_mode``, or a key the native backend does not map, is refused as the native backend does."""
     options = {"device_id": device_id}
     for key, value in parameters.items():
         if key == "precision_mode":
-            options["trt_fp16_enable"] = value.upper() == "FP16"
-            options["trt_int8_enable"] = value.upper() == "INT8"
-        elif key in _TRT_RENAMED:
-            options[_TRT_RENAMED[key]] = int(value)
-        elif key.startswith("trt_"):
-            options[key] = value in ("1", "true", "True") if key in _TRT_BOOL_KEYS else value
+            if value.upper() not in _TRT_PRECISIONS:
+                raise ValueError(f"unsupported precision_mode {value!r}: use FP32, FP16, BF16 or INT8")
+            options.update(_TRT_PRECISIONS[value.upper()])
+            continue
+        name = _TRT_RENAMED.get(key, key)
+        if not name.startswith("trt_"):
+            raise ValueError(f"unknown TensorRT accelerator parameter {key!r}")
+        options[name] = value in ("1", "true", "True") if name in _TRT_BOOL_KEYS else value
+    return options
+
+
+def _cuda_options(config, parameters, device_id):
+    """The CUDA provider's options: the model-level parameters the native backend passes (deprecated
+    there, still honoured), then the ``cuda`` accelerator's own parameters, as ONNX Runtime names them."""
+    options = {"device_id": device_id}
+    model = _parameters(config)
+    for key, values in _CUDA_MODEL_PARAMETERS.items():
+        if key not in model:
+            continue
+        if values is not None and model[key] not in values:
+            raise ValueError(f"unsupported {key} {model[key]!r}: one of {', '.join(values)}")
+        options[key] = values[model[key]] if values is not None else model[key]
+    options.update(parameters)
     return options
 
 
@@ -85,6 +133,7 @@ def execution_providers(config, instance_kind, device_id):
     accelerators = config.get("optimization", {}).get("execution_accelerators", {})
     if instance_kind == "GPU":
         providers = []
+        cuda_parameters = {}
         for accelerator in accelerators.get("gpu_execution_accelerator", []):
             if accelerator["name"] == "tensorrt":
                 providers.append(
@@ -93,10 +142,13 @@ def execution_providers(config, instance_kind, device_id):
                         _tensorrt_options(accelerator.get("parameters", {}), device_id),
                     )
                 )
-            elif accelerator["name"] != "cuda":
+            elif accelerator["name"] == "cuda":
+                cuda_parameters = dict(accelerator.get("parameters", {}))
+            else:
                 raise ValueError(f"unknown gpu_execution_accelerator {accelerator['name']!r}")
         # As in the native backend, CUDA runs whatever TensorRT does not take.
-        return providers + [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
+        cuda = ("CUDAExecutionProvider", _cuda_options(config, cuda_parameters, device_id))
+        return providers + [cuda, "CPUExecutionProvider"]
     providers = []
     for accelerator in accelerators.get("cpu_execution_accelerator", []):
         if accelerator["name"] != "openvino":

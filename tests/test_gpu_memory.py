@@ -1,0 +1,92 @@
+"""GPU memory as a measurement and a constraint, through real studies on the embedded Triton whose
+/metrics text is faked to hold GPU figures (no GPU here): each config's GPU memory grows with its instances.
+"""
+
+from __future__ import annotations
+
+import json
+
+import optuna
+import pytest
+
+from optimizer.errors import StudyError
+from optimizer.measurement.levels import MeasureSettings
+from optimizer.serving.embedded import EmbeddedTriton
+from optimizer.serving.metrics import MIB, resource_usage
+from optimizer.study.run import run_study
+from studies import load_study, study_settings
+
+pytestmark = pytest.mark.server
+
+FIXED = MeasureSettings(warmup_s=0.1, window_s=0.3, min_requests=10, max_window_s=1.0, rule="fixed")
+IDLE_MB, PER_INSTANCE_MB, TOTAL_MB = 1000, 800, 16384
+
+
+class FakeGpuTriton(EmbeddedTriton):
+    """The real embedded Triton, its /metrics joined by one GPU whose memory in use is IDLE_MB plus
+    PER_INSTANCE_MB for each instance of the config last loaded (as a model's copies take memory)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.instances = 0
+
+    def load_model(self, name, config_json, files):
+        seconds = super().load_model(name, config_json, files)
+        self.instances = sum(g.get("count", 1) for g in json.loads(config_json).get("instance_group", []))
+        return seconds
+
+    def resources(self) -> dict[str, float]:
+        used = (IDLE_MB + PER_INSTANCE_MB * self.instances) * MIB
+        text = (
+            "# TYPE nv_gpu_memory_used_bytes gauge\n"
+            f'nv_gpu_memory_used_bytes{{gpu_uuid="GPU-fake-0"}} {used}\n'
+            "# TYPE nv_gpu_memory_total_bytes gauge\n"
+            f'nv_gpu_memory_total_bytes{{gpu_uuid="GPU-fake-0"}} {TOTAL_MB * MIB}\n'
+        )
+        return {**super().resources(), **resource_usage(text)}
+
+
+def test_a_config_over_max_gpu_memory_is_infeasible_and_the_summary_says_how_many_copies_fit(
+    models, tmp_path
+):
+    limit = IDLE_MB + 1.5 * PER_INSTANCE_MB  # one instance fits, two do not
+    settings = study_settings(
+        models["mlp"], tmp_path, budget=5, measure=FIXED, concurrency=(1, 2), max_gpu_memory_mb=limit, seed=3
+    )
+    with FakeGpuTriton() as server:
+        summary = run_study(settings, target=server)
+    study = load_study(tmp_path)
+    measured = [t for t in study.trials if "gpu_memory_mb" in t.user_attrs]
+    assert measured and study.user_attrs["gpu_memory_idle_mb"] == IDLE_MB
+    for trial in measured:
+        instances = trial.user_attrs["config"]["instance_group"][0].get("count", 1)
+        assert trial.user_attrs["gpu_memory_mb"] == IDLE_MB + PER_INSTANCE_MB * instances
+        assert trial.user_attrs["gpu_memory_total_mb"] == TOTAL_MB
+        if instances > 1:
+            assert trial.state == optuna.trial.TrialState.PRUNED
+            assert f"broke the --max-gpu-memory-mb {limit:g} limit" in trial.user_attrs["reason"]
+            assert trial.constraints["gpu_memory"] > 0
+        else:
+            assert trial.constraints["gpu_memory"] < 0
+    assert any(t.user_attrs["config"]["instance_group"][0].get("count", 1) > 1 for t in measured), (
+        "the seed should have proposed a config with two instances"
+    )
+    assert summary.best is not None and summary.gpu_fit is not None
+    assert summary.gpu_fit.per_copy_mb == PER_INSTANCE_MB
+    assert summary.gpu_fit.copies == (TOTAL_MB - IDLE_MB) // PER_INSTANCE_MB
+
+
+def test_max_gpu_memory_on_a_server_that_shows_no_gpu_is_refused_before_any_trial(models, triton, tmp_path):
+    settings = study_settings(models["mlp"], tmp_path, budget=2, measure=FIXED, max_gpu_memory_mb=4000)
+    with pytest.raises(StudyError, match="--max-gpu-memory-mb needs the GPU memory the server reports"):
+        run_study(settings, target=triton)
+    assert [t.state for t in load_study(tmp_path).trials] == [optuna.trial.TrialState.WAITING]  # the baseline
+
+
+def test_an_impossible_gpu_memory_limit_is_refused_before_any_trial(models, tmp_path):
+    settings = study_settings(models["mlp"], tmp_path, budget=2, measure=FIXED, max_gpu_memory_mb=IDLE_MB / 2)
+    with (
+        FakeGpuTriton() as server,
+        pytest.raises(StudyError, match="is impossible: before any model is loaded"),
+    ):
+        run_study(settings, target=server)
