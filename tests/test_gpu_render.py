@@ -352,3 +352,51 @@ def test_the_cuda_providers_options_come_from_the_model_parameters_and_the_cuda_
     config.parameters["cudnn_conv_algo_search"].string_value = "7"
     with pytest.raises(ValueError, match="unsupported cudnn_conv_algo_search '7'"):
         backend.execution_providers(_as_backend_sees(config), "GPU", 0)
+
+
+def test_the_accuracy_guard_says_it_checked_a_gpu_variant_on_the_cpu_when_the_gpu_provider_does_not_load(
+    models,
+):
+    import optuna
+
+    from optimizer.model.accuracy import check_variant
+    from optimizer.study.precisions import accurate_precisions, serving_provider
+
+    info = inspect_model(models["mlp"])
+    samples = [synthetic_inputs(info, resolve_shapes(info, {}), 1, seed=seed) for seed in range(8)]
+    fp16 = variant_path(info, "fp16", Path(info.path).parent / "variants")
+    report = check_variant(info.path, fp16, samples, "fp16", 0.01, provider="cuda")
+    assert (report.provider, report.wanted) == ("cpu", "cuda")  # no GPU here: run where it loads
+    assert "on the cpu provider (cuda, which serves it, does not load here)" in report.reason()
+    assert serving_provider(("cuda", "tensorrt")) == "cuda" and serving_provider(("cpu",)) == "cpu"
+
+    notes: list[str] = []
+    reporter = type("Notes", (), {"note": lambda self, message: notes.append(message)})()
+    study = optuna.create_study(direction="maximize")
+    accurate_precisions(study, info, load_space("gpu"), samples, 0.01, reporter)
+    assert study.user_attrs["variants"]["fp16"]["wanted"] == "cuda"
+    assert any(n.startswith("fp16: accuracy checked on the cpu provider; cuda") for n in notes), notes
+
+
+def test_gpus_are_named_in_a_gpu_instance_group_and_only_for_a_server_optimize_does_not_start(encoder):
+    from optimizer.serving.embedded import EmbeddedTriton
+    from optimizer.serving.remote import RemoteTriton
+    from optimizer.study.trial import config_gpus
+
+    info, shapes = encoder
+    on_gpu = render_config(info, Candidate(provider="cuda", instance_count=2), model_name="e", gpus=(0, 2))
+    assert list(on_gpu.instance_group[0].gpus) == [0, 2] and on_gpu.instance_group[0].count == 2
+    on_cpu = render_config(info, Candidate(provider="cpu"), model_name="e", gpus=(0, 2))
+    assert not on_cpu.instance_group[0].gpus  # a CPU instance names no GPU
+    remote = RemoteTriton("localhost:1")  # not started: only its capabilities are read
+    assert config_gpus("0,2", remote) == (0, 2)
+    assert config_gpus(None, remote) == ()
+    # A server optimize starts sees only the --gpus devices already (CUDA_VISIBLE_DEVICES, numbered from 0).
+    assert config_gpus("0,2", EmbeddedTriton.__new__(EmbeddedTriton)) == ()
+
+
+def test_gpus_that_are_not_indexes_are_refused_in_one_line(tmp_path, capsys):
+    from optimizer.cli import main
+
+    code = main(["study", "--gpus", "first", "--storage", f"sqlite:///{tmp_path}/s.db"])
+    assert code == 2 and "--gpus takes GPU indexes separated by commas" in capsys.readouterr().err

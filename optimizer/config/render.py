@@ -68,6 +68,7 @@ def render_config(
     model_name: str,
     engine_cache_dir: str | None = None,
     request_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    gpus: tuple[int, ...] = (),
 ) -> mc.ModelConfig:
     """The Triton model config for serving ``info`` as ``candidate`` says.
 
@@ -80,13 +81,15 @@ def render_config(
         request_shapes: Each input's shape as clients send it (without the batch dimension when the
             model batches): TensorRT's optimization profile and the warm-up at the max batch are built
             from them. None: no profile (TensorRT then builds for the shapes it meets, and rebuilds).
+        gpus: The GPUs a GPU provider's instances run on (``instance_group.gpus``; ``count`` is then per
+            GPU). Empty: every GPU the server sees.
     """
     config = mc.ModelConfig(name=model_name, backend="onnxruntime")
     config.max_batch_size = candidate.max_batch_size if info.batching else 0
     if candidate.precision != "fp32" and not _precision_is_trt_mode(candidate):
         config.default_model_filename = variant_filename(candidate.precision, candidate.int8_recipe)
     _set_io(config, info)
-    _set_instances(config, candidate)
+    _set_instances(config, candidate, gpus)
     _set_batching(config, candidate)
     _set_optimization(config, candidate, engine_cache_dir)
     if candidate.provider == "tensorrt" and request_shapes is not None:
@@ -149,14 +152,13 @@ def _set_io(config: mc.ModelConfig, info: ModelInfo) -> None:
             tensor.reshape.SetInParent()
 
 
-def _set_instances(config: mc.ModelConfig, candidate: Candidate) -> None:
+def _set_instances(config: mc.ModelConfig, candidate: Candidate, gpus: tuple[int, ...]) -> None:
     group = config.instance_group.add()
     group.count = candidate.instance_count
-    group.kind = (
-        mc.ModelInstanceGroup.KIND_GPU
-        if candidate.provider in ("cuda", "tensorrt")
-        else mc.ModelInstanceGroup.KIND_CPU
-    )
+    on_gpu = candidate.provider in ("cuda", "tensorrt")
+    group.kind = mc.ModelInstanceGroup.KIND_GPU if on_gpu else mc.ModelInstanceGroup.KIND_CPU
+    if on_gpu:
+        group.gpus.extend(gpus)
 
 
 def _set_batching(config: mc.ModelConfig, candidate: Candidate) -> None:

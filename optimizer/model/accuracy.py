@@ -1,7 +1,9 @@
 """The accuracy guard: a precision variant is served only if its outputs stay close to the fp32 model's.
 
 Both models run on the same inputs (the user's ``--input-data`` or realistic synthetic inputs) with ONNX
-Runtime on the CPU. The gate is cosine similarity, per output and per sample: a variant passes when
+Runtime: the fp32 reference on the CPU, the variant on the provider that will serve it (CUDA or TensorRT
+for a GPU space) when that provider loads here, else on the CPU, and the report says which ran it (the
+CPU cannot show an fp16 overflow on the GPU). The gate is cosine similarity, per output and per sample: a variant passes when
 ``1 - cosine <= tolerance`` everywhere. Max absolute and relative errors and, for classifier-like outputs
 (``[batch, classes]``), top-1 agreement are recorded beside it.
 """
@@ -9,7 +11,7 @@ Runtime on the CPU. The gate is cosine similarity, per output and per sample: a 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +33,8 @@ class AccuracyReport:
     top1: float | None  # worst top-1 agreement over classifier-like outputs, if any
     samples: int
     tolerance: float
+    provider: str = "cpu"  # the provider the variant ran on
+    wanted: str = "cpu"  # the provider that will serve it (the guard fell back to the CPU if they differ)
 
     @property
     def ok(self) -> bool:
@@ -39,10 +43,13 @@ class AccuracyReport:
     def reason(self) -> str:
         verdict = "within" if self.ok else "outside"
         top1 = f", top-1 agreement {self.top1:.3f}" if self.top1 is not None else ""
+        where = "" if self.provider == "cpu" == self.wanted else f" on the {self.provider} provider"
+        if self.provider != self.wanted:
+            where += f" ({self.wanted}, which serves it, does not load here)"
         return (
             f"{self.precision} variant {verdict} the accuracy tolerance: 1 - cosine = {1 - self.cosine:.2e} "
             f"(tolerance {self.tolerance:g}), max abs error {self.max_abs:.3g}, max rel error {self.max_rel:.3g}"
-            f"{top1} over {self.samples} samples"
+            f"{top1} over {self.samples} samples{where}"
         )
 
     def to_dict(self) -> dict:
@@ -87,17 +94,45 @@ def compare_outputs(
     return AccuracyReport(precision, cosine, max_abs, max_rel, top1, len(reference), tolerance)
 
 
-def _run(path: Path, samples: Sequence[Outputs]) -> list[dict[str, np.ndarray]]:
+# Our provider names as ONNX Runtime's (the guard's own copy: the model stage knows no serving names).
+_ORT_PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+
+
+def _run(
+    path: Path, samples: Sequence[Outputs], provider: str = "cpu"
+) -> tuple[list[dict[str, np.ndarray]], str]:
+    """The outputs of ``path`` on ``samples``, on ``provider`` where it loads (else the CPU); the provider
+    that ran them."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    wanted = [_ORT_PROVIDERS.get(provider, "CPUExecutionProvider"), "CPUExecutionProvider"]
+    try:
+        session = ort.InferenceSession(str(path), providers=list(dict.fromkeys(wanted)))
+    except Exception:  # a GPU provider whose libraries fail to load can refuse the session outright
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ran = next(
+        (ours for ours, theirs in _ORT_PROVIDERS.items() if theirs == session.get_providers()[0]), "cpu"
+    )
     names = [output.name for output in session.get_outputs()]
-    return [dict(zip(names, session.run(names, dict(sample)))) for sample in samples]
+    return [dict(zip(names, session.run(names, dict(sample)))) for sample in samples], ran
 
 
 def check_variant(
-    reference_path: Path, variant_path: Path, samples: Sequence[Outputs], precision: str, tolerance: float
+    reference_path: Path,
+    variant_path: Path,
+    samples: Sequence[Outputs],
+    precision: str,
+    tolerance: float,
+    provider: str = "cpu",
 ) -> AccuracyReport:
-    """Run the fp32 model and the variant on ``samples`` and compare their outputs."""
+    """Run the fp32 model (on the CPU) and the variant (on ``provider`` where it loads) on ``samples`` and
+    compare their outputs."""
     chosen = list(samples)[:MAX_SAMPLES]
-    return compare_outputs(precision, _run(reference_path, chosen), _run(variant_path, chosen), tolerance)
+    reference, _ = _run(reference_path, chosen)
+    outputs, ran = _run(variant_path, chosen, provider)
+    report = compare_outputs(precision, reference, outputs, tolerance)
+    return replace(report, provider=ran, wanted=provider)

@@ -165,8 +165,10 @@ def choose_int8(
     tolerance: float,
     cache: Path,
     recipes: Sequence[str] | None = None,
+    provider: str = "cpu",
 ) -> Int8Choice:
-    """Try the int8 recipes in order until one passes the accuracy guard; record each one's outcome.
+    """Try the int8 recipes in order until one passes the accuracy guard (the variant run on
+    ``provider``, the one that will serve it, where it loads); record each one's outcome.
 
     An attempt records its recipe, whether it passed, why (the guard's figures, or why it could not be
     built) and its in-process rate (inferences/s on one request at a time, beside fp32's), so a study can
@@ -179,7 +181,7 @@ def choose_int8(
         except ModelError as exc:
             attempts.append({"recipe": recipe, "ok": False, "reason": str(exc)})
             continue
-        report = check_variant(info.path, path, samples, "int8", tolerance)
+        report = check_variant(info.path, path, samples, "int8", tolerance, provider)
         attempt = {
             "recipe": recipe,
             **report.to_dict(),

@@ -33,6 +33,9 @@ class Capabilities:
             another load generator can cross-check the figures.
         same_machine: the server runs on this machine, so a model run in this process (the in-process
             profile) is measured on the hardware the server uses.
+        picks_gpus: optimize gives the server the GPUs of ``--gpus`` when it starts it
+            (``CUDA_VISIBLE_DEVICES``, Docker's device request); else each config names them
+            (``instance_group.gpus``).
     """
 
     can_restart: bool
@@ -40,6 +43,7 @@ class Capabilities:
     shared_filesystem: bool
     serves_requests: bool = True
     same_machine: bool = True
+    picks_gpus: bool = True
 
 
 @dataclass(frozen=True)

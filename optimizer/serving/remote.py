@@ -182,7 +182,11 @@ class RemoteTriton(ServingTarget):
         self.headers = dict(headers or {})
         self.timeout = timeout
         self.capabilities = Capabilities(
-            can_restart=False, gpu_metrics=bool(metrics_url), shared_filesystem=False, same_machine=False
+            can_restart=False,
+            gpu_metrics=bool(metrics_url),
+            shared_filesystem=False,
+            same_machine=False,
+            picks_gpus=False,  # a running server: --gpus goes into each config's instance_group
         )
         self._control: ModelControl | None = None
         self._version = "unknown"

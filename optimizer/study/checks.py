@@ -28,6 +28,8 @@ def check_settings(settings: StudySettings) -> None:
         raise UsageError(f"--budget must be at least 1 trial, got {settings.budget}")
     if settings.sampler not in SAMPLERS:
         raise UsageError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {settings.sampler!r}")
+    if settings.gpus is not None and not all(part.isdigit() for part in settings.gpus.split(",")):
+        raise UsageError(f"--gpus takes GPU indexes separated by commas, e.g. 0,1; got {settings.gpus!r}")
     if settings.is_joint and settings.sampler == "grid":
         raise UsageError("several models are sampled, not searched on a grid: use the tpe or random sampler")
     budget = settings.latency_budget_ms

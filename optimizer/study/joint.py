@@ -58,6 +58,7 @@ from optimizer.study.records import BUDGET_ATTR, joint_budgets
 from optimizer.study.results import JointSummary, write_joint_repository
 from optimizer.study.settings import StudySettings
 from optimizer.study.storage import count_finished, default_storage_url
+from optimizer.study.trial import config_gpus
 
 __all__ = ["JointSummary", "SeveralModels"]
 
@@ -109,7 +110,10 @@ class SeveralModels:
             for d in self.destinations
         ]
         trials = JointTrials(self.settings.budget, self.settings.concurrency, self.settings.measure)
-        return JointObjective(server, self.destinations, self.members, trials, self.cores, reporter.note)
+        gpus = config_gpus(self.settings.gpus, server)
+        return JointObjective(
+            server, self.destinations, self.members, trials, self.cores, reporter.note, gpus
+        )
 
     def records(self) -> dict[str, Any]:
         destinations, members = self.destinations, self.members

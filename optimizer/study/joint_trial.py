@@ -97,8 +97,10 @@ class JointObjective:
         trials: JointTrials,
         cores: int,
         note,
+        gpus: tuple[int, ...] = (),
     ):
         self.server = server
+        self.gpus = gpus  # the GPUs each config names (trial.config_gpus)
         self.destinations = destinations
         self.members = members
         self.trials = trials
@@ -119,7 +121,7 @@ class JointObjective:
         configs = {}
         for member in self.members:
             configs[member.name] = self._load(
-                trial, member.name, load_member, member, candidates[member.name]
+                trial, member.name, load_member, member, candidates[member.name], self.gpus
             )
         for destination in self.destinations:
             if destination.ensemble is not None:
@@ -239,8 +241,8 @@ class _PrefixedTrial:
         return self._trial.suggest_int(self._prefix + name, low, high, log=log)
 
 
-def load_member(server: ServingTarget, member: Member, candidate: Candidate):
-    config = render_trial_config(member.info, candidate, member.name, member.samples)
+def load_member(server: ServingTarget, member: Member, candidate: Candidate, gpus: tuple[int, ...] = ()):
+    config = render_trial_config(member.info, candidate, member.name, member.samples, gpus)
     server.load_model(member.name, to_json(config), config_files(member.info, config, cache_dir()))
     return config
 

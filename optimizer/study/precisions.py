@@ -6,6 +6,7 @@ cannot be made is recorded in the study (``variants``) with its reason and left 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 
 from optimizer.config.space import SearchSpace
@@ -52,8 +53,20 @@ def accurate_precisions(
             kept.append(precision)
             continue
         if precision not in variants:
-            variants[precision] = _variant_record(model, precision, samples, tolerance, int8_recipes)
+            variants[precision] = _variant_record(
+                model,
+                precision,
+                samples,
+                tolerance,
+                int8_recipes,
+                serving_provider(space.execution_providers),
+            )
         record = variants[precision]
+        if record.get("wanted", "cpu") != record.get("provider", "cpu"):
+            reporter.note(
+                f"{precision}: accuracy checked on the {record['provider']} provider; {record['wanted']}, which "
+                "serves it, does not load here (what only the GPU shows, such as fp16 overflow, is not seen)"
+            )
         if record["ok"]:
             kept.append(precision)
             refused = [a for a in record.get("attempts", []) if not a.get("ok")]
@@ -71,17 +84,28 @@ def accurate_precisions(
 
 
 def _variant_record(
-    model: ModelInfo, precision: str, samples, tolerance: float, int8_recipes: tuple[str, ...] | None
+    model: ModelInfo,
+    precision: str,
+    samples,
+    tolerance: float,
+    int8_recipes: tuple[str, ...] | None,
+    provider: str = "cpu",
 ) -> dict:
     """What the accuracy guard found for one precision's variant (int8: over its recipes)."""
     if precision == "int8":
-        choice = choose_int8(model, samples, tolerance, cache_dir(), int8_recipes)
+        choice = choose_int8(model, samples, tolerance, cache_dir(), int8_recipes, provider)
         return _int8_record(choice)
     try:
         path = variant_path(model, precision, cache_dir())
     except ModelError as exc:  # e.g. a converter that does not handle one of the model's ops
         return {"precision": precision, "ok": False, "reason": str(exc)}
-    return check_variant(model.path, path, samples, precision, tolerance).to_dict()
+    return check_variant(model.path, path, samples, precision, tolerance, provider).to_dict()
+
+
+def serving_provider(providers: Sequence[str]) -> str:
+    """The provider whose numbers the accuracy guard checks a variant with: a GPU space's GPU provider
+    (CUDA before TensorRT: it runs the variant file as it is), else the CPU."""
+    return next((p for p in ("cuda", "tensorrt") if p in providers), "cpu")
 
 
 def _int8_record(choice: Int8Choice) -> dict:

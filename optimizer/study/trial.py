@@ -156,7 +156,8 @@ class TrialRunner:
         candidate = suggest_candidate(trial, self.space, batching=self.model.batching, cores=self.cores)
         if candidate.precision == "int8":
             candidate = replace(candidate, int8_recipe=self.int8_recipe)
-        config = render_trial_config(self.model, candidate, self.model_name, self.samples)
+        gpus = config_gpus(self.settings.gpus, self.target)
+        config = render_trial_config(self.model, candidate, self.model_name, self.samples, gpus)
         trial.set_user_attr("worker", worker_id())
         trial.set_user_attr("host", socket.gethostname())
         trial.set_user_attr("candidate", candidate.summary())
@@ -576,16 +577,32 @@ def _reuse_measurement(trial, earlier) -> float:
     raise TrialFailed(earlier.user_attrs.get("reason", f"same config as failed trial {earlier.number}"))
 
 
-def render_trial_config(info: ModelInfo, candidate: Candidate, model_name: str, samples: list):
+def render_trial_config(
+    info: ModelInfo, candidate: Candidate, model_name: str, samples: list, gpus: tuple[int, ...] = ()
+):
     """A trial's config, as every study renders it: a TensorRT candidate gets its optimization profile
-    and warm-up from the requests' shapes, and its engines and timing cache in this machine's cache."""
+    and warm-up from the requests' shapes, and its engines and timing cache in this machine's cache;
+    ``gpus`` (see :func:`config_gpus`) go into a GPU provider's instance group."""
     shapes = shapes_from_samples(info, samples)
     engine_cache = None
     if candidate.provider == "tensorrt":
         engine_cache = str(tensorrt_cache_dir(cache_dir(), info, candidate, shapes))
     return render_config(
-        info, candidate, model_name=model_name, engine_cache_dir=engine_cache, request_shapes=shapes
+        info,
+        candidate,
+        model_name=model_name,
+        engine_cache_dir=engine_cache,
+        request_shapes=shapes,
+        gpus=gpus,
     )
+
+
+def config_gpus(gpus: str | None, target: ServingTarget) -> tuple[int, ...]:
+    """The GPUs each config names: ``--gpus`` for a server optimize does not start (a remote one); none
+    for one it starts, which sees only those GPUs already (numbered from 0 there)."""
+    if not gpus or target.capabilities.picks_gpus:
+        return ()
+    return tuple(int(index) for index in gpus.split(","))
 
 
 def server_fault(target: ServingTarget, when: str, exc: Exception, note) -> TrialFailed:
