@@ -9,7 +9,7 @@ import json
 import optuna
 import pytest
 
-from optimizer.errors import StudyError
+from optimizer.errors import ConfigRejected, StudyError
 from optimizer.measurement.levels import MeasureSettings
 from optimizer.serving.embedded import EmbeddedTriton
 from optimizer.serving.metrics import MIB, resource_usage
@@ -90,3 +90,39 @@ def test_an_impossible_gpu_memory_limit_is_refused_before_any_trial(models, tmp_
         pytest.raises(StudyError, match="is impossible: before any model is loaded"),
     ):
         run_study(settings, target=server)
+
+
+class OutOfMemoryOnThirdLoad(FakeGpuTriton):
+    """Refuses its third load as ONNX Runtime's CUDA provider does when the GPU is full; counts restarts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loads = self.restarts = 0
+
+    def load_model(self, name, config_json, files):
+        self.loads += 1
+        if self.loads == 3:
+            raise ConfigRejected(
+                "load failed for model 'model': onnxruntime: CUDA failure 2: out of memory ; GPU=0 ; "
+                "expr=cudaMalloc(&p, size)"
+            )
+        return super().load_model(name, config_json, files)
+
+    def restart(self) -> None:
+        self.restarts += 1
+        super().restart()
+
+
+def test_a_load_that_runs_the_gpu_out_of_memory_is_infeasible_and_the_server_restarts(models, tmp_path):
+    settings = study_settings(models["mlp"], tmp_path, budget=4, measure=FIXED, concurrency=(1, 2), seed=5)
+    with OutOfMemoryOnThirdLoad() as server:
+        summary = run_study(settings, target=server)
+        assert server.restarts == 1  # the next trial starts on a server with its memory back
+    study = load_study(tmp_path)
+    (exhausted,) = [t for t in study.trials if "memory exhausted" in t.user_attrs.get("reason", "")]
+    assert exhausted.state == optuna.trial.TrialState.PRUNED and exhausted.user_attrs["feasible"] is False
+    assert exhausted.user_attrs["reason"].startswith("infeasible: memory exhausted loading the config")
+    assert exhausted.constraints["memory"] > 0  # the sampler learns the config does not fit
+    later = [t for t in study.trials if t.number > exhausted.number and t.state.is_finished()]
+    assert later and all(t.state != optuna.trial.TrialState.FAIL for t in later)
+    assert summary.finished == 4

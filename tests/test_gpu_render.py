@@ -400,3 +400,21 @@ def test_gpus_that_are_not_indexes_are_refused_in_one_line(tmp_path, capsys):
 
     code = main(["study", "--gpus", "first", "--storage", f"sqlite:///{tmp_path}/s.db"])
     assert code == 2 and "--gpus takes GPU indexes separated by commas" in capsys.readouterr().err
+
+
+def test_an_fp16_variant_keeps_normalisations_and_softmax_in_fp32(models, tmp_path):
+    info = inspect_model(models["encoder"])
+    path = variant_path(info, "fp16", tmp_path)
+    graph = onnx.load(str(path)).graph
+    converted = {node.op_type for node in graph.node}
+    assert "Softmax" in converted or "ReduceMean" in converted  # the encoder has them
+    fp16 = {init.name for init in graph.initializer if init.data_type == onnx.TensorProto.FLOAT16}
+    assert fp16  # the weights are fp16
+    kept = [
+        node
+        for node in graph.node
+        if node.op_type in ("Softmax", "ReduceMean", "Pow", "Sqrt", "LayerNormalization")
+    ]
+    # Their inputs come through a Cast to fp32 or straight from fp32 tensors: never an fp16 initializer.
+    assert kept and not any(name in fp16 for node in kept for name in node.input)
+    assert path.parent.name == "fp16-norms-fp32"  # apart from the earlier conversion's cached files

@@ -58,6 +58,21 @@ def variant_filename(precision: str, recipe: str = DEFAULT_INT8_RECIPE) -> str:
     return MODEL_FILENAMES[precision]
 
 
+# Ops an fp16 variant keeps in fp32: a transformer's normalisations (fused, or as ReduceMean / Pow / Sqrt
+# when not) and softmax, which overflow or lose their sums in fp16.
+FP16_KEEPS_FP32 = (
+    "LayerNormalization",
+    "SkipLayerNormalization",
+    "SimplifiedLayerNormalization",
+    "Softmax",
+    "ReduceMean",
+    "Pow",
+    "Sqrt",
+)
+# A subfolder per conversion that changed since optimize first cached variants.
+CONVERSION_VERSIONS = {"fp16": "fp16-norms-fp32"}
+
+
 def variant_path(
     info: ModelInfo, precision: str, cache: Path, recipe: str = DEFAULT_INT8_RECIPE, samples=()
 ) -> Path:
@@ -67,7 +82,9 @@ def variant_path(
     """
     if precision == "fp32":
         return info.path
-    target = cache / "variants" / info.sha256[:16] / variant_filename(precision, recipe)
+    # A conversion that changed keeps its files apart (an older cache holds the earlier fp16 conversion).
+    folder = cache / "variants" / info.sha256[:16] / CONVERSION_VERSIONS.get(precision, "")
+    target = folder / variant_filename(precision, recipe)
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -103,11 +120,14 @@ def variant_path(
 
 def _fp16(source: Path, target: Path) -> None:
     import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
     model = onnx.load(str(source))
-    # Inputs and outputs stay fp32 so clients and the config do not change; unsafe ops stay fp32.
-    converted = convert_float_to_float16(model, keep_io_types=True)
+    # Inputs and outputs stay fp32 so clients and the config do not change; the ops ONNX Runtime's own
+    # block list keeps, and the normalisations and softmax, stay fp32 (their sums overflow fp16 on a GPU).
+    converted = convert_float_to_float16(
+        model, keep_io_types=True, op_block_list=[*DEFAULT_OP_BLOCK_LIST, *FP16_KEEPS_FP32]
+    )
     onnx.save(converted, str(target))
 
 

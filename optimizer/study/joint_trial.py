@@ -30,7 +30,7 @@ from optimizer.paths import cache_dir
 from optimizer.serving.base import ServingTarget
 from optimizer.study.models_file import ModelEntry
 from optimizer.study.storage import is_surplus, worker_id
-from optimizer.study.trial import TrialFailed, render_trial_config, server_fault
+from optimizer.study.trial import TrialFailed, memory_exhausted, render_trial_config, server_fault
 
 __all__ = [
     "JointObjective",
@@ -165,6 +165,11 @@ class JointObjective:
         try:
             return load(self.server, *args)
         except ConfigRejected as exc:
+            exhausted = memory_exhausted(self.server, f"loading {name}", exc, self.note)
+            if exhausted is not None:
+                trial.set_user_attr("feasible", False)
+                trial.set_user_attr("reason", f"infeasible: {exhausted}")
+                raise optuna.TrialPruned(str(exhausted)) from exc
             raise self._fail(
                 trial, TrialFailed(f"Triton rejected the config of {name}: {exc.message}")
             ) from exc

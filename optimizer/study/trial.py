@@ -60,6 +60,7 @@ __all__ = [
     "CONSTRAINT",
     "GPU_MEMORY_CONSTRAINT",
     "MEMORY_CONSTRAINT",
+    "MemoryExhausted",
     "TrialFailed",
     "TrialRunner",
     "first_line",
@@ -80,6 +81,31 @@ class TrialFailed(Exception):
     def __init__(self, reason: str, *, transient: bool = False) -> None:
         super().__init__(reason)
         self.transient = transient
+
+
+# How a load that ran out of memory reads: CUDA, ONNX Runtime's arena, TensorRT.
+_OUT_OF_MEMORY = (
+    "out of memory",
+    "failed to allocate memory",
+    "could not be allocated",
+    "cudaerrormemoryallocation",
+)
+
+
+class MemoryExhausted(Exception):
+    """A config whose load ran the server out of memory: infeasible (what the machine holds), not failed."""
+
+
+def memory_exhausted(target: ServingTarget, when: str, exc: ConfigRejected, note) -> MemoryExhausted | None:
+    """``exc`` as an exhausted memory, the server restarted so the next trial starts with its memory back
+    (a failed load can leave it held); None when the load failed for another reason."""
+    if not any(marker in exc.message.lower() for marker in _OUT_OF_MEMORY):
+        return None
+    reason = f"memory exhausted {when}: {first_line(exc.message)}"
+    if target.capabilities.can_restart:
+        note(f"{reason}: restarting the server so the next trial starts with its memory back")
+        target.restart()
+    return MemoryExhausted(reason)
 
 
 class TrialRunner:
@@ -174,6 +200,11 @@ class TrialRunner:
         except TrialFailed as exc:
             self._fail(trial, exc)
             raise
+        except MemoryExhausted as exc:
+            trial.set_user_attr("feasible", False)
+            trial.set_user_attr("reason", f"infeasible: {exc}")
+            trial.set_constraint(MEMORY_CONSTRAINT, 1.0)
+            raise optuna.TrialPruned(str(exc)) from exc
         finally:
             trial.set_user_attr("trial_s", round(time.perf_counter() - started, 3))
         self._record(trial, outcome)
@@ -278,6 +309,9 @@ class TrialRunner:
         try:
             return self.target.load_model(self.model_name, to_json(config), files)
         except ConfigRejected as exc:
+            exhausted = memory_exhausted(self.target, "loading the config", exc, self.reporter.note)
+            if exhausted is not None:
+                raise exhausted from exc
             raise TrialFailed(f"Triton rejected the config: {first_line(exc.message)}") from exc
         except ServerDiedError as exc:
             raise self._server_fault("while loading the config", exc) from exc
