@@ -126,3 +126,15 @@ def test_a_load_that_runs_the_gpu_out_of_memory_is_infeasible_and_the_server_res
     later = [t for t in study.trials if t.number > exhausted.number and t.state.is_finished()]
     assert later and all(t.state != optuna.trial.TrialState.FAIL for t in later)
     assert summary.finished == 4
+
+
+def test_a_study_on_a_gpu_server_records_the_gpu_libraries_it_ran_with(models, tmp_path):
+    class SeenGpu(FakeGpuTriton):
+        def hardware(self):
+            return {**super().hardware(), "gpu": ["NVIDIA H100 80GB HBM3"]}
+
+    settings = study_settings(models["mlp"], tmp_path, budget=1, measure=FIXED, concurrency=(1,))
+    with SeenGpu() as server:
+        run_study(settings, target=server)
+    recorded = load_study(tmp_path).user_attrs["gpu_libraries"]
+    assert recorded["onnxruntime"] and recorded["onnxruntime_cuda"]  # onnxruntime-gpu's build, here 13.0

@@ -27,6 +27,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.exc import SQLAlchemyError
 
 from optimizer.errors import StorageError, StudyError
+from optimizer.model.libraries import gpu_libraries
 from optimizer.serving.base import ServingTarget
 from optimizer.serving.embedded import EmbeddedTriton
 from optimizer.study.settings import SearchSettings, StudySettings
@@ -190,12 +191,17 @@ def record_study(study, records: Mapping[str, Any]) -> None:
 
 
 def _server_records(server: ServingTarget, settings: StudySettings) -> dict[str, Any]:
-    return {
+    hardware = server.hardware()  # a replay: the recording's machine
+    records = {
         "server_version": server.server_version(),
         "target": server.name,
-        "hardware": server.hardware(),  # a replay: the recording's machine
+        "hardware": hardware,
         "budget": settings.budget,
     }
+    if hardware.get("gpu") and server.capabilities.same_machine:
+        # The CUDA, cuDNN and TensorRT the server's ONNX Runtime loads: this environment's wheels.
+        records["gpu_libraries"] = gpu_libraries().to_dict()
+    return records
 
 
 def run_trials(
