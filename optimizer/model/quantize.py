@@ -74,55 +74,40 @@ def _dynamic(per_channel: bool, keep_ends: bool = False) -> Callable[[Path, Path
     return build
 
 
-def _static_qdq(source: Path, target: Path, samples: Samples) -> None:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+def _static(symmetric: bool) -> Callable[[Path, Path, Samples], None]:
+    """Static int8 (QDQ), per-channel weights, activations calibrated on the study's samples.
 
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self._samples = iter(list(samples)[:CALIBRATION_SAMPLES])
+    ``symmetric``: TensorRT's int8, signed symmetric activations and weights with 8-bit range (TensorRT
+    quantizes symmetrically and runs int8 from QDQ nodes; u8 activations and 7-bit weights fall back to
+    other kernels there). Otherwise the CPU's: u8 activations and 7-bit weights (``reduce_range``: no u8s8
+    saturation on CPUs without VNNI).
+    """
 
-        def get_next(self):
-            return next(self._samples, None)
+    def build(source: Path, target: Path, samples: Samples) -> None:
+        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
-    with _private_copy(source, target) as private:
-        quantize_static(
-            str(private),
-            str(target),
-            Reader(),
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            reduce_range=True,  # 7-bit weights: no u8s8 saturation on CPUs without VNNI
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            extra_options=UNKNOWN_TYPES_ARE_FLOAT,
-        )
+        class Reader(CalibrationDataReader):
+            def __init__(self) -> None:
+                self._samples = iter(list(samples)[:CALIBRATION_SAMPLES])
 
+            def get_next(self):
+                return next(self._samples, None)
 
-def _symmetric_qdq(source: Path, target: Path, samples: Samples) -> None:
-    """TensorRT's int8: QDQ with signed, symmetric activations and weights (TensorRT quantizes
-    symmetrically and runs int8 from QDQ nodes; the CPU recipes' u8 activations and 7-bit weights fall
-    back to other kernels there)."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+        symmetric_options = {"ActivationSymmetric": True, "WeightSymmetric": True} if symmetric else {}
+        with _private_copy(source, target) as private:
+            quantize_static(
+                str(private),
+                str(target),
+                Reader(),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                reduce_range=not symmetric,
+                activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                extra_options={**UNKNOWN_TYPES_ARE_FLOAT, **symmetric_options},
+            )
 
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self._samples = iter(list(samples)[:CALIBRATION_SAMPLES])
-
-        def get_next(self):
-            return next(self._samples, None)
-
-    with _private_copy(source, target) as private:
-        quantize_static(
-            str(private),
-            str(target),
-            Reader(),
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            reduce_range=False,
-            activation_type=QuantType.QInt8,
-            weight_type=QuantType.QInt8,
-            extra_options={**UNKNOWN_TYPES_ARE_FLOAT, "ActivationSymmetric": True, "WeightSymmetric": True},
-        )
+    return build
 
 
 DEFAULT_INT8_RECIPE = "dynamic"  # what optimize served before there were recipes: model.int8.onnx
@@ -145,7 +130,7 @@ _BASE: tuple[Recipe, ...] = (
     Recipe(
         "static-qdq",
         f"static int8 (QDQ), per-channel 7-bit weights, activations calibrated on {CALIBRATION_SAMPLES} samples",
-        _static_qdq,
+        _static(symmetric=False),
         calibrated=True,
     ),
 )
@@ -154,7 +139,7 @@ _GPU_RECIPE = Recipe(
     GPU_INT8_RECIPE,
     f"static int8 (QDQ), symmetric int8 activations and weights calibrated on {CALIBRATION_SAMPLES} "
     "samples: TensorRT's int8",
-    _symmetric_qdq,
+    _static(symmetric=True),
     calibrated=True,
 )
 
