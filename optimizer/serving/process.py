@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import http.client
 import os
 import shutil
 import signal
@@ -247,7 +248,9 @@ class TritonProcess(ServingTarget):
                 with urllib.request.urlopen(url, timeout=1.0) as response:  # noqa: S310 - loopback URL
                     if response.status == 200:
                         return
-            except (urllib.error.URLError, OSError):
+            except (urllib.error.URLError, OSError, http.client.HTTPException):
+                # Not ready yet; an HTTP/2 answer (BadStatusLine) is another server's gRPC port, taken
+                # between choosing the port and binding it: ours then exits, and is_alive() says so.
                 pass
             time.sleep(0.1)
         raise ServerStartError(
