@@ -33,7 +33,7 @@ from optimizer.model.variants import config_files, variant_path
 from optimizer.paths import cache_dir
 from optimizer.serving.embedded import EmbeddedTriton
 from optimizer.serving.gpu import detect_gpus
-from optimizer.study.trial import render_trial_config
+from optimizer.study.trial_rules import render_trial_config
 
 WINDOW = MeasureSettings(warmup_s=1.0, window_s=2.0, max_window_s=4.0, min_requests=20, rule="fixed")
 CASES = (("cuda", "fp32"), ("cuda", "fp16"), ("tensorrt", "fp16"))

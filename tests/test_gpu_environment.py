@@ -192,3 +192,26 @@ def test_the_installed_libraries_are_read_from_the_environments_distributions():
 def test_a_study_records_the_gpus_it_saw_none_here():
     recorded = hardware()
     assert recorded["gpu"] is None and "gpu_driver" in recorded
+
+
+def test_the_accuracy_guards_process_loads_the_wheels_libraries_itself(tmp_path):
+    """The study's own process cannot change its library path once started: CUDA and cuDNN are loaded
+    through onnxruntime.preload_dlls (stood in for here), TensorRT's libraries by full path."""
+    import shutil
+
+    trt = tmp_path / "tensorrt_libs"
+    trt.mkdir()
+    # A real shared object under TensorRT's soname (the wheel's own is 1 GB): the loader maps it by path.
+    shutil.copy("/usr/lib/x86_64-linux-gnu/libz.so.1", trt / "libnvinfer.so.10")
+    calls: list[dict] = []
+    gpu_build = SimpleNamespace(
+        get_available_providers=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"],
+        preload_dlls=lambda **options: calls.append(options),
+    )
+    loaded = libraries.preload_gpu_libraries([tmp_path], runtime=gpu_build)
+    assert calls == [{"directory": ""}]  # the nvidia-* wheels first, then the default path
+    assert loaded == ["cuda, cudnn", str(trt / "libnvinfer.so.10")]
+    assert str(trt / "libnvinfer.so.10") in Path("/proc/self/maps").read_text()
+
+    cpu_build = SimpleNamespace(get_available_providers=lambda: ["CPUExecutionProvider"], preload_dlls=None)
+    assert libraries.preload_gpu_libraries([tmp_path / "none"], runtime=cpu_build) == []

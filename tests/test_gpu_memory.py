@@ -13,7 +13,7 @@ from optimizer.errors import ConfigRejected, StudyError
 from optimizer.measurement.levels import MeasureSettings
 from optimizer.serving.embedded import EmbeddedTriton
 from optimizer.serving.metrics import MIB, resource_usage
-from optimizer.study.run import run_study
+from optimizer.study.run import QuietReporter, run_study
 from studies import load_study, study_settings
 
 pytestmark = pytest.mark.server
@@ -35,8 +35,16 @@ class FakeGpuTriton(EmbeddedTriton):
         self.instances = sum(g.get("count", 1) for g in json.loads(config_json).get("instance_group", []))
         return seconds
 
+    def held(self) -> float:
+        """GPU memory an unload did not give back (none: this server gives all of it back)."""
+        return 0.0
+
+    def unload_model(self, name):
+        super().unload_model(name)
+        self.instances = 0
+
     def resources(self) -> dict[str, float]:
-        used = (IDLE_MB + PER_INSTANCE_MB * self.instances) * MIB
+        used = (IDLE_MB + PER_INSTANCE_MB * self.instances + self.held()) * MIB
         text = (
             "# TYPE nv_gpu_memory_used_bytes gauge\n"
             f'nv_gpu_memory_used_bytes{{gpu_uuid="GPU-fake-0"}} {used}\n'
@@ -138,3 +146,67 @@ def test_a_study_on_a_gpu_server_records_the_gpu_libraries_it_ran_with(models, t
         run_study(settings, target=server)
     recorded = load_study(tmp_path).user_attrs["gpu_libraries"]
     assert recorded["onnxruntime"] and recorded["onnxruntime_cuda"]  # onnxruntime-gpu's build, here 13.0
+
+
+class KeepsMemoryAfterUnload(FakeGpuTriton):
+    """Keeps LEAK_MB of each unloaded config's GPU memory until it restarts, as the ONNX Runtime backend is
+    known to; counts restarts."""
+
+    LEAK_MB = 2000
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.leaked = 0.0
+        self.restarts = 0
+
+    def unload_model(self, name):
+        super().unload_model(name)
+        self.leaked += self.LEAK_MB
+
+    def held(self) -> float:
+        return self.leaked
+
+    def restart(self) -> None:
+        self.restarts += 1
+        self.leaked = 0.0
+        super().restart()
+
+
+class Notes(QuietReporter):
+    def __init__(self) -> None:
+        self.notes: list[str] = []
+
+    def note(self, message: str) -> None:
+        self.notes.append(message)
+
+
+def test_a_server_whose_gpu_memory_does_not_come_back_is_restarted_before_the_next_trial(models, tmp_path):
+    settings = study_settings(models["mlp"], tmp_path, budget=4, measure=FIXED, concurrency=(1, 2), seed=3)
+    reporter = Notes()
+    with KeepsMemoryAfterUnload() as server:
+        summary = run_study(settings, reporter, target=server)
+        measured = [t for t in load_study(tmp_path).trials if "gpu_memory_mb" in t.user_attrs]
+        assert server.restarts == len(measured) - 1  # before every trial but the first
+    restarted = [n for n in reporter.notes if "GPU memory did not come back" in n]
+    assert len(restarted) == server.restarts and restarted[0] == (
+        "the GPU memory did not come back after unloading the last config (2000 MiB over the idle 1000 MiB): "
+        "restarting the server"
+    )
+    for trial in measured:  # each measured with its own memory only, never the last config's
+        instances = trial.user_attrs["config"]["instance_group"][0].get("count", 1)
+        assert trial.user_attrs["gpu_memory_mb"] == IDLE_MB + PER_INSTANCE_MB * instances
+    assert summary.finished == 4
+
+
+def test_a_server_that_gives_its_gpu_memory_back_is_not_restarted(models, tmp_path):
+    class Counting(FakeGpuTriton):
+        restarts = 0
+
+        def restart(self) -> None:
+            self.restarts += 1
+            super().restart()
+
+    settings = study_settings(models["mlp"], tmp_path, budget=3, measure=FIXED, concurrency=(1,), seed=3)
+    with Counting() as server:
+        run_study(settings, target=server)
+        assert server.restarts == 0

@@ -30,7 +30,7 @@ from optimizer.config.space import Candidate, load_space
 from optimizer.model.intake import inspect_model, resolve_shapes, synthetic_inputs
 from optimizer.model.quantize import GPU_INT8_RECIPE, INT8_RECIPES, recipes_for
 from optimizer.model.variants import variant_path
-from optimizer.study.trial import render_trial_config
+from optimizer.study.trial_rules import render_trial_config
 
 # The onnxruntime backend README's TensorRT parameter table (triton-inference-server/onnxruntime_backend,
 # "Parameter mapping between ONNX Runtime and Triton ONNXRuntime Backend"): every key optimize writes
@@ -360,7 +360,7 @@ def test_the_accuracy_guard_says_it_checked_a_gpu_variant_on_the_cpu_when_the_gp
     import optuna
 
     from optimizer.model.accuracy import check_variant
-    from optimizer.study.precisions import accurate_precisions, serving_provider
+    from optimizer.study.precisions import accurate_precisions, serving_providers
 
     info = inspect_model(models["mlp"])
     samples = [synthetic_inputs(info, resolve_shapes(info, {}), 1, seed=seed) for seed in range(8)]
@@ -368,7 +368,8 @@ def test_the_accuracy_guard_says_it_checked_a_gpu_variant_on_the_cpu_when_the_gp
     report = check_variant(info.path, fp16, samples, "fp16", 0.01, provider="cuda")
     assert (report.provider, report.wanted) == ("cpu", "cuda")  # no GPU here: run where it loads
     assert "on the cpu provider (cuda, which serves it, does not load here)" in report.reason()
-    assert serving_provider(("cuda", "tensorrt")) == "cuda" and serving_provider(("cpu",)) == "cpu"
+    assert serving_providers(("cuda", "tensorrt")) == ("cuda", "tensorrt")
+    assert serving_providers(("cpu", "openvino")) == ("cpu",)
 
     notes: list[str] = []
     reporter = type("Notes", (), {"note": lambda self, message: notes.append(message)})()
@@ -381,7 +382,7 @@ def test_the_accuracy_guard_says_it_checked_a_gpu_variant_on_the_cpu_when_the_gp
 def test_gpus_are_named_in_a_gpu_instance_group_and_only_for_a_server_optimize_does_not_start(encoder):
     from optimizer.serving.embedded import EmbeddedTriton
     from optimizer.serving.remote import RemoteTriton
-    from optimizer.study.trial import config_gpus
+    from optimizer.study.trial_rules import config_gpus
 
     info, shapes = encoder
     on_gpu = render_config(info, Candidate(provider="cuda", instance_count=2), model_name="e", gpus=(0, 2))

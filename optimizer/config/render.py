@@ -18,7 +18,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from optimizer.config.space import Candidate
 from optimizer.model.intake import ModelInfo
-from optimizer.model.variants import variant_filename
+from optimizer.model.variants import served_recipe, variant_filename
 
 __all__ = [
     "config_from_json",
@@ -87,7 +87,8 @@ def render_config(
     config = mc.ModelConfig(name=model_name, backend="onnxruntime")
     config.max_batch_size = candidate.max_batch_size if info.batching else 0
     if candidate.precision != "fp32" and not _precision_is_trt_mode(candidate):
-        config.default_model_filename = variant_filename(candidate.precision, candidate.int8_recipe)
+        recipe = served_recipe(candidate.precision, candidate.provider, candidate.int8_recipe)
+        config.default_model_filename = variant_filename(candidate.precision, recipe)
     _set_io(config, info)
     _set_instances(config, candidate, gpus)
     _set_batching(config, candidate)

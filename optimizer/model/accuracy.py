@@ -3,7 +3,9 @@
 Both models run on the same inputs (the user's ``--input-data`` or realistic synthetic inputs) with ONNX
 Runtime: the fp32 reference on the CPU, the variant on the provider that will serve it (CUDA or TensorRT
 for a GPU space) when that provider loads here, else on the CPU, and the report says which ran it (the
-CPU cannot show an fp16 overflow on the GPU). The gate is cosine similarity, per output and per sample: a variant passes when
+CPU cannot show an fp16 overflow on the GPU). On TensorRT the variant runs in the mode that serves it:
+fp16 as TensorRT's FP16 mode (with the LayerNorm fp32 fallback the served config has), int8 in its INT8
+mode. The gate is cosine similarity, per output and per sample: a variant passes when
 ``1 - cosine <= tolerance`` everywhere. Max absolute and relative errors and, for classifier-like outputs
 (``[batch, classes]``), top-1 agreement are recorded beside it.
 """
@@ -100,18 +102,30 @@ _ORT_PROVIDERS = {
     "cuda": "CUDAExecutionProvider",
     "tensorrt": "TensorrtExecutionProvider",
 }
+# TensorRT's options for the precision a variant is served in: the same modes the served config sets
+# (optimizer.config.render: precision_mode FP16 with trt_layer_norm_fp32_fallback, INT8).
+TENSORRT_MODES = {
+    "fp16": {"trt_fp16_enable": True, "trt_layer_norm_fp32_fallback": True},
+    "int8": {"trt_int8_enable": True},
+}
 
 
 def _run(
-    path: Path, samples: Sequence[Outputs], provider: str = "cpu"
+    path: Path, samples: Sequence[Outputs], provider: str = "cpu", precision: str = "fp32"
 ) -> tuple[list[dict[str, np.ndarray]], str]:
-    """The outputs of ``path`` on ``samples``, on ``provider`` where it loads (else the CPU); the provider
-    that ran them."""
+    """The outputs of ``path`` on ``samples``, on ``provider`` where it loads (else the CPU), in the mode
+    that serves ``precision`` there; the provider that ran them."""
     import onnxruntime as ort
 
-    wanted = [_ORT_PROVIDERS.get(provider, "CPUExecutionProvider"), "CPUExecutionProvider"]
+    wanted: list = ["CPUExecutionProvider"]
+    if provider in ("cuda", "tensorrt"):
+        from optimizer.model.libraries import preload_gpu_libraries
+
+        preload_gpu_libraries()  # this process's library path was fixed at its start
+        options = TENSORRT_MODES.get(precision, {}) if provider == "tensorrt" else {}
+        wanted.insert(0, (_ORT_PROVIDERS[provider], dict(options)))
     try:
-        session = ort.InferenceSession(str(path), providers=list(dict.fromkeys(wanted)))
+        session = ort.InferenceSession(str(path), providers=wanted)
     except Exception:  # a GPU provider whose libraries fail to load can refuse the session outright
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     ran = next(
@@ -133,6 +147,6 @@ def check_variant(
     compare their outputs."""
     chosen = list(samples)[:MAX_SAMPLES]
     reference, _ = _run(reference_path, chosen)
-    outputs, ran = _run(variant_path, chosen, provider)
+    outputs, ran = _run(variant_path, chosen, provider, precision)
     report = compare_outputs(precision, reference, outputs, tolerance)
     return replace(report, provider=ran, wanted=provider)

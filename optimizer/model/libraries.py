@@ -4,11 +4,15 @@ The CUDA, cuDNN and TensorRT libraries come as wheels (``nvidia-*``, ``tensorrt-
 objects carry no RUNPATH: ONNX Runtime's CUDA and TensorRT providers find them only on the library path,
 which the loader reads once, when a process starts. :func:`library_environment` is that path for the
 processes optimize starts (the provider probe, the Triton server and the backend stubs it runs);
-:func:`gpu_libraries` says which versions are installed, for ``optimize doctor`` and the study's record.
+:func:`preload_gpu_libraries` loads them into this process (the accuracy guard's GPU sessions), where the
+path can no longer change; :func:`gpu_libraries` says which versions are installed, for ``optimize doctor``
+and the study's record.
 """
 
 from __future__ import annotations
 
+import ctypes
+import importlib
 import os
 import re
 import site
@@ -19,7 +23,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-__all__ = ["GpuLibraries", "gpu_libraries", "library_environment", "wheel_library_dirs"]
+__all__ = [
+    "GpuLibraries",
+    "gpu_libraries",
+    "library_environment",
+    "preload_gpu_libraries",
+    "wheel_library_dirs",
+]
 
 
 def _site_dirs() -> list[Path]:
@@ -48,6 +58,40 @@ def library_environment(
     wheels = [str(d) for d in wheel_library_dirs(site_dirs)]
     path = list(dict.fromkeys(wheels + existing))
     return {"LD_LIBRARY_PATH": os.pathsep.join(path)} if path else {}
+
+
+# TensorRT's libraries that ONNX Runtime's TensorRT provider links (by soname): loaded first, by full path,
+# the provider's own load finds them already in the process (the loader matches a loaded soname).
+_TENSORRT_SONAMES = ("libnvinfer.so.10", "libnvinfer_plugin.so.10", "libnvonnxparser.so.10")
+
+
+def preload_gpu_libraries(site_dirs: Iterable[Path] | None = None, runtime: Any = None) -> list[str]:
+    """Load the GPU wheels' libraries into this process, before a CUDA or TensorRT session is made here:
+    CUDA and cuDNN through ``onnxruntime.preload_dlls()`` (ONNX Runtime >= 1.21, the documented way), and
+    TensorRT's, which it does not cover, by full path. What was loaded (TensorRT's paths; "cuda, cudnn"
+    when ``preload_dlls`` ran); nothing on a CPU build. A library that fails to load is left: the session
+    then falls back to the CPU, which the accuracy guard records. ``runtime``: the onnxruntime module
+    (imported when None).
+    """
+    loaded: list[str] = []
+    if runtime is None:
+        runtime = importlib.import_module("onnxruntime")
+    preload = getattr(runtime, "preload_dlls", None)
+    if preload is not None and "CUDAExecutionProvider" in runtime.get_available_providers():
+        try:
+            preload(directory="")  # "": the nvidia-* wheels first, then the default library path
+            loaded.append("cuda, cudnn")
+        except (OSError, RuntimeError):
+            pass
+    for folder in wheel_library_dirs(site_dirs):
+        for soname in _TENSORRT_SONAMES:
+            if (folder / soname).is_file():
+                try:
+                    ctypes.CDLL(str(folder / soname), mode=ctypes.RTLD_GLOBAL)
+                except OSError:
+                    continue
+                loaded.append(str(folder / soname))
+    return loaded
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,9 @@
 Variants are derived once per model content and cached by hash under the cache directory, never next
 to the user's file. A repository serves a variant through ``default_model_filename``, so an exported
 repository carries exactly the file that was measured: each int8 recipe has its own file name
-(``model.int8.onnx`` for the dynamic default, ``model.int8-<recipe>.onnx`` for the others).
+(``model.int8.onnx`` for the dynamic default, ``model.int8-<recipe>.onnx`` for the others), and the
+fp16 the CUDA provider serves, made after the transformer fusions as ONNX Runtime's transformer tools
+make it, is ``model.fp16-fused.onnx``.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ __all__ = [
     "precision_of",
     "precision_of_file",
     "recipe_of_file",
+    "served_recipe",
     "variant_filename",
     "variant_path",
 ]
@@ -51,11 +54,30 @@ FUSION_ROUNDS = 4  # alternating rounds that decide between a recipe and its fus
 FUSION_MARGIN = 0.03
 
 
+# The fp16 the CUDA provider serves: the transformer fusions first (attention, LayerNorm, GELU: the kernels
+# ONNX Runtime runs in fp16 on a GPU), then fp16 with the unsafe ops kept fp32, as ONNX Runtime's
+# transformer optimizer makes it. The CPU's fp16 stays unfused: its fused kernels are fp32 only.
+FP16_FUSED = "fused"
+
+
 def variant_filename(precision: str, recipe: str = DEFAULT_INT8_RECIPE) -> str:
-    """The served file of ``precision``; an int8 recipe other than the default has its own name."""
+    """The served file of ``precision``; an int8 recipe other than the default, and the fused fp16, have
+    their own names."""
     if precision == "int8" and recipe != DEFAULT_INT8_RECIPE:
         return f"model.int8-{recipe}.onnx"
+    if precision == "fp16" and recipe == FP16_FUSED:
+        return "model.fp16-fused.onnx"
     return MODEL_FILENAMES[precision]
+
+
+def served_recipe(precision: str, provider: str, int8_recipe: str = DEFAULT_INT8_RECIPE) -> str:
+    """How the file that serves ``precision`` on ``provider`` is made: the study's int8 recipe, the fused
+    fp16 on CUDA, else the plain conversion (``DEFAULT_INT8_RECIPE`` stands for "the default" here)."""
+    if precision == "int8":
+        return int8_recipe
+    if precision == "fp16" and provider == "cuda":
+        return FP16_FUSED
+    return DEFAULT_INT8_RECIPE
 
 
 # Ops an fp16 variant keeps in fp32: a transformer's normalisations (fused, or as ReduceMean / Pow / Sqrt
@@ -104,6 +126,8 @@ def variant_path(
                 fuse_transformer(info.path, Path(tmp))
             except ModelError as exc:
                 raise ModelError(f"no fp32-fused variant: {exc}") from None
+        elif recipe == FP16_FUSED:
+            _fused_fp16(info.path, Path(tmp))
         else:
             _fp16(info.path, Path(tmp))
         os.replace(tmp, target)  # atomic: a crash never leaves half a variant in the cache
@@ -131,20 +155,48 @@ def _fp16(source: Path, target: Path) -> None:
     onnx.save(converted, str(target))
 
 
+def _fused_fp16(source: Path, target: Path) -> None:
+    """fp16 after the transformer fusions, converted as ONNX Runtime's transformer optimizer does (its
+    symbolic shape inference types the fused com.microsoft ops, which ONNX's own cannot); a model without
+    such patterns is converted as it is."""
+    import onnx
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        fused = Path(scratch) / "fused.onnx"
+        try:
+            fuse_transformer(source, fused)
+        except ModelError:  # nothing to fuse: the plain conversion is the fused one
+            _fp16(source, target)
+            return
+        model = OnnxModel(onnx.load(str(fused)))
+    model.convert_float_to_float16(
+        use_symbolic_shape_infer=True,
+        keep_io_types=True,
+        op_block_list=[*DEFAULT_OP_BLOCK_LIST, *FP16_KEEPS_FP32],
+    )
+    onnx.save(model.model, str(target))
+
+
 def precision_of_file(filename: str | None) -> str:
     """The precision a model file serves (``default_model_filename``; none means the fp32 ``model.onnx``)."""
     name = filename or "model.onnx"
-    if name.startswith("model.int8-"):
-        return "int8"
+    for precision in ("int8", "fp16"):
+        if name.startswith(f"model.{precision}-"):
+            return precision
     by_file = {file: precision for precision, file in MODEL_FILENAMES.items()}
     return by_file.get(name, "fp32")
 
 
 def recipe_of_file(filename: str | None) -> str:
-    """The int8 recipe a model file was made with (the default for any other file)."""
+    """The recipe a model file was made with: an int8 recipe, or the fused fp16 (the default for any
+    other file)."""
     name = filename or ""
-    if name.startswith("model.int8-") and name.endswith(".onnx"):
-        return name[len("model.int8-") : -len(".onnx")]
+    for precision in ("int8", "fp16"):
+        prefix = f"model.{precision}-"
+        if name.startswith(prefix) and name.endswith(".onnx"):
+            return name[len(prefix) : -len(".onnx")]
     return DEFAULT_INT8_RECIPE
 
 

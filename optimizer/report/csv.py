@@ -23,6 +23,8 @@ MEASUREMENTS = (
     "memory_mb",
     "reason",
     "load_s",
+    "engine_build_s",  # TensorRT trials whose load built an engine
+    "gpu_memory_mb",
     "trial_s",
     "measure_s",
     "client_cpu_ms",

@@ -100,6 +100,10 @@ class ServingTarget:
         """Load or hot-reload ``name``; ``files`` maps repository-relative paths to local files; seconds taken."""
         raise NotImplementedError
 
+    def unload_model(self, name: str) -> None:
+        """Unload ``name`` (its instances, and the memory they hold, go)."""
+        raise NotImplementedError
+
     # --- defaults ---------------------------------------------------------------------------------
 
     @property

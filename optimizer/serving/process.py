@@ -345,6 +345,9 @@ class TritonProcess(ServingTarget):
             _link_or_copy(Path(path), self.model_repository / name / relative)
         return self._load_explaining(name, config_json)
 
+    def unload_model(self, name: str) -> None:
+        self.control.unload(name)
+
     def load_from_repository(self, name: str) -> float:
         """Load ``name`` as its repository holds it: its own ``config.pbtxt`` and version directories.
 

@@ -321,6 +321,9 @@ class RemoteTriton(ServingTarget):
 
     # --- models --------------------------------------------------------------------------------------
 
+    def unload_model(self, name: str) -> None:
+        self.control.unload(name)
+
     def load_model(self, name: str, config_json: str, files: Mapping[str, Path]) -> float:
         """Load or hot-reload ``name`` with the config, its files sent in the request.
 

@@ -42,7 +42,7 @@ from optimizer.study.storage import (
     worker_id,
     worker_seed,
 )
-from optimizer.study.trial import TrialFailed
+from optimizer.study.trial_rules import TrialFailed
 
 __all__ = [
     "BUDGET_PROBES",

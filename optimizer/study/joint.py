@@ -53,12 +53,12 @@ from optimizer.study.joint_trial import (
     load_member,
 )
 from optimizer.study.models_file import ModelEntry
-from optimizer.study.precisions import accurate_precisions, int8_recipe_of
+from optimizer.study.precisions import accurate_precisions, guard_refusals, int8_recipe_of
 from optimizer.study.records import BUDGET_ATTR, joint_budgets
 from optimizer.study.results import JointSummary, write_joint_repository
 from optimizer.study.settings import StudySettings
 from optimizer.study.storage import count_finished, default_storage_url
-from optimizer.study.trial import config_gpus
+from optimizer.study.trial_rules import config_gpus
 
 __all__ = ["JointSummary", "SeveralModels"]
 
@@ -111,9 +111,11 @@ class SeveralModels:
         ]
         trials = JointTrials(self.settings.budget, self.settings.concurrency, self.settings.measure)
         gpus = config_gpus(self.settings.gpus, server)
-        return JointObjective(
+        objective = JointObjective(
             server, self.destinations, self.members, trials, self.cores, reporter.note, gpus
         )
+        objective.idle_gpu_memory_mb = server.resources().get("gpu_memory_used_mb")  # before any load
+        return objective
 
     def records(self) -> dict[str, Any]:
         destinations, members = self.destinations, self.members
@@ -241,7 +243,9 @@ def _settle_variants(study, member: Member, settings: StudySettings, note) -> Me
         _Prefixed(note, member.name),
         attr=attr,
     )
-    return replace(member, space=settled, int8_recipe=int8_recipe_of(study, attr))
+    return replace(
+        member, space=settled, int8_recipe=int8_recipe_of(study, attr), refused=guard_refusals(study, attr)
+    )
 
 
 class _Prefixed:

@@ -30,7 +30,13 @@ from optimizer.paths import cache_dir
 from optimizer.serving.base import ServingTarget
 from optimizer.study.models_file import ModelEntry
 from optimizer.study.storage import is_surplus, worker_id
-from optimizer.study.trial import TrialFailed, memory_exhausted, render_trial_config, server_fault
+from optimizer.study.trial_rules import (
+    TrialFailed,
+    gpu_memory_returned,
+    memory_exhausted,
+    render_trial_config,
+    server_fault,
+)
 
 __all__ = [
     "JointObjective",
@@ -64,6 +70,8 @@ class Member:
     samples: list
     space: SearchSpace
     int8_recipe: str = DEFAULT_INT8_RECIPE
+    # (precision, provider) pairs its accuracy guard refused on that provider only: never served.
+    refused: frozenset[tuple[str, str]] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -109,6 +117,10 @@ class JointObjective:
         self.progress = (0, trials.budget)  # (finished trials, the study's budget), set by the trial loop
         self.shares = shares_of({t.name: t.entry.traffic for t in destinations})
         self.measure = make_mix_source(server, {t.name: t.samples for t in destinations}, trials.measure)
+        # The GPU memory the server used before any model loaded (None: it shows none): each trial
+        # checks the last trial's memory came back before it loads its own (gpu_memory_returned).
+        self.idle_gpu_memory_mb: float | None = None
+        self._loaded = False
 
     def __call__(self, trial) -> float:
         trial.set_user_attr("worker", worker_id())
@@ -118,6 +130,21 @@ class JointObjective:
             raise _Surplus("the study's budget is taken by finished and running trials: not measured")
         candidates = self._candidates(trial)
         trial.set_user_attr("candidates", {name: c.summary() for name, c in candidates.items()})
+        for member in self.members:
+            candidate = candidates[member.name]
+            if (candidate.precision, candidate.provider) in member.refused:
+                reason = (
+                    f"{member.name}: {candidate.precision} on {candidate.provider} broke the accuracy guard: "
+                    "not served"
+                )
+                trial.set_user_attr("feasible", False)
+                trial.set_user_attr("reason", f"infeasible: {reason}")
+                raise optuna.TrialPruned(reason)
+        if self._loaded and self.idle_gpu_memory_mb is not None:
+            ensembles = [d.name for d in self.destinations if d.ensemble is not None]
+            names = [*ensembles, *(m.name for m in self.members)]  # an ensemble before its steps
+            gpu_memory_returned(self.server, names, self.idle_gpu_memory_mb, self.note)
+        self._loaded = True
         configs = {}
         for member in self.members:
             configs[member.name] = self._load(

@@ -45,6 +45,7 @@ from optimizer.study.driver import (
 )
 from optimizer.study.precisions import (
     accurate_precisions,
+    guard_refusals,
     inprocess_points,
     int8_recipe_of,
     profile_in_process,
@@ -148,11 +149,13 @@ class OneModel:
             reporter,
             cores=self.cores,
             int8_recipe=int8_recipe_of(study),
+            refused=guard_refusals(study),
         )
-        runner.check_memory_limit()
-        idle_gpu = server.resources().get("gpu_memory_used_mb")
-        if idle_gpu is not None and "gpu_memory_idle_mb" not in study.user_attrs:  # before any model loads
-            study.set_user_attr("gpu_memory_idle_mb", idle_gpu)
+        idle = server.resources()  # before any model loads
+        runner.check_memory_limit(idle)
+        if "gpu_memory_used_mb" in idle and "gpu_memory_idle_mb" not in study.user_attrs:
+            study.set_user_attr("gpu_memory_idle_mb", idle["gpu_memory_used_mb"])
+        runner.idle_gpu_memory_mb = idle.get("gpu_memory_used_mb")
         # Before any trial loads a model, so the idle server leaves ONNX Runtime this machine's cores.
         profile_in_process(
             study,

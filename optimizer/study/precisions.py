@@ -6,7 +6,7 @@ cannot be made is recorded in the study (``variants``) with its reason and left 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 from optimizer.config.space import SearchSpace
@@ -16,10 +16,18 @@ from optimizer.model.fusion import NOTHING_TO_FUSE
 from optimizer.model.intake import ModelInfo
 from optimizer.model.profile import PROFILE_BATCHES, InprocessPoint, profile_variant
 from optimizer.model.quantize import DEFAULT_INT8_RECIPE, recipes_for
-from optimizer.model.variants import Int8Choice, choose_int8, variant_path
+from optimizer.model.variants import Int8Choice, choose_int8, served_recipe, variant_path
 from optimizer.paths import cache_dir
 
-__all__ = ["accurate_precisions", "inprocess_points", "int8_recipe_of", "profile_in_process"]
+__all__ = [
+    "accurate_precisions",
+    "guard_refusals",
+    "inprocess_points",
+    "int8_recipe_of",
+    "profile_in_process",
+    "refused_providers",
+    "serving_providers",
+]
 
 PROFILE_ATTR = "inprocess_profile"
 
@@ -47,6 +55,7 @@ def accurate_precisions(
     # recording) says which.
     int8_recipes = int8_recipes or recipes_for(space.execution_providers)
     variants = dict(study.user_attrs.get(attr, {}))
+    providers = serving_providers(space.execution_providers)
     kept = []
     for precision in space.precisions:
         if precision == "fp32":
@@ -54,33 +63,39 @@ def accurate_precisions(
             continue
         if precision not in variants:
             variants[precision] = _variant_record(
-                model,
-                precision,
-                samples,
-                tolerance,
-                int8_recipes,
-                serving_provider(space.execution_providers),
+                model, precision, samples, tolerance, int8_recipes, providers
             )
         record = variants[precision]
-        if record.get("wanted", "cpu") != record.get("provider", "cpu"):
-            reporter.note(
-                f"{precision}: accuracy checked on the {record['provider']} provider; {record['wanted']}, which "
-                "serves it, does not load here (what only the GPU shows, such as fp16 overflow, is not seen)"
-            )
+        _note_where_checked(precision, record, reporter)
         if record["ok"]:
             kept.append(precision)
-            refused = [a for a in record.get("attempts", []) if not a.get("ok")]
-            if refused:  # the default recipe was not enough: say what is served and why
-                reasons = "; ".join(f"{a['recipe']}: {a['reason']}" for a in refused)
-                reporter.note(f"int8 serves the {record['recipe']} recipe ({reasons})")
-            fusion = record.get("fusion", "")
-            if fusion and NOTHING_TO_FUSE not in fusion:
-                reporter.note(f"int8 serves the {record['recipe']} recipe: {fusion}")
+            _note_int8_recipe(record, reporter)
+            for provider in refused_providers(record):
+                reporter.note(f"{record['providers'][provider]['reason']}: not served on {provider}")
         else:
             reporter.note(f"{record['reason']}: it will not be tried")
     study.set_user_attr(attr, variants)
     study.set_user_attr("accuracy_tolerance", tolerance)
     return replace(space, precisions=tuple(kept))
+
+
+def _note_where_checked(precision: str, record: dict, reporter) -> None:
+    for checked in record.get("providers", {"": record}).values():
+        if checked.get("wanted", "cpu") != checked.get("provider", "cpu"):
+            reporter.note(
+                f"{precision}: accuracy checked on the {checked['provider']} provider; {checked['wanted']}, "
+                "which serves it, does not load here (what only the GPU shows, such as fp16 overflow, is not seen)"
+            )
+
+
+def _note_int8_recipe(record: dict, reporter) -> None:
+    refused = [a for a in record.get("attempts", []) if not a.get("ok")]
+    if refused:  # the default recipe was not enough: say what is served and why
+        reasons = "; ".join(f"{a['recipe']}: {a['reason']}" for a in refused)
+        reporter.note(f"int8 serves the {record['recipe']} recipe ({reasons})")
+    fusion = record.get("fusion", "")
+    if fusion and NOTHING_TO_FUSE not in fusion:
+        reporter.note(f"int8 serves the {record['recipe']} recipe: {fusion}")
 
 
 def _variant_record(
@@ -89,23 +104,72 @@ def _variant_record(
     samples,
     tolerance: float,
     int8_recipes: tuple[str, ...] | None,
-    provider: str = "cpu",
+    providers: tuple[str, ...] = ("cpu",),
 ) -> dict:
-    """What the accuracy guard found for one precision's variant (int8: over its recipes)."""
+    """What the accuracy guard found for one precision's variant (int8: over its recipes), on each
+    provider that would serve it. With several (a GPU space's CUDA and TensorRT, which serve fp16 and int8
+    differently), each one's record is under ``providers``; the precision stays in the space while one
+    of them passes, and the trial never serves it on a provider that failed (:func:`refused_providers`)."""
+    records = {p: _provider_record(model, precision, samples, tolerance, int8_recipes, p) for p in providers}
+    if len(records) == 1:
+        return next(iter(records.values()))
+    passed = [r for r in records.values() if r["ok"]]
+    record = dict(passed[0] if passed else next(iter(records.values())))
+    record["providers"] = records
+    if not passed:
+        record["reason"] = "; ".join(f"{p}: {r['reason']}" for p, r in records.items())
+    return record
+
+
+def _provider_record(
+    model: ModelInfo,
+    precision: str,
+    samples,
+    tolerance: float,
+    int8_recipes: tuple[str, ...] | None,
+    provider: str,
+) -> dict:
     if precision == "int8":
         choice = choose_int8(model, samples, tolerance, cache_dir(), int8_recipes, provider)
         return _int8_record(choice)
     try:
-        path = variant_path(model, precision, cache_dir())
+        path = variant_path(model, precision, cache_dir(), served_recipe(precision, provider))
     except ModelError as exc:  # e.g. a converter that does not handle one of the model's ops
-        return {"precision": precision, "ok": False, "reason": str(exc)}
-    return check_variant(model.path, path, samples, precision, tolerance, provider).to_dict()
+        return {"precision": precision, "ok": False, "reason": str(exc), "wanted": provider}
+    try:
+        if precision == "fp16" and provider == "tensorrt":
+            # TensorRT makes fp16 itself from the fp32 file (its FP16 mode): checked as that where
+            # TensorRT loads; elsewhere the converted file on the CPU is the nearest check.
+            report = check_variant(model.path, model.path, samples, precision, tolerance, provider)
+            if report.provider == "tensorrt":
+                return report.to_dict()
+        return check_variant(model.path, path, samples, precision, tolerance, provider).to_dict()
+    except Exception as exc:  # noqa: BLE001 - e.g. a fused fp16 kernel the CPU fallback does not have
+        reason = (
+            f"the {precision} variant for {provider} could not be run to check it: {str(exc).splitlines()[0]}"
+        )
+        return {"precision": precision, "ok": False, "reason": reason[:400], "wanted": provider}
 
 
-def serving_provider(providers: Sequence[str]) -> str:
-    """The provider whose numbers the accuracy guard checks a variant with: a GPU space's GPU provider
-    (CUDA before TensorRT: it runs the variant file as it is), else the CPU."""
-    return next((p for p in ("cuda", "tensorrt") if p in providers), "cpu")
+def serving_providers(providers: Sequence[str]) -> tuple[str, ...]:
+    """The providers the accuracy guard checks a variant for: a GPU space's GPU providers (each serves
+    fp16 and int8 its own way), else the CPU."""
+    return tuple(p for p in ("cuda", "tensorrt") if p in providers) or ("cpu",)
+
+
+def refused_providers(record: Mapping) -> tuple[str, ...]:
+    """The providers a variant that passed the guard on another provider must not be served on."""
+    return tuple(p for p, r in record.get("providers", {}).items() if not r.get("ok"))
+
+
+def guard_refusals(study, attr: str = "variants") -> frozenset[tuple[str, str]]:
+    """The (precision, provider) pairs the study's accuracy guard refused while keeping the precision
+    for another provider: a trial that draws one is not served (see TrialRunner)."""
+    return frozenset(
+        (precision, provider)
+        for precision, record in study.user_attrs.get(attr, {}).items()
+        for provider in refused_providers(record)
+    )
 
 
 def _int8_record(choice: Int8Choice) -> dict:

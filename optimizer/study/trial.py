@@ -24,12 +24,11 @@ from optimizer.config.render import (
     config_digest,
     config_from_json,
     render_config,
-    tensorrt_cache_dir,
     to_dict,
     to_json,
 )
 from optimizer.config.space import Candidate, SearchSpace, suggest_candidate
-from optimizer.errors import ConfigRejected, InferenceError, OptimizeError, ServerDiedError, StudyError
+from optimizer.errors import ConfigRejected, InferenceError, ServerDiedError, StudyError
 from optimizer.measurement.engines import LevelSource, make_load_generator
 from optimizer.measurement.levels import LevelResult, MeasureSettings
 from optimizer.measurement.sweep import (
@@ -40,7 +39,7 @@ from optimizer.measurement.sweep import (
     next_step,
     pin_down,
 )
-from optimizer.model.intake import ModelInfo, shapes_from_samples
+from optimizer.model.intake import ModelInfo
 from optimizer.model.quantize import DEFAULT_INT8_RECIPE
 from optimizer.model.variants import config_files
 from optimizer.paths import cache_dir
@@ -54,6 +53,17 @@ from optimizer.study.storage import (
     is_surplus,
     recover_dead_local_trials,
     worker_id,
+)
+from optimizer.study.trial_rules import (
+    MemoryExhausted,
+    TrialFailed,
+    config_gpus,
+    first_line,
+    gpu_memory_returned,
+    memory_exhausted,
+    render_trial_config,
+    server_fault,
+    tensorrt_engines,
 )
 
 __all__ = [
@@ -71,43 +81,6 @@ MEMORY_CONSTRAINT = "memory"
 GPU_MEMORY_CONSTRAINT = "gpu_memory"
 
 
-class TrialFailed(Exception):
-    """A trial-level fault: recorded on the trial with its reason; the study goes on.
-
-    ``transient`` marks faults of the moment (a crash, a hang) rather than of the config: another
-    proposal of the same config is measured again instead of inheriting the failure.
-    """
-
-    def __init__(self, reason: str, *, transient: bool = False) -> None:
-        super().__init__(reason)
-        self.transient = transient
-
-
-# How a load that ran out of memory reads: CUDA, ONNX Runtime's arena, TensorRT.
-_OUT_OF_MEMORY = (
-    "out of memory",
-    "failed to allocate memory",
-    "could not be allocated",
-    "cudaerrormemoryallocation",
-)
-
-
-class MemoryExhausted(Exception):
-    """A config whose load ran the server out of memory: infeasible (what the machine holds), not failed."""
-
-
-def memory_exhausted(target: ServingTarget, when: str, exc: ConfigRejected, note) -> MemoryExhausted | None:
-    """``exc`` as an exhausted memory, the server restarted so the next trial starts with its memory back
-    (a failed load can leave it held); None when the load failed for another reason."""
-    if not any(marker in exc.message.lower() for marker in _OUT_OF_MEMORY):
-        return None
-    reason = f"memory exhausted {when}: {first_line(exc.message)}"
-    if target.capabilities.can_restart:
-        note(f"{reason}: restarting the server so the next trial starts with its memory back")
-        target.restart()
-    return MemoryExhausted(reason)
-
-
 class TrialRunner:
     """The objective: render, hot-reload, sweep, score one trial."""
 
@@ -123,9 +96,17 @@ class TrialRunner:
         *,
         cores: int,
         int8_recipe: str = DEFAULT_INT8_RECIPE,
+        refused: frozenset[tuple[str, str]] = frozenset(),
     ):
         self.target = target
         self.int8_recipe = int8_recipe  # how the study's int8 file is made (chosen before trials)
+        # (precision, provider) pairs the accuracy guard refused on that provider only (a GPU space's
+        # fp16 may pass on CUDA and fail in TensorRT's FP16 mode): never served.
+        self.refused = refused
+        # The GPU memory the server used before any model loaded (None: it shows none): each trial
+        # checks the last config's memory came back before it loads its own (gpu_memory_returned).
+        self.idle_gpu_memory_mb: float | None = None
+        self._loaded = False
         self.model = model
         self.space = space
         self.model_name = model_name
@@ -191,6 +172,12 @@ class TrialRunner:
         key = config_digest(config)
         trial.set_user_attr(CONFIG_DIGEST, key)
         self.reporter.trial_started(trial.number, candidate.summary(), *self.progress)
+        if (candidate.precision, candidate.provider) in self.refused:
+            reason = f"{candidate.precision} on {candidate.provider} broke the accuracy guard: not served"
+            trial.set_user_attr("feasible", False)
+            trial.set_user_attr("reason", f"infeasible: {reason}")
+            trial.set_constraint(CONSTRAINT, 1.0)
+            raise optuna.TrialPruned(reason)
         earlier = _claim_config(trial, key)
         if earlier is not None:
             return _reuse_measurement(trial, earlier)
@@ -301,7 +288,17 @@ class TrialRunner:
 
         ``trial`` (an Optuna trial) receives the reload time and each screened level (for the pruner).
         """
-        trial.set_user_attr("load_s", round(self._load(config), 3))
+        if self._loaded and self.idle_gpu_memory_mb is not None:
+            gpu_memory_returned(self.target, (self.model_name,), self.idle_gpu_memory_mb, self.reporter.note)
+        engines = tensorrt_engines(config)
+        load_s = self._load(config)
+        self._loaded = True
+        trial.set_user_attr("load_s", round(load_s, 3))
+        if tensorrt_engines(config) - engines:  # the load built an engine: what a first load costs
+            trial.set_user_attr("engine_build_s", round(load_s, 3))
+            self.reporter.note(
+                f"trial {trial.number}: TensorRT built its engine in {load_s:.1f} s (now cached)"
+            )
         return self._sweep(trial)
 
     def _load(self, config) -> float:
@@ -390,18 +387,18 @@ class TrialRunner:
             resources=self.target.resources,
         )
 
-    def check_memory_limit(self) -> None:
+    def check_memory_limit(self, idle: dict[str, float]) -> None:
         """Stop before any trial when ``--max-memory-mb`` or ``--max-gpu-memory-mb`` cannot be judged or
-        cannot be met.
+        cannot be met (``idle``: the server's resources before any model loads).
 
         Raises:
             StudyError: the server's memory is unreadable, or the server alone already uses more.
         """
-        self._check_gpu_memory_limit()
+        self._check_gpu_memory_limit(idle)
         limit = self.settings.max_memory_mb
         if limit is None:
             return
-        figure = memory_figure(self.target.resources())
+        figure = memory_figure(idle)
         if figure is None:
             raise StudyError(
                 f"--max-memory-mb needs the server's memory, which the {self.target.name} target does not "
@@ -414,11 +411,11 @@ class TrialRunner:
                 f"already {used:.0f} MiB; raise the limit"
             )
 
-    def _check_gpu_memory_limit(self) -> None:
+    def _check_gpu_memory_limit(self, idle: dict[str, float]) -> None:
         limit = self.settings.max_gpu_memory_mb
         if limit is None:
             return
-        used = self.target.resources().get("gpu_memory_used_mb")
+        used = idle.get("gpu_memory_used_mb")
         if used is None:
             raise StudyError(
                 f"--max-gpu-memory-mb needs the GPU memory the server reports (/metrics "
@@ -609,63 +606,3 @@ def _reuse_measurement(trial, earlier) -> float:
     if earlier.state == TrialState.PRUNED:
         raise optuna.TrialPruned(f"same config as trial {earlier.number}")
     raise TrialFailed(earlier.user_attrs.get("reason", f"same config as failed trial {earlier.number}"))
-
-
-def render_trial_config(
-    info: ModelInfo, candidate: Candidate, model_name: str, samples: list, gpus: tuple[int, ...] = ()
-):
-    """A trial's config, as every study renders it: a TensorRT candidate gets its optimization profile
-    and warm-up from the requests' shapes, and its engines and timing cache in this machine's cache;
-    ``gpus`` (see :func:`config_gpus`) go into a GPU provider's instance group."""
-    shapes = shapes_from_samples(info, samples)
-    engine_cache = None
-    if candidate.provider == "tensorrt":
-        engine_cache = str(tensorrt_cache_dir(cache_dir(), info, candidate, shapes))
-    return render_config(
-        info,
-        candidate,
-        model_name=model_name,
-        engine_cache_dir=engine_cache,
-        request_shapes=shapes,
-        gpus=gpus,
-    )
-
-
-def config_gpus(gpus: str | None, target: ServingTarget) -> tuple[int, ...]:
-    """The GPUs each config names: ``--gpus`` for a server optimize does not start (a remote one); none
-    for one it starts, which sees only those GPUs already (numbered from 0 there)."""
-    if not gpus or target.capabilities.picks_gpus:
-        return ()
-    return tuple(int(index) for index in gpus.split(","))
-
-
-def server_fault(target: ServingTarget, when: str, exc: Exception, note) -> TrialFailed:
-    """A crash or hang of the server (or requests failing ``when``) as a failed trial, the server
-    restarted so later trials are unaffected; the rule of every study's trials.
-
-    Raises:
-        ServerDiedError: the target cannot be restarted by optimize (a remote server): the study ends.
-    """
-    alive = _still_alive(target)
-    detail = first_line(exc.message if isinstance(exc, OptimizeError) else str(exc))
-    reason = f"the server crashed {when}" if not alive else f"{detail} {when}"
-    if not target.capabilities.can_restart:
-        raise ServerDiedError(f"{reason}; the {target.name} server cannot be restarted by optimize") from exc
-    note(f"{reason}: restarting the server")
-    target.restart()
-    return TrialFailed(reason, transient=True)
-
-
-def _still_alive(target, settle_s: float = 2.0) -> bool:
-    # A killed server closes its sockets a moment before the kernel reports it dead: look twice.
-    deadline = time.monotonic() + settle_s
-    while time.monotonic() < deadline:
-        if not target.is_alive():
-            return False
-        time.sleep(0.1)
-    return target.is_alive()
-
-
-def first_line(text: str) -> str:
-    text = (text or "").strip()
-    return text.splitlines()[0][:300] if text else "unknown error"

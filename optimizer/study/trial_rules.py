@@ -1,0 +1,173 @@
+"""The rules every study's trial follows, one model or several: what a failed trial is, a server that
+crashed or hung (restarted), a load that ran out of memory (infeasible), a GPU server whose memory did
+not come back after an unload (restarted), how a trial's config is rendered (TensorRT's profile, warm-up
+and engine cache) and which GPUs it names.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from optimizer.config.render import render_config, tensorrt_cache_dir
+from optimizer.config.space import Candidate
+from optimizer.errors import ConfigRejected, OptimizeError, ServerDiedError
+from optimizer.model.intake import ModelInfo, shapes_from_samples
+from optimizer.paths import cache_dir
+from optimizer.serving.base import ServingTarget
+
+__all__ = [
+    "MemoryExhausted",
+    "TrialFailed",
+    "config_gpus",
+    "first_line",
+    "gpu_memory_returned",
+    "memory_exhausted",
+    "render_trial_config",
+    "server_fault",
+    "tensorrt_engines",
+]
+
+
+class TrialFailed(Exception):
+    """A trial-level fault: recorded on the trial with its reason; the study goes on.
+
+    ``transient`` marks faults of the moment (a crash, a hang) rather than of the config: another
+    proposal of the same config is measured again instead of inheriting the failure.
+    """
+
+    def __init__(self, reason: str, *, transient: bool = False) -> None:
+        super().__init__(reason)
+        self.transient = transient
+
+
+# How a load that ran out of memory reads: CUDA, ONNX Runtime's arena, TensorRT.
+_OUT_OF_MEMORY = (
+    "out of memory",
+    "failed to allocate memory",
+    "could not be allocated",
+    "cudaerrormemoryallocation",
+)
+
+
+class MemoryExhausted(Exception):
+    """A config whose load ran the server out of memory: infeasible (what the machine holds), not failed."""
+
+
+def memory_exhausted(target: ServingTarget, when: str, exc: ConfigRejected, note) -> MemoryExhausted | None:
+    """``exc`` as an exhausted memory, the server restarted so the next trial starts with its memory back
+    (a failed load can leave it held); None when the load failed for another reason."""
+    if not any(marker in exc.message.lower() for marker in _OUT_OF_MEMORY):
+        return None
+    reason = f"memory exhausted {when}: {first_line(exc.message)}"
+    if target.capabilities.can_restart:
+        note(f"{reason}: restarting the server so the next trial starts with its memory back")
+        target.restart()
+    return MemoryExhausted(reason)
+
+
+# How far over its idle figure a GPU server's memory may stay once its models are unloaded: CUDA's
+# libraries keep their modules and handles loaded, a leak keeps the arena (gigabytes).
+GPU_MEMORY_SLACK_MB = 1024.0
+GPU_MEMORY_SLACK_SHARE = 0.05  # of the GPUs' total, when that is more
+GPU_MEMORY_RETURN_S = 10.0  # how long an unload's memory has to come back
+
+
+def gpu_memory_returned(target: ServingTarget, names: Sequence[str], idle_mb: float, note) -> None:
+    """Unload ``names`` and check the GPU memory comes back to the idle figure; restart the server when it
+    does not (the ONNX Runtime backend is known to keep it after an unload), so the next trial starts
+    with its memory back instead of inheriting the last config's. Every study's rule on a GPU server."""
+    if not target.capabilities.can_restart:
+        return
+    try:
+        for name in names:
+            target.unload_model(name)
+    except OptimizeError as exc:
+        note(f"unloading the last config failed ({first_line(str(exc))}): restarting the server")
+        target.restart()
+        return
+    deadline = time.monotonic() + GPU_MEMORY_RETURN_S
+    while True:
+        figures = target.resources()
+        used = figures.get("gpu_memory_used_mb")
+        slack = max(GPU_MEMORY_SLACK_MB, GPU_MEMORY_SLACK_SHARE * figures.get("gpu_memory_total_mb", 0.0))
+        if used is None or used <= idle_mb + slack:
+            return
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    note(
+        f"the GPU memory did not come back after unloading the last config ({used - idle_mb:.0f} MiB over "
+        f"the idle {idle_mb:.0f} MiB): restarting the server"
+    )
+    target.restart()
+
+
+def tensorrt_engines(config) -> frozenset[Path]:
+    """The engine files in a TensorRT config's engine cache (none for any other config)."""
+    for accelerator in config.optimization.execution_accelerators.gpu_execution_accelerator:
+        folder = accelerator.parameters.get("trt_engine_cache_path")
+        if accelerator.name == "tensorrt" and folder and Path(folder).is_dir():
+            return frozenset(Path(folder).glob("*.engine"))
+    return frozenset()
+
+
+def render_trial_config(
+    info: ModelInfo, candidate: Candidate, model_name: str, samples: list, gpus: tuple[int, ...] = ()
+):
+    """A trial's config, as every study renders it: a TensorRT candidate gets its optimization profile
+    and warm-up from the requests' shapes, and its engines and timing cache in this machine's cache;
+    ``gpus`` (see :func:`config_gpus`) go into a GPU provider's instance group."""
+    shapes = shapes_from_samples(info, samples)
+    engine_cache = None
+    if candidate.provider == "tensorrt":
+        engine_cache = str(tensorrt_cache_dir(cache_dir(), info, candidate, shapes))
+    return render_config(
+        info,
+        candidate,
+        model_name=model_name,
+        engine_cache_dir=engine_cache,
+        request_shapes=shapes,
+        gpus=gpus,
+    )
+
+
+def config_gpus(gpus: str | None, target: ServingTarget) -> tuple[int, ...]:
+    """The GPUs each config names: ``--gpus`` for a server optimize does not start (a remote one); none
+    for one it starts, which sees only those GPUs already (numbered from 0 there)."""
+    if not gpus or target.capabilities.picks_gpus:
+        return ()
+    return tuple(int(index) for index in gpus.split(","))
+
+
+def server_fault(target: ServingTarget, when: str, exc: Exception, note) -> TrialFailed:
+    """A crash or hang of the server (or requests failing ``when``) as a failed trial, the server
+    restarted so later trials are unaffected; the rule of every study's trials.
+
+    Raises:
+        ServerDiedError: the target cannot be restarted by optimize (a remote server): the study ends.
+    """
+    alive = _still_alive(target)
+    detail = first_line(exc.message if isinstance(exc, OptimizeError) else str(exc))
+    reason = f"the server crashed {when}" if not alive else f"{detail} {when}"
+    if not target.capabilities.can_restart:
+        raise ServerDiedError(f"{reason}; the {target.name} server cannot be restarted by optimize") from exc
+    note(f"{reason}: restarting the server")
+    target.restart()
+    return TrialFailed(reason, transient=True)
+
+
+def _still_alive(target, settle_s: float = 2.0) -> bool:
+    # A killed server closes its sockets a moment before the kernel reports it dead: look twice.
+    deadline = time.monotonic() + settle_s
+    while time.monotonic() < deadline:
+        if not target.is_alive():
+            return False
+        time.sleep(0.1)
+    return target.is_alive()
+
+
+def first_line(text: str) -> str:
+    text = (text or "").strip()
+    return text.splitlines()[0][:300] if text else "unknown error"
