@@ -27,6 +27,7 @@ from optimizer.model.variants import (
     variant_path,
 )
 from optimizer.paths import cache_dir
+from optimizer.report.data import precision_rows
 from optimizer.study import one_model, precisions
 from optimizer.study.precisions import accurate_precisions, guard_refusals, refused_providers
 from optimizer.study.run import QuietReporter, run_study
@@ -102,6 +103,10 @@ def test_a_precision_refused_on_one_gpu_provider_is_kept_for_the_other_and_recor
     assert refused_providers(record) == ("tensorrt",)
     assert guard_refusals(study) == {("fp16", "tensorrt")}
     assert any(n.endswith("not served on tensorrt") and "outside the accuracy tolerance" in n for n in notes)
+    # The report's precision table says where it is not served; the per-provider records are not figures.
+    (row,) = [r for r in precision_rows((), study.user_attrs["variants"]) if r.precision == "fp16"]
+    assert row.accuracy_ok is True and "(not served on tensorrt: fp16 variant outside" in row.accuracy_note
+    assert "providers" not in dict(row.accuracy)
     # Resumed, the records are read back, not checked again, and give the same refusals.
     monkeypatch.setattr(precisions, "check_variant", None)
     again = accurate_precisions(study, info, load_space("gpu"), samples, 0.01, QuietReporter())

@@ -572,7 +572,7 @@ def _space_precisions(attrs: Mapping[str, Any]) -> tuple[str, ...]:
 
 
 # Keys of a variant's accuracy record that are not figures: the verdict, its sentence, the precision again.
-_NOT_FIGURES = ("ok", "reason", "precision", "attempts")
+_NOT_FIGURES = ("ok", "reason", "precision", "attempts", "providers")
 
 
 def precision_rows(
@@ -621,6 +621,13 @@ def _accuracy_note(figures: Mapping) -> str:
                 " (refused first: "
                 + "; ".join(f"{a.get('recipe')}: {a.get('reason')}" for a in refused)
                 + ")"
+            )
+    providers = figures.get("providers")
+    if figures.get("ok") and isinstance(providers, Mapping):  # a GPU space's CUDA and TensorRT
+        refused = {p: r for p, r in providers.items() if isinstance(r, Mapping) and not r.get("ok")}
+        if refused:
+            note += (
+                " (not served on " + "; ".join(f"{p}: {r.get('reason')}" for p, r in refused.items()) + ")"
             )
     return note
 
