@@ -1,13 +1,16 @@
 """Each int8 recipe on each model: the accuracy guard's figures and the in-process rate beside fp32's.
 
     .venv/bin/python bench/int8_recipes.py [--models encoder,cnn,bert] [--tolerance 0.01] [--rounds 3]
+        [--goal "pooled_cosine>=0.99" ...]
 
 What a study does before its trials (``choose_int8``) stops at the first recipe that passes; this tries
 every recipe on every model, so the order can be judged: for each, 1 - cosine against fp32 on 32
 synthetic samples, whether it passes the tolerance, and its in-process rate (one request at a time,
 ONNX Runtime's default threads), measured in ``--rounds`` alternating rounds (fp32, then each recipe)
-and reported as the median with the spread. Run it with nothing else on the machine; the load averages
-are printed.
+and reported as the median with the spread. With ``--goal`` (as ``optimize study --accuracy-goal``), each
+recipe is also judged by the goals on the same samples, beside the cosine rule: which recipes a user's
+goal would serve that the default rule refuses. Run it with nothing else on the machine; the load
+averages are printed.
 """
 
 from __future__ import annotations
@@ -19,11 +22,13 @@ import tempfile
 from pathlib import Path
 
 from optimizer.model import examples
-from optimizer.model.accuracy import check_variant
+from optimizer.model.accuracy import AccuracyGuard, check_variant
 from optimizer.model.intake import inspect_model, resolve_shapes, synthetic_inputs
 from optimizer.model.quantize import recipe_order
 from optimizer.model.variants import inprocess_rate, variant_path
 from optimizer.paths import cache_dir
+from optimizer.study.precisions import accuracy_guard
+from optimizer.study.settings import StudySettings
 
 MODELS = {
     "encoder": (lambda path: examples.example_model(path.parent), examples.EXAMPLE_SHAPES),
@@ -41,6 +46,9 @@ def main() -> None:
     parser.add_argument("--models", default="encoder,cnn,bert")
     parser.add_argument("--tolerance", type=float, default=0.01)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--goal", action="append", default=[], help="an accuracy goal, e.g. pooled_cosine>=0.99"
+    )
     args = parser.parse_args()
     print(f"load average before: {os.getloadavg()}")
     with tempfile.TemporaryDirectory() as work:
@@ -58,6 +66,7 @@ def report(name: str, info, samples, args) -> None:
     order = recipe_order(info.path)
     files = {"fp32": info.path}
     guard = {}
+    goals = goal_guard(info, samples, args.goal)
     for recipe in order:
         try:
             files[recipe] = variant_path(info, "int8", cache_dir(), recipe, samples)
@@ -66,6 +75,10 @@ def report(name: str, info, samples, args) -> None:
             continue
         result = check_variant(info.path, files[recipe], samples, "int8", args.tolerance)
         guard[recipe] = f"1 - cos {1 - result.cosine:.2e} ({'pass' if result.ok else 'fail'})"
+        if goals is not None:
+            judged = goals.check(info.path, files[recipe], "int8")
+            verdict = "pass" if judged.ok else "fail"
+            guard[recipe] += f"; {judged.metric_figures()} ({', '.join(args.goal)}: {verdict})"
     rates: dict[str, list[float]] = {label: [] for label in files}
     for _ in range(args.rounds):
         for label, path in files.items():  # alternating: drift reaches every file alike
@@ -83,6 +96,13 @@ def report(name: str, info, samples, args) -> None:
         shown = "fp32" if label == "fp32" else f"int8 {label}"
         verdict = guard.get(label, "reference")
         print(f"| {shown} | {verdict} | {median:.0f} ({spread}) | {median / fp32:.2f}x |")
+
+
+def goal_guard(info, samples, goals: list[str]) -> AccuracyGuard | None:
+    """The guard a study with ``--accuracy-goal`` uses, on the same samples (None: no goals)."""
+    if not goals:
+        return None
+    return accuracy_guard(StudySettings(accuracy_goals=tuple(goals)), info, samples)
 
 
 if __name__ == "__main__":

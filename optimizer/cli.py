@@ -219,6 +219,33 @@ _AccuracyTolerance = Annotated[
         rich_help_panel=MODEL,
     ),
 ]
+_AccuracyData = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--accuracy-data",
+        help=".npz the accuracy metrics run on: one array per input (samples on axis 0), labels under other "
+        "names.",
+        rich_help_panel=MODEL,
+    ),
+]
+_AccuracyMetric = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--accuracy-metric",
+        help="top1_agreement, top1_accuracy, squad_exact_match, squad_f1, pooled_cosine, max_abs_error, or "
+        "module:function (repeatable).",
+        rich_help_panel=MODEL,
+    ),
+]
+_AccuracyGoal = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--accuracy-goal",
+        help="NAME>=0.99 (a floor) or NAME>=-1% / NAME>=fp32-0.5 (at most that far below fp32); decides "
+        "instead of --accuracy-tolerance (repeatable).",
+        rich_help_panel=MODEL,
+    ),
+]
 _Concurrency = Annotated[
     Optional[str], typer.Option(help="Concurrency levels, e.g. 1,2,4,8,16.", rich_help_panel=MEASUREMENT)
 ]
@@ -451,6 +478,9 @@ def study(
     shape: ShapeOption = None,
     input_data: _InputData = None,
     accuracy_tolerance: _AccuracyTolerance = StudySettings.accuracy_tolerance,
+    accuracy_data: _AccuracyData = None,
+    accuracy_metric: _AccuracyMetric = None,
+    accuracy_goal: _AccuracyGoal = None,
     concurrency: _Concurrency = None,
     seed: _Seed = None,
     sampler: _Sampler = _DEFAULT_SAMPLER,

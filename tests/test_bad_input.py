@@ -33,6 +33,16 @@ def existing(models, triton, tmp_path_factory) -> dict[str, Path]:
     files["npz_wrong_dtype"] = _npz(root / "dtype.npz", x=np.ones((2, 64), np.float64))
     files["npz_wrong_shape"] = _npz(root / "shape.npz", x=np.ones((2, 32), np.float32))
     files["npz_not_npz"] = _write(root / "data.csv", "1,2,3\n")
+    x = np.ones((4, 64), np.float32)
+    files["labels_count"] = _npz(root / "labels_count.npz", x=x, labels=np.zeros(3, np.int64))
+    files["labels_shape"] = _npz(root / "labels_shape.npz", x=x, labels=np.zeros((4, 2), np.int64))
+    files["accuracy_no_input"] = _npz(root / "no_input.npz", y=x)
+    files["metric_raises"] = _write(
+        root / "raises.py", "def bad(outputs, reference, data):\n    raise ValueError('boom')\n"
+    )
+    files["metric_not_number"] = _write(
+        root / "notnum.py", "def bad(outputs, reference, data):\n    return 'high'\n"
+    )
     for name, text in {
         "unknown_key": "max_batch_sizes: [1, 8]\n",
         "wrong_type": "instance_count: many\n",
@@ -105,6 +115,65 @@ CASES = [
     ("shape-not-a-number", lambda m, f, t: ["--shape", "x:abc"], 2, "not a whole number"),
     ("input-data-not-npz", lambda m, f, t: ["--input-data", str(f["npz_not_npz"])], 2, "not a .npz file"),
     ("input-data-missing", lambda m, f, t: ["--input-data", str(t / "none.npz")], 2, "does not exist"),
+    (
+        "metric-does-not-import",
+        lambda m, f, t: ["--accuracy-metric", "no_such_module_xyz:f1"],
+        2,
+        "no_such_module_xyz does not import (ModuleNotFoundError",
+    ),
+    (
+        "metric-raises",
+        lambda m, f, t: ["--accuracy-metric", f"{f['metric_raises']}:bad"],
+        2,
+        "--accuracy-metric bad raised ValueError: boom",
+    ),
+    (
+        "metric-not-a-number",
+        lambda m, f, t: ["--accuracy-metric", f"{f['metric_not_number']}:bad"],
+        2,
+        "returned str, not a number",
+    ),
+    (
+        "metric-unknown-name",
+        lambda m, f, t: ["--accuracy-metric", "f1"],
+        2,
+        "is not a built-in metric (top1_agreement, top1_accuracy",
+    ),
+    (
+        "labels-count",
+        lambda m, f, t: ["--accuracy-data", str(f["labels_count"]), "--accuracy-metric", "top1_accuracy"],
+        2,
+        "must hold the same number (>= 1) of samples on their first axis: x 4, labels 3",
+    ),
+    (
+        "labels-shape",
+        lambda m, f, t: ["--accuracy-data", str(f["labels_shape"]), "--accuracy-metric", "top1_accuracy"],
+        2,
+        "the labels hold 8 values for 4 predictions",
+    ),
+    (
+        "accuracy-data-without-the-input",
+        lambda m, f, t: [
+            "--accuracy-data",
+            str(f["accuracy_no_input"]),
+            "--accuracy-metric",
+            "top1_agreement",
+        ],
+        2,
+        "--accuracy-data has no array for input x",
+    ),
+    (
+        "goal-unknown-metric",
+        lambda m, f, t: ["--accuracy-goal", "f2>=0.9"],
+        2,
+        "names metric 'f2', which the study does not compute",
+    ),
+    (
+        "goal-not-a-goal",
+        lambda m, f, t: ["--accuracy-goal", "f1 is good"],
+        2,
+        "is not a goal: write NAME>=0.99",
+    ),
     (
         "input-data-dtype",
         lambda m, f, t: ["--input-data", str(f["npz_wrong_dtype"])],

@@ -10,6 +10,8 @@ seen in the engine cache.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import onnx
 import optuna
 import pytest
@@ -17,7 +19,7 @@ from onnx import TensorProto
 
 from optimizer.config.render import render_config
 from optimizer.config.space import Candidate, load_space
-from optimizer.model.accuracy import TENSORRT_MODES, check_variant
+from optimizer.model.accuracy import TENSORRT_MODES, AccuracyGuard, check_variant
 from optimizer.model.intake import inspect_model, resolve_shapes, synthetic_inputs
 from optimizer.model.variants import (
     FP16_FUSED,
@@ -28,7 +30,7 @@ from optimizer.model.variants import (
 )
 from optimizer.paths import cache_dir
 from optimizer.report.data import precision_rows
-from optimizer.study import one_model, precisions
+from optimizer.study import one_model
 from optimizer.study.precisions import accurate_precisions, guard_refusals, refused_providers
 from optimizer.study.run import QuietReporter, run_study
 from optimizer.study.trial_rules import tensorrt_engines
@@ -79,23 +81,22 @@ def test_cuda_serves_fp16_made_after_the_transformer_fusions_and_tensorrt_its_ow
     assert TENSORRT_MODES["fp16"] == {"trt_fp16_enable": True, "trt_layer_norm_fp32_fallback": True}
 
 
-def test_a_precision_refused_on_one_gpu_provider_is_kept_for_the_other_and_recorded_per_provider(
-    encoder, monkeypatch
-):
+def test_a_precision_refused_on_one_gpu_provider_is_kept_for_the_other_and_recorded_per_provider(encoder):
     info, _, samples = encoder
-    real_check = precisions.check_variant
 
-    def tensorrt_overflows(reference, variant, samples, precision, tolerance, provider="cpu"):
-        report = real_check(reference, variant, samples, precision, tolerance, provider)
-        if provider == "tensorrt" and precision == "fp16":  # as TensorRT's FP16 mode overflowing would
-            return type(report)(**{**report.__dict__, "cosine": 0.5})
-        return report
+    class TensorrtOverflows(AccuracyGuard):
+        """The real guard, except that TensorRT's FP16 mode is judged as overflowing would leave it."""
 
-    monkeypatch.setattr(precisions, "check_variant", tensorrt_overflows)
+        def check(self, reference, variant, precision, provider="cpu"):
+            report = super().check(reference, variant, precision, provider)
+            if provider == "tensorrt" and precision == "fp16":
+                return replace(report, cosine=0.5)
+            return report
+
     notes: list[str] = []
     reporter = type("Notes", (), {"note": lambda self, message: notes.append(message)})()
     study = optuna.create_study(direction="maximize")
-    settled = accurate_precisions(study, info, load_space("gpu"), samples, 0.01, reporter)
+    settled = accurate_precisions(study, info, load_space("gpu"), TensorrtOverflows(samples, 0.01), reporter)
 
     record = study.user_attrs["variants"]["fp16"]
     assert "fp16" in settled.precisions and record["ok"] is True  # CUDA serves it
@@ -108,8 +109,8 @@ def test_a_precision_refused_on_one_gpu_provider_is_kept_for_the_other_and_recor
     assert row.accuracy_ok is True and "(not served on tensorrt: fp16 variant outside" in row.accuracy_note
     assert "providers" not in dict(row.accuracy)
     # Resumed, the records are read back, not checked again, and give the same refusals.
-    monkeypatch.setattr(precisions, "check_variant", None)
-    again = accurate_precisions(study, info, load_space("gpu"), samples, 0.01, QuietReporter())
+    never = type("Never", (AccuracyGuard,), {"check": lambda *args: pytest.fail("checked again")})
+    again = accurate_precisions(study, info, load_space("gpu"), never(samples, 0.01), QuietReporter())
     assert again.precisions == settled.precisions and guard_refusals(study) == {("fp16", "tensorrt")}
 
 

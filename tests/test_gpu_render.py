@@ -27,6 +27,7 @@ from optimizer.config.render import (
     to_pbtxt,
 )
 from optimizer.config.space import Candidate, load_space
+from optimizer.model.accuracy import AccuracyGuard
 from optimizer.model.intake import inspect_model, resolve_shapes, synthetic_inputs
 from optimizer.model.quantize import GPU_INT8_RECIPE, INT8_RECIPES, recipes_for
 from optimizer.model.variants import variant_path
@@ -236,7 +237,7 @@ def test_a_gpu_spaces_int8_variant_tries_the_symmetric_qdq_recipe_and_no_cpu_rec
     info = inspect_model(models["mlp"])
     samples = [synthetic_inputs(info, resolve_shapes(info, {}), 1, seed=seed) for seed in range(8)]
     study = optuna.create_study(direction="maximize")
-    accurate_precisions(study, info, load_space("gpu"), samples, 0.01, QuietReporter())
+    accurate_precisions(study, info, load_space("gpu"), AccuracyGuard(samples, 0.01), QuietReporter())
     attempts = study.user_attrs["variants"]["int8"]["attempts"]
     assert [attempt["recipe"] for attempt in attempts] == [GPU_INT8_RECIPE]
 
@@ -374,7 +375,7 @@ def test_the_accuracy_guard_says_it_checked_a_gpu_variant_on_the_cpu_when_the_gp
     notes: list[str] = []
     reporter = type("Notes", (), {"note": lambda self, message: notes.append(message)})()
     study = optuna.create_study(direction="maximize")
-    accurate_precisions(study, info, load_space("gpu"), samples, 0.01, reporter)
+    accurate_precisions(study, info, load_space("gpu"), AccuracyGuard(samples, 0.01), reporter)
     assert study.user_attrs["variants"]["fp16"]["wanted"] == "cuda"
     assert any(n.startswith("fp16: accuracy checked on the cpu provider; cuda") for n in notes), notes
 

@@ -12,7 +12,7 @@ from optimizer.cli import main
 from optimizer.config.render import render_config, to_json
 from optimizer.config.space import Candidate
 from optimizer.errors import SpaceError, UsageError
-from optimizer.model.accuracy import check_variant, compare_outputs
+from optimizer.model.accuracy import AccuracyGuard, check_variant, compare_outputs
 from optimizer.model.intake import inspect_model, load_input_data, resolve_shapes, synthetic_inputs
 from optimizer.model.providers import check_providers
 from optimizer.model.quantize import (
@@ -165,7 +165,7 @@ def test_int8_recipes_are_tried_in_order_and_each_refusal_is_recorded(models):
     info = inspect_model(models["encoder"])
     samples = _samples(info, {"input_ids": (16,), "attention_mask": (16,)})
     # Nothing quantized is exact: every recipe is built, checked, refused, and the next one tried.
-    choice = choose_int8(info, samples, 0.0, cache_dir())
+    choice = choose_int8(info, samples, AccuracyGuard(samples, 0.0), cache_dir())
     assert choice.recipe is None
     assert [a["recipe"] for a in choice.attempts] == list(recipe_order(info.path)) == list(BASE_RECIPES)
     for attempt in choice.attempts:
@@ -175,7 +175,7 @@ def test_int8_recipes_are_tried_in_order_and_each_refusal_is_recorded(models):
         assert file.name == variant_filename("int8", attempt["recipe"]) and file.is_file()
     # At the default tolerance the first recipe (the dynamic default) passes; its fused form is tried
     # too (the encoder has LayerNorm and GELU patterns), and the faster of the two in process is served.
-    choice = choose_int8(info, samples, 0.01, cache_dir())
+    choice = choose_int8(info, samples, AccuracyGuard(samples, 0.01), cache_dir())
     plain, fused = choice.attempts
     assert plain["recipe"] == DEFAULT_INT8_RECIPE and fused["recipe"] == fused_recipe(DEFAULT_INT8_RECIPE)
     assert plain["ok"] and fused["ok"]
@@ -197,7 +197,7 @@ def test_the_fused_int8_recipes_quantize_the_fused_graph_and_a_model_without_pat
         GPU_INT8_RECIPE
     }
     mlp = inspect_model(models["mlp"])
-    choice = choose_int8(mlp, _samples(mlp, {}), 0.01, cache_dir())
+    choice = choose_int8(mlp, _samples(mlp, {}), AccuracyGuard(_samples(mlp, {}), 0.01), cache_dir())
     assert choice.recipe == DEFAULT_INT8_RECIPE and [a["recipe"] for a in choice.attempts] == ["dynamic"]
     assert "nothing to fuse" in choice.fusion
 
@@ -236,7 +236,7 @@ def test_a_convolutional_model_tries_static_int8_first_and_gets_a_qdq_graph(mode
     info = inspect_model(models["cnn"])
     assert recipe_order(info.path)[0] == "static-qdq"
     samples = _samples(info, {"image": (3, 32, 32)})
-    choice = choose_int8(info, samples, 0.05, cache_dir())
+    choice = choose_int8(info, samples, AccuracyGuard(samples, 0.05), cache_dir())
     first = choice.attempts[0]
     assert first["recipe"] == "static-qdq" and "cosine" in first, first
     graph = onnx.load(str(variant_path(info, "int8", cache_dir(), "static-qdq"))).graph
@@ -254,7 +254,7 @@ def test_a_variant_that_cannot_be_built_is_recorded_and_left_out(models, triton,
     monkeypatch.setattr("optimizer.model.variants.INT8_RECIPES", broken)
     monkeypatch.setenv("OPTIMIZE_CACHE_DIR", str(tmp_path / "cache"))  # no int8 file cached by other tests
     info = inspect_model(models["mlp"])
-    choice = choose_int8(info, _samples(info, {}), 0.01, cache_dir())
+    choice = choose_int8(info, _samples(info, {}), AccuracyGuard(_samples(info, {}), 0.01), cache_dir())
     assert choice.recipe is None and len(choice.attempts) == len(BASE_RECIPES)  # the fused ones follow a pass
     assert all(
         "could not make the int8 (" in a["reason"] and "initializer" in a["reason"] for a in choice.attempts

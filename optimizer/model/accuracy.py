@@ -8,17 +8,24 @@ fp16 as TensorRT's FP16 mode (with the LayerNorm fp32 fallback the served config
 mode. The gate is cosine similarity, per output and per sample: a variant passes when
 ``1 - cosine <= tolerance`` everywhere. Max absolute and relative errors and, for classifier-like outputs
 (``[batch, classes]``), top-1 agreement are recorded beside it.
+
+With the user's metrics (:mod:`optimizer.model.metrics`) the guard also scores fp32 and the variant on the
+accuracy data, and with goals the goals decide instead of the cosine rule (:class:`AccuracyGuard`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["DEFAULT_TOLERANCE", "AccuracyReport", "check_variant", "compare_outputs"]
+from optimizer.errors import UsageError
+from optimizer.model.metrics import AccuracyData, Goal, Metric, data_from_samples, score
+
+__all__ = ["DEFAULT_TOLERANCE", "AccuracyGuard", "AccuracyReport", "check_variant", "compare_outputs"]
 
 DEFAULT_TOLERANCE = 0.01  # 1 - cosine similarity; 0.01 keeps outputs within about 8 degrees
 MAX_SAMPLES = 64
@@ -37,21 +44,45 @@ class AccuracyReport:
     tolerance: float
     provider: str = "cpu"  # the provider the variant ran on
     wanted: str = "cpu"  # the provider that will serve it (the guard fell back to the CPU if they differ)
+    # The user's metrics on the accuracy data: {name: {"fp32": score, "variant": score}}, and each goal
+    # with whether the variant met it; with goals, they decide instead of the cosine rule.
+    metrics: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    goals: tuple[tuple[str, bool], ...] = ()
+    data: str = ""  # what the metrics ran on
 
     @property
     def ok(self) -> bool:
+        if self.goals:
+            return all(met for _, met in self.goals)
         return 1.0 - self.cosine <= self.tolerance
 
     def reason(self) -> str:
-        verdict = "within" if self.ok else "outside"
-        top1 = f", top-1 agreement {self.top1:.3f}" if self.top1 is not None else ""
         where = "" if self.provider == "cpu" == self.wanted else f" on the {self.provider} provider"
         if self.provider != self.wanted:
             where += f" ({self.wanted}, which serves it, does not load here)"
+        if self.goals:
+            return self._goal_reason() + where
+        verdict = "within" if self.ok else "outside"
+        top1 = f", top-1 agreement {self.top1:.3f}" if self.top1 is not None else ""
+        metrics = f"; {self.metric_figures()}" if self.metrics else ""
         return (
             f"{self.precision} variant {verdict} the accuracy tolerance: 1 - cosine = {1 - self.cosine:.2e} "
             f"(tolerance {self.tolerance:g}), max abs error {self.max_abs:.3g}, max rel error {self.max_rel:.3g}"
-            f"{top1} over {self.samples} samples{where}"
+            f"{top1} over {self.samples} samples{metrics}{where}"
+        )
+
+    def _goal_reason(self) -> str:
+        missed = [goal for goal, met in self.goals if not met]
+        verdict = (
+            "meets the accuracy goals" if not missed else f"misses the accuracy goal {', '.join(missed)}"
+        )
+        return f"{self.precision} variant {verdict}: {self.metric_figures()} on {self.data}"
+
+    def metric_figures(self) -> str:
+        """``squad_f1 86.3 (fp32 86.7, -0.4)``, one per metric."""
+        return ", ".join(
+            f"{name} {f['variant']:.4g} (fp32 {f['fp32']:.4g}, {f['variant'] - f['fp32']:+.3g})"
+            for name, f in self.metrics.items()
         )
 
     def to_dict(self) -> dict:
@@ -150,3 +181,77 @@ def check_variant(
     outputs, ran = _run(variant_path, chosen, provider, precision)
     report = compare_outputs(precision, reference, outputs, tolerance)
     return replace(report, provider=ran, wanted=provider)
+
+
+@dataclass
+class AccuracyGuard:
+    """What decides whether a variant may be served: the cosine rule on the study's requests, and the
+    user's metrics on their data (``metrics``), which decide instead when the user set goals."""
+
+    samples: Sequence[Outputs]  # the study's requests: the cosine rule's inputs
+    tolerance: float = DEFAULT_TOLERANCE
+    metrics: tuple[Metric, ...] = ()
+    goals: tuple[Goal, ...] = ()
+    data: AccuracyData | None = None  # None: the metrics run on the study's requests
+    batching: bool = True  # whether the model takes a batch axis (one request per sample either way)
+    _fp32: dict[Path, dict[str, np.ndarray]] = field(default_factory=dict, repr=False)
+
+    @property
+    def metric_data(self) -> AccuracyData:
+        return (
+            self.data if self.data is not None else data_from_samples(self.samples[:MAX_DATA], self.batching)
+        )
+
+    def fp32_scores(self, reference: Path) -> dict[str, float]:
+        """fp32's own score on each metric: run once, before any trial, so a metric that cannot be
+        computed is bad input (UsageError), not a failure halfway through a study."""
+        outputs = self._reference_outputs(reference)
+        data = self.metric_data.arrays
+        scores = {m.name: score(m, outputs, outputs, data) for m in self.metrics}
+        for name, value in scores.items():
+            if not math.isfinite(value):
+                raise UsageError(
+                    f"--accuracy-metric {name} returned {value} on fp32's own outputs: return a finite number"
+                )
+        return scores
+
+    def check(self, reference: Path, variant: Path, precision: str, provider: str = "cpu") -> AccuracyReport:
+        """The variant's verdict, with its metric figures and goals when the study has them."""
+        report = check_variant(reference, variant, self.samples, precision, self.tolerance, provider)
+        if not self.metrics:
+            return report
+        data = self.metric_data
+        fp32 = self._reference_outputs(reference)
+        ran, _ = _run(variant, data.requests(self.batching), provider, precision)
+        outputs = _stack(ran, self.batching)
+        figures = {
+            m.name: {
+                "fp32": score(m, fp32, fp32, data.arrays),
+                "variant": score(m, outputs, fp32, data.arrays),
+            }
+            for m in self.metrics
+        }
+        goals = tuple(
+            (g.text, g.met(figures[g.metric]["variant"], figures[g.metric]["fp32"])) for g in self.goals
+        )
+        source = (
+            f"{data.count} samples of {data.source}" if self.data else f"{data.count} of the study's requests"
+        )
+        return replace(report, metrics=figures, goals=goals, data=source)
+
+    def _reference_outputs(self, reference: Path) -> dict[str, np.ndarray]:
+        if reference not in self._fp32:
+            ran, _ = _run(reference, self.metric_data.requests(self.batching))
+            self._fp32[reference] = _stack(ran, self.batching)
+        return self._fp32[reference]
+
+
+MAX_DATA = 256  # the study's requests the metrics run on when the user gave no accuracy data
+
+
+def _stack(outputs: Sequence[Mapping[str, np.ndarray]], batching: bool) -> dict[str, np.ndarray]:
+    """Per-request outputs as one array per output, samples on the first axis."""
+    names = list(outputs[0])
+    if batching:
+        return {n: np.concatenate([o[n] for o in outputs]) for n in names}
+    return {n: np.stack([o[n] for o in outputs]) for n in names}

@@ -419,10 +419,18 @@ def load_input_data(info: ModelInfo, path: Path | str) -> list[dict[str, np.ndar
     ]
 
 
-def _check_input_array(info: ModelInfo, spec: TensorSpec, array: np.ndarray) -> None:
+def check_input_array(info: ModelInfo, name: str, array: np.ndarray, option: str = "--accuracy-data") -> None:
+    """Raise UsageError when ``array`` (samples on the first axis) cannot feed input ``name``."""
+    spec = next(s for s in info.inputs if s.name == name)
+    _check_input_array(info, spec, array, option)
+
+
+def _check_input_array(
+    info: ModelInfo, spec: TensorSpec, array: np.ndarray, option: str = "--input-data"
+) -> None:
     if array.dtype != np.dtype(spec.dtype):
         raise UsageError(
-            f"--input-data array {spec.name!r} has dtype {array.dtype}, but the model expects {spec.dtype}"
+            f"{option} array {spec.name!r} has dtype {array.dtype}, but the model expects {spec.dtype}"
         )
     dims = info.tensor_dims(spec)
     sample_shape = array.shape[1:]
@@ -431,7 +439,7 @@ def _check_input_array(info: ModelInfo, spec: TensorSpec, array: np.ndarray) -> 
     )
     if not fits:
         raise UsageError(
-            f"--input-data array {spec.name!r} holds samples of shape {list(sample_shape)}, "
+            f"{option} array {spec.name!r} holds samples of shape {list(sample_shape)}, "
             f"but the model expects ({_dims_text(dims)}) per request"
         )
 

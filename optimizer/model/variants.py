@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from optimizer.errors import ModelError
-from optimizer.model.accuracy import check_variant
+from optimizer.model.accuracy import AccuracyGuard
 from optimizer.model.fusion import fuse_transformer
 from optimizer.model.intake import ModelInfo
 from optimizer.model.quantize import DEFAULT_INT8_RECIPE, INT8_RECIPES, fused_recipe, recipe_order
@@ -234,13 +234,14 @@ class Int8Choice:
 def choose_int8(
     info: ModelInfo,
     samples: Sequence[Mapping[str, np.ndarray]],
-    tolerance: float,
+    guard: AccuracyGuard,
     cache: Path,
     recipes: Sequence[str] | None = None,
     provider: str = "cpu",
 ) -> Int8Choice:
-    """Try the int8 recipes in order until one passes the accuracy guard (the variant run on
-    ``provider``, the one that will serve it, where it loads); record each one's outcome.
+    """Try the int8 recipes in order until one passes the accuracy ``guard`` (the variant run on
+    ``provider``, the one that will serve it, where it loads); record each one's outcome. ``samples``
+    calibrate the static recipes (the study's requests).
 
     An attempt records its recipe, whether it passed, why (the guard's figures, or why it could not be
     built) and its in-process rate (inferences/s on one request at a time, beside fp32's), so a study can
@@ -253,7 +254,7 @@ def choose_int8(
         except ModelError as exc:
             attempts.append({"recipe": recipe, "ok": False, "reason": str(exc)})
             continue
-        report = check_variant(info.path, path, samples, "int8", tolerance, provider)
+        report = guard.check(info.path, path, "int8", provider)
         attempt = {
             "recipe": recipe,
             **report.to_dict(),
@@ -261,14 +262,14 @@ def choose_int8(
         }
         attempts.append(attempt)
         if report.ok:
-            return _with_fusion(info, samples, tolerance, cache, recipe, attempts, recipes)
+            return _with_fusion(info, samples, guard, cache, recipe, attempts, recipes)
     return Int8Choice(None, tuple(attempts))
 
 
 def _with_fusion(
     info: ModelInfo,
     samples: Sequence[Mapping[str, np.ndarray]],
-    tolerance: float,
+    guard: AccuracyGuard,
     cache: Path,
     recipe: str,
     attempts: list[dict],
@@ -286,7 +287,7 @@ def _with_fusion(
         path = variant_path(info, "int8", cache, fused, samples)
     except ModelError as exc:  # most often nothing to fuse: not a refusal, the model has no such pattern
         return Int8Choice(recipe, tuple(attempts), f"{fused} not built: {exc}")
-    report = check_variant(info.path, path, samples, "int8", tolerance)
+    report = guard.check(info.path, path, "int8")
     if not report.ok:
         attempts.append({"recipe": fused, **report.to_dict()})
         return Int8Choice(recipe, tuple(attempts), f"{fused} broke the accuracy guard")

@@ -572,7 +572,7 @@ def _space_precisions(attrs: Mapping[str, Any]) -> tuple[str, ...]:
 
 
 # Keys of a variant's accuracy record that are not figures: the verdict, its sentence, the precision again.
-_NOT_FIGURES = ("ok", "reason", "precision", "attempts", "providers")
+_NOT_FIGURES = ("ok", "reason", "precision", "attempts", "providers", "metrics", "goals", "data")
 
 
 def precision_rows(
@@ -594,7 +594,8 @@ def precision_rows(
         figures = variants.get(precision)
         figures = figures if isinstance(figures, Mapping) else {}
         ok = figures.get("ok")
-        shown = {k: v for k, v in figures.items() if k not in _NOT_FIGURES}
+        shown = {k: _text(v) for k, v in figures.items() if k not in _NOT_FIGURES}
+        shown = {**metric_figures(figures), **shown}  # the user's metrics first: what they report
         rows.append(
             PrecisionRow(
                 precision=precision,
@@ -602,12 +603,25 @@ def precision_rows(
                 best_trial=best.number if best else None,
                 best_throughput=best.throughput if best else None,
                 p99_ms=best.p99_ms if best else None,
-                accuracy=tuple((str(k), _text(v)) for k, v in shown.items()),
+                accuracy=tuple((str(k), v) for k, v in shown.items()),
                 accuracy_ok=ok if isinstance(ok, bool) else None,
                 accuracy_note=_accuracy_note(figures),
             )
         )
     return tuple(rows)
+
+
+def metric_figures(figures: Mapping) -> dict[str, str]:
+    """A variant's scores on the user's metrics: ``{"squad_f1": "86.3 (fp32 86.7, -0.4)"}``."""
+    metrics = figures.get("metrics")
+    if not isinstance(metrics, Mapping):
+        return {}
+    shown = {}
+    for name, pair in metrics.items():
+        if isinstance(pair, Mapping) and isinstance(pair.get("variant"), (int, float)):
+            variant, fp32 = float(pair["variant"]), float(pair.get("fp32", math.nan))
+            shown[str(name)] = f"{variant:.4g} (fp32 {fp32:.4g}, {variant - fp32:+.3g})"
+    return shown
 
 
 def _accuracy_note(figures: Mapping) -> str:
@@ -624,10 +638,10 @@ def _accuracy_note(figures: Mapping) -> str:
             )
     providers = figures.get("providers")
     if figures.get("ok") and isinstance(providers, Mapping):  # a GPU space's CUDA and TensorRT
-        refused = {p: r for p, r in providers.items() if isinstance(r, Mapping) and not r.get("ok")}
-        if refused:
+        elsewhere = {p: r for p, r in providers.items() if isinstance(r, Mapping) and not r.get("ok")}
+        if elsewhere:
             note += (
-                " (not served on " + "; ".join(f"{p}: {r.get('reason')}" for p, r in refused.items()) + ")"
+                " (not served on " + "; ".join(f"{p}: {r.get('reason')}" for p, r in elsewhere.items()) + ")"
             )
     return note
 

@@ -34,6 +34,7 @@ from optuna.trial import TrialState
 from optimizer.config.space import Candidate, SearchSpace, baseline_params, load_space
 from optimizer.errors import StudyError, UsageError
 from optimizer.measurement.mixed import measure_mix, shares_of
+from optimizer.model.accuracy import AccuracyGuard
 from optimizer.model.ensemble import (
     ensemble_requests,
     load_ensemble,
@@ -238,8 +239,7 @@ def _settle_variants(study, member: Member, settings: StudySettings, note) -> Me
         study,
         member.info,
         member.space,
-        member.samples,
-        settings.accuracy_tolerance,
+        AccuracyGuard(member.samples, settings.accuracy_tolerance, batching=member.info.batching),
         _Prefixed(note, member.name),
         attr=attr,
     )

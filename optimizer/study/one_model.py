@@ -44,11 +44,13 @@ from optimizer.study.driver import (
     default_latency_budget_ms,
 )
 from optimizer.study.precisions import (
+    accuracy_guard,
     accurate_precisions,
     guard_refusals,
     inprocess_points,
     int8_recipe_of,
     profile_in_process,
+    record_accuracy,
 )
 from optimizer.study.records import is_joint
 from optimizer.study.results import (
@@ -59,6 +61,7 @@ from optimizer.study.results import (
     export_trial,
     finalists,
     gpu_fit,
+    precision_lines,
     report_of,
 )
 from optimizer.study.settings import SearchSettings, StudySettings
@@ -80,6 +83,9 @@ class OneModel:
         if target is not None:  # a recording answers for the model it recorded only
             target.check_model(self.model.sha256)
         self.space = settings.space if isinstance(settings.space, SearchSpace) else load_space(settings.space)
+        # The accuracy guard, its metrics scored on fp32 now: a metric that cannot run is bad input.
+        self.guard = accuracy_guard(settings, self.model, self.samples)
+        self.fp32_scores = self.guard.fp32_scores(self.model.path) if self.guard.metrics else {}
         self.cores = _cores(settings, target)
         if settings.sampler == "grid":  # a space without a grid is refused before any work
             grid_of(self.space, batching=self.model.batching, cores=self.cores)
@@ -106,14 +112,9 @@ class OneModel:
         check_same_space(study, self._distributions(self.space), before_settling=True)
 
     def settle(self, study, reporter: Reporter) -> None:
+        record_accuracy(study, self.guard, self.fp32_scores)  # first: what judges the variants
         self.settled = accurate_precisions(
-            study,
-            self.model,
-            self.space,
-            self.samples,
-            self.settings.accuracy_tolerance,
-            reporter,
-            self.int8_recipes,
+            study, self.model, self.space, self.guard, reporter, self.int8_recipes
         )
         check_same_space(study, self._distributions(self.settled))
 
@@ -249,6 +250,7 @@ class OneModel:
             confirmed_baseline=confirmed_baseline(study),
             cross_check=stored_cross_check(study.user_attrs),
             gpu_fit=gpu_fit(study, best),
+            precisions=precision_lines(study, baseline.throughput if baseline else None),
         )
 
 

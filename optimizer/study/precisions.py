@@ -11,9 +11,10 @@ from dataclasses import replace
 
 from optimizer.config.space import SearchSpace
 from optimizer.errors import ModelError
-from optimizer.model.accuracy import check_variant
+from optimizer.model.accuracy import AccuracyGuard
 from optimizer.model.fusion import NOTHING_TO_FUSE
-from optimizer.model.intake import ModelInfo
+from optimizer.model.intake import ModelInfo, check_input_array
+from optimizer.model.metrics import BUILTIN_METRICS, load_accuracy_data, parse_goal, resolve_metric
 from optimizer.model.profile import PROFILE_BATCHES, InprocessPoint, profile_variant
 from optimizer.model.quantize import DEFAULT_INT8_RECIPE, recipes_for
 from optimizer.model.variants import Int8Choice, choose_int8, served_recipe, variant_path
@@ -32,12 +33,48 @@ __all__ = [
 PROFILE_ATTR = "inprocess_profile"
 
 
+def accuracy_guard(settings, model: ModelInfo, samples) -> AccuracyGuard:
+    """The study's accuracy guard: the cosine rule on its requests, the user's metrics on their data, and
+    their goals deciding when given (``settings``: the StudySettings).
+
+    Raises:
+        UsageError: accuracy data, a metric or a goal that cannot be used (before any trial).
+    """
+    inputs = [spec.name for spec in model.inputs]
+    data = None
+    if settings.accuracy_data is not None:
+        data = load_accuracy_data(settings.accuracy_data, inputs, lambda n, a: check_input_array(model, n, a))
+    goals_named = [goal.partition(">")[0].partition("<")[0].strip() for goal in settings.accuracy_goals]
+    # A goal's metric is computed without being named twice; the metrics keep the order given.
+    names = list(
+        dict.fromkeys([*settings.accuracy_metrics, *(n for n in goals_named if n in BUILTIN_METRICS)])
+    )
+    metrics = tuple(resolve_metric(name, inputs) for name in names)
+    known = [m.name for m in metrics]
+    goals = tuple(parse_goal(text, known) for text in settings.accuracy_goals)
+    return AccuracyGuard(samples, settings.accuracy_tolerance, metrics, goals, data, batching=model.batching)
+
+
+def record_accuracy(study, guard: AccuracyGuard, fp32_scores) -> None:
+    """The guard's settings and fp32's own scores, in the study (the summary and report show them)."""
+    if not guard.metrics:
+        return
+    record = {
+        "metrics": [m.name for m in guard.metrics],
+        "goals": [g.text for g in guard.goals],
+        "data": guard.data.source if guard.data else "the study's requests",
+        "samples": guard.metric_data.count,
+        "fp32": dict(fp32_scores),
+    }
+    if study.user_attrs.get("accuracy") != record:
+        study.set_user_attr("accuracy", record)
+
+
 def accurate_precisions(
     study,
     model: ModelInfo,
     space: SearchSpace,
-    samples,
-    tolerance: float,
+    guard: AccuracyGuard,
     reporter,
     int8_recipes: tuple[str, ...] | None = None,
     *,
@@ -48,8 +85,9 @@ def accurate_precisions(
     Each variant's figures are recorded in the study (``variants``) once and reused on resume, so the
     space, and with it every trial's parameter distributions, stays the same across restarts. int8 is
     the first recipe (optimizer.model.quantize) that passes the guard; its record says which, and why
-    the recipes before it were refused. ``attr``: the study attribute that holds them (a joint study of
-    several models keeps one per model).
+    the recipes before it were refused. ``guard``: the cosine rule on the study's requests, or the user's
+    goals on their data. ``attr``: the study attribute that holds them (a joint study of several models
+    keeps one per model).
     """
     # A GPU provider serves int8 from symmetric QDQ only; a target that can serve only some recipes (a
     # recording) says which.
@@ -62,9 +100,7 @@ def accurate_precisions(
             kept.append(precision)
             continue
         if precision not in variants:
-            variants[precision] = _variant_record(
-                model, precision, samples, tolerance, int8_recipes, providers
-            )
+            variants[precision] = _variant_record(model, precision, guard, int8_recipes, providers)
         record = variants[precision]
         _note_where_checked(precision, record, reporter)
         if record["ok"]:
@@ -75,7 +111,7 @@ def accurate_precisions(
         else:
             reporter.note(f"{record['reason']}: it will not be tried")
     study.set_user_attr(attr, variants)
-    study.set_user_attr("accuracy_tolerance", tolerance)
+    study.set_user_attr("accuracy_tolerance", guard.tolerance)
     return replace(space, precisions=tuple(kept))
 
 
@@ -101,8 +137,7 @@ def _note_int8_recipe(record: dict, reporter) -> None:
 def _variant_record(
     model: ModelInfo,
     precision: str,
-    samples,
-    tolerance: float,
+    guard: AccuracyGuard,
     int8_recipes: tuple[str, ...] | None,
     providers: tuple[str, ...] = ("cpu",),
 ) -> dict:
@@ -110,7 +145,7 @@ def _variant_record(
     provider that would serve it. With several (a GPU space's CUDA and TensorRT, which serve fp16 and int8
     differently), each one's record is under ``providers``; the precision stays in the space while one
     of them passes, and the trial never serves it on a provider that failed (:func:`refused_providers`)."""
-    records = {p: _provider_record(model, precision, samples, tolerance, int8_recipes, p) for p in providers}
+    records = {p: _provider_record(model, precision, guard, int8_recipes, p) for p in providers}
     if len(records) == 1:
         return next(iter(records.values()))
     passed = [r for r in records.values() if r["ok"]]
@@ -124,13 +159,12 @@ def _variant_record(
 def _provider_record(
     model: ModelInfo,
     precision: str,
-    samples,
-    tolerance: float,
+    guard: AccuracyGuard,
     int8_recipes: tuple[str, ...] | None,
     provider: str,
 ) -> dict:
     if precision == "int8":
-        choice = choose_int8(model, samples, tolerance, cache_dir(), int8_recipes, provider)
+        choice = choose_int8(model, guard.samples, guard, cache_dir(), int8_recipes, provider)
         return _int8_record(choice)
     try:
         path = variant_path(model, precision, cache_dir(), served_recipe(precision, provider))
@@ -140,10 +174,10 @@ def _provider_record(
         if precision == "fp16" and provider == "tensorrt":
             # TensorRT makes fp16 itself from the fp32 file (its FP16 mode): checked as that where
             # TensorRT loads; elsewhere the converted file on the CPU is the nearest check.
-            report = check_variant(model.path, model.path, samples, precision, tolerance, provider)
+            report = guard.check(model.path, model.path, precision, provider)
             if report.provider == "tensorrt":
                 return report.to_dict()
-        return check_variant(model.path, path, samples, precision, tolerance, provider).to_dict()
+        return guard.check(model.path, path, precision, provider).to_dict()
     except Exception as exc:  # noqa: BLE001 - e.g. a fused fp16 kernel the CPU fallback does not have
         reason = (
             f"the {precision} variant for {provider} could not be run to check it: {str(exc).splitlines()[0]}"
@@ -184,7 +218,7 @@ def _int8_record(choice: Int8Choice) -> dict:
         "precision": "int8",
         "ok": False,
         "recipe": None,
-        "reason": f"no int8 recipe kept the outputs within the tolerance ({choice.reasons()})",
+        "reason": f"no int8 recipe passed the accuracy guard ({choice.reasons()})",
         "attempts": attempts,
     }
 

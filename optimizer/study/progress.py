@@ -174,6 +174,10 @@ def print_summary(summary: StudySummary, console: Console | None = None) -> None
     if summary.speed_up is not None:
         ratio, basis = summary.speed_up
         console.print(f"speed-up over baseline: {ratio:.2f}x ({basis})")
+    if summary.precisions:
+        console.print("per precision (best served, accuracy against fp32 on your metrics):")
+        for line in summary.precisions:
+            console.print(f"  {line}")
     console.print(f"pruned: {summary.pruned}, failed: {summary.failed}")
     for reason in summary.reasons[:20]:
         console.print(f"  {reason}")

@@ -20,6 +20,7 @@ from optimizer.study.confirm import CONFIRMATION, Finalist
 from optimizer.study.records import baseline_rounds, is_joint
 
 __all__ = [
+    "precision_lines",
     "GpuFit",
     "JointSummary",
     "StudySummary",
@@ -105,6 +106,36 @@ def gpu_fit(study, best) -> GpuFit | None:
     return GpuFit(attrs["gpu_memory_mb"], idle, attrs["gpu_memory_total_mb"])
 
 
+def precision_lines(study, baseline_throughput: float | None) -> tuple[str, ...]:
+    """Each precision the accuracy guard judged on the user's metrics, its speed beside its accuracy:
+    ``int8: 1.71x the baseline, squad_f1 -0.4`` (none for a study without metrics)."""
+    variants = study.user_attrs.get("variants") or {}
+    if not study.user_attrs.get("accuracy") or not variants:
+        return ()
+    complete = _feasible_complete(study)
+    lines = []
+    for precision in ("fp32", *variants):
+        record = variants.get(precision, {"ok": True})
+        served = [t.value for t in complete if t.params.get("precision") == precision]
+        if not record.get("ok"):
+            speed = "refused by the accuracy guard"
+        elif served and baseline_throughput:
+            speed = f"{max(served) / baseline_throughput:.2f}x the baseline"
+        else:
+            speed = "no feasible trial"
+        if precision == "fp32":  # the reference: its own scores
+            deltas = ", ".join(
+                f"{n} {v:.4g}" for n, v in study.user_attrs["accuracy"].get("fp32", {}).items()
+            )
+        else:
+            deltas = ", ".join(
+                f"{name} {pair['variant']:.4g} ({pair['variant'] - pair['fp32']:+.3g})"
+                for name, pair in (record.get("metrics") or {}).items()
+            )
+        lines.append(f"{precision}: {speed}" + (f", {deltas}" if deltas else ""))
+    return tuple(lines)
+
+
 @dataclass(frozen=True)
 class StudySummary:
     study_name: str
@@ -122,6 +153,7 @@ class StudySummary:
     confirmed_baseline: Finalist | None = None  # the baseline, re-measured in the same rounds
     cross_check: dict[str, Any] | None = None  # the baseline and best measured by perf_analyzer too
     gpu_fit: GpuFit | None = None  # how many copies of the best config the GPUs hold (GPU servers only)
+    precisions: tuple[str, ...] = ()  # each precision's speed and accuracy on the user's metrics
 
     @property
     def speed_up(self) -> tuple[float, str] | None:

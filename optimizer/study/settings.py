@@ -131,6 +131,11 @@ class StudySettings:
     # .npz with one array per input; default: realistic synthetic inputs (several: each model's)
     input_data: Path | None = field(default=None, metadata=ONE_MODEL)
     accuracy_tolerance: float = DEFAULT_TOLERANCE
+    # The user's accuracy: a .npz of inputs and labels, metrics (built-in names or module:function) and
+    # goals such as "squad_f1>=-1%" that decide instead of the cosine rule (optimizer.model.metrics).
+    accuracy_data: Path | None = field(default=None, metadata=ONE_MODEL)
+    accuracy_metrics: tuple[str, ...] = field(default=(), metadata=ONE_MODEL)
+    accuracy_goals: tuple[str, ...] = field(default=(), metadata=ONE_MODEL)
     allow_shared_host: bool = False  # let several workers of one study measure on the same machine
     cpus: frozenset[int] = frozenset()  # pin this worker (and its server) to these CPU cores
     gpus: str | None = None  # CUDA_VISIBLE_DEVICES for this worker's server
