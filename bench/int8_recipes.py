@@ -21,6 +21,8 @@ import statistics
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from optimizer.model import examples
 from optimizer.model.accuracy import AccuracyGuard, check_variant
 from optimizer.model.intake import inspect_model, resolve_shapes, synthetic_inputs
@@ -49,6 +51,12 @@ def main() -> None:
     parser.add_argument(
         "--goal", action="append", default=[], help="an accuracy goal, e.g. pooled_cosine>=0.99"
     )
+    parser.add_argument(
+        "--padding",
+        action="store_true",
+        help="token requests of random real lengths (a quarter to all of the sequence), padded with id 0 "
+        "and masked, as batched text arrives",
+    )
     args = parser.parse_args()
     print(f"load average before: {os.getloadavg()}")
     with tempfile.TemporaryDirectory() as work:
@@ -58,6 +66,8 @@ def main() -> None:
             samples = [
                 synthetic_inputs(info, resolve_shapes(info, dict(shapes)), 1, seed=s) for s in range(32)
             ]
+            if args.padding and "attention_mask" in samples[0]:
+                samples = padded(samples)
             report(name, info, samples, args)
     print(f"load average after: {os.getloadavg()}")
 
@@ -96,6 +106,19 @@ def report(name: str, info, samples, args) -> None:
         shown = "fp32" if label == "fp32" else f"int8 {label}"
         verdict = guard.get(label, "reference")
         print(f"| {shown} | {verdict} | {median:.0f} ({spread}) | {median / fp32:.2f}x |")
+
+
+def padded(samples: list[dict], seed: int = 0) -> list[dict]:
+    """``samples`` with each request's tokens after a random real length set to 0 and masked out."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for sample in samples:
+        ids, mask = sample["input_ids"].copy(), sample["attention_mask"].copy()
+        length = int(rng.integers(ids.shape[-1] // 4, ids.shape[-1] + 1))
+        ids[..., length:] = 0
+        mask[..., length:] = 0
+        out.append({**sample, "input_ids": ids, "attention_mask": mask})
+    return out
 
 
 def goal_guard(info, samples, goals: list[str]) -> AccuracyGuard | None:

@@ -7,6 +7,8 @@ the real embedded Triton; a user's own metric function is called and its number 
 
 from __future__ import annotations
 
+import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from optimizer.cli import main
-from optimizer.model.accuracy import AccuracyGuard
+from optimizer.errors import UsageError
+from optimizer.model.accuracy import AccuracyGuard, compare_outputs
 from optimizer.model.intake import inspect_model, resolve_shapes, synthetic_inputs
 from optimizer.model.metrics import (
     AccuracyData,
@@ -31,20 +34,23 @@ SEQUENCE, VOCAB, HIDDEN, SAMPLES = 48, 200, 64, 96
 
 
 def build_qa_model(path: Path, seed: int = 0) -> Path:
-    """Token ids [batch, sequence] -> embeddings -> a ReLU layer -> start_logits, end_logits [batch, sequence]."""
+    """Token ids [batch, sequence] -> embeddings -> two ReLU layers -> start_logits, end_logits [batch, sequence]."""
     rng = np.random.default_rng(seed)
     weights = {
         "embedding": rng.normal(0, 1, (VOCAB, HIDDEN)).astype(np.float32),
         "w1": rng.normal(0, 1 / np.sqrt(HIDDEN), (HIDDEN, HIDDEN)).astype(np.float32),
         "b1": rng.normal(0, 0.1, HIDDEN).astype(np.float32),
-        "w2": rng.normal(0, 1 / np.sqrt(HIDDEN), (HIDDEN, 2)).astype(np.float32),
+        "w2": rng.normal(0, 1 / np.sqrt(HIDDEN), (HIDDEN, HIDDEN)).astype(np.float32),
+        "w3": rng.normal(0, 1 / np.sqrt(HIDDEN), (HIDDEN, 2)).astype(np.float32),
     }
     nodes = [
         helper.make_node("Gather", ["embedding", "input_ids"], ["embedded"]),
         helper.make_node("MatMul", ["embedded", "w1"], ["projected"]),
         helper.make_node("Add", ["projected", "b1"], ["biased"]),
         helper.make_node("Relu", ["biased"], ["hidden"]),
-        helper.make_node("MatMul", ["hidden", "w2"], ["logits"]),
+        helper.make_node("MatMul", ["hidden", "w2"], ["deeper"]),
+        helper.make_node("Relu", ["deeper"], ["hidden2"]),
+        helper.make_node("MatMul", ["hidden2", "w3"], ["logits"]),
         helper.make_node("Split", ["logits", "halves"], ["start", "end"], axis=2),
         helper.make_node("Squeeze", ["start", "last"], ["start_logits"]),
         helper.make_node("Squeeze", ["end", "last"], ["end_logits"]),
@@ -148,8 +154,34 @@ def test_pooled_cosine_ignores_the_padding_the_attention_mask_hides():
     ],
 )
 def test_goals_are_a_floor_or_a_loss_against_fp32_absolute_or_in_percent(text, fp32, value, met):
-    goal = parse_goal(text, ["squad_f1", "max_abs_error"])
+    goal = parse_goal(text, METRICS)
     assert goal.met(value, fp32) is met
+    assert goal.met(float("nan"), fp32) is False  # a variant whose metric is not a number misses it
+
+
+METRICS = builtin_metrics(["input_ids"])
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("max_abs_error>=fp32-0.1", "max_abs_error is better lower, so its goal is max_abs_error<="),
+        ("squad_f1<=90", "squad_f1 is better higher, so its goal is squad_f1>="),
+        ("squad_f1>=-1", "a negative floor reads like a loss; write squad_f1>=fp32-1"),
+        ("squad_f1>=inf", "the bound must be a finite number"),
+        ("squad_f1>=fp32+1", "a goal below fp32 is NAME>=fp32-X"),
+        ("mine>=0.9", "add --accuracy-metric module:mine"),
+    ],
+)
+def test_a_goal_that_points_the_wrong_way_or_reads_two_ways_is_refused(text, fragment):
+    with pytest.raises(UsageError, match=re.escape(fragment)):
+        parse_goal(text, METRICS)
+
+
+def test_goals_relative_to_fp32_itself_are_accepted():
+    assert parse_goal("squad_f1>=fp32", METRICS).bound(90.0) == 90.0
+    assert parse_goal("squad_f1>=fp32-1e-3", METRICS).bound(90.0) == pytest.approx(89.999)
+    assert parse_goal("max_abs_error<=fp32+0.05", METRICS).bound(0.0) == pytest.approx(0.05)
 
 
 def test_the_guard_decides_by_the_goals_and_records_each_metric_beside_fp32(qa):
@@ -161,9 +193,8 @@ def test_the_guard_decides_by_the_goals_and_records_each_metric_beside_fp32(qa):
         )
     metric = resolve_metric(f"{qa['metric']}:start_agreement", ["input_ids"])
     f1 = resolve_metric("squad_f1", ["input_ids"])
-    guard = AccuracyGuard(
-        samples, 0.01, (f1, metric), (parse_goal("squad_f1>=fp32-200", ["squad_f1"]),), data
-    )
+    goal = parse_goal("squad_f1>=fp32-200", {"squad_f1": f1})
+    guard = AccuracyGuard(samples, 0.01, (f1, metric), (goal,), data)
     fp32 = guard.fp32_scores(info.path)
     assert 60 < fp32["squad_f1"] < 100 and fp32["start_agreement"] == 1.0  # the labels hold some wrong spans
     report = guard.check(info.path, info.path, "fp32 copy")
@@ -239,5 +270,32 @@ def test_a_study_serves_only_the_variants_that_meet_an_f1_goal_and_reports_their
     other = [a if a != "squad_f1>=-0.5%" else "squad_f1>=-5%" for a in args]
     assert main(other) == 6
     err = capsys.readouterr().err
-    assert "judged its variants by the accuracy goals squad_f1>=-0.5%: resume it with the same" in err
+    assert (
+        "judged its variants by squad_f1>=-0.5% (with its metrics and data): resume it with the same" in err
+    )
     assert (tmp_path / "qa.db").read_bytes() == before
+
+
+def test_a_variant_whose_outputs_overflow_misses_every_goal_even_one_its_metric_would_pass():
+    metric = builtin_metrics(["input_ids", "attention_mask"])["pooled_cosine"]
+    hidden = np.ones((2, 4, 3), np.float32)
+    overflowed = hidden.copy()
+    overflowed[0, 0, 0] = np.inf
+    assert np.isnan(metric({"h": overflowed}, {"h": hidden}, {}))  # not a perfect 1.0
+    guard = AccuracyGuard(
+        [], metrics=(metric,), goals=(parse_goal("pooled_cosine>=0.5", {"pooled_cosine": metric}),)
+    )
+    report = replace(
+        compare_outputs("fp16", [{"h": hidden}], [{"h": overflowed}], 0.01),
+        metrics={"pooled_cosine": {"fp32": 1.0, "variant": float("nan")}},
+        goals=(("pooled_cosine>=0.5", False),),
+    )
+    assert not report.ok and "has outputs that are not finite" in report.reason()
+    assert guard.goals[0].met(float("nan"), 1.0) is False
+
+
+def test_outputs_of_a_changing_shape_are_one_line_not_a_traceback():
+    from optimizer.model.accuracy import _stack
+
+    with pytest.raises(UsageError, match="output 'boxes' has shapes .* across the samples"):
+        _stack([{"boxes": np.zeros((1, 3, 4))}, {"boxes": np.zeros((1, 5, 4))}], batching=True)

@@ -40,6 +40,9 @@ def existing(models, triton, tmp_path_factory) -> dict[str, Path]:
     files["metric_raises"] = _write(
         root / "raises.py", "def bad(outputs, reference, data):\n    raise ValueError('boom')\n"
     )
+    files["metric_named_top1"] = _write(
+        root / "named.py", "def top1_agreement(outputs, reference, data):\n    return 1.0\n"
+    )
     files["metric_not_number"] = _write(
         root / "notnum.py", "def bad(outputs, reference, data):\n    return 'high'\n"
     )
@@ -173,6 +176,29 @@ CASES = [
         lambda m, f, t: ["--accuracy-goal", "f1 is good"],
         2,
         "is not a goal: write NAME>=0.99",
+    ),
+    (
+        "accuracy-data-without-a-metric",
+        lambda m, f, t: ["--accuracy-data", str(f["labels_shape"])],
+        2,
+        "--accuracy-data is read by the accuracy metrics: add --accuracy-goal",
+    ),
+    (
+        "metric-named-like-another",
+        lambda m, f, t: [
+            "--accuracy-metric",
+            f"{f['metric_named_top1']}:top1_agreement",
+            "--accuracy-goal",
+            "top1_agreement>=0.9",
+        ],
+        2,
+        "is named 'top1_agreement' like another metric of the study: rename the function",
+    ),
+    (
+        "percent-goal-of-a-zero-score",
+        lambda m, f, t: ["--accuracy-goal", "max_abs_error<=+10%"],
+        2,
+        "fp32's own max_abs_error is 0, so a percentage of it allows nothing",
     ),
     (
         "input-data-dtype",

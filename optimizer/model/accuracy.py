@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from optimizer.errors import UsageError
-from optimizer.model.metrics import AccuracyData, Goal, Metric, data_from_samples, score
+from optimizer.model.metrics import AccuracyData, Goal, Metric, data_from_samples, figure_text, score
 
 __all__ = ["DEFAULT_TOLERANCE", "AccuracyGuard", "AccuracyReport", "check_variant", "compare_outputs"]
 
@@ -49,11 +49,12 @@ class AccuracyReport:
     metrics: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     goals: tuple[tuple[str, bool], ...] = ()
     data: str = ""  # what the metrics ran on
+    finite: bool = True  # every output a number (an fp16 overflow gives inf or NaN)
 
     @property
     def ok(self) -> bool:
-        if self.goals:
-            return all(met for _, met in self.goals)
+        if self.goals:  # outputs that are not numbers fail whatever a metric makes of them
+            return self.finite and all(met for _, met in self.goals)
         return 1.0 - self.cosine <= self.tolerance
 
     def reason(self) -> str:
@@ -76,14 +77,13 @@ class AccuracyReport:
         verdict = (
             "meets the accuracy goals" if not missed else f"misses the accuracy goal {', '.join(missed)}"
         )
+        if not self.finite:
+            verdict = "has outputs that are not finite (inf or NaN)"
         return f"{self.precision} variant {verdict}: {self.metric_figures()} on {self.data}"
 
     def metric_figures(self) -> str:
         """``squad_f1 86.3 (fp32 86.7, -0.4)``, one per metric."""
-        return ", ".join(
-            f"{name} {f['variant']:.4g} (fp32 {f['fp32']:.4g}, {f['variant'] - f['fp32']:+.3g})"
-            for name, f in self.metrics.items()
-        )
+        return ", ".join(f"{name} {figure_text(pair)}" for name, pair in self.metrics.items())
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -105,13 +105,13 @@ def compare_outputs(
     precision: str, reference: Sequence[Outputs], candidate: Sequence[Outputs], tolerance: float
 ) -> AccuracyReport:
     """Compare per-sample outputs of the fp32 model (``reference``) and a variant (``candidate``)."""
-    cosine, max_abs, max_rel = 1.0, 0.0, 0.0
+    cosine, max_abs, max_rel, finite = 1.0, 0.0, 0.0, True
     agreements: dict[str, list[bool]] = {}
     for ref, got in zip(reference, candidate):
         for name, expected in ref.items():
             actual = got[name]
             if not np.all(np.isfinite(actual.astype(np.float64))):
-                cosine = -1.0
+                cosine, finite = -1.0, False
                 continue
             cosine = min(cosine, _cosine(expected, actual))
             error = float(
@@ -124,7 +124,7 @@ def compare_outputs(
                 same = np.argmax(expected, axis=1) == np.argmax(actual, axis=1)
                 agreements.setdefault(name, []).extend(same.tolist())
     top1 = min((float(np.mean(v)) for v in agreements.values()), default=None)
-    return AccuracyReport(precision, cosine, max_abs, max_rel, top1, len(reference), tolerance)
+    return AccuracyReport(precision, cosine, max_abs, max_rel, top1, len(reference), tolerance, finite=finite)
 
 
 # Our provider names as ONNX Runtime's (the guard's own copy: the model stage knows no serving names).
@@ -195,6 +195,7 @@ class AccuracyGuard:
     data: AccuracyData | None = None  # None: the metrics run on the study's requests
     batching: bool = True  # whether the model takes a batch axis (one request per sample either way)
     _fp32: dict[Path, dict[str, np.ndarray]] = field(default_factory=dict, repr=False)
+    _scores: dict[Path, dict[str, float]] = field(default_factory=dict, repr=False)
 
     @property
     def metric_data(self) -> AccuracyData:
@@ -203,17 +204,26 @@ class AccuracyGuard:
         )
 
     def fp32_scores(self, reference: Path) -> dict[str, float]:
-        """fp32's own score on each metric: run once, before any trial, so a metric that cannot be
-        computed is bad input (UsageError), not a failure halfway through a study."""
-        outputs = self._reference_outputs(reference)
-        data = self.metric_data.arrays
-        scores = {m.name: score(m, outputs, outputs, data) for m in self.metrics}
-        for name, value in scores.items():
-            if not math.isfinite(value):
-                raise UsageError(
-                    f"--accuracy-metric {name} returned {value} on fp32's own outputs: return a finite number"
-                )
-        return scores
+        """fp32's own score on each metric, run before any trial so that a metric or data that cannot be
+        used is bad input (UsageError) rather than a failure halfway through a study."""
+        if reference not in self._scores:
+            outputs = self._reference_outputs(reference)
+            data = self.metric_data.arrays
+            scores = {m.name: score(m, outputs, outputs, data) for m in self.metrics}
+            for name, value in scores.items():
+                if not math.isfinite(value):
+                    raise UsageError(
+                        f"--accuracy-metric {name} returned {value} on fp32's own outputs: return a finite number"
+                    )
+            for goal in self.goals:
+                if goal.relative == "percent" and scores[goal.metric] == 0:
+                    raise UsageError(
+                        f"--accuracy-goal {goal.text!r}: fp32's own {goal.metric} is 0, so a percentage of it "
+                        f"allows nothing: give an amount ({goal.metric}{goal.op}fp32{'-' if goal.op == '>=' else '+'}X)"
+                        " or a bound"
+                    )
+            self._scores[reference] = scores
+        return self._scores[reference]
 
     def check(self, reference: Path, variant: Path, precision: str, provider: str = "cpu") -> AccuracyReport:
         """The variant's verdict, with its metric figures and goals when the study has them."""
@@ -222,13 +232,12 @@ class AccuracyGuard:
             return report
         data = self.metric_data
         fp32 = self._reference_outputs(reference)
+        fp32_scores = self.fp32_scores(reference)
         ran, _ = _run(variant, data.requests(self.batching), provider, precision)
         outputs = _stack(ran, self.batching)
+        finite = report.finite and all(np.all(np.isfinite(a)) for a in outputs.values() if _is_float(a))
         figures = {
-            m.name: {
-                "fp32": score(m, fp32, fp32, data.arrays),
-                "variant": score(m, outputs, fp32, data.arrays),
-            }
+            m.name: {"fp32": fp32_scores[m.name], "variant": score(m, outputs, fp32, data.arrays)}
             for m in self.metrics
         }
         goals = tuple(
@@ -237,11 +246,18 @@ class AccuracyGuard:
         source = (
             f"{data.count} samples of {data.source}" if self.data else f"{data.count} of the study's requests"
         )
-        return replace(report, metrics=figures, goals=goals, data=source)
+        return replace(report, metrics=figures, goals=goals, data=source, finite=finite)
 
     def _reference_outputs(self, reference: Path) -> dict[str, np.ndarray]:
         if reference not in self._fp32:
-            ran, _ = _run(reference, self.metric_data.requests(self.batching))
+            try:
+                ran, _ = _run(reference, self.metric_data.requests(self.batching))
+            except Exception as exc:  # noqa: BLE001 - ONNX Runtime's own error on the user's data
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise UsageError(
+                    f"the model does not run on {self.metric_data.source}: {first[:300]} (check the arrays "
+                    "hold values the model takes, e.g. token ids inside its vocabulary)"
+                ) from None
             self._fp32[reference] = _stack(ran, self.batching)
         return self._fp32[reference]
 
@@ -250,8 +266,24 @@ MAX_DATA = 256  # the study's requests the metrics run on when the user gave no 
 
 
 def _stack(outputs: Sequence[Mapping[str, np.ndarray]], batching: bool) -> dict[str, np.ndarray]:
-    """Per-request outputs as one array per output, samples on the first axis."""
-    names = list(outputs[0])
-    if batching:
-        return {n: np.concatenate([o[n] for o in outputs]) for n in names}
-    return {n: np.stack([o[n] for o in outputs]) for n in names}
+    """Per-request outputs as one array per output, samples on the first axis.
+
+    Raises:
+        UsageError: an output whose shape changes from sample to sample (or a scalar): a metric cannot
+            take it as one array.
+    """
+    stacked = {}
+    for name in outputs[0]:
+        arrays = [np.asarray(o[name]) for o in outputs]
+        shapes = {a.shape[1:] if batching else a.shape for a in arrays}
+        if len(shapes) > 1 or (batching and arrays[0].ndim == 0):
+            raise UsageError(
+                f"output {name!r} has shapes {sorted(map(list, shapes))[:3]} across the samples: the accuracy "
+                "metrics take outputs of one shape per sample; use --accuracy-tolerance (the cosine rule) instead"
+            )
+        stacked[name] = np.concatenate(arrays) if batching else np.stack(arrays)
+    return stacked
+
+
+def _is_float(array: np.ndarray) -> bool:
+    return bool(np.issubdtype(array.dtype, np.floating))

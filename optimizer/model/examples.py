@@ -20,6 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 __all__ = [
     "EXAMPLE_MODEL_NAME",
     "EXAMPLE_SHAPES",
+    "example_shapes",
     "OPSET",
     "IR_VERSION",
     "build_cnn",
@@ -449,6 +450,17 @@ ensemble_scheduling {{
 """
     )
     return directory
+
+
+def example_shapes(path: Path, cache_dir: Path) -> dict[str, tuple[int, ...]]:
+    """The request shapes a study sends the bundled example (``EXAMPLE_SHAPES``) when ``path`` is it, under
+    ``cache_dir`` (as :func:`example_model` places it); none for any other model."""
+    bundled = Path(cache_dir) / f"{EXAMPLE_MODEL_NAME}.onnx"
+    try:
+        same = Path(path).resolve() == bundled.resolve()
+    except OSError:
+        same = False
+    return dict(EXAMPLE_SHAPES) if same else {}
 
 
 def example_model(cache_dir: Path) -> Path:

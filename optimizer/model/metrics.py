@@ -11,6 +11,7 @@ Runtime's optimization tool (Olive): a threshold, a maximum degradation, absolut
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import math
@@ -33,6 +34,8 @@ __all__ = [
     "parse_goal",
     "resolve_metric",
     "data_from_samples",
+    "figure_text",
+    "goal_metric",
 ]
 
 Arrays = Mapping[str, np.ndarray]
@@ -61,6 +64,7 @@ class AccuracyData:
     inputs: dict[str, np.ndarray]
     labels: dict[str, np.ndarray] = field(default_factory=dict)
     source: str = "the study's requests"
+    sha256: str | None = None  # the file's content (a resumed study must be judged on the same data)
 
     @property
     def count(self) -> int:
@@ -99,12 +103,15 @@ def _class_scores(outputs: Arrays, metric: str) -> tuple[str, np.ndarray]:
     return found[0]
 
 
-def _label(data: Arrays, names: Sequence[str], metric: str, inputs: Sequence[str]) -> np.ndarray:
+def _label(
+    data: Arrays, names: Sequence[str], metric: str, inputs: Sequence[str], *, only_array: bool = False
+) -> np.ndarray:
+    """The label array under one of ``names``; ``only_array``: else the one array that is not an input."""
     for name in names:
         if name in data:
             return np.asarray(data[name])
     others = [n for n in data if n not in inputs]
-    if len(others) == 1 and len(names) == 1:
+    if only_array and len(others) == 1:
         return np.asarray(data[others[0]])
     raise MetricError(
         f"{metric} needs labels in --accuracy-data under {' and '.join(repr(n) for n in names)}; "
@@ -122,7 +129,7 @@ def _top1_accuracy(inputs: Sequence[str]) -> MetricFunction:
     def top1_accuracy(outputs: Arrays, reference: Arrays, data: Arrays) -> float:  # noqa: ARG001
         """The share of samples whose top class is the label."""
         _, scores = _class_scores(outputs, "top1_accuracy")
-        labels = _label(data, ("labels", "label"), "top1_accuracy", inputs)
+        labels = _label(data, ("labels", "label"), "top1_accuracy", inputs, only_array=True)
         predicted = np.argmax(scores, axis=-1)
         if labels.size != predicted.size:
             raise MetricError(
@@ -207,6 +214,8 @@ def _pooled_cosine(inputs: Sequence[str]) -> MetricFunction:
             )
         name, hidden = found[0]
         ours, theirs = _pool(hidden, data, mask_name), _pool(reference[name], data, mask_name)
+        if not np.all(np.isfinite(ours)):  # an overflowed variant (fp16): no agreement to speak of
+            return math.nan
         norms = np.linalg.norm(ours, axis=1) * np.linalg.norm(theirs, axis=1)
         cosines = np.where(norms > 0, np.sum(ours * theirs, axis=1) / np.maximum(norms, 1e-30), 1.0)
         return float(np.mean(cosines))
@@ -286,7 +295,9 @@ def resolve_metric(spec: str, inputs: Sequence[str] = ()) -> Metric:
             f"--accuracy-metric {spec!r}: {module_name} has no function {function_name!r}: define "
             f"{function_name}(outputs, reference, data) -> float there"
         )
-    return Metric(function_name, function, description=spec)
+    # A function may say lower is better (an error, a loss): ``function.higher_is_better = False``.
+    higher = bool(getattr(function, "higher_is_better", True))
+    return Metric(function_name, function, higher_is_better=higher, description=spec)
 
 
 def _import(module_name: str, spec: str):
@@ -330,17 +341,23 @@ def score(metric: Metric, outputs: Arrays, reference: Arrays, data: Arrays) -> f
         raise UsageError(
             f"--accuracy-metric {metric.name} returned {type(value).__name__}, not a number: return a float"
         )
-    if not math.isfinite(float(value)):
-        raise UsageError(
-            f"--accuracy-metric {metric.name} returned {value} on fp32's own outputs: return a finite number"
-        )
-    return float(value)
+    return float(value)  # possibly NaN: a variant's NaN misses every goal; fp32's is refused by the guard
 
 
 # --- goals -------------------------------------------------------------------------------------------------
 
 _GOAL = re.compile(r"^\s*(?P<metric>[^<>=\s]+)\s*(?P<op>>=|<=)\s*(?P<bound>\S+)\s*$")
-_RELATIVE = re.compile(r"^(?:fp32)?(?P<sign>[-+])(?P<amount>\d+(?:\.\d*)?|\.\d+)(?P<percent>%?)$")
+_NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
+# fp32's own score, optionally moved by an amount: fp32, fp32-0.5, fp32-1%, or -1% for short.
+_RELATIVE = re.compile(
+    rf"^(?:fp32(?:(?P<sign>[-+])(?P<amount>{_NUMBER})(?P<percent>%?))?|(?P<short>[-+])(?P<short_amount>{_NUMBER})%)$"
+)
+
+
+def goal_metric(text: str) -> str:
+    """The metric a goal names (the text before its operator)."""
+    match = _GOAL.match(text)
+    return match["metric"] if match else text.strip()
 
 
 @dataclass(frozen=True)
@@ -349,9 +366,9 @@ class Goal:
 
     text: str
     metric: str
-    op: str  # ">=" or "<="
+    op: str  # ">=" or "<=" (the metric's direction: >= where higher is better)
     value: float  # the threshold, or the amount fp32's score may move
-    relative: str = ""  # "": a threshold; "abs": fp32's score - value; "percent": fp32's score less value %
+    relative: str = ""  # "": a threshold; "abs": fp32's score -/+ value; "percent": fp32's score -/+ value %
 
     def bound(self, fp32: float) -> float:
         if not self.relative:
@@ -360,16 +377,20 @@ class Goal:
         return fp32 - amount if self.op == ">=" else fp32 + amount
 
     def met(self, value: float, fp32: float) -> bool:
+        """Whether ``value`` meets the goal (never when it is not a number)."""
+        if not math.isfinite(value):
+            return False
         bound = self.bound(fp32)
         return value >= bound - 1e-12 if self.op == ">=" else value <= bound + 1e-12
 
 
-def parse_goal(text: str, metrics: Sequence[str]) -> Goal:
-    """``NAME>=0.99``, ``NAME>=fp32-0.5``, ``NAME>=fp32-1%`` or ``NAME>=-1%`` (``<=`` for a metric
-    where lower is better, with ``+``).
+def parse_goal(text: str, metrics: Mapping[str, Metric]) -> Goal:
+    """``NAME>=0.99``, ``NAME>=fp32-0.5``, ``NAME>=fp32-1%`` or ``NAME>=-1%`` (``<=`` and ``+`` for a
+    metric where lower is better, such as ``max_abs_error<=0.05``).
 
     Raises:
-        UsageError: the text is not a goal, or names a metric the study does not compute.
+        UsageError: the text is not a goal, names a metric the study does not compute, or points the
+            wrong way for its metric.
     """
     match = _GOAL.match(text)
     if match is None:
@@ -378,25 +399,47 @@ def parse_goal(text: str, metrics: Sequence[str]) -> Goal:
             "NAME>=-1% (at most that much below fp32's own score)"
         )
     name, op, bound = match["metric"], match["op"], match["bound"]
-    if name not in metrics:
+    metric = metrics.get(name)
+    if metric is None:
+        hint = f"--accuracy-metric {name}" if name in BUILTIN_METRICS else f"--accuracy-metric module:{name}"
         raise UsageError(
             f"--accuracy-goal {text!r} names metric {name!r}, which the study does not compute: use one of "
-            f"{', '.join(metrics)}, or add --accuracy-metric {name}"
+            f"{', '.join(metrics) or 'the built-in metrics'}, or add {hint}"
+        )
+    wanted = ">=" if metric.higher_is_better else "<="
+    if op != wanted:
+        better = "higher" if metric.higher_is_better else "lower"
+        raise UsageError(
+            f"--accuracy-goal {text!r}: {name} is better {better}, so its goal is {name}{wanted}..."
         )
     relative = _RELATIVE.match(bound)
-    if relative is not None and (bound.startswith("fp32") or relative["percent"]):
-        wrong_way = (op == ">=") != (relative["sign"] == "-")
-        if wrong_way:
+    if relative is not None:
+        sign = relative["sign"] or relative["short"]
+        amount = float(relative["amount"] or relative["short_amount"] or 0.0)
+        if sign is not None and amount and (sign == "-") != (op == ">="):
             raise UsageError(
                 f"--accuracy-goal {text!r}: a goal below fp32 is NAME>=fp32-X, one above it NAME<=fp32+X"
             )
-        kind = "percent" if relative["percent"] else "abs"
-        return Goal(text.strip(), name, op, float(relative["amount"]), kind)
+        kind = "percent" if (relative["percent"] or relative["short"]) else "abs"
+        return Goal(text.strip(), name, op, amount, kind)
     try:
         value = float(bound)
     except ValueError:
         raise UsageError(f"--accuracy-goal {text!r}: {bound!r} is not a number, fp32-X or -X%") from None
+    if not math.isfinite(value):
+        raise UsageError(f"--accuracy-goal {text!r}: the bound must be a finite number")
+    if bound.startswith("-"):  # most often a loss without its %: say which was meant
+        raise UsageError(
+            f"--accuracy-goal {text!r}: a negative floor reads like a loss; write {name}>=fp32{bound} (at most "
+            f"{bound[1:]} below fp32) or {name}>={bound}% (in percent)"
+        )
     return Goal(text.strip(), name, op, value)
+
+
+def figure_text(pair: Mapping[str, float], digits: int = 4) -> str:
+    """A variant's score beside fp32's: ``86.3 (fp32 86.7, -0.4)``."""
+    variant, fp32 = float(pair["variant"]), float(pair["fp32"])
+    return f"{variant:.{digits}g} (fp32 {fp32:.{digits}g}, {variant - fp32:+.3g})"
 
 
 # --- data ----------------------------------------------------------------------------------------------------
@@ -437,6 +480,7 @@ def load_accuracy_data(path: Path | str, inputs: Sequence[str], check_input) -> 
         {n: arrays[n] for n in inputs},
         {n: a for n, a in arrays.items() if n not in inputs},
         str(path),
+        hashlib.sha256(path.read_bytes()).hexdigest(),
     )
 
 

@@ -79,6 +79,12 @@ def runnable_providers() -> tuple[str, ...]:
     return tuple(name for name, ort_name in ORT_NAMES.items() if ort_name in loaded) or ("cpu",)
 
 
+def _space_hint(runnable: tuple[str, ...]) -> str:
+    if "cuda" in runnable or "tensorrt" in runnable:
+        return "--space gpu"
+    return "--space cpu, or a space file listing only those under execution_providers"
+
+
 def check_providers(requested: tuple[str, ...], runnable: tuple[str, ...] | None = None) -> None:
     """Raise SpaceError naming what is available when a space asks for a provider that does not run."""
     runnable = runnable_providers() if runnable is None else runnable
@@ -87,5 +93,5 @@ def check_providers(requested: tuple[str, ...], runnable: tuple[str, ...] | None
         name = missing[0]
         raise SpaceError(
             f"execution provider {name!r} does not run on this machine ({_INSTALL_HINTS.get(name, '')}); "
-            f"available here: {', '.join(runnable)}"
+            f"available here: {', '.join(runnable)}: use a space of those ({_space_hint(runnable)})"
         )

@@ -21,6 +21,7 @@ import optuna
 from optuna.trial import TrialState
 
 from optimizer.config.render import config_from_json, to_pbtxt
+from optimizer.model.metrics import figure_text
 from optimizer.model.variants import precision_of_file
 from optimizer.paths import studies_dir
 from optimizer.report.pipeline import PipelineData, study_pipeline_data
@@ -616,12 +617,11 @@ def metric_figures(figures: Mapping) -> dict[str, str]:
     metrics = figures.get("metrics")
     if not isinstance(metrics, Mapping):
         return {}
-    shown = {}
-    for name, pair in metrics.items():
-        if isinstance(pair, Mapping) and isinstance(pair.get("variant"), (int, float)):
-            variant, fp32 = float(pair["variant"]), float(pair.get("fp32", math.nan))
-            shown[str(name)] = f"{variant:.4g} (fp32 {fp32:.4g}, {variant - fp32:+.3g})"
-    return shown
+    return {
+        str(name): figure_text(pair)
+        for name, pair in metrics.items()
+        if isinstance(pair, Mapping) and isinstance(pair.get("variant"), (int, float)) and "fp32" in pair
+    }
 
 
 def _accuracy_note(figures: Mapping) -> str:

@@ -167,7 +167,8 @@ def drive(
                 workload.finish(study, objective, reporter)
         else:
             reporter.note(
-                f"study {workload.study_name!r} already has {count_finished(study)} finished trials"
+                f"study {workload.study_name!r} already has {count_finished(study)} finished trials "
+                f"(--budget {settings.budget}): no trial to run; give a larger --budget to add trials"
             )
         return workload.summarise(study)
 
@@ -180,14 +181,6 @@ def _check_same_settings(study, settings: StudySettings) -> None:
             f"study {study.study_name!r} uses an accuracy tolerance of {tolerance:g}, not "
             f"{settings.accuracy_tolerance:g}: resume it with the same tolerance, or use another --study-name"
         )
-    if "variants" in study.user_attrs:  # its variants were judged, by these goals (or the cosine rule)
-        judged_by = list(study.user_attrs.get("accuracy", {}).get("goals", []))
-        if judged_by != [goal.strip() for goal in settings.accuracy_goals]:
-            goals = ", ".join(judged_by) or "none (the cosine rule)"
-            raise StudyError(
-                f"study {study.study_name!r} judged its variants by the accuracy goals {goals}: resume it "
-                "with the same --accuracy-goal, or use another --study-name"
-            )
 
 
 def record_study(study, records: Mapping[str, Any]) -> None:

@@ -34,6 +34,7 @@ from optimizer.study.trial_rules import (
     TrialFailed,
     gpu_memory_returned,
     memory_exhausted,
+    refuse_unserved,
     render_trial_config,
     server_fault,
 )
@@ -131,15 +132,7 @@ class JointObjective:
         candidates = self._candidates(trial)
         trial.set_user_attr("candidates", {name: c.summary() for name, c in candidates.items()})
         for member in self.members:
-            candidate = candidates[member.name]
-            if (candidate.precision, candidate.provider) in member.refused:
-                reason = (
-                    f"{member.name}: {candidate.precision} on {candidate.provider} broke the accuracy guard: "
-                    "not served"
-                )
-                trial.set_user_attr("feasible", False)
-                trial.set_user_attr("reason", f"infeasible: {reason}")
-                raise optuna.TrialPruned(reason)
+            refuse_unserved(trial, candidates[member.name], member.refused, f"{member.name}: ")
         if self._loaded and self.idle_gpu_memory_mb is not None:
             ensembles = [d.name for d in self.destinations if d.ensemble is not None]
             names = [*ensembles, *(m.name for m in self.members)]  # an ensemble before its steps
@@ -193,6 +186,7 @@ class JointObjective:
             return load(self.server, *args)
         except ConfigRejected as exc:
             exhausted = memory_exhausted(self.server, f"loading {name}", exc, self.note)
+            self._loaded = self._loaded and exhausted is None  # a restarted server holds no model
             if exhausted is not None:
                 trial.set_user_attr("feasible", False)
                 trial.set_user_attr("reason", f"infeasible: {exhausted}")
@@ -201,6 +195,7 @@ class JointObjective:
                 trial, TrialFailed(f"Triton rejected the config of {name}: {exc.message}")
             ) from exc
         except ServerDiedError as exc:
+            self._loaded = False
             raise self._fail(
                 trial, server_fault(self.server, f"while loading {name}", exc, self.note)
             ) from exc
@@ -222,6 +217,7 @@ class JointObjective:
             try:
                 level = self.measure(per_model * len(self.destinations), self.shares, budgets)
             except (InferenceError, ServerDiedError) as exc:
+                self._loaded = False
                 fault = server_fault(self.server, "under the mixed load", exc, self.note)
                 raise self._fail(trial, fault) from exc
             except ConfigRejected as exc:  # a replayed failure: the recorded server refused the configs

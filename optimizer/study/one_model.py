@@ -46,6 +46,7 @@ from optimizer.study.driver import (
 from optimizer.study.precisions import (
     accuracy_guard,
     accurate_precisions,
+    check_same_accuracy,
     guard_refusals,
     inprocess_points,
     int8_recipe_of,
@@ -109,6 +110,7 @@ class OneModel:
 
     def check_same_study(self, study) -> None:
         _check_same_study(study, self.model, self.settings)
+        check_same_accuracy(study, self.guard, self.fp32_scores)
         check_same_space(study, self._distributions(self.space), before_settling=True)
 
     def settle(self, study, reporter: Reporter) -> None:
@@ -259,12 +261,9 @@ class OneModel:
 
 def _intake(settings: StudySettings) -> tuple[ModelInfo, dict[str, tuple[int, ...]], list[dict]]:
     """The model, the request shapes, and the request samples (the user's data or synthetic)."""
-    shapes = dict(settings.shapes)
-    if settings.model_path is None:
-        path = examples.example_model(cache_dir() / "examples")
-        shapes = {**examples.EXAMPLE_SHAPES, **shapes}
-    else:
-        path = settings.model_path
+    path = settings.model_path or examples.example_model(cache_dir() / "examples")
+    # The bundled example, by default or named by its path, is sent the shapes the README promises.
+    shapes = {**examples.example_shapes(path, cache_dir() / "examples"), **settings.shapes}
     return load_requests(path, shapes, settings.input_data, cache=cache_dir())
 
 
@@ -320,10 +319,16 @@ def _latency_budget(study, runner: TrialRunner, settings: StudySettings, reporte
             "minimum_ms": MIN_DEFAULT_BUDGET_MS,
         },
     )
+    product = median * DEFAULT_BUDGET_FACTOR
+    rounding = (
+        f"the minimum of {MIN_DEFAULT_BUDGET_MS:g} ms"
+        if budget == MIN_DEFAULT_BUDGET_MS and product < MIN_DEFAULT_BUDGET_MS
+        else f"{product:.4g} ms rounded up to a whole ms"
+    )
     reporter.note(
         f"latency budget: {budget:g} ms ({DEFAULT_BUDGET_FACTOR:g} x the median single-request p99 of the "
-        f"untuned config, {median:.1f} ms over {len(probes)} probes ranging {min(probes):.1f}-{max(probes):.1f} ms; "
-        "set --latency-budget-ms to choose)"
+        f"untuned config, {median:.4g} ms over {len(probes)} probes ranging {min(probes):.4g}-{max(probes):.4g} "
+        f"ms: {rounding}; set --latency-budget-ms to choose)"
     )
     return budget
 

@@ -10,11 +10,18 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 from optimizer.config.space import SearchSpace
-from optimizer.errors import ModelError
+from optimizer.errors import ModelError, StudyError, UsageError
 from optimizer.model.accuracy import AccuracyGuard
 from optimizer.model.fusion import NOTHING_TO_FUSE
 from optimizer.model.intake import ModelInfo, check_input_array
-from optimizer.model.metrics import BUILTIN_METRICS, load_accuracy_data, parse_goal, resolve_metric
+from optimizer.model.metrics import (
+    BUILTIN_METRICS,
+    Metric,
+    goal_metric,
+    load_accuracy_data,
+    parse_goal,
+    resolve_metric,
+)
 from optimizer.model.profile import PROFILE_BATCHES, InprocessPoint, profile_variant
 from optimizer.model.quantize import DEFAULT_INT8_RECIPE, recipes_for
 from optimizer.model.variants import Int8Choice, choose_int8, served_recipe, variant_path
@@ -22,6 +29,7 @@ from optimizer.paths import cache_dir
 
 __all__ = [
     "accurate_precisions",
+    "check_same_accuracy",
     "guard_refusals",
     "inprocess_points",
     "int8_recipe_of",
@@ -41,33 +49,78 @@ def accuracy_guard(settings, model: ModelInfo, samples) -> AccuracyGuard:
         UsageError: accuracy data, a metric or a goal that cannot be used (before any trial).
     """
     inputs = [spec.name for spec in model.inputs]
+    if settings.accuracy_data is not None and not (settings.accuracy_metrics or settings.accuracy_goals):
+        raise UsageError(
+            "--accuracy-data is read by the accuracy metrics: add --accuracy-goal (e.g. squad_f1>=-1%) or "
+            "--accuracy-metric, or drop --accuracy-data"
+        )
     data = None
     if settings.accuracy_data is not None:
         data = load_accuracy_data(settings.accuracy_data, inputs, lambda n, a: check_input_array(model, n, a))
-    goals_named = [goal.partition(">")[0].partition("<")[0].strip() for goal in settings.accuracy_goals]
-    # A goal's metric is computed without being named twice; the metrics keep the order given.
-    names = list(
-        dict.fromkeys([*settings.accuracy_metrics, *(n for n in goals_named if n in BUILTIN_METRICS)])
+    # A goal's built-in metric is computed without being named twice; the metrics keep the order given.
+    from_goals = [goal_metric(goal) for goal in settings.accuracy_goals]
+    specs = list(
+        dict.fromkeys([*settings.accuracy_metrics, *(n for n in from_goals if n in BUILTIN_METRICS)])
     )
-    metrics = tuple(resolve_metric(name, inputs) for name in names)
-    known = [m.name for m in metrics]
-    goals = tuple(parse_goal(text, known) for text in settings.accuracy_goals)
-    return AccuracyGuard(samples, settings.accuracy_tolerance, metrics, goals, data, batching=model.batching)
+    metrics: dict[str, Metric] = {}
+    for spec in specs:
+        metric = resolve_metric(spec, inputs)
+        if metric.name in metrics:  # e.g. a function named like a built-in, or two files' score()
+            raise UsageError(
+                f"--accuracy-metric {spec!r} is named {metric.name!r} like another metric of the study: "
+                "rename the function"
+            )
+        metrics[metric.name] = metric
+    goals = tuple(parse_goal(text, metrics) for text in settings.accuracy_goals)
+    return AccuracyGuard(
+        samples, settings.accuracy_tolerance, tuple(metrics.values()), goals, data, batching=model.batching
+    )
 
 
-def record_accuracy(study, guard: AccuracyGuard, fp32_scores) -> None:
-    """The guard's settings and fp32's own scores, in the study (the summary and report show them)."""
-    if not guard.metrics:
-        return
-    record = {
+def accuracy_record(guard: AccuracyGuard, fp32_scores: Mapping[str, float]) -> dict:
+    """What judges a study's variants, as the study records it (and a resume must match)."""
+    return {
         "metrics": [m.name for m in guard.metrics],
-        "goals": [g.text for g in guard.goals],
+        "metric_specs": [m.description if ":" in m.description else m.name for m in guard.metrics],
+        "goals": sorted(g.text.replace(" ", "") for g in guard.goals),
         "data": guard.data.source if guard.data else "the study's requests",
+        "data_sha256": guard.data.sha256 if guard.data else None,
         "samples": guard.metric_data.count,
         "fp32": dict(fp32_scores),
     }
-    if study.user_attrs.get("accuracy") != record:
+
+
+def check_same_accuracy(study, guard: AccuracyGuard, fp32_scores: Mapping[str, float]) -> None:
+    """Refuse to resume a study whose variants were judged by other goals, metrics or data (before
+    anything is written to it).
+
+    Raises:
+        StudyError: the stored judgement differs from this command's.
+    """
+    record = accuracy_record(guard, fp32_scores) if guard.metrics else None
+    stored = study.user_attrs.get("accuracy")
+    if "variants" in study.user_attrs and _judged_by(stored) != _judged_by(record):
+        was = ", ".join((stored or {}).get("goals", [])) or "the cosine rule"
+        raise StudyError(
+            f"study {study.study_name!r} judged its variants by {was} (with its metrics and data): resume "
+            "it with the same --accuracy-goal, --accuracy-metric and --accuracy-data, or use another --study-name"
+        )
+
+
+def record_accuracy(study, guard: AccuracyGuard, fp32_scores: Mapping[str, float]) -> None:
+    """The guard's settings and fp32's own scores, in the study (the summary and report show them)."""
+    if guard.metrics and study.user_attrs.get("accuracy") != (record := accuracy_record(guard, fp32_scores)):
         study.set_user_attr("accuracy", record)
+
+
+def _judged_by(record: Mapping | None) -> tuple:
+    if not record:
+        return ()
+    return (
+        tuple(record.get("goals", ())),
+        tuple(record.get("metric_specs", record.get("metrics", ()))),
+        record.get("data_sha256"),
+    )
 
 
 def accurate_precisions(
@@ -167,17 +220,18 @@ def _provider_record(
         choice = choose_int8(model, guard.samples, guard, cache_dir(), int8_recipes, provider)
         return _int8_record(choice)
     try:
-        path = variant_path(model, precision, cache_dir(), served_recipe(precision, provider))
-    except ModelError as exc:  # e.g. a converter that does not handle one of the model's ops
-        return {"precision": precision, "ok": False, "reason": str(exc), "wanted": provider}
-    try:
         if precision == "fp16" and provider == "tensorrt":
             # TensorRT makes fp16 itself from the fp32 file (its FP16 mode): checked as that where
             # TensorRT loads; elsewhere the converted file on the CPU is the nearest check.
             report = guard.check(model.path, model.path, precision, provider)
             if report.provider == "tensorrt":
                 return report.to_dict()
+        path = variant_path(model, precision, cache_dir(), served_recipe(precision, provider))
         return guard.check(model.path, path, precision, provider).to_dict()
+    except ModelError as exc:  # e.g. a converter that does not handle one of the model's ops
+        return {"precision": precision, "ok": False, "reason": str(exc), "wanted": provider}
+    except UsageError:  # the user's metric on a variant's outputs: theirs to fix, said as it is
+        raise
     except Exception as exc:  # noqa: BLE001 - e.g. a fused fp16 kernel the CPU fallback does not have
         reason = (
             f"the {precision} variant for {provider} could not be run to check it: {str(exc).splitlines()[0]}"

@@ -14,6 +14,7 @@ from optimizer.config.repository import write_repository
 from optimizer.errors import StudyError
 from optimizer.model.ensemble import ensemble_files
 from optimizer.model.intake import ModelInfo, inspect_model
+from optimizer.model.metrics import figure_text
 from optimizer.model.variants import config_files
 from optimizer.paths import cache_dir
 from optimizer.study.confirm import CONFIRMATION, Finalist
@@ -129,8 +130,7 @@ def precision_lines(study, baseline_throughput: float | None) -> tuple[str, ...]
             )
         else:
             deltas = ", ".join(
-                f"{name} {pair['variant']:.4g} ({pair['variant'] - pair['fp32']:+.3g})"
-                for name, pair in (record.get("metrics") or {}).items()
+                f"{name} {figure_text(pair)}" for name, pair in (record.get("metrics") or {}).items()
             )
         lines.append(f"{precision}: {speed}" + (f", {deltas}" if deltas else ""))
     return tuple(lines)

@@ -55,12 +55,14 @@ from optimizer.study.storage import (
     worker_id,
 )
 from optimizer.study.trial_rules import (
+    LATENCY_CONSTRAINT,
     MemoryExhausted,
     TrialFailed,
     config_gpus,
     first_line,
     gpu_memory_returned,
     memory_exhausted,
+    refuse_unserved,
     render_trial_config,
     server_fault,
     tensorrt_engines,
@@ -76,7 +78,7 @@ __all__ = [
     "first_line",
 ]
 
-CONSTRAINT = "latency_budget"
+CONSTRAINT = LATENCY_CONSTRAINT
 MEMORY_CONSTRAINT = "memory"
 GPU_MEMORY_CONSTRAINT = "gpu_memory"
 
@@ -172,12 +174,7 @@ class TrialRunner:
         key = config_digest(config)
         trial.set_user_attr(CONFIG_DIGEST, key)
         self.reporter.trial_started(trial.number, candidate.summary(), *self.progress)
-        if (candidate.precision, candidate.provider) in self.refused:
-            reason = f"{candidate.precision} on {candidate.provider} broke the accuracy guard: not served"
-            trial.set_user_attr("feasible", False)
-            trial.set_user_attr("reason", f"infeasible: {reason}")
-            trial.set_constraint(CONSTRAINT, 1.0)
-            raise optuna.TrialPruned(reason)
+        refuse_unserved(trial, candidate, self.refused)
         earlier = _claim_config(trial, key)
         if earlier is not None:
             return _reuse_measurement(trial, earlier)
@@ -308,6 +305,7 @@ class TrialRunner:
         except ConfigRejected as exc:
             exhausted = memory_exhausted(self.target, "loading the config", exc, self.reporter.note)
             if exhausted is not None:
+                self._loaded = False  # a restarted server holds no model to unload
                 raise exhausted from exc
             raise TrialFailed(f"Triton rejected the config: {first_line(exc.message)}") from exc
         except ServerDiedError as exc:
@@ -429,6 +427,7 @@ class TrialRunner:
             )
 
     def _server_fault(self, when: str, exc: Exception) -> TrialFailed:
+        self._loaded = False  # a restarted server holds no model to unload
         return server_fault(self.target, when, exc, self.reporter.note)
 
     def _record(self, trial, outcome: SweepOutcome) -> None:

@@ -10,12 +10,17 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import optuna
+
 from optimizer.config.render import render_config, tensorrt_cache_dir
 from optimizer.config.space import Candidate
 from optimizer.errors import ConfigRejected, OptimizeError, ServerDiedError
 from optimizer.model.intake import ModelInfo, shapes_from_samples
 from optimizer.paths import cache_dir
 from optimizer.serving.base import ServingTarget
+
+# The latency constraint's name (Optuna's constraints: feasible iff <= 0), shared with trial.py.
+LATENCY_CONSTRAINT = "latency_budget"
 
 __all__ = [
     "MemoryExhausted",
@@ -24,6 +29,7 @@ __all__ = [
     "first_line",
     "gpu_memory_returned",
     "memory_exhausted",
+    "refuse_unserved",
     "render_trial_config",
     "server_fault",
     "tensorrt_engines",
@@ -102,6 +108,23 @@ def gpu_memory_returned(target: ServingTarget, names: Sequence[str], idle_mb: fl
         f"the idle {idle_mb:.0f} MiB): restarting the server"
     )
     target.restart()
+
+
+def refuse_unserved(trial, candidate: Candidate, refused: frozenset[tuple[str, str]], who: str = "") -> None:
+    """End ``trial`` as infeasible, before anything loads, when its precision was refused by the accuracy
+    guard on its provider only (``refused``: (precision, provider) pairs; a GPU space's fp16 may pass on
+    CUDA and fail in TensorRT's FP16 mode). ``who``: the model, in a study of several.
+
+    Raises:
+        optuna.TrialPruned: the pair is refused.
+    """
+    if (candidate.precision, candidate.provider) not in refused:
+        return
+    reason = f"{who}{candidate.precision} on {candidate.provider} broke the accuracy guard: not served"
+    trial.set_user_attr("feasible", False)
+    trial.set_user_attr("reason", f"infeasible: {reason}")
+    trial.set_constraint(LATENCY_CONSTRAINT, 1.0)
+    raise optuna.TrialPruned(reason)
 
 
 def tensorrt_engines(config) -> frozenset[Path]:
