@@ -45,6 +45,7 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Find the best Triton Inference Server configuration for an ONNX model.",
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 _state = {"debug": False}
@@ -71,6 +72,31 @@ ShapeOption = Annotated[
         rich_help_panel=MODEL,
     ),
 ]
+OneModelShapeOption = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--shape",
+        help="Shape of a dynamic input without the batch dim, NAME:D1,D2 (repeatable).",
+        rich_help_panel=MODEL,
+    ),
+]
+
+
+def _print_version(asked: bool) -> None:
+    if asked:
+        from optimizer.serving.bundle_version import bundled_triton
+
+        typer.echo(f"optimize {_package_version()}; {bundled_triton()}")
+        raise typer.Exit()
+
+
+def _package_version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("optimize")
+    except metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        return "(not installed)"
 
 
 @app.callback()
@@ -78,6 +104,15 @@ def _root(
     debug: Annotated[
         bool,
         typer.Option("--debug", help="Show tracebacks instead of one-line errors (anywhere on the line)."),
+    ] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            help="Print optimize's version and the bundled Triton's, and exit.",
+            callback=_print_version,
+            is_eager=True,
+        ),
     ] = False,
 ) -> None:
     _state["debug"] = debug
@@ -124,20 +159,25 @@ def convert(
 
 @app.command()
 def inspect(
-    model: Annotated[Path, typer.Argument(help="The ONNX model file.")],
-    shape: ShapeOption = None,
+    model: Annotated[
+        Optional[Path], typer.Argument(help="The ONNX model file (default: the bundled example).")
+    ] = None,
+    shape: OneModelShapeOption = None,
 ) -> None:
     """Show a model's inputs and outputs, its batch dimension and the shapes a study would send."""
-    from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
+    from optimizer.model import examples
     from optimizer.model.intake import inspect_model, parse_shape_args, resolve_shapes
+    from optimizer.study.progress import readable_console
 
-    info = inspect_model(model, cache=cache_dir())
-    given = parse_shape_args(shape or [])
-    console = Console()
-    table = Table(title=f"{info.source_path.name}  (opset {info.opset}, sha256 {info.sha256[:12]})")
+    bundled = cache_dir() / "examples"
+    path = model or examples.example_model(bundled)
+    info = inspect_model(path, cache=cache_dir())
+    given = {**examples.example_shapes(path, bundled), **parse_shape_args(shape or [])}
+    console = readable_console()
+    table = Table(title=f"{info.source_path}  (opset {info.opset}, sha256 {info.sha256[:12]})")
     for column in ("", "name", "dtype", "dims"):
         table.add_column(column)
     for kind, specs in (("input", info.inputs), ("output", info.outputs)):
@@ -247,7 +287,11 @@ _AccuracyGoal = Annotated[
     ),
 ]
 _Concurrency = Annotated[
-    Optional[str], typer.Option(help="Concurrency levels, e.g. 1,2,4,8,16.", rich_help_panel=MEASUREMENT)
+    Optional[str],
+    typer.Option(
+        help="Concurrency levels, e.g. 1,2,4,8,16 (default 1,2,4,8,16,32,64; several models: 1,2,4,8 each).",
+        rich_help_panel=MEASUREMENT,
+    ),
 ]
 _Seed = Annotated[Optional[int], typer.Option(help="Sampler seed.", rich_help_panel=SEARCH)]
 _Sampler = Annotated[
@@ -354,7 +398,7 @@ _DockerImageTag = Annotated[
     Optional[str],
     typer.Option(
         "--docker-image-tag",
-        help="docker: nvcr.io/nvidia/tritonserver:TAG-py3 (24.10).",
+        help="docker: the TAG of NVIDIA's tritonserver image (nvcr.io, TAG-py3; default 24.10).",
         rich_help_panel=TARGET,
     ),
 ]
@@ -612,7 +656,7 @@ def serve(
     host: Annotated[
         str, typer.Option(help="Address to listen on; beyond loopback, any client can load models.")
     ] = "127.0.0.1",
-    shape: ShapeOption = None,
+    shape: OneModelShapeOption = None,
 ) -> None:
     """Serve a model repository (or a study's trial) on the embedded Triton until Ctrl-C."""
     from optimizer.model.intake import parse_shape_args
@@ -783,12 +827,12 @@ def main(argv: list[str] | None = None) -> int:
         args.insert(0, "--debug")
     _state["debug"] = False
     try:
-        code = app(args=args, prog_name="optimize", standalone_mode=False)
+        code = _command().main(args=args, prog_name="optimize", standalone_mode=False)
         return code if isinstance(code, int) else 0
     except _ClickException as exc:  # the parser's own usage errors: bad choice, unknown option, ...
         message = exc.format_message()
         if message:  # empty when it already printed the help (no arguments)
-            typer.echo(f"Error: {message}", err=True)
+            typer.echo(f"Error: {_in_our_words(message, exc, args)}", err=True)
         return exc.exit_code
     except (KeyboardInterrupt, typer.Abort):
         typer.echo("Error: interrupted", err=True)
@@ -808,6 +852,75 @@ def main(argv: list[str] | None = None) -> int:
             err=True,
         )
         return BUG_EXIT_CODE
+
+
+# The types in --help as the user's words (the annotations read <int>, <list[Path]>, <bool>).
+_PLAIN_TYPES = {int: "INTEGER", float: "NUMBER", str: "TEXT", Path: "PATH"}
+
+
+def _command() -> Any:
+    """The click command of ``app``, its options' types named in words: INTEGER, NUMBER, TEXT, PATH (a
+    repeatable option's help says so), nothing for a flag; choices keep their list."""
+    command = typer.main.get_command(app)
+    commands = [command, *getattr(command, "commands", {}).values()]
+    for each in commands:  # the parser makes --help itself, when asked for it: a flag, no type
+        each.get_help_option = _flag_help(each.get_help_option)
+    for param in (param for c in commands for param in c.params):
+        descriptor = getattr(param, "type_descriptor", None)
+        if descriptor is None or param.metavar is not None or descriptor.is_choice:
+            continue
+        annotation = descriptor.annotation
+        if getattr(annotation, "__origin__", None) is list:
+            (annotation,) = annotation.__args__
+        if annotation is bool:
+            param.metavar = ""
+        elif annotation in _PLAIN_TYPES:
+            param.metavar = (
+                _PLAIN_TYPES[annotation] if param.param_type_name == "option" else param.name.upper()
+            )
+    return command
+
+
+def _flag_help(make: Any) -> Any:
+    def help_option(ctx: Any) -> Any:
+        option = make(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+    return help_option
+
+
+# The validation library's phrases, as this tool says them (a value is quoted from the command line).
+_VALIDATION_WORDS = {
+    "Input should be a valid integer": "{value} is not a whole number",
+    "Input should be a valid number": "{value} is not a number",
+    "Input should be a valid boolean": "{value} is not true or false",
+}
+
+
+def _in_our_words(message: str, exc: Exception, args: list[str]) -> str:
+    """A parser message without the validation library's wording: "Value error, " dropped, and "Input
+    should be a valid integer, unable to parse ..." said as "'three' is not a whole number"."""
+    message = message.replace("Value error, ", "")
+    option = next(iter(getattr(getattr(exc, "param", None), "opts", []) or []), None)
+    for phrase, ours in _VALIDATION_WORDS.items():
+        if phrase in message and option:
+            value = _value_of(option, args)
+            head = message.split(":")[0]  # "Invalid value for '--budget'"
+            return f"{head}: {ours.format(value=repr(value) if value is not None else 'the value')}"
+    return message
+
+
+def _value_of(option: str, args: list[str]) -> str | None:
+    """What the command line gave ``option`` (its last use: a later one wins)."""
+    value = None
+    for index, arg in enumerate(args):
+        if arg == option and index + 1 < len(args):
+            value = args[index + 1]
+        elif arg.startswith(option + "="):
+            value = arg.split("=", 1)[1]
+    return value
 
 
 def _save_traceback(exc: BaseException) -> Path:

@@ -201,7 +201,9 @@ def test_top_table_precisions_and_failures(studies):
         recorded = variants.get(precision)
         assert row.accuracy_ok == (recorded["ok"] if recorded else None)
         assert dict(row.accuracy).keys() == (
-            {k for k in recorded if k not in ("ok", "reason", "precision", "attempts")} if recorded else set()
+            {k for k in recorded if k not in ("ok", "reason", "precision", "attempts", "providers")}
+            if recorded
+            else set()
         )
     fp32 = precisions["fp32"]
     fp32_complete = [t for t in complete if "default_model_filename" not in t.user_attrs["config"]]

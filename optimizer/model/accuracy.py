@@ -86,7 +86,13 @@ class AccuracyReport:
         return ", ".join(f"{name} {figure_text(pair)}" for name, pair in self.metrics.items())
 
     def to_dict(self) -> dict:
-        data = asdict(self)
+        """The study's record: the figures, the verdict and its sentence; the user's metrics, goals and
+        data only when the study has them, and ``finite`` only when an output was not."""
+        data = {
+            k: v
+            for k, v in asdict(self).items()
+            if not (k in ("metrics", "goals", "data") and not v) and not (k == "finite" and v)
+        }
         data["ok"] = self.ok
         data["reason"] = self.reason()
         return data

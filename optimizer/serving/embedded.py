@@ -21,6 +21,7 @@ from typing import Any
 from optimizer.errors import ServerStartError
 from optimizer.model.libraries import library_environment
 from optimizer.paths import cache_dir
+from optimizer.serving.bundle_version import remember_triton_version
 from optimizer.serving.process import STARTUP_TIMEOUT_S, TritonProcess
 
 __all__ = ["STARTUP_TIMEOUT_S", "EmbeddedTriton", "bundle_environment", "prepare_bundle"]
@@ -96,6 +97,11 @@ class EmbeddedTriton(TritonProcess):
     """
 
     name = "embedded"
+
+    def server_version(self) -> str:
+        version = super().server_version()
+        remember_triton_version(version)  # for `optimize --version`
+        return version
 
     def __init__(self, **options: Any) -> None:
         bundle = prepare_bundle()

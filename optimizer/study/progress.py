@@ -13,14 +13,26 @@ from optimizer.study.confirm import Finalist
 from optimizer.study.crosscheck import DISAGREEMENT, cross_check_rows
 from optimizer.study.results import JointSummary, StudySummary, TrialReport
 
-__all__ = ["RichReporter", "print_any_summary", "print_joint_summary", "print_summary"]
+__all__ = ["RichReporter", "print_any_summary", "print_joint_summary", "print_summary", "readable_console"]
+
+# Output that goes to a file or a CI log is not cut at a terminal's 80 columns: tables take the width of
+# their content and lines are not wrapped (the exported config's summary stays whole and greppable).
+LOG_WIDTH = 400
+
+
+def readable_console(stderr: bool = False) -> Console:
+    """A console for a terminal as it is; for a file or a pipe, one wide enough for every table."""
+    console = Console(stderr=stderr)
+    return console if console.is_terminal else Console(stderr=stderr, width=LOG_WIDTH)
 
 
 class RichReporter:
     """Progress bar with trials done / budget, the current trial's config and the best so far."""
 
     def __init__(self, console: Console | None = None) -> None:
-        self.console = console or Console(stderr=True)
+        self.console = console or readable_console(stderr=True)
+        # In a log the bar is noise (and Rich ends it with a blank line): only the per-trial lines go there.
+        self._live = self.console.is_terminal
         self._progress = Progress(
             TextColumn("[bold]trials"),
             BarColumn(),
@@ -34,14 +46,16 @@ class RichReporter:
         self._best: float | None = None
 
     def __enter__(self) -> RichReporter:
-        self._progress.start()
+        if self._live:
+            self._progress.start()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self._progress.stop()
+        if self._live:
+            self._progress.stop()
 
     def note(self, message: str) -> None:
-        self._progress.console.print(f"[dim]{message}[/dim]")
+        self.console.print(f"[dim]{message}[/dim]")
 
     def trial_started(self, number: int, summary: str, done: int, budget: int) -> None:
         if self._task is None:
@@ -55,7 +69,7 @@ class RichReporter:
         self._best = best_throughput
         if self._task is not None:
             self._progress.advance(self._task)
-        self._progress.console.print(format_trial(report))
+        self.console.print(format_trial(report))
 
 
 def format_trial(report: TrialReport) -> str:
@@ -144,12 +158,16 @@ def _finalist_role(finalist: Finalist, chosen: int | None, baseline: Finalist | 
 
 def print_summary(summary: StudySummary, console: Console | None = None) -> None:
     """Baseline vs best, counts of pruned and failed trials with reasons, and where the outputs are."""
-    console = console or Console()
-    table = Table(
-        title=f"study {summary.study_name}: {summary.finished}/{summary.budget} trials, "
-        f"latency budget {summary.latency_budget_ms:g} ms"
+    console = console or readable_console()
+    trials = (
+        f"{summary.finished}/{summary.budget} trials"
+        if summary.finished <= summary.budget
+        else f"{summary.finished} trials (more than this run's --budget {summary.budget})"
     )
-    for column in ("", "throughput (inf/s)", "p99 (ms)", "load", "config"):
+    table = Table(
+        title=f"study {summary.study_name}: {trials}, latency budget {summary.latency_budget_ms:g} ms"
+    )
+    for column in ("", "throughput (inf/s, its trial)", "p99 (ms)", "load", "config"):
         table.add_column(column)
     for label, report in (("baseline", summary.baseline), ("best", summary.best)):
         if report is None:
@@ -202,7 +220,7 @@ def print_any_summary(summary: StudySummary | JointSummary, console: Console | N
 
 def print_joint_summary(summary: JointSummary, console: Console | None = None) -> None:
     """A joint study's end: the mix's throughput, baseline vs best; each model's figures and budget."""
-    console = console or Console()
+    console = console or readable_console()
     ratio = ""
     if summary.best_throughput and summary.baseline_throughput:
         ratio = (
