@@ -571,9 +571,19 @@ def study(
     except KeyboardInterrupt:
         raise Interrupted("interrupted: finished trials are kept; rerun the same command to resume") from None
     print_any_summary(summary)
+    _print_config_to_log(summary.best_repository)
     _write_study_report(summary.study_name, summary.storage_url, summary.best_repository)
     if summary.nothing_feasible:
         raise StudyError(summary.nothing_feasible)
+
+
+def _print_config_to_log(repository: Path | None) -> None:
+    """Where the output is a file or a CI log, the exported config.pbtxt itself, whole: what was chosen
+    (its queue delay, its instances) can be read there without the study's folder."""
+    if repository is None or sys.stdout.isatty():
+        return
+    for config in sorted(Path(repository).glob("**/config.pbtxt")):
+        typer.echo(f"exported {config}:\n{config.read_text().rstrip()}")
 
 
 def _given(ctx: typer.Context, name: str) -> bool:

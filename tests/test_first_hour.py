@@ -96,6 +96,8 @@ def test_a_study_written_to_a_log_reads_whole_and_a_resume_with_a_smaller_budget
     best = next(line for line in out.splitlines() if line.lstrip("│ ").startswith("best"))
     assert re.search(r"cpu \S+ mbs=\d+ .*inst=\d+ thr=\S+ ", best)  # the config's summary whole, one line
     assert "speed-up over baseline" in out
+    # The exported config itself, whole, as the log's reader needs it.
+    assert re.search(r"exported .*first/best/.*/config.pbtxt:\n", out) and "max_batch_size" in out
     code, out, err = _run(capsys, *args, "--budget", "2", *FAST_CLI)
     assert code == 0
     assert "already has 3 finished trials (--budget 2): no trial to run; give a larger --budget" in err
