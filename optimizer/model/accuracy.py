@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -156,9 +157,9 @@ def _run(
 
     wanted: list = ["CPUExecutionProvider"]
     if provider in ("cuda", "tensorrt"):
-        from optimizer.model.libraries import preload_gpu_libraries
+        from optimizer.model.libraries import preload_gpu_libraries_once
 
-        preload_gpu_libraries()  # this process's library path was fixed at its start
+        preload_gpu_libraries_once()  # this process's library path was fixed at its start
         options = TENSORRT_MODES.get(precision, {}) if provider == "tensorrt" else {}
         wanted.insert(0, (_ORT_PROVIDERS[provider], dict(options)))
     try:
@@ -179,11 +180,13 @@ def check_variant(
     precision: str,
     tolerance: float,
     provider: str = "cpu",
+    reference: Sequence[Outputs] | None = None,
 ) -> AccuracyReport:
     """Run the fp32 model (on the CPU) and the variant (on ``provider`` where it loads) on ``samples`` and
-    compare their outputs."""
+    compare their outputs. ``reference``: fp32's outputs on those samples, when already run."""
     chosen = list(samples)[:MAX_SAMPLES]
-    reference, _ = _run(reference_path, chosen)
+    if reference is None:
+        reference, _ = _run(reference_path, chosen)
     outputs, ran = _run(variant_path, chosen, provider, precision)
     report = compare_outputs(precision, reference, outputs, tolerance)
     return replace(report, provider=ran, wanted=provider)
@@ -200,10 +203,12 @@ class AccuracyGuard:
     goals: tuple[Goal, ...] = ()
     data: AccuracyData | None = None  # None: the metrics run on the study's requests
     batching: bool = True  # whether the model takes a batch axis (one request per sample either way)
+    # fp32's outputs and scores, run once per reference file however many variants are checked.
+    _requests_fp32: dict[Path, list[dict[str, np.ndarray]]] = field(default_factory=dict, repr=False)
     _fp32: dict[Path, dict[str, np.ndarray]] = field(default_factory=dict, repr=False)
     _scores: dict[Path, dict[str, float]] = field(default_factory=dict, repr=False)
 
-    @property
+    @cached_property
     def metric_data(self) -> AccuracyData:
         return (
             self.data if self.data is not None else data_from_samples(self.samples[:MAX_DATA], self.batching)
@@ -233,7 +238,17 @@ class AccuracyGuard:
 
     def check(self, reference: Path, variant: Path, precision: str, provider: str = "cpu") -> AccuracyReport:
         """The variant's verdict, with its metric figures and goals when the study has them."""
-        report = check_variant(reference, variant, self.samples, precision, self.tolerance, provider)
+        if reference not in self._requests_fp32:
+            self._requests_fp32[reference], _ = _run(reference, list(self.samples)[:MAX_SAMPLES])
+        report = check_variant(
+            reference,
+            variant,
+            self.samples,
+            precision,
+            self.tolerance,
+            provider,
+            self._requests_fp32[reference],
+        )
         if not self.metrics:
             return report
         data = self.metric_data

@@ -12,6 +12,7 @@ and the study's record.
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib
 import os
 import re
@@ -28,6 +29,7 @@ __all__ = [
     "gpu_libraries",
     "library_environment",
     "preload_gpu_libraries",
+    "preload_gpu_libraries_once",
     "wheel_library_dirs",
 ]
 
@@ -92,6 +94,13 @@ def preload_gpu_libraries(site_dirs: Iterable[Path] | None = None, runtime: Any 
                     continue
                 loaded.append(str(folder / soname))
     return loaded
+
+
+@functools.lru_cache(maxsize=1)
+def preload_gpu_libraries_once() -> tuple[str, ...]:
+    """:func:`preload_gpu_libraries` for this process, once: a library stays loaded, a second scan of the
+    site folders would find nothing new."""
+    return tuple(preload_gpu_libraries())
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from optimizer.model.metrics import (
     resolve_metric,
 )
 from optimizer.model.profile import PROFILE_BATCHES, InprocessPoint, profile_variant
+from optimizer.model.providers import runnable_providers
 from optimizer.model.quantize import DEFAULT_INT8_RECIPE, recipes_for
 from optimizer.model.variants import Int8Choice, choose_int8, served_recipe, variant_path
 from optimizer.paths import cache_dir
@@ -220,7 +221,7 @@ def _provider_record(
         choice = choose_int8(model, guard.samples, guard, cache_dir(), int8_recipes, provider)
         return _int8_record(choice)
     try:
-        if precision == "fp16" and provider == "tensorrt":
+        if precision == "fp16" and provider == "tensorrt" and "tensorrt" in runnable_providers():
             # TensorRT makes fp16 itself from the fp32 file (its FP16 mode): checked as that where
             # TensorRT loads; elsewhere the converted file on the CPU is the nearest check.
             report = guard.check(model.path, model.path, precision, provider)

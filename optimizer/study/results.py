@@ -21,7 +21,6 @@ from optimizer.study.confirm import CONFIRMATION, Finalist
 from optimizer.study.records import baseline_rounds, is_joint
 
 __all__ = [
-    "precision_lines",
     "GpuFit",
     "JointSummary",
     "StudySummary",
@@ -31,6 +30,7 @@ __all__ = [
     "export_trial",
     "finalists",
     "gpu_fit",
+    "precision_lines",
     "report_of",
     "write_joint_repository",
 ]
