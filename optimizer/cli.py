@@ -884,10 +884,11 @@ def _command() -> Any:
             (annotation,) = annotation.__args__
         if annotation is bool:
             param.metavar = ""
-        elif annotation in _PLAIN_TYPES:
-            param.metavar = (
-                _PLAIN_TYPES[annotation] if param.param_type_name == "option" else param.name.upper()
-            )
+        elif annotation in _PLAIN_TYPES and param.param_type_name == "option":
+            param.metavar = _PLAIN_TYPES[annotation]
+        elif annotation in _PLAIN_TYPES:  # an argument: its name in the usage line, its type in the table
+            param.metavar = param.name.upper()
+            param.display_type_rich = lambda ctx, word=_PLAIN_TYPES[annotation]: word
     return command
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 from optuna.distributions import IntDistribution
 from optuna.trial import TrialState, create_trial
+from rich.console import Console
 
 from optimizer.config.render import config_from_pbtxt, to_dict
 from optimizer.measurement.replay import ReplayTarget
+from optimizer.report.csv import trials_frame
 from optimizer.report.data import build_report_data
 from optimizer.report.html import render_html
 from optimizer.study.confirm import (
@@ -19,6 +21,7 @@ from optimizer.study.confirm import (
     finalists_of,
     stored_confirmation,
 )
+from optimizer.study.progress import print_summary
 from optimizer.study.results import best_trial
 from optimizer.study.run import run_study
 from optimizer.study.settings import SearchSettings
@@ -151,6 +154,36 @@ def test_the_report_shows_each_finalists_measurements_and_follows_the_export(mix
     chosen = next(f for f in data.finalists if f.trial == record["chosen"])
     assert data.headline.ratio_basis == "confirmed means" and "(confirmed means)" in page
     assert data.headline.ratio == pytest.approx(chosen.mean / data.confirmed_baseline.mean)
+
+
+def test_the_headline_figures_are_named_one_way_in_the_summary_the_report_and_the_csv(mixed_study):
+    """The speed-up divides the confirmed means; the summary, the report's cards and the CSV show those
+    means as "confirmed", beside each trial's own single measurement."""
+    study, summary = mixed_study.study, mixed_study.summary
+    best, baseline, basis = summary.speed_up_terms
+    assert basis == "confirmed means"
+    console = Console(width=400, record=True)
+    print_summary(summary, console)
+    text = console.export_text()
+    assert (
+        f"speed-up over baseline: {best / baseline:.2f}x (confirmed means: {best:.1f} / {baseline:.1f} inf/s)"
+        in text
+    )
+    header = next(line for line in text.splitlines() if "its trial" in line)
+    assert "confirmed mean (inf/s)" in header
+    rows = {line.split("│")[1].strip(): line for line in text.splitlines() if line.startswith("│")}
+    assert f"{baseline:.1f}" in rows["baseline"] and f"{best:.1f}" in rows["best"]
+    page = render_html(build_report_data(study))
+    assert f"{best:,.1f} inf/s" in page and f"{baseline:,.1f} inf/s" in page and "confirmed mean of" in page
+    frame = trials_frame(study)
+    chosen = study.user_attrs[CONFIRMATION]["chosen"]
+    row = frame[frame["number"] == chosen].iloc[0]
+    assert row["confirmed_mean"] == pytest.approx(best, abs=1e-3)
+    assert float(str(row["confirmed_throughputs"]).split(";")[0]) == pytest.approx(
+        row["throughput"], rel=1e-3
+    )
+    unconfirmed = set(frame["number"]) - {f.trial for f in (*summary.finalists, summary.confirmed_baseline)}
+    assert frame[frame["number"].isin(unconfirmed)]["confirmed_mean"].isna().all()
 
 
 def test_confirmation_off_exports_the_best_single_measurement(models, tmp_path):

@@ -5,6 +5,8 @@ study written to a log, and a resume with a smaller budget; the texts a new user
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -40,6 +42,20 @@ def test_help_speaks_the_users_words(capsys, monkeypatch):
     assert "…" not in out  # no option's text cut (--docker-image-tag's was)
     code, out, _ = _run(capsys, "inspect", "-h")
     assert code == 0 and "several --model" not in out and "bundled example" in out
+    assert not ANNOTATION_TYPES.search(out) and re.search(r"MODEL\s+PATH\s", out)  # the argument's type too
+
+
+def test_help_imports_nothing_heavy():
+    """``--help`` starts fast because its path leaves numpy, optuna, onnx and yaml to the commands."""
+    probe = (
+        "import sys\n"
+        "from optimizer.cli import main\n"
+        "code = main(['study', '--help'])\n"
+        "print(code, sorted({m.split('.')[0] for m in sys.modules} & "
+        "{'numpy', 'optuna', 'onnx', 'onnxruntime', 'tritonclient', 'yaml'}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.splitlines()[-1] == "0 []"
 
 
 def test_inspect_without_a_model_shows_the_bundled_example_with_the_shapes_a_study_sends(capsys):
@@ -95,7 +111,12 @@ def test_a_study_written_to_a_log_reads_whole_and_a_resume_with_a_smaller_budget
     assert "…" not in out + err and not err.startswith("\n")  # a log gets whole lines and tables
     best = next(line for line in out.splitlines() if line.lstrip("│ ").startswith("best"))
     assert re.search(r"cpu \S+ mbs=\d+ .*inst=\d+ thr=\S+ ", best)  # the config's summary whole, one line
-    assert "speed-up over baseline" in out
+    # Without a confirmation (--confirm 0) the speed-up says it divides the two trials' own figures.
+    ratio, best_figure, baseline_figure = re.search(
+        r"speed-up over baseline: ([\d.]+)x \(single measurements: ([\d.]+) / ([\d.]+) inf/s\)", out
+    ).groups()
+    assert float(ratio) == pytest.approx(float(best_figure) / float(baseline_figure), abs=0.01)
+    assert best_figure in best and "confirmed mean" not in out
     # The exported config itself, whole, as the log's reader needs it.
     assert re.search(r"exported .*first/best/.*/config.pbtxt:\n", out) and "max_batch_size" in out
     code, out, err = _run(capsys, *args, "--budget", "2", *FAST_CLI)

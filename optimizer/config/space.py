@@ -14,8 +14,6 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
 from optimizer.errors import SpaceError
 from optimizer.model.quantize import DEFAULT_INT8_RECIPE
 
@@ -188,6 +186,8 @@ _KEYS = {
 
 def load_space(name_or_path: str) -> SearchSpace:
     """Load a space by name (``cpu`` -> ``spaces/cpu.yaml``) or by path, validated."""
+    import yaml  # here, not at the top: the command line imports this module for --help
+
     path = _space_path(name_or_path)
     try:
         data = yaml.safe_load(path.read_text())

@@ -20,8 +20,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
 
-import numpy as np
-
 __all__ = ["BATCHES", "StoppingRule", "Uncertainty", "estimate_uncertainty", "should_stop"]
 
 BATCHES = 10
@@ -84,6 +82,8 @@ def throughput_half_width(finish_times: Sequence[float], start: float, now: floa
     """Relative half-width of the 95% interval of the completion rate, by ``BATCHES`` batch means."""
     if now <= start or len(finish_times) < 2:
         return math.inf
+    import numpy as np  # here, not at the top: the command line imports this module for --help
+
     counts, _ = np.histogram(np.fromiter(finish_times, dtype=float), bins=BATCHES, range=(start, now))
     mean = float(counts.mean())
     if mean == 0:
@@ -102,6 +102,8 @@ def quantile_half_width(latencies: Sequence[float], q: float) -> float:
     lower, upper = math.floor(n * q - spread), math.ceil(n * q + spread)
     if lower < 0 or upper > n - 1:
         return math.inf
+    import numpy as np  # here, not at the top: the command line imports this module for --help
+
     # Partial ordering (O(n)): the check runs inside the event loop that times the requests.
     values = np.fromiter(latencies, dtype=float, count=n)
     low, high = (int(np.floor((n - 1) * q)), int(np.ceil((n - 1) * q)))

@@ -26,9 +26,8 @@ import numpy as np
 from optimizer.errors import UsageError
 from optimizer.model.metrics import AccuracyData, Goal, Metric, data_from_samples, figure_text, score
 
-__all__ = ["DEFAULT_TOLERANCE", "AccuracyGuard", "AccuracyReport", "check_variant", "compare_outputs"]
+__all__ = ["AccuracyGuard", "AccuracyReport", "check_variant", "compare_outputs"]
 
-DEFAULT_TOLERANCE = 0.01  # 1 - cosine similarity; 0.01 keeps outputs within about 8 degrees
 MAX_SAMPLES = 64
 
 Outputs = Mapping[str, np.ndarray]
@@ -198,7 +197,7 @@ class AccuracyGuard:
     user's metrics on their data (``metrics``), which decide instead when the user set goals."""
 
     samples: Sequence[Outputs]  # the study's requests: the cosine rule's inputs
-    tolerance: float = DEFAULT_TOLERANCE
+    tolerance: float  # 1 - cosine similarity allowed (the study's --accuracy-tolerance)
     metrics: tuple[Metric, ...] = ()
     goals: tuple[Goal, ...] = ()
     data: AccuracyData | None = None  # None: the metrics run on the study's requests

@@ -19,11 +19,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from optimizer.errors import ModelError, UsageError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = ["EXPORTERS", "Conversion", "Exporter", "convert_module", "load_module", "parse_inputs"]
 
@@ -172,6 +173,8 @@ def _import(source: str):
 
 def example_inputs(specs: Sequence[InputSpec], batch: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Random inputs with a batch: normal floats, small non-negative integers (valid token ids)."""
+    import numpy as np  # here: the command line imports this module for --help
+
     rng = np.random.default_rng(seed)
     arrays = {}
     for spec in specs:
@@ -284,6 +287,8 @@ def _check(module, specs, path: Path, outputs: Sequence[str]) -> float:
             t.detach().numpy()
             for t in _as_tuple(_call(module, {k: torch.from_numpy(v) for k, v in inputs.items()}))
         ]
+    import numpy as np
+
     worst = 0.0
     for name, ours, theirs in zip(outputs, got, expected, strict=True):
         if ours.shape != theirs.shape:

@@ -22,10 +22,12 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from optimizer.model.fusion import fuse_transformer
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = [
     "BASE_RECIPES",
@@ -39,7 +41,7 @@ __all__ = [
     "recipes_for",
 ]
 
-Samples = Sequence[Mapping[str, np.ndarray]]
+Samples = Sequence[Mapping[str, "np.ndarray"]]
 # ONNX's shape inference does not know the fused contrib ops (SkipLayerNormalization, BiasGelu): the
 # tensors they produce are fp32, which the quantizer must be told (only tensors of unknown type).
 UNKNOWN_TYPES_ARE_FLOAT = {"DefaultTensorType": 1}  # onnx.TensorProto.FLOAT

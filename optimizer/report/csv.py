@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import statistics
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import pandas as pd
+
+from optimizer.study.confirm import Finalist
+from optimizer.study.results import confirmed_baseline, finalists
 
 __all__ = ["MEASUREMENTS", "flatten_config", "trials_frame"]
 
@@ -29,6 +33,8 @@ MEASUREMENTS = (
     "measure_s",
     "client_cpu_ms",
 )
+# The confirmation's figures of a finalist or the baseline (empty for other trials): the headline's terms.
+CONFIRMED = ("confirmed_mean", "confirmed_throughputs", "confirmed_p99_median_ms")
 # The best level's records, flattened into prefixed columns (uncertainty.p99_ci, server.queue_ms, ...).
 _LEVEL_RECORDS = ("uncertainty", "server", "resources")
 # Inputs and outputs are the model's, the same on every trial: they would only widen the table.
@@ -38,7 +44,9 @@ _SKIPPED_CONFIG_FIELDS = ("input", "output")
 def trials_frame(study: Any) -> pd.DataFrame:
     """Every trial of ``study`` as one row.
 
-    Columns: ``number``, ``state``, the measurements (``throughput``, ``p99_ms``, ...), ``sweep`` (JSON),
+    Columns: ``number``, ``state``, the measurements (``throughput``, ``p99_ms``, ...: the trial's own),
+    the confirmation's (``confirmed_mean``, ``confirmed_throughputs`` as ``a;b;c`` with the trial's own
+    first, ``confirmed_p99_median_ms``) for the trials it re-measured, ``sweep`` (JSON),
     ``constraint.<name>``, ``param.<name>`` and ``config.<field>`` for every config field, nested
     fields joined with dots (``config.dynamic_batching.max_queue_delay_microseconds``).
 
@@ -49,12 +57,17 @@ def trials_frame(study: Any) -> pd.DataFrame:
         A DataFrame with one row per trial, ordered by trial number (empty, with the fixed columns,
         for a study without trials).
     """
-    rows = [_row(trial) for trial in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)]
+    confirmed = {f.trial: f for f in (*finalists(study), confirmed_baseline(study)) if f is not None}
+    rows = [
+        {**_row(trial), **_confirmed(confirmed.get(trial.number))}
+        for trial in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+    ]
     fixed = [
         "number",
         "state",
         "value",
         *MEASUREMENTS,
+        *CONFIRMED,
         "sweep",
         "datetime_start",
         "datetime_complete",
@@ -64,6 +77,16 @@ def trials_frame(study: Any) -> pd.DataFrame:
         if column not in frame.columns:
             frame[column] = pd.Series(dtype="object")
     return frame[fixed + sorted(c for c in frame.columns if c not in fixed)]
+
+
+def _confirmed(finalist: Finalist | None) -> dict[str, Any]:
+    if finalist is None:
+        return {}
+    return {
+        "confirmed_mean": round(finalist.mean, 3),
+        "confirmed_throughputs": ";".join(f"{v:g}" for v in finalist.throughput),
+        "confirmed_p99_median_ms": round(statistics.median(finalist.p99_ms), 3),
+    }
 
 
 def _row(trial: Any) -> dict[str, Any]:

@@ -131,6 +131,9 @@ class Headline:
     best_config: str  # config.pbtxt of the best trial, "" without one
     repository: str  # where the best trial's model repository is exported
     ratio_basis: str = "single measurements"  # or "confirmed means" (both re-measured, interleaved)
+    # With confirmed means: the baseline's and the best's, each over as many fresh loads (the ratio's terms).
+    baseline_confirmed: Finalist | None = None
+    best_confirmed: Finalist | None = None
 
 
 @dataclass(frozen=True)
@@ -414,7 +417,13 @@ def _confirmed(head: Headline, finalists: Sequence[Finalist], baseline: Finalist
     best = next((f for f in finalists if head.best is not None and f.trial == head.best.number), None)
     if best is None or baseline is None or baseline.mean <= 0:
         return head
-    return replace(head, ratio=best.mean / baseline.mean, ratio_basis="confirmed means")
+    return replace(
+        head,
+        ratio=best.mean / baseline.mean,
+        ratio_basis="confirmed means",
+        baseline_confirmed=baseline,
+        best_confirmed=best,
+    )
 
 
 def _pbtxt(config: Mapping[str, Any]) -> str:

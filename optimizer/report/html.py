@@ -30,6 +30,7 @@ from optimizer.report.data import (
     TrialRecord,
 )
 from optimizer.report.pipeline import PNG_NAME, PipelineData, plot_pipeline
+from optimizer.study.confirm import Finalist
 from optimizer.study.crosscheck import DISAGREEMENT
 
 __all__ = ["plot_curves", "plot_history", "plot_importances", "plot_scatter", "render_html"]
@@ -381,22 +382,31 @@ def _card(label: str, value: str, detail: str) -> str:
     )
 
 
-def _trial_card(label: str, trial: TrialRecord | None) -> str:
+def _trial_card(label: str, trial: TrialRecord | None, confirmed: Finalist | None) -> str:
+    """A trial's throughput: the confirmed mean when there is one (the speed-up's term), else its own."""
     if trial is None:
         return _card(label, "-", "no trial")
     if trial.throughput is None:
         return _card(label, "-", f"#{trial.number} {trial.candidate}: {trial.status}")
+    where = f"at concurrency {trial.concurrency} · #{trial.number} {trial.candidate}"
+    if confirmed is None:
+        return _card(
+            label,
+            f"{trial.throughput:,.1f} inf/s",
+            f"its trial's measurement, p99 {_num(trial.p99_ms)} ms {where}",
+        )
     detail = (
-        f"p99 {_num(trial.p99_ms)} ms at concurrency {trial.concurrency} · #{trial.number} {trial.candidate}"
+        f"confirmed mean of {len(confirmed.throughput)} measurements (its trial's own: "
+        f"{trial.throughput:,.1f} inf/s), median p99 {_num(statistics.median(confirmed.p99_ms))} ms {where}"
     )
-    return _card(label, f"{trial.throughput:,.1f} inf/s", detail)
+    return _card(label, f"{confirmed.mean:,.1f} inf/s", detail)
 
 
 def _headline(head: Headline, info: StudyInfo) -> str:
     ratio = f"{head.ratio:.2f}x" if head.ratio is not None else "-"
     cards = [
-        _trial_card("Baseline (untuned)", head.baseline),
-        _trial_card("Best within the latency budget", head.best),
+        _trial_card("Baseline (untuned)", head.baseline, head.baseline_confirmed),
+        _trial_card("Best within the latency budget", head.best, head.best_confirmed),
         _card("Speed-up", ratio, f"best / baseline throughput ({head.ratio_basis})"),
     ]
     if head.baseline is None and head.best is None:

@@ -72,6 +72,10 @@ class RichReporter:
         self.console.print(format_trial(report))
 
 
+# The headline's figures: each trial's own measurement is one draw; the confirmation's mean is the headline.
+CONFIRMED_COLUMN = "confirmed mean (inf/s)"
+
+
 def format_trial(report: TrialReport) -> str:
     head = f"#{report.number:<3} {report.summary}"
     timing = f" ({report.timing})" if report.timing else ""
@@ -167,17 +171,29 @@ def print_summary(summary: StudySummary, console: Console | None = None) -> None
     table = Table(
         title=f"study {summary.study_name}: {trials}, latency budget {summary.latency_budget_ms:g} ms"
     )
-    for column in ("", "throughput (inf/s, its trial)", "p99 (ms)", "load", "config"):
+    confirmed = {"baseline": summary.confirmed_baseline, "best": summary.confirmed_best}
+    shown = any(confirmed.values())
+    columns = (
+        "",
+        "throughput (inf/s, its trial)",
+        *((CONFIRMED_COLUMN,) if shown else ()),
+        "p99 (ms)",
+        "load",
+    )
+    for column in (*columns, "config"):
         table.add_column(column)
     for label, report in (("baseline", summary.baseline), ("best", summary.best)):
+        finalist = confirmed[label]
+        mean = (_figure(finalist.mean if finalist else None),) if shown else ()
         if report is None:
-            table.add_row(label, "-", "-", "-", "no feasible trial")
+            table.add_row(label, "-", *mean, "-", "-", "no feasible trial")
         elif report.throughput is None:
-            table.add_row(label, "-", "-", "-", f"{report.summary} ({report.state}: {report.reason})")
+            table.add_row(label, "-", *mean, "-", "-", f"{report.summary} ({report.state}: {report.reason})")
         else:
             table.add_row(
                 label,
                 f"{report.throughput:.1f}",
+                *mean,
                 f"{report.p99_ms:.1f}",
                 report.load,
                 report.summary,
@@ -189,9 +205,11 @@ def print_summary(summary: StudySummary, console: Console | None = None) -> None
         console.print(cross_check_table(summary.cross_check))
         for line in summary.cross_check.get("disagreements", []):
             console.print(f"[yellow]disagreement over {DISAGREEMENT:.0%}[/yellow]: {line}")
-    if summary.speed_up is not None:
-        ratio, basis = summary.speed_up
-        console.print(f"speed-up over baseline: {ratio:.2f}x ({basis})")
+    if summary.speed_up_terms is not None:
+        best, baseline, basis = summary.speed_up_terms
+        console.print(
+            f"speed-up over baseline: {best / baseline:.2f}x ({basis}: {best:.1f} / {baseline:.1f} inf/s)"
+        )
     if summary.precisions:
         console.print("per precision (best served, accuracy against fp32 on your metrics):")
         for line in summary.precisions:

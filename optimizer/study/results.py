@@ -156,14 +156,28 @@ class StudySummary:
     precisions: tuple[str, ...] = ()  # each precision's speed and accuracy on the user's metrics
 
     @property
+    def confirmed_best(self) -> Finalist | None:
+        """The exported trial as the confirmation re-measured it (None when it was not confirmed)."""
+        return next((f for f in self.finalists if self.best and f.trial == self.best.number), None)
+
+    @property
+    def speed_up_terms(self) -> tuple[float, float, str] | None:
+        """The best and baseline throughputs the headline speed-up divides, and what they are: confirmed
+        means when both were confirmed, else each trial's own measurement."""
+        chosen, baseline = self.confirmed_best, self.confirmed_baseline
+        if chosen is not None and baseline is not None and baseline.mean > 0:
+            return chosen.mean, baseline.mean, "confirmed means"
+        if self.baseline and self.best and self.baseline.throughput and self.best.throughput:
+            return self.best.throughput, self.baseline.throughput, "single measurements"
+        return None
+
+    @property
     def speed_up(self) -> tuple[float, str] | None:
         """Best over baseline, and what it compares: confirmed means when both were confirmed."""
-        chosen = next((f for f in self.finalists if self.best and f.trial == self.best.number), None)
-        if chosen is not None and self.confirmed_baseline is not None and self.confirmed_baseline.mean > 0:
-            return chosen.mean / self.confirmed_baseline.mean, "confirmed means"
-        if self.baseline and self.best and self.baseline.throughput and self.best.throughput:
-            return self.best.throughput / self.baseline.throughput, "single measurements"
-        return None
+        if self.speed_up_terms is None:
+            return None
+        best, baseline, basis = self.speed_up_terms
+        return best / baseline, basis
 
     @property
     def nothing_feasible(self) -> str | None:

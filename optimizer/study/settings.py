@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING
 from optimizer.config.space import SearchSpace
 from optimizer.measurement.levels import MeasureSettings
 from optimizer.measurement.sweep import DEFAULT_LEVELS
-from optimizer.model.accuracy import DEFAULT_TOLERANCE
 
 if TYPE_CHECKING:  # the models file's reader imports the model stage; the command line's --help need not
     from optimizer.study.models_file import ModelEntry
@@ -130,7 +129,7 @@ class StudySettings:
     output_dir: Path | None = None  # default: studies/
     # .npz with one array per input; default: realistic synthetic inputs (several: each model's)
     input_data: Path | None = field(default=None, metadata=ONE_MODEL)
-    accuracy_tolerance: float = DEFAULT_TOLERANCE
+    accuracy_tolerance: float = 0.01  # 1 - cosine similarity; 0.01 keeps outputs within about 8 degrees
     # The user's accuracy: a .npz of inputs and labels, metrics (built-in names or module:function) and
     # goals such as "squad_f1>=-1%" that decide instead of the cosine rule (optimizer.model.metrics).
     accuracy_data: Path | None = field(default=None, metadata=ONE_MODEL)
