@@ -283,7 +283,7 @@ def test_a_variant_whose_outputs_overflow_misses_every_goal_even_one_its_metric_
     overflowed[0, 0, 0] = np.inf
     assert np.isnan(metric({"h": overflowed}, {"h": hidden}, {}))  # not a perfect 1.0
     guard = AccuracyGuard(
-        [], metrics=(metric,), goals=(parse_goal("pooled_cosine>=0.5", {"pooled_cosine": metric}),)
+        [], 0.01, metrics=(metric,), goals=(parse_goal("pooled_cosine>=0.5", {"pooled_cosine": metric}),)
     )
     report = replace(
         compare_outputs("fp16", [{"h": hidden}], [{"h": overflowed}], 0.01),
