@@ -593,6 +593,79 @@ def _given(ctx: typer.Context, name: str) -> bool:
     return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
 
 
+@app.command()
+def plan(
+    study_name: Annotated[
+        str, typer.Option("--study-name", help="The study whose measurements size the fleet.")
+    ],
+    rps: Annotated[
+        float, typer.Option("--rps", help="The traffic to serve at the peak, inferences per second.")
+    ],
+    average_rps: Annotated[
+        Optional[float],
+        typer.Option(
+            "--average-rps", help="The traffic on average: the servers an autoscaler keeps, and the cost."
+        ),
+    ] = None,
+    latency_budget_ms: Annotated[
+        Optional[float], typer.Option("--latency-budget-ms", help="p99 budget (default: the study's).")
+    ] = None,
+    headroom: Annotated[
+        float, typer.Option(help="Share of each server's measured throughput kept spare (0.3: plan at 70%).")
+    ] = 0.3,
+    price_per_hour: Annotated[
+        Optional[float],
+        typer.Option(
+            "--price-per-hour", help="Price of one server per hour: cost per hour and per million inferences."
+        ),
+    ] = None,
+    server_memory_gb: Annotated[
+        Optional[float],
+        typer.Option(
+            "--server-memory-gb", help="Memory of a server for the memory fit (default: the study machine's)."
+        ),
+    ] = None,
+    server_gpu_memory_gb: Annotated[
+        Optional[float],
+        typer.Option("--server-gpu-memory-gb", help="Memory of a server's GPU (default: the GPU measured)."),
+    ] = None,
+    trial: Annotated[
+        Optional[int], typer.Option(help="The config to plan for (default: the exported one).")
+    ] = None,
+    storage: StorageOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON, for scripts.")] = False,
+) -> None:
+    """How many servers of the measured kind a traffic target needs: the best config, its Pareto
+    alternatives and the untuned baseline, from the study's measured figures."""
+    import json
+
+    from optimizer.output.plan import make_plan, plan_lines, plan_table
+    from optimizer.study.progress import readable_console
+    from optimizer.study.storage import load_stored_study
+
+    study = load_stored_study(study_name, storage)
+    made = make_plan(
+        study,
+        rps,
+        average_rps=average_rps,
+        latency_budget_ms=latency_budget_ms,
+        headroom=headroom,
+        price_per_hour=price_per_hour,
+        server_memory_gb=server_memory_gb,
+        server_gpu_memory_gb=server_gpu_memory_gb,
+        exported=trial,
+    )
+    if as_json:
+        typer.echo(json.dumps(made.to_dict(), indent=2))
+        return
+    console = readable_console()
+    lines = plan_lines(made)
+    console.print(lines[0])
+    console.print(plan_table(made))
+    for line in lines[1:]:
+        console.print(line)
+
+
 @app.command("cross-check")
 def cross_check(
     study_name: Annotated[str, typer.Option("--study-name", help="The finished study to cross-check.")],
@@ -634,11 +707,40 @@ def export(
             "plus deployment manifests.",
         ),
     ] = ExportFormat.triton,
+    rps: Annotated[
+        Optional[float],
+        typer.Option(
+            "--rps", help="Peak traffic (inf/s) to size the replicas for, from the study's figures."
+        ),
+    ] = None,
+    average_rps: Annotated[
+        Optional[float],
+        typer.Option("--average-rps", help="Average traffic: the replicas an autoscaler keeps at least."),
+    ] = None,
+    headroom: Annotated[
+        float, typer.Option(help="Share of each server's measured throughput kept spare.")
+    ] = 0.3,
+    instance_type: Annotated[
+        Optional[str],
+        typer.Option(
+            "--instance-type", help="Azure ML VM size (default: the smallest with the study's cores)."
+        ),
+    ] = None,
 ) -> None:
     """Write a trial's config and model file as a Triton model repository (and deployment manifests)."""
     from optimizer.output.deploy import export_deployment
 
-    deployment = export_deployment(study_name, out, fmt=fmt.value, trial=trial, storage=storage)
+    deployment = export_deployment(
+        study_name,
+        out,
+        fmt=fmt.value,
+        trial=trial,
+        storage=storage,
+        rps=rps,
+        average_rps=average_rps,
+        headroom=headroom,
+        instance_type=instance_type,
+    )
     typer.echo(f"wrote {deployment.model_dir}")
     for manifest in deployment.manifests:
         typer.echo(f"wrote {manifest}")
@@ -703,6 +805,15 @@ def serve(
         )
 
 
+def _say_capacity(study) -> None:
+    """The servers a reference traffic needs, tuned and untuned (optimize plan sizes for the user's)."""
+    from optimizer.output.plan import capacity_line
+
+    line = capacity_line(study)
+    if line is not None:
+        typer.echo(line)
+
+
 def _write_study_report(study_name: str, storage_url: str, repository: Path | None) -> None:
     """Write the study's report; a failure here is a warning, never a lost study."""
     try:
@@ -716,6 +827,7 @@ def _write_study_report(study_name: str, storage_url: str, repository: Path | No
         paths = write_report(study, out, repository=repository)
         typer.echo(f"report: {paths.html} (every trial: {paths.csv})")
         _say_png(paths)
+        _say_capacity(study)
     except Exception as exc:  # the study is safe in its database: say so and go on
         typer.echo(
             f"warning: could not write the report ({type(exc).__name__}: {exc}); "

@@ -14,7 +14,6 @@ from optimizer.config.render import config_from_json, config_from_pbtxt
 from optimizer.errors import OptimizeError
 from optimizer.measurement.levels import MeasureSettings
 from optimizer.output.deploy import (
-    AZUREML_CPU_INSTANCE,
     AZUREML_GPU_INSTANCE,
     KSERVE_STORAGE_PLACEHOLDER,
     TRITON_RUNTIME_VERSION,
@@ -91,8 +90,20 @@ def test_azureml_format_writes_endpoint_and_triton_model_deployment(stored, tmp_
     assert deployment["model"]["type"] == "triton_model"
     # The model path is relative to the YAML file and holds <model>/config.pbtxt: a Triton repository.
     assert (out / deployment["model"]["path"] / "mlp" / "config.pbtxt").is_file()
-    assert deployment["instance_type"] == AZUREML_CPU_INSTANCE and deployment["instance_count"] == 1
-    assert (out / "deployment.yml").read_text().startswith("# Written by optimize from study 'dep'")
+    # What the config was tuned for: a VM with the study's cores, the requests in flight it was measured at.
+    study, best = stored[1], best_trial(stored[1])
+    cores = study.user_attrs["cpu_cores"]
+    vcpus = int(deployment["instance_type"].removeprefix("Standard_F").removesuffix("s_v2"))
+    assert vcpus >= cores and vcpus // 2 < cores and deployment["instance_count"] == 1  # no --rps: one
+    assert deployment["request_settings"] == {
+        "max_concurrent_requests_per_instance": best.user_attrs["concurrency"]
+    }
+    text = (out / "deployment.yml").read_text()
+    assert text.startswith("# Written by optimize from study 'dep'")
+    assert (
+        f"max_concurrent_requests_per_instance {best.user_attrs['concurrency']}: the load at which p99"
+        in text
+    )
 
 
 @pytest.mark.server
@@ -110,8 +121,18 @@ def test_kserve_format_writes_an_inference_service_for_the_triton_runtime(stored
         model["runtimeVersion"] == TRITON_RUNTIME_VERSION
         and model["storageUri"] == KSERVE_STORAGE_PLACEHOLDER
     )
-    assert "resources" not in model  # a CPU config asks for no GPU
-    assert "set storageUri" in (out / "inferenceservice.yaml").read_text().splitlines()[1]
+    # A CPU config asks for no GPU, and for the study's cores and the memory its server held, plus a margin.
+    best = best_trial(stored[1])
+    assert "nvidia.com/gpu" not in model["resources"]["limits"]
+    assert model["resources"]["requests"]["cpu"] == str(stored[1].user_attrs["cpu_cores"])
+    requested = int(model["resources"]["requests"]["memory"].removesuffix("Mi"))
+    assert best.user_attrs["memory_mb"] * 1.25 <= requested < best.user_attrs["memory_mb"] * 1.25 + 64
+    assert service["spec"]["predictor"]["maxReplicas"] == 1  # no --rps: one replica
+    assert service["spec"]["predictor"]["scaleMetric"] == "concurrency"
+    comments = [
+        line for line in (out / "inferenceservice.yaml").read_text().splitlines() if line.startswith("#")
+    ]
+    assert "set storageUri" in comments[-1]
 
 
 @pytest.mark.server

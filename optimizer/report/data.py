@@ -23,6 +23,7 @@ from optuna.trial import TrialState
 from optimizer.config.render import config_from_json, to_pbtxt
 from optimizer.model.metrics import figure_text
 from optimizer.model.variants import precision_of_file
+from optimizer.output.plan import REFERENCE_RPS, Plan, make_plan
 from optimizer.paths import studies_dir
 from optimizer.report.pipeline import PipelineData, study_pipeline_data
 from optimizer.study.confirm import CONFIRMATION, Finalist
@@ -221,6 +222,7 @@ class ReportData:
     cross_check: tuple[CrossCheckRow, ...] = ()  # the baseline and best measured by perf_analyzer too
     cross_check_engine: str | None = None
     pipeline: PipelineData | None = None  # as given / ONNX Runtime tuned in process / Triton as given / tuned
+    plan: Plan | None = None  # the servers a reference traffic needs (optimize plan sizes for the user's)
 
 
 # --- the whole report ----------------------------------------------------------------------------------
@@ -266,7 +268,18 @@ def build_report_data(study: Any, *, repository: Path | None = None) -> ReportDa
         cross_check=tuple(cross_check_rows(checked)) if checked else (),
         cross_check_engine=checked["engine"] if checked else None,
         pipeline=study_pipeline_data(attrs, *_served(head, finalists, baseline)),
+        plan=_reference_plan(study),
     )
+
+
+def _reference_plan(study: Any) -> Plan | None:
+    """The plan for the reference traffic, of the exported trial (None: nothing feasible to plan from)."""
+    from optimizer.errors import StudyError, UsageError
+
+    try:
+        return make_plan(study, REFERENCE_RPS)
+    except (StudyError, UsageError):
+        return None
 
 
 def _served(

@@ -315,6 +315,7 @@ def render_html(data: ReportData) -> str:
         ),
         _section("Search", _e(data.importances.note), divs["history"] + divs["importances"]),
         _finalists_section(data),
+        _plan_section(data),
         _cross_check_section(data),
         _section(
             "Top 10 configurations",
@@ -496,6 +497,46 @@ def _finalists_section(data: ReportData) -> str:
         "measured in the same rounds, so the speed-up compares means over as many loads."
     )
     return _section("Confirmed before export", _e(note), _table(headers, rows, ""))
+
+
+def _plan_section(data: ReportData) -> str:
+    """What one server carries under each config, and the servers a reference traffic needs."""
+    plan = data.plan
+    if plan is None:
+        return ""
+    rows = [
+        [
+            _e(s.capacity.role),
+            f"#{s.capacity.trial}",
+            f"<code>{_e(s.capacity.config)}</code>",
+            _num(s.capacity.throughput_per_server),
+            _num(s.capacity.usable(plan.headroom)),
+            _num(s.capacity.p99_ms),
+            _e(s.capacity.load),
+            str(s.servers),
+            _e(s.capacity.basis),
+        ]
+        for s in plan.sizings
+    ]
+    headers = [
+        "role",
+        "trial",
+        "configuration",
+        "inf/s per server (measured)",
+        f"planned at {plan.headroom:.0%} headroom",
+        "p99 ms",
+        "load",
+        f"servers for {plan.rps:,.0f} inf/s",
+        "measured as",
+    ]
+    note = (
+        f"Servers of the kind measured ({_e(plan.server)}), each planned at {1 - plan.headroom:.0%} of the "
+        "throughput it sustained within the latency budget at the load where it was measured. "
+        f"<code>optimize plan --study-name {_e(plan.study_name)} --rps N</code> sizes a fleet for your "
+        "traffic, with costs and the memory fit; <code>optimize export --rps N</code> writes the replica "
+        "count into the deployment files."
+    )
+    return _section("Capacity and servers needed", note, _table(headers, rows, ""))
 
 
 def _cross_check_section(data: ReportData) -> str:
