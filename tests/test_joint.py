@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 import signal
 import threading
@@ -26,6 +27,7 @@ from optimizer.model import examples
 from optimizer.model.ensemble import load_ensemble, run_ensemble
 from optimizer.model.intake import inspect_model, resolve_shapes, synthetic_inputs
 from optimizer.model.variants import config_files
+from optimizer.output.plan import make_plan
 from optimizer.output.serve import serving
 from optimizer.paths import cache_dir
 from optimizer.serving.embedded import EmbeddedTriton
@@ -195,6 +197,13 @@ def test_a_joint_study_loads_measures_and_exports_both_models_within_their_budge
         assert figures["p99_ms"] <= joint_budgets(study.user_attrs)[name]  # each budget respected
     assert summary.best_throughput == pytest.approx(best.value)
     assert summary.bound_by and set(summary.per_model) == {"mlp", "cnn"}
+    # The plan of the mix: servers from the best trial's mix throughput, and whether both models fit together.
+    plan = make_plan(study, 1000.0, server_memory_gb=1.0)
+    sizing = plan.sizings[0]
+    assert sizing.capacity.trial == best.number and sizing.capacity.throughput_per_server == best.value
+    assert sizing.servers == math.ceil(1000.0 / (best.value * 0.7)) and plan.models == ("mlp", "cnn")
+    assert plan.memory is not None and plan.memory.memory_mb == best.user_attrs["memory_mb"] > 0
+    assert plan.memory.copies == int(1024 // best.user_attrs["memory_mb"])
     # Both models are on the server together, and the exported repository holds both.
     client = grpcclient.InferenceServerClient(triton.grpc_url)
     assert client.is_model_ready("mlp") and client.is_model_ready("cnn")

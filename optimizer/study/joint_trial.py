@@ -28,6 +28,7 @@ from optimizer.model.quantize import DEFAULT_INT8_RECIPE
 from optimizer.model.variants import config_files
 from optimizer.paths import cache_dir
 from optimizer.serving.base import ServingTarget
+from optimizer.serving.metrics import memory_figure
 from optimizer.study.models_file import ModelEntry
 from optimizer.study.storage import is_surplus, worker_id
 from optimizer.study.trial_rules import (
@@ -152,6 +153,7 @@ class JointObjective:
         started = time.perf_counter()
         levels = self._sweep(trial)
         trial.set_user_attr("trial_s", round(time.perf_counter() - started, 3))
+        self._record_memory(trial)
         feasible = [level for level in levels if level.feasible]
         if not feasible:
             trial.set_user_attr("feasible", False)
@@ -166,6 +168,14 @@ class JointObjective:
             + f"); {trial.user_attrs['reason']}"
         )
         return round(best.mix_throughput, 3)
+
+    def _record_memory(self, trial) -> None:
+        """The server's memory with every model loaded, read after the sweep (resident pages stay after
+        the load that touched them): the joint repository's memory fit in ``optimize plan``."""
+        figure = memory_figure(self.server.resources())
+        if figure is not None:
+            trial.set_user_attr("memory_mb", round(figure[0], 3))
+            trial.set_user_attr("memory_source", figure[1])
 
     def _candidates(self, trial) -> dict[str, Candidate]:
         """Every tuned model's candidate, each under the CPU guard of one model's space (see
