@@ -860,9 +860,11 @@ def report(
 
 
 def _say_png(paths) -> None:
-    if paths.png is not None:
-        typer.echo(f"pipeline figure: {paths.png}")
-    elif paths.png_note:
+    """Where the static figures are (PNG and SVG), and why the pipeline figure is missing if it is."""
+    if paths.figures:
+        names = ", ".join(dict.fromkeys(p.stem for p in paths.figures))
+        typer.echo(f"figures (PNG and SVG): {names} in {paths.figures[0].parent}")
+    if paths.png is None and paths.png_note:
         typer.echo(paths.png_note)
 
 

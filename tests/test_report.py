@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from xml.etree import ElementTree
 
 import optuna
 import pandas as pd
 import pytest
 from optuna.distributions import CategoricalDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
+from PIL import Image
 from playwright.sync_api import sync_playwright
 
 from optimizer.cli import main
@@ -25,6 +27,7 @@ from optimizer.report.data import (
     precision_rows,
     trial_records,
 )
+from optimizer.report.static import FIGURE_NAMES
 from optimizer.study.results import best_trial
 
 pytestmark = pytest.mark.server
@@ -371,9 +374,40 @@ def test_report_opens_offline_in_chromium_with_every_plot_drawn(studies, browser
     assert (tmp_path / "report.png").stat().st_size > 10_000
     text = paths.html.read_text()
     assert text.count("Plotly.newPlot") == 5 and "<script src" not in text and "<script charset" not in text
-    # The pipeline figure also as a PNG beside the page, rendered offline by the headless Chromium.
+    # The pipeline figure also as a PNG beside the page, and the page links each static figure.
     assert paths.png == tmp_path / "report" / "pipeline.png" and paths.png_note is None
-    assert paths.png.read_bytes().startswith(b"\x89PNG") and paths.png.stat().st_size > 10_000
+    assert all(f'href="{name}.png"' in text for name in FIGURE_NAMES)
+
+
+def test_the_static_figures_need_no_browser_and_show_the_studys_figures(studies, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")  # no chromium, nor anything else, to find
+    paths = write_report(studies["mixed"], tmp_path / "report")
+    assert [p.name for p in paths.figures] == [f"{n}.{s}" for n in FIGURE_NAMES for s in ("png", "svg")]
+    data = build_report_data(studies["mixed"])
+    served = {bar.label: bar.throughput for bar in data.pipeline.bars}
+    baseline, best = served["Triton as given"], served["Triton tuned"]
+    # The headline's terms: the confirmed means where the study confirmed them, else each trial's own.
+    assert baseline == pytest.approx(data.headline.baseline_confirmed.mean, abs=0.05)
+    assert best == pytest.approx(data.headline.best_confirmed.mean, abs=0.05)
+    for path in paths.figures:
+        if path.suffix == ".png":
+            with Image.open(path) as image:  # a real PNG that opens as an image, of the figure's size
+                image.load()
+                assert image.format == "PNG" and image.size == (1100, 520)
+                description = image.info["Description"]
+        else:
+            description = ElementTree.parse(path).getroot().findtext(".//{*}metadata//{*}description") or ""
+            assert "<text" in path.read_text()  # the labels stay text in the SVG
+        if path.stem == "pipeline":
+            assert f"Triton as given: {baseline:.1f} inf/s" in description
+            assert f"Triton tuned: {best:.1f} inf/s" in description
+        elif path.stem == "pareto":
+            front = [p for p in data.scatter.points if p.trial in data.scatter.pareto]
+            assert all(f"#{p.trial} {p.throughput:.1f} inf/s" in description for p in front)
+        else:
+            assert all(f"(#{curve.trial})" in description for curve in data.curves.curves)
+    svg = (tmp_path / "report" / "pipeline.svg").read_text()
+    assert f"{best:,.1f}" in svg and f"{baseline:,.1f}" in svg  # drawn on the bars, as text
 
 
 @pytest.mark.parametrize("which", ["tight", "empty", "hostile"])

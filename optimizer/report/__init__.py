@@ -19,7 +19,8 @@ from optimizer.report.csv import trials_frame
 from optimizer.report.data import ReportData, build_report_data
 from optimizer.report.html import render_html
 from optimizer.report.joint import joint_report_data, joint_trials_frame, render_joint_html
-from optimizer.report.pipeline import PNG_NAME, plot_pipeline, write_png
+from optimizer.report.pipeline import PNG_NAME
+from optimizer.report.static import write_figures
 from optimizer.study.records import is_joint
 
 __all__ = [
@@ -39,15 +40,17 @@ CSV_NAME = "trials.csv"
 class ReportPaths:
     html: Path
     csv: Path
-    png: Path | None = None  # the pipeline figure, when there is one and a browser rendered it
-    png_note: str | None = None  # why there is no PNG
+    png: Path | None = None  # the pipeline figure, when the study has its figures
+    png_note: str | None = None  # why there is no pipeline figure
+    figures: tuple[Path, ...] = ()  # every static figure written (PNG and SVG; see report/static.py)
 
 
 def write_report(study: Any, out_dir: Path, *, repository: Path | None = None) -> ReportPaths:
-    """Write ``report.html``, ``trials.csv`` and ``pipeline.png`` for ``study`` into ``out_dir``.
+    """Write ``report.html``, ``trials.csv`` and the static figures for ``study`` into ``out_dir``.
 
-    ``out_dir`` is created if missing. The PNG is the pipeline figure rendered by a headless Chromium;
-    without a browser (or a profile) it is left out and ``png_note`` says why.
+    ``out_dir`` is created if missing. The figures (``pipeline``, ``curves``, ``pareto``, each PNG and SVG)
+    are drawn by matplotlib, no browser needed; a figure without data (the pipeline without an
+    in-process profile) is left out, and ``png_note`` says why the pipeline figure is missing.
 
     Each file is written to a temporary name and moved into place, so a crash never leaves half a report.
 
@@ -71,11 +74,12 @@ def write_report(study: Any, out_dir: Path, *, repository: Path | None = None) -
     data = build_report_data(study, repository=repository)
     _write_atomically(paths.html, render_html(data))
     _write_atomically(paths.csv, trials_frame(study).to_csv(index=False))
-    if data.pipeline is None or not data.pipeline.bars:
-        return paths
+    figures = write_figures(data, out_dir)
     png = out_dir / PNG_NAME
-    note = write_png(plot_pipeline(data.pipeline), png)
-    return replace(paths, png=None if note else png, png_note=note)
+    if png in figures:
+        return replace(paths, png=png, figures=figures)
+    why = data.pipeline.note if data.pipeline is not None and data.pipeline.note else "nothing measured yet"
+    return replace(paths, png_note=f"no pipeline figure: {why}", figures=figures)
 
 
 def _write_atomically(path: Path, text: str) -> None:

@@ -310,7 +310,8 @@ def render_html(data: ReportData) -> str:
         _pipeline_section(data.pipeline, divs.get("pipeline")),
         _section(
             "Every trial",
-            "Circled: the Pareto front, no trial is both faster and lower in p99.",
+            "Circled: the Pareto front, no trial is both faster and lower in p99. As a picture: "
+            '<a href="pareto.png">pareto.png</a> (<a href="pareto.svg">SVG</a>).',
             divs["scatter"],
         ),
         _section("Search", _e(data.importances.note), divs["history"] + divs["importances"]),
@@ -350,7 +351,7 @@ def _pipeline_section(pipeline: PipelineData | None, div: str | None) -> str:
         "In process: ONNX Runtime in this process before the server started, one batch at a time, the "
         "fastest variant, batch size and thread count whose batch takes no longer than the latency budget. "
         "Served: through Triton under the study's load, within the budget (confirmed means where confirmed). "
-        f'The same figure is <a href="{PNG_NAME}">{PNG_NAME}</a>.'
+        f'The same figure is <a href="{PNG_NAME}">{PNG_NAME}</a> (and <a href="pipeline.svg">SVG</a>).'
     )
     if pipeline is None or div is None:
         missing = pipeline.note if pipeline is not None and pipeline.note else "nothing measured yet"
@@ -429,7 +430,8 @@ def _headline(head: Headline, info: StudyInfo) -> str:
 def _curves_note(data: CurvesData) -> str:
     text = (
         f"<b>{_e(ORT_TUNED)}</b>: the best trial that changed only ONNX Runtime's knobs (provider, precision), "
-        "with Triton's batching and instances left at the baseline's. Crosses: over the latency budget."
+        "with Triton's batching and instances left at the baseline's. Crosses: over the latency budget. "
+        'As a picture: <a href="curves.png">curves.png</a> (<a href="curves.svg">SVG</a>).'
     )
     if data.missing and data.curves:
         text += " Not shown: " + "; ".join(_e(m) for m in data.missing) + "."

@@ -3,18 +3,14 @@
 The reference pipeline shows these side by side; the in-process figures come from the study's in-process
 profile (:mod:`optimizer.model.profile`), the served ones from its baseline and exported trial (confirmed
 means where the study confirmed them). :func:`pipeline_data` is pure, :func:`plot_pipeline` draws it, and
-:func:`write_png` renders the figure to a PNG with a headless Chromium, the picture people paste into a
+:mod:`optimizer.report.static` draws the same records as a PNG and an SVG, the picture people paste into a
 ticket.
 """
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
@@ -28,13 +24,10 @@ __all__ = [
     "pipeline_data",
     "plot_pipeline",
     "study_pipeline_data",
-    "write_png",
 ]
 
 PNG_NAME = "pipeline.png"
 PNG_SIZE = (1100, 520)
-CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "chrome")
-RENDER_TIMEOUT_S = 60
 
 
 @dataclass(frozen=True)
@@ -141,42 +134,6 @@ def plot_pipeline(data: PipelineData) -> go.Figure:
     fig.update_yaxes(title_text="inferences / s", rangemode="tozero", row=1, col=1)
     fig.update_yaxes(rangemode="tozero", row=1, col=2)
     return fig
-
-
-def chromium() -> str | None:
-    """The headless browser that renders the PNG, if this machine has one."""
-    return next((path for name in CHROMIUM_NAMES if (path := shutil.which(name))), None)
-
-
-def write_png(fig: go.Figure, target: Path, browser: str | None = None) -> str | None:
-    """Render ``fig`` to ``target`` offline; return why not (no browser, or it failed), else None."""
-    browser = browser or chromium()
-    if browser is None:
-        return "no PNG: no Chromium on this machine (Debian: apt-get install chromium)"
-    with tempfile.TemporaryDirectory() as tmp:
-        page = Path(tmp) / "figure.html"
-        page.write_text(fig.to_html(full_html=True, include_plotlyjs=True, config={"staticPlot": True}))
-        shot = Path(tmp) / PNG_NAME
-        command = [
-            browser,
-            "--headless",
-            "--no-sandbox",  # root in a container has no user namespace for the sandbox
-            "--disable-gpu",
-            "--hide-scrollbars",
-            f"--window-size={PNG_SIZE[0]},{PNG_SIZE[1] + 20}",
-            "--virtual-time-budget=5000",  # let plotly draw before the shot
-            f"--screenshot={shot}",
-            page.as_uri(),
-        ]
-        try:
-            subprocess.run(command, capture_output=True, timeout=RENDER_TIMEOUT_S, check=False)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            return f"no PNG: {browser} did not render the figure ({exc})"
-        if not shot.is_file() or shot.stat().st_size == 0:
-            return f"no PNG: {browser} wrote no screenshot"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(shot), target)
-    return None
 
 
 def study_pipeline_data(
