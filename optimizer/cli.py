@@ -41,7 +41,7 @@ class Interrupted(OptimizeError):
 
 
 app = typer.Typer(
-    add_completion=False,
+    add_completion=True,  # --install-completion and --show-completion (bash, zsh, fish, PowerShell)
     no_args_is_help=True,
     help="Find the best Triton Inference Server configuration for an ONNX model.",
     pretty_exceptions_enable=False,
@@ -506,6 +506,14 @@ _MaxGpuMemoryMb = Annotated[
         rich_help_panel=MEASUREMENT,
     ),
 ]
+_MlflowUri = Annotated[
+    Optional[str],
+    typer.Option(
+        "--mlflow-uri",
+        help="Log the study to MLflow at this tracking URI (a folder, sqlite:///..., a server): one run, each "
+        "trial a child run, the best config, report and repository as artifacts (the mlflow extra).",
+    ),
+]
 
 
 @app.command()
@@ -557,13 +565,16 @@ def study(
     p99_ci: _P99Ci = MeasureSettings.p99_ci,
     max_memory_mb: _MaxMemoryMb = None,
     max_gpu_memory_mb: _MaxGpuMemoryMb = None,
+    mlflow_uri: _MlflowUri = None,
 ) -> None:
     """Run (or resume) the Bayesian study and export the best configuration."""
     from optimizer.study.options import study_request
     from optimizer.study.progress import RichReporter, print_any_summary
     from optimizer.study.run import run_study
 
-    given = {name: value for name, value in ctx.params.items() if _given(ctx, name)}
+    given = {name: value for name, value in ctx.params.items() if _given(ctx, name) and name != "mlflow_uri"}
+    if mlflow_uri is not None:
+        _check_mlflow()  # before any trial: a missing extra is said now, not after an hour
     settings, server = study_request(given)
     try:
         with RichReporter() as reporter:
@@ -573,8 +584,36 @@ def study(
     print_any_summary(summary)
     _print_config_to_log(summary.best_repository)
     _write_study_report(summary.study_name, summary.storage_url, summary.best_repository)
+    if mlflow_uri is not None:
+        _log_to_mlflow(summary.study_name, summary.storage_url, summary.best_repository, mlflow_uri)
     if summary.nothing_feasible:
         raise StudyError(summary.nothing_feasible)
+
+
+def _check_mlflow() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("mlflow") is None:
+        raise UsageError("--mlflow-uri needs MLflow: pip install 'optimize[mlflow]' (or mlflow itself)")
+
+
+def _log_to_mlflow(study_name: str, storage_url: str, repository: Path | None, uri: str) -> None:
+    """Log the finished study to MLflow; a failure is a warning: the study is safe in its database."""
+    try:
+        from optimizer.output.mlflow_log import log_study
+        from optimizer.study.storage import stored_study
+
+        with stored_study(study_name, storage_url) as study:
+            run_id = log_study(
+                study, uri, report_dir=studies_dir() / study_name / "report", repository=repository
+            )
+        typer.echo(f"mlflow: run {run_id} at {uri}")
+    except Exception as exc:
+        typer.echo(
+            f"warning: could not log to MLflow at {uri} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            "rerun the same command to log it (the study runs nothing more)",
+            err=True,
+        )
 
 
 def _print_config_to_log(repository: Path | None) -> None:
@@ -635,8 +674,7 @@ def plan(
     storage: StorageOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON, for scripts.")] = False,
 ) -> None:
-    """How many servers of the measured kind a traffic target needs: the best config, its Pareto
-    alternatives and the untuned baseline, from the study's measured figures."""
+    """How many servers a traffic target needs (best, Pareto alternatives, baseline), from measured figures."""
     import json
 
     from optimizer.output.plan import make_plan, plan_lines, plan_table
@@ -726,10 +764,29 @@ def export(
             "--instance-type", help="Azure ML VM size (default: the smallest with the study's cores)."
         ),
     ] = None,
+    workers: Annotated[
+        int, typer.Option(min=1, help="k8s-workers: how many workers (pods, one per node) run the study.")
+    ] = 4,
+    image: Annotated[
+        Optional[str], typer.Option(help="k8s-workers: the worker image (see the Dockerfile written).")
+    ] = None,
+    model_url: Annotated[
+        Optional[str],
+        typer.Option(
+            "--model-url",
+            help="k8s-workers: fetch the model from this URL (default: the PVC optimize-models).",
+        ),
+    ] = None,
 ) -> None:
-    """Write a trial's config and model file as a Triton model repository (and deployment manifests)."""
-    from optimizer.output.deploy import export_deployment
+    """Write a trial as a Triton model repository (and deployment manifests), or a study's k8s workers."""
+    from optimizer.output.deploy import export_deployment, export_workers
 
+    if fmt == ExportFormat.k8s_workers:
+        for path in export_workers(
+            study_name, out, storage=storage, workers=workers, image=image, model_url=model_url
+        ):
+            typer.echo(f"wrote {path}")
+        return
     deployment = export_deployment(
         study_name,
         out,

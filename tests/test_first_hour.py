@@ -4,6 +4,7 @@ study written to a log, and a resume with a smaller budget; the texts a new user
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -56,6 +57,26 @@ def test_help_imports_nothing_heavy():
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert done.stdout.splitlines()[-1] == "0 []"
+
+
+def test_shell_completion_installs_and_completes_commands_and_choices(tmp_path):
+    env = {**os.environ, "HOME": str(tmp_path), "SHELL": "/bin/bash"}
+    optimize = [sys.executable, "-m", "optimizer"]
+    done = subprocess.run(
+        [*optimize, "--install-completion", "bash"], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0 and "bash completion installed" in done.stdout
+    script = tmp_path / ".bash_completions" / "optimize.sh"
+    assert "_OPTIMIZE_COMPLETE=complete_bash" in script.read_text()
+    assert f"source '{script}'" in (tmp_path / ".bashrc").read_text()
+
+    def complete(words: str) -> list[str]:
+        shell = {**env, "_OPTIMIZE_COMPLETE": "complete_bash", "COMP_WORDS": words}
+        shell["COMP_CWORD"] = str(len(words.split()) - (0 if words.endswith(" ") else 1))
+        return subprocess.run(optimize, env=shell, capture_output=True, text=True).stdout.split()
+
+    assert complete("optimize st") == ["study"]
+    assert complete("optimize study --sampler ") == ["tpe", "random", "grid"]
 
 
 def test_inspect_without_a_model_shows_the_bundled_example_with_the_shapes_a_study_sends(capsys):

@@ -38,7 +38,7 @@ from optimizer.output.export import choose_trial
 from optimizer.output.formats import FORMATS
 from optimizer.output.plan import DEFAULT_HEADROOM, Capacity, Plan, make_plan
 from optimizer.study.results import export_trial
-from optimizer.study.storage import load_stored_study
+from optimizer.study.storage import load_stored_study, stored_study
 
 __all__ = [
     "FORMATS",
@@ -393,6 +393,8 @@ def export_deployment(
 
     if fmt not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if fmt == "k8s-workers":
+        raise UsageError("k8s-workers writes a Job, not a repository: use export_workers")
     if fmt == "triton" and (rps is not None or average_rps is not None or instance_type is not None):
         raise UsageError(
             "--rps, --average-rps and --instance-type size deployment files: add --format azureml or kserve"
@@ -534,3 +536,36 @@ def _sizing_notes(study, plan: Plan, sizing: Sizing, fmt: str, instance_type: st
             f"{measured_per_server} measured per server ({in_flight_origin})."
         )
     return tuple(notes)
+
+
+def export_workers(
+    study_name: str,
+    out_dir: Path,
+    *,
+    storage: str | None,
+    workers: int,
+    image: str | None = None,
+    model_url: str | None = None,
+) -> tuple[Path, ...]:
+    """Write the Kubernetes manifests that run ``workers`` workers of a PostgreSQL study (workers.py).
+
+    Raises:
+        UsageError: for a study outside PostgreSQL (workers on several machines share it there).
+    """
+    from importlib.metadata import version
+
+    from optimizer.output.workers import write_worker_manifests
+
+    if storage is None or not storage.startswith(("postgresql", "postgres")):
+        raise UsageError(
+            "workers on a cluster share the study through PostgreSQL: move it there (optimize migrate --from "
+            "sqlite:///studies/NAME.db --to postgresql://...) and pass --storage postgresql://..."
+        )
+    with stored_study(study_name, storage) as study:
+        return write_worker_manifests(
+            study,
+            out_dir,
+            workers=workers,
+            image=image or f"optimize:{version('optimize')}",
+            model_url=model_url,
+        )

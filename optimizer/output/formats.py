@@ -13,6 +13,7 @@ class ExportFormat(str, Enum):
     triton = "triton"  # the model repository alone
     azureml = "azureml"  # + an Azure ML managed online endpoint and deployment
     kserve = "kserve"  # + a KServe InferenceService
+    k8s_workers = "k8s-workers"  # a Kubernetes Job of workers that run the study itself (no repository)
 
 
 FORMATS = tuple(f.value for f in ExportFormat)

@@ -14,7 +14,8 @@ import socket
 import time
 import warnings
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ __all__ = [
     "default_storage_url",
     "fail_stale",
     "open_storage",
+    "stored_study",
     "recover_dead_local_trials",
     "worker_id",
 ]
@@ -387,3 +389,19 @@ def load_stored_study(study_name: str, storage: str | None = None) -> optuna.Stu
         return optuna.load_study(study_name=study_name, storage=open_storage(url, create_dirs=False))
     except KeyError as exc:
         raise StudyError(f"no study named {study_name!r} in that storage: check --study-name") from exc
+
+
+@contextmanager
+def stored_study(study_name: str, storage: str | None = None) -> Iterator[optuna.Study]:
+    """:func:`load_stored_study`, its database connections closed on leaving (a PostgreSQL server
+    would otherwise keep them until the garbage collector runs)."""
+    url = storage_url_for(study_name, storage)
+    rdb = open_storage(url, create_dirs=False)
+    try:
+        try:
+            study = optuna.load_study(study_name=study_name, storage=rdb)
+        except KeyError as exc:
+            raise StudyError(f"no study named {study_name!r} in that storage: check --study-name") from exc
+        yield study
+    finally:
+        rdb.engine.dispose()
