@@ -20,7 +20,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from optimizer.errors import OptimizeError, StudyError, UsageError
+from optimizer.errors import OptimizeError, StudyError, UsageError, disk_full, full_path, is_disk_full
 from optimizer.measurement.levels import DEFAULT_MAX_WINDOW_S, Engine, MeasureSettings, Protocol, StopRule
 from optimizer.model.convert import Exporter
 from optimizer.output.formats import ExportFormat
@@ -60,6 +60,16 @@ _DEFAULT_RULE = StopRule(MeasureSettings.rule)
 _DEFAULT_STARTING_POINTS = ",".join(SearchSettings.starting_points) or "none"
 
 
+# The plan's traffic options, shared by `plan` and `export` (output/plan.py sizes both).
+AverageRpsOption = Annotated[
+    Optional[float],
+    typer.Option(
+        "--average-rps", help="Traffic on average: the servers an autoscaler keeps at least, and the cost."
+    ),
+]
+HeadroomOption = Annotated[
+    float, typer.Option(help="Share of each server's measured throughput kept spare (0.3: plan at 70%).")
+]
 StorageOption = Annotated[
     Optional[str], typer.Option(help="Optuna storage URL of the study (default sqlite:///studies/NAME.db).")
 ]
@@ -506,6 +516,8 @@ _MaxGpuMemoryMb = Annotated[
         rich_help_panel=MEASUREMENT,
     ),
 ]
+# Options of `optimize study` read by the command itself once the study has ended, not by the study.
+AFTER_STUDY_OPTIONS = ("mlflow_uri",)
 _MlflowUri = Annotated[
     Optional[str],
     typer.Option(
@@ -572,7 +584,11 @@ def study(
     from optimizer.study.progress import RichReporter, print_any_summary
     from optimizer.study.run import run_study
 
-    given = {name: value for name, value in ctx.params.items() if _given(ctx, name) and name != "mlflow_uri"}
+    given = {
+        name: value
+        for name, value in ctx.params.items()
+        if _given(ctx, name) and name not in AFTER_STUDY_OPTIONS
+    }
     if mlflow_uri is not None:
         _check_mlflow()  # before any trial: a missing extra is said now, not after an hour
     settings, server = study_request(given)
@@ -640,18 +656,11 @@ def plan(
     rps: Annotated[
         float, typer.Option("--rps", help="The traffic to serve at the peak, inferences per second.")
     ],
-    average_rps: Annotated[
-        Optional[float],
-        typer.Option(
-            "--average-rps", help="The traffic on average: the servers an autoscaler keeps, and the cost."
-        ),
-    ] = None,
+    average_rps: AverageRpsOption = None,
     latency_budget_ms: Annotated[
         Optional[float], typer.Option("--latency-budget-ms", help="p99 budget (default: the study's).")
     ] = None,
-    headroom: Annotated[
-        float, typer.Option(help="Share of each server's measured throughput kept spare (0.3: plan at 70%).")
-    ] = 0.3,
+    headroom: HeadroomOption = 0.3,
     price_per_hour: Annotated[
         Optional[float],
         typer.Option(
@@ -751,13 +760,8 @@ def export(
             "--rps", help="Peak traffic (inf/s) to size the replicas for, from the study's figures."
         ),
     ] = None,
-    average_rps: Annotated[
-        Optional[float],
-        typer.Option("--average-rps", help="Average traffic: the replicas an autoscaler keeps at least."),
-    ] = None,
-    headroom: Annotated[
-        float, typer.Option(help="Share of each server's measured throughput kept spare.")
-    ] = 0.3,
+    average_rps: AverageRpsOption = None,
+    headroom: HeadroomOption = 0.3,
     instance_type: Annotated[
         Optional[str],
         typer.Option(
@@ -779,7 +783,8 @@ def export(
     ] = None,
 ) -> None:
     """Write a trial as a Triton model repository (and deployment manifests), or a study's k8s workers."""
-    from optimizer.output.deploy import export_deployment, export_workers
+    from optimizer.output.deploy import export_deployment
+    from optimizer.output.workers import export_workers
 
     if fmt == ExportFormat.k8s_workers:
         for path in export_workers(
@@ -982,6 +987,10 @@ def _install_sigterm_handler() -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, handler)
+    # A shell without job control starts background commands (`optimize study ... &` in a script, a CI
+    # step) with SIGINT ignored, and Python keeps it so: `kill -INT` would then leave the study running.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _install_thread_excepthook() -> None:
@@ -1026,6 +1035,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug, or an environment nobody foresaw: say so, keep the traceback
         if _state["debug"]:
             raise
+        if is_disk_full(exc):  # a full disk where no stage said where: the file the system named
+            full = disk_full(full_path(exc) or cache_dir())
+            typer.echo(f"Error: {full.message}", err=True)
+            return full.exit_code
         report = _save_traceback(exc)
         typer.echo(
             f"Error: internal error {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''} "

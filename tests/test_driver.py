@@ -15,7 +15,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from optimizer.cli import main, study
+from optimizer.cli import AFTER_STUDY_OPTIONS, main, study
 from optimizer.errors import StorageError, StudyError
 from optimizer.study import driver, joint, joint_trial, run, trial
 from optimizer.study.driver import MIN_DEFAULT_BUDGET_MS, default_latency_budget_ms
@@ -119,6 +119,7 @@ def test_every_option_of_the_study_command_reaches_the_settings_the_target_or_th
     # An option the command declares but nothing reads would be silently ignored.
     options = set(study.__annotations__) - {"ctx", "return"}
     read = set(ROUTES) | set(WHAT_IS_TUNED) | set(TARGET_OPTIONS) - {"headers"} | {"header", "target"}
+    read |= set(AFTER_STUDY_OPTIONS)  # read by the command once the study has ended (--mlflow-uri)
     assert options - read == set()
     assert set(ROUTES) - options == set()  # and every route is an option
 

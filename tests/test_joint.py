@@ -273,8 +273,14 @@ def test_a_server_killed_under_the_mixed_load_fails_that_trial_and_a_restarted_s
     study = optuna.load_study(study_name="j", storage=f"sqlite:///{tmp_path}/j.db")
     killed = study.trials[1]
     assert killed.state == optuna.trial.TrialState.FAIL
-    assert killed.user_attrs["reason"].startswith("the server crashed under the mixed load")
+    assert killed.user_attrs["reason"].startswith(
+        "the server crashed under the mixed load (killed by signal 9"
+    )
     assert killed.user_attrs["transient_fault"] is True
+    # The server's log tail kept with the trial (its last line in the reason), before the restart.
+    log = killed.user_attrs["server_log"]
+    assert log.strip() and len(log.splitlines()) <= 40
+    assert f"its log ended: {log.strip().splitlines()[-1].strip()[:60]}" in killed.user_attrs["reason"]
     assert summary.finished == 3 and study.trials[2].state == optuna.trial.TrialState.COMPLETE
 
 

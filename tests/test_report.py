@@ -27,6 +27,7 @@ from optimizer.report.data import (
     precision_rows,
     trial_records,
 )
+from optimizer.report.html import render_html
 from optimizer.report.static import FIGURE_NAMES
 from optimizer.study.results import best_trial
 
@@ -259,6 +260,14 @@ def test_changes_only_runtime_means_triton_knobs_at_the_baseline():
     assert not changes_only_runtime({**base, "dynamic_batching": {}})
     assert not changes_only_runtime({**base, "instance_group": [{"count": 2}]})
     assert not changes_only_runtime({**base, "parameters": {"intra_op_thread_count": {"string_value": "2"}}})
+
+
+def test_a_failed_trials_server_log_is_in_the_report():
+    data = build_report_data(_synthetic_study())
+    (failed,) = [f for f in data.failures if f.status == "failed"]
+    assert failed.server_log.endswith("Signal (11) received.")
+    page = render_html(data)
+    assert "<summary>server log</summary>" in page and "Signal (11) received." in page
 
 
 def test_precision_rows_carry_accuracy_figures_when_the_study_has_them():
@@ -551,6 +560,8 @@ def _synthetic_study(hostile: bool = False) -> optuna.Study:
             attrs.update(sweep=[{"concurrency": 1, "throughput": 10.0, "p99_ms": 80.0}], feasible=False)
         if reason:
             attrs["reason"] = reason
+        if state == TrialState.FAIL:
+            attrs["server_log"] = f"I1207 model_lifecycle.cc:473] loading: {name}\nSignal (11) received."
         study.add_trial(
             create_trial(
                 state=state,

@@ -138,6 +138,35 @@ def test_a_second_worker_on_the_same_host_is_refused_without_pinning(models, pos
         first.communicate(timeout=60)
 
 
+def test_a_second_study_on_the_same_sqlite_file_while_one_runs_is_refused_and_loses_nothing(models, tmp_path):
+    """SQLite: the second command is refused in one line; the first runs on and ends with its budget."""
+    url = f"sqlite:///{tmp_path / 'one.db'}"
+    first = _worker(models["mlp"], url, "one", "--budget", "3")
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if workers_of(optuna.load_study(study_name="one", storage=url).user_attrs):
+                    break
+            except KeyError:
+                pass
+            time.sleep(0.2)
+        second = _worker(models["mlp"], url, "one", "--budget", "3")
+        _, err = second.communicate(timeout=120)
+        assert second.returncode == 6, err
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert len(lines) == 1 and "another worker of study 'one' runs on this host" in lines[0]
+        _, err = first.communicate(timeout=300)
+        assert first.returncode == 0, err
+    finally:
+        if first.poll() is None:
+            first.send_signal(signal.SIGINT)
+            first.communicate(timeout=60)
+    study = optuna.load_study(study_name="one", storage=url)
+    assert len(_measured(study)) == 3
+    assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+
+
 def test_worker_killed_mid_trial_has_its_trial_retried_by_the_other(models, postgres_url, pg):
     # Windows of 0.6 s at three levels: a trial measures long enough to be killed in the middle of it.
     slow = ["--budget", "4", "--allow-shared-host", "--window-s", "0.6", "--stop-rule", "fixed"]

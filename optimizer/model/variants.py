@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from optimizer.errors import ModelError
+from optimizer.errors import ModelError, disk_full, is_disk_full
 from optimizer.model.accuracy import AccuracyGuard
 from optimizer.model.fusion import fuse_transformer
 from optimizer.model.intake import ModelInfo
@@ -134,6 +134,8 @@ def variant_path(
     except ModelError:
         raise
     except Exception as exc:
+        if is_disk_full(exc):  # not the model's fault: said as the disk's, never recorded as a refusal
+            raise disk_full(target.parent, 3 * info.path.stat().st_size) from exc
         name = precision if precision != "int8" else f"int8 ({recipe})"
         raise ModelError(f"could not make the {name} variant of the model: {exc}") from exc
     finally:

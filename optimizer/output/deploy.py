@@ -38,7 +38,7 @@ from optimizer.output.export import choose_trial
 from optimizer.output.formats import FORMATS
 from optimizer.output.plan import DEFAULT_HEADROOM, Capacity, Plan, make_plan
 from optimizer.study.results import export_trial
-from optimizer.study.storage import load_stored_study, stored_study
+from optimizer.study.storage import stored_study
 
 __all__ = [
     "FORMATS",
@@ -399,28 +399,15 @@ def export_deployment(
         raise UsageError(
             "--rps, --average-rps and --instance-type size deployment files: add --format azureml or kserve"
         )
-    study = load_stored_study(study_name, storage)
-    chosen = choose_trial(study, trial)
-    sizing = None
-    if fmt != "triton":
-        try:
-            sizing = deployment_sizing(
-                study,
-                chosen,
-                fmt,
-                rps=rps,
-                average_rps=average_rps,
-                headroom=headroom,
-                instance_type=instance_type,
-            )
-        except (
-            StudyError
-        ) as exc:  # a trial over budget exports as it is, unsized, unless traffic was asked for
-            if rps is not None:
-                raise
-            sizing = Sizing(notes=(f"Not sized from the study's figures: {exc}.",))
-    repository = out_dir if fmt == "triton" else out_dir / REPOSITORY_DIR
-    model_dir = export_trial(study, chosen, repository)
+    with stored_study(study_name, storage) as study:
+        chosen = choose_trial(study, trial)
+        sizing = (
+            None
+            if fmt == "triton"
+            else _sizing_or_note(study, chosen, fmt, rps, average_rps, headroom, instance_type)
+        )
+        repository = out_dir if fmt == "triton" else out_dir / REPOSITORY_DIR
+        model_dir = export_trial(study, chosen, repository)
     origin = f"study {study_name!r}"
     if (model_dir / "config.pbtxt").is_file():
         config = config_from_pbtxt((model_dir / "config.pbtxt").read_text())
@@ -436,6 +423,24 @@ def export_deployment(
         fmt, out_dir, named, origin=origin, gpu=gpu, sizing=sizing, instance_type=instance_type
     )
     return Deployment(fmt, model_dir, manifests)
+
+
+def _sizing_or_note(study, chosen, fmt, rps, average_rps, headroom, instance_type) -> Sizing:
+    """The deployment's sizing; a trial over budget exports as it is, unsized, unless traffic was asked for."""
+    try:
+        return deployment_sizing(
+            study,
+            chosen,
+            fmt,
+            rps=rps,
+            average_rps=average_rps,
+            headroom=headroom,
+            instance_type=instance_type,
+        )
+    except StudyError as exc:
+        if rps is not None:
+            raise
+        return Sizing(notes=(f"Not sized from the study's figures: {exc}.",))
 
 
 def deployment_sizing(
@@ -536,36 +541,3 @@ def _sizing_notes(study, plan: Plan, sizing: Sizing, fmt: str, instance_type: st
             f"{measured_per_server} measured per server ({in_flight_origin})."
         )
     return tuple(notes)
-
-
-def export_workers(
-    study_name: str,
-    out_dir: Path,
-    *,
-    storage: str | None,
-    workers: int,
-    image: str | None = None,
-    model_url: str | None = None,
-) -> tuple[Path, ...]:
-    """Write the Kubernetes manifests that run ``workers`` workers of a PostgreSQL study (workers.py).
-
-    Raises:
-        UsageError: for a study outside PostgreSQL (workers on several machines share it there).
-    """
-    from importlib.metadata import version
-
-    from optimizer.output.workers import write_worker_manifests
-
-    if storage is None or not storage.startswith(("postgresql", "postgres")):
-        raise UsageError(
-            "workers on a cluster share the study through PostgreSQL: move it there (optimize migrate --from "
-            "sqlite:///studies/NAME.db --to postgresql://...) and pass --storage postgresql://..."
-        )
-    with stored_study(study_name, storage) as study:
-        return write_worker_manifests(
-            study,
-            out_dir,
-            workers=workers,
-            image=image or f"optimize:{version('optimize')}",
-            model_url=model_url,
-        )

@@ -29,8 +29,9 @@ from typing import Any
 from optimizer.errors import StudyError, UsageError
 from optimizer.output.deploy import MEMORY_MARGIN, resource_name, write_manifest
 from optimizer.study.records import is_joint
+from optimizer.study.storage import stored_study
 
-__all__ = ["DB_SECRET", "worker_job", "postgres_example", "write_worker_manifests"]
+__all__ = ["DB_SECRET", "export_workers", "postgres_example", "worker_job", "write_worker_manifests"]
 
 DB_SECRET = "optimize-db"  # a Secret with key "url": the study's PostgreSQL URL, password included
 POSTGRES_SECRET = "optimize-postgres"  # the example database's password (key "password")
@@ -287,3 +288,34 @@ def write_worker_manifests(
     dockerfile = out_dir / "Dockerfile"
     dockerfile.write_text(DOCKERFILE.format(out=out_dir, version=version("optimize")))
     return (*written, example, dockerfile)
+
+
+def export_workers(
+    study_name: str,
+    out_dir: Path,
+    *,
+    storage: str | None,
+    workers: int,
+    image: str | None = None,
+    model_url: str | None = None,
+) -> tuple[Path, ...]:
+    """Write the Kubernetes manifests that run ``workers`` workers of a PostgreSQL study.
+
+    Raises:
+        UsageError: for a study outside PostgreSQL (workers on several machines share it there).
+    """
+    from importlib.metadata import version
+
+    if storage is None or not storage.startswith(("postgresql", "postgres")):
+        raise UsageError(
+            "workers on a cluster share the study through PostgreSQL: move it there (optimize migrate --from "
+            "sqlite:///studies/NAME.db --to postgresql://...) and pass --storage postgresql://..."
+        )
+    with stored_study(study_name, storage) as study:
+        return write_worker_manifests(
+            study,
+            out_dir,
+            workers=workers,
+            image=image or f"optimize:{version('optimize')}",
+            model_url=model_url,
+        )

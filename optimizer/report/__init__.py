@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from optimizer.errors import disk_full, is_disk_full
 from optimizer.paths import studies_dir
 from optimizer.report.csv import trials_frame
 from optimizer.report.data import ReportData, build_report_data
@@ -64,6 +65,19 @@ def write_report(study: Any, out_dir: Path, *, repository: Path | None = None) -
         The paths of the files.
     """
 
+    try:
+        return _write_report(study, out_dir, repository)
+    except OSError as exc:
+        if is_disk_full(exc):  # each file is written beside its name: the previous report stays whole
+            raise disk_full(out_dir, REPORT_BYTES) from exc
+        raise
+
+
+# What a report takes on disk, about: the HTML with plotly.js embedded (~5 MB), the CSV and six figures.
+REPORT_BYTES = 6 * 2**20
+
+
+def _write_report(study: Any, out_dir: Path, repository: Path | None) -> ReportPaths:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = ReportPaths(html=out_dir / HTML_NAME, csv=out_dir / CSV_NAME)
     if is_joint(study.user_attrs):

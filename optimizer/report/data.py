@@ -105,6 +105,7 @@ class TrialRecord:
     config: Mapping[str, Any]
     load_s: float | None
     trial_s: float | None
+    server_log: str = ""  # the server's log tail, kept when the server crashed or hung in the trial
 
     @property
     def finished(self) -> bool:
@@ -202,6 +203,7 @@ class FailureRow:
     status: str
     candidate: str
     reason: str
+    server_log: str = ""  # the server's log tail when it crashed or hung during the trial
 
 
 @dataclass(frozen=True)
@@ -327,6 +329,7 @@ def _record(trial: Any) -> TrialRecord:
         config=config,
         load_s=_float_or_none(attrs.get("load_s")),
         trial_s=_float_or_none(attrs.get("trial_s")),
+        server_log=str(attrs.get("server_log") or ""),
     )
 
 
@@ -676,6 +679,7 @@ def failure_rows(trials: Sequence[TrialRecord]) -> tuple[FailureRow, ...]:
             t.status,
             t.candidate,
             t.reason or ("interrupted" if t.status == "failed" else "-"),
+            t.server_log,
         )
         for t in trials
         if t.finished and t.status != "feasible"

@@ -623,7 +623,20 @@ def _precision_table(rows: Sequence[PrecisionRow]) -> str:
 
 
 def _failure_table(rows: Sequence[FailureRow]) -> str:
-    cells = [[f"#{r.trial}", _e(r.status), f"<code>{_e(r.candidate)}</code>", _e(r.reason)] for r in rows]
+    cells = [
+        [
+            f"#{r.trial}",
+            _e(r.status),
+            f"<code>{_e(r.candidate)}</code>",
+            _e(r.reason)
+            + (
+                f"<details><summary>server log</summary><pre>{_e(r.server_log)}</pre></details>"
+                if r.server_log
+                else ""
+            ),
+        ]
+        for r in rows
+    ]
     return _table(["trial", "status", "configuration", "reason"], cells, "None.")
 
 

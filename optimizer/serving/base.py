@@ -128,6 +128,11 @@ class ServingTarget:
     def log_tail(self, lines: int = 20) -> str:  # noqa: ARG002 - subclasses with a log use it
         return ""
 
+    def exit_status(self) -> str | None:
+        """How the server's process ended ("killed by signal 11 (SIGSEGV)", "exit code 1"); None while it
+        runs, or when it is not a process of ours."""
+        return None
+
     def client_options(self) -> dict[str, Any]:
         """tritonclient gRPC options for inference requests (TLS); none for a server on loopback."""
         return {}

@@ -293,6 +293,17 @@ class TritonProcess(ServingTarget):
     def is_alive(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
+    def exit_status(self) -> str | None:
+        code = self._process.poll() if self._process is not None else None
+        if code is None:
+            return None
+        if code < 0:
+            try:
+                return f"killed by signal {-code} ({signal.Signals(-code).name})"
+            except ValueError:
+                return f"killed by signal {-code}"
+        return f"exit code {code}"
+
     @property
     def pid(self) -> int | None:
         return self._process.pid if self._process else None

@@ -26,7 +26,7 @@ from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.exc import SQLAlchemyError
 
-from optimizer.errors import StorageError, StudyError
+from optimizer.errors import StorageError, StudyError, disk_full, is_disk_full
 from optimizer.model.libraries import gpu_libraries
 from optimizer.serving.base import ServingTarget
 from optimizer.serving.embedded import EmbeddedTriton
@@ -286,6 +286,11 @@ def study_storage(url: str, storage: optuna.storages.BaseStorage | None = None) 
         database_error = _database_error_in(exc)
         if database_error is None:
             raise
+        if url.startswith("sqlite:///") and _in_chain(exc, is_disk_full):
+            raise disk_full(
+                url[len("sqlite:///") :],
+                kept="SQLite rolled back the unfinished write: finished trials are kept; rerun the same command",
+            ) from exc
         detail = (str(database_error).strip().splitlines() or [type(database_error).__name__])[0]
         raise StorageError(
             f"the study database stopped accepting reads or writes ({detail[:160]}): finished trials are "
@@ -294,6 +299,16 @@ def study_storage(url: str, storage: optuna.storages.BaseStorage | None = None) 
     finally:
         if isinstance(storage, RDBStorage):
             storage.engine.dispose()  # close the database connections now, not at garbage collection
+
+
+def _in_chain(exc: BaseException, test: Callable[[BaseException], bool]) -> bool:
+    """Whether ``exc`` or an exception behind it passes ``test``."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if test(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _database_error_in(exc: BaseException) -> BaseException | None:

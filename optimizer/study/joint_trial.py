@@ -35,6 +35,7 @@ from optimizer.study.trial_rules import (
     TrialFailed,
     gpu_memory_returned,
     memory_exhausted,
+    record_failure,
     refuse_unserved,
     render_trial_config,
     server_fault,
@@ -213,9 +214,7 @@ class JointObjective:
     @staticmethod
     def _fail(trial, failure: TrialFailed) -> TrialFailed:
         """``failure`` recorded on the trial (its reason; a server fault is transient: retried on resume)."""
-        trial.set_user_attr("reason", str(failure))
-        if failure.transient:
-            trial.set_user_attr("transient_fault", True)
+        record_failure(trial, failure)
         return failure
 
     def _sweep(self, trial) -> list[MixLevel]:

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 from optimizer.config.space import SearchSpace
-from optimizer.errors import ModelError, StudyError, UsageError
+from optimizer.errors import DiskFullError, ModelError, StudyError, UsageError
 from optimizer.model.accuracy import AccuracyGuard
 from optimizer.model.fusion import NOTHING_TO_FUSE
 from optimizer.model.intake import ModelInfo, check_input_array
@@ -231,7 +231,7 @@ def _provider_record(
         return guard.check(model.path, path, precision, provider).to_dict()
     except ModelError as exc:  # e.g. a converter that does not handle one of the model's ops
         return {"precision": precision, "ok": False, "reason": str(exc), "wanted": provider}
-    except UsageError:  # the user's metric on a variant's outputs: theirs to fix, said as it is
+    except (UsageError, DiskFullError):  # the user's metric, or a full disk: theirs to fix, never recorded
         raise
     except Exception as exc:  # noqa: BLE001 - e.g. a fused fp16 kernel the CPU fallback does not have
         reason = (

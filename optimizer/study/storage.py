@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import random
 import socket
+import sqlite3
 import time
 import warnings
 import zlib
@@ -74,6 +75,8 @@ def open_storage(url: str, *, create_dirs: bool = True):  # -> optuna.storages.R
                     f"cannot create the study directory {str(path.parent)!r}: {exc.strerror}"
                 ) from exc
         engine_kwargs["connect_args"] = {"timeout": SQLITE_TIMEOUT_S}
+        if path.is_file() and path.stat().st_size > 0:
+            _check_sqlite_file(path)
     elif url.startswith("postgresql"):
         given = _url_query(url)  # what the user's URL sets wins: connect_args would override it
         engine_kwargs["connect_args"] = {k: v for k, v in POSTGRES_CONNECT_ARGS.items() if k not in given}
@@ -92,9 +95,40 @@ def open_storage(url: str, *, create_dirs: bool = True):  # -> optuna.storages.R
                     raise
                 time.sleep(0.5 + random.random())
     except Exception as exc:  # sqlalchemy ArgumentError / OperationalError / missing driver
+        if "no longer compatible with the table schema" in str(exc):
+            raise StorageError(
+                f"the study storage {_redact(url)!r} was written by a newer Optuna than this one "
+                f"({optuna.__version__}): upgrade (pip install -U optuna optimize); nothing was changed"
+            ) from exc
         raise StorageError(f"cannot open study storage {_redact(url)!r}: {_detail(exc)[:300]}") from exc
     finally:
         optuna.logging.set_verbosity(optuna.logging.ERROR)
+
+
+def _check_sqlite_file(path: Path) -> None:
+    """Refuse, before Optuna writes a thing, a file that is not a readable SQLite database, or one that
+    holds another program's tables (Optuna would add its own beside them)."""
+    try:
+        connection = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            tables = {
+                row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type='table'")
+            }
+            connection.execute("PRAGMA quick_check(1)").fetchone()
+        finally:
+            connection.close()
+    except sqlite3.DatabaseError as exc:
+        raise StorageError(
+            f"{str(path)!r} is not a readable SQLite database ({exc}): damaged by a crash or a full disk, or "
+            f"not a database; restore it from a backup, or save what can be read with `sqlite3 {path} "
+            f'".recover" | sqlite3 recovered.db`; nothing was written to it'
+        ) from exc
+    if tables and "studies" not in tables:
+        named = ", ".join(sorted(tables)[:3]) + (", ..." if len(tables) > 3 else "")
+        raise StorageError(
+            f"{str(path)!r} holds another program's tables ({named}), not a study: give a study database "
+            "(another --storage); nothing was written to it"
+        )
 
 
 def _url_query(url: str) -> Mapping[str, Any]:

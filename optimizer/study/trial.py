@@ -62,6 +62,7 @@ from optimizer.study.trial_rules import (
     first_line,
     gpu_memory_returned,
     memory_exhausted,
+    record_failure,
     refuse_unserved,
     render_trial_config,
     server_fault,
@@ -214,9 +215,7 @@ class TrialRunner:
 
     @staticmethod
     def _fail(trial, exc: TrialFailed) -> None:
-        trial.set_user_attr("reason", str(exc))
-        if exc.transient:
-            trial.set_user_attr("transient_fault", True)
+        record_failure(trial, exc)
         trial.set_constraint(CONSTRAINT, 1.0)
 
     def _worth_a_second_load(self, trial, throughput: float) -> bool:

@@ -43,9 +43,22 @@ class TrialFailed(Exception):
     proposal of the same config is measured again instead of inheriting the failure.
     """
 
-    def __init__(self, reason: str, *, transient: bool = False) -> None:
+    def __init__(self, reason: str, *, transient: bool = False, server_log: str = "") -> None:
         super().__init__(reason)
         self.transient = transient
+        self.server_log = server_log  # the server's log tail when the server crashed or hung
+
+
+SERVER_LOG_LINES = 40  # of the server's log kept with a trial it failed
+
+
+def record_failure(trial, failure: TrialFailed) -> None:
+    """``failure`` on the trial: its reason, whether it was of the moment, and the server's log tail."""
+    trial.set_user_attr("reason", str(failure))
+    if failure.transient:
+        trial.set_user_attr("transient_fault", True)
+    if failure.server_log:
+        trial.set_user_attr("server_log", failure.server_log[-6000:])
 
 
 # How a load that ran out of memory reads: CUDA, ONNX Runtime's arena, TensorRT.
@@ -173,12 +186,25 @@ def server_fault(target: ServingTarget, when: str, exc: Exception, note) -> Tria
     """
     alive = _still_alive(target)
     detail = first_line(exc.message if isinstance(exc, OptimizeError) else str(exc))
-    reason = f"the server crashed {when}" if not alive else f"{detail} {when}"
+    status = None if alive else target.exit_status()
+    reason = (
+        f"{detail} {when}" if alive else f"the server crashed {when}" + (f" ({status})" if status else "")
+    )
+    log = target.log_tail(SERVER_LOG_LINES)  # before the restart: a new server starts a new log
+    last = _last_words(log)
+    if last:
+        reason += f"; its log ended: {last}"
     if not target.capabilities.can_restart:
         raise ServerDiedError(f"{reason}; the {target.name} server cannot be restarted by optimize") from exc
     note(f"{reason}: restarting the server")
     target.restart()
-    return TrialFailed(reason, transient=True)
+    return TrialFailed(reason, transient=True, server_log=log)
+
+
+def _last_words(log: str) -> str:
+    """The server log's last line that says something (Triton ends a crash with its signal or error)."""
+    lines = [line.strip() for line in log.splitlines() if line.strip()]
+    return lines[-1][:240] if lines else ""
 
 
 def _still_alive(target, settle_s: float = 2.0) -> bool:
