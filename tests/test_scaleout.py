@@ -88,8 +88,11 @@ def test_two_workers_share_one_study_to_exactly_its_budget(models, postgres_url,
     measured = _measured(study)
     assert count_finished(study) == len(measured) == 6
     assert sum(1 for t in study.trials if t.user_attrs.get("baseline")) == 1
-    keys = Counter(t.user_attrs["config_digest"] for t in measured)
-    assert max(keys.values()) == 1  # no config measured twice
+    # No config measured twice by two workers at once. A trial failed by a fault of the moment (a crash, a
+    # hang) is by design measured again when its config comes up (it is not inherited), so it is not a twin.
+    kept = [t for t in measured if not t.user_attrs.get("transient_fault")]
+    keys = Counter(t.user_attrs["config_digest"] for t in kept)
+    assert max(keys.values()) == 1, [(t.number, t.state.name, t.user_attrs.get("reason")) for t in measured]
     assert len({t.user_attrs["worker"] for t in measured}) == 2  # both workers ran trials
     assert all(t.user_attrs["host"] for t in measured)
     assert len(workers_of(study.user_attrs)) == 2
