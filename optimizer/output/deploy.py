@@ -88,6 +88,13 @@ KSERVE_KEYS = (
 )
 
 
+def memory_request_mi(memory_mb: float | None) -> int | None:
+    """A memory request in MiB: the measured resident memory plus a margin, in 64 MiB steps."""
+    if not memory_mb:
+        return None
+    return int(math.ceil(memory_mb * MEMORY_MARGIN / 64) * 64)
+
+
 @dataclass(frozen=True)
 class Sizing:
     """What a deployment file carries of the study's measurements, and where each number came from."""
@@ -105,10 +112,7 @@ class Sizing:
 
     @property
     def memory_request_mi(self) -> int | None:
-        """The memory request in MiB: the measured resident memory plus a margin, in 64 MiB steps."""
-        if not self.memory_mb:
-            return None
-        return int(math.ceil(self.memory_mb * MEMORY_MARGIN / 64) * 64)
+        return memory_request_mi(self.memory_mb)
 
     @property
     def scale_target(self) -> int | None:

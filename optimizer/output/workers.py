@@ -20,14 +20,13 @@ Kubernetes API schema:
 
 from __future__ import annotations
 
-import math
 import shlex
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from optimizer.errors import StudyError, UsageError
-from optimizer.output.deploy import MEMORY_MARGIN, resource_name, write_manifest
+from optimizer.output.deploy import memory_request_mi, resource_name, write_manifest
 from optimizer.study.records import is_joint
 from optimizer.study.storage import stored_study
 
@@ -73,9 +72,7 @@ def _memory_request_mi(study) -> int | None:
     figures = [
         t.user_attrs["memory_mb"] for t in study.get_trials(deepcopy=False) if t.user_attrs.get("memory_mb")
     ]
-    if not figures:
-        return None
-    return int(math.ceil(max(figures) * MEMORY_MARGIN / 64) * 64)
+    return memory_request_mi(max(figures, default=None))
 
 
 def worker_job(

@@ -418,9 +418,12 @@ def load_stored_study(study_name: str, storage: str | None = None) -> optuna.Stu
         StudyError: if there is no such study (a clear one-line message).
         StorageError: if the storage cannot be opened.
     """
-    url = storage_url_for(study_name, storage)
+    return _load(study_name, open_storage(storage_url_for(study_name, storage), create_dirs=False))
+
+
+def _load(study_name: str, rdb) -> optuna.Study:
     try:
-        return optuna.load_study(study_name=study_name, storage=open_storage(url, create_dirs=False))
+        return optuna.load_study(study_name=study_name, storage=rdb)
     except KeyError as exc:
         raise StudyError(f"no study named {study_name!r} in that storage: check --study-name") from exc
 
@@ -429,13 +432,8 @@ def load_stored_study(study_name: str, storage: str | None = None) -> optuna.Stu
 def stored_study(study_name: str, storage: str | None = None) -> Iterator[optuna.Study]:
     """:func:`load_stored_study`, its database connections closed on leaving (a PostgreSQL server
     would otherwise keep them until the garbage collector runs)."""
-    url = storage_url_for(study_name, storage)
-    rdb = open_storage(url, create_dirs=False)
+    rdb = open_storage(storage_url_for(study_name, storage), create_dirs=False)
     try:
-        try:
-            study = optuna.load_study(study_name=study_name, storage=rdb)
-        except KeyError as exc:
-            raise StudyError(f"no study named {study_name!r} in that storage: check --study-name") from exc
-        yield study
+        yield _load(study_name, rdb)
     finally:
         rdb.engine.dispose()
