@@ -370,6 +370,15 @@ _AllowSharedHost = Annotated[
         rich_help_panel=SCALE_OUT,
     ),
 ]
+_StorageWaitS = Annotated[
+    float,
+    typer.Option(
+        "--storage-wait-s",
+        min=0,
+        help="How long a worker waits for a database server that went away (a restart) before it stops.",
+        rich_help_panel=SCALE_OUT,
+    ),
+]
 _Cpus = Annotated[
     Optional[str],
     typer.Option(help="Pin this worker and its server to cores, e.g. 0-3.", rich_help_panel=SCALE_OUT),
@@ -555,6 +564,7 @@ def study(
     warmup_s: _WarmupS = MeasureSettings.warmup_s,
     screen_s: _ScreenS = MeasureSettings.screen_s,
     allow_shared_host: _AllowSharedHost = StudySettings.allow_shared_host,
+    storage_wait_s: _StorageWaitS = StudySettings.storage_wait_s,
     cpus: _Cpus = None,
     gpus: _Gpus = None,
     target: _Target = "embedded",

@@ -35,28 +35,61 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@contextmanager
-def postgres_server():
-    """Yield the URL of a fresh database on a new PostgreSQL cluster bound to 127.0.0.1."""
-    bindir = _bindir()
-    root = Path(tempfile.mkdtemp(prefix="optimize-pg-"))
-    data, sockets = root / "data", root / "sock"
-    sockets.mkdir()
-    if os.geteuid() == 0:
-        shutil.chown(root, "postgres")
-        shutil.chown(sockets, "postgres")
-    port = _free_port()
-    run = lambda args: subprocess.run(_as_postgres(args), check=True, capture_output=True, text=True)  # noqa: E731
-    try:
-        run([str(bindir / "initdb"), "-D", str(data), "--auth=trust", "-U", "postgres", "--no-sync"])
-        options = f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 -c fsync=off"
-        run([str(bindir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(root / "log"), "-w", "start"])
-        run([str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "optimize_test"])
-        yield f"postgresql://postgres@127.0.0.1:{port}/optimize_test"
-    finally:
+class PostgresCluster:
+    """A PostgreSQL cluster of its own in a temporary directory, on a free loopback port; stop and start it
+    again to play a database server's restart under running workers."""
+
+    def __init__(self) -> None:
+        self.bindir = _bindir()
+        self.root = Path(tempfile.mkdtemp(prefix="optimize-pg-"))
+        self.data, self.sockets = self.root / "data", self.root / "sock"
+        self.sockets.mkdir()
+        if os.geteuid() == 0:
+            shutil.chown(self.root, "postgres")
+            shutil.chown(self.sockets, "postgres")
+        self.port = _free_port()
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/optimize_test"
+
+    def _run(self, tool: str, *args: str) -> None:
         subprocess.run(
-            _as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]),
+            _as_postgres([str(self.bindir / tool), *args]), check=True, capture_output=True, text=True
+        )
+
+    def create(self) -> None:
+        self._run("initdb", "-D", str(self.data), "--auth=trust", "-U", "postgres", "--no-sync")
+        self.start()
+        self._run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "optimize_test")
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.sockets} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.root / "log"), "-w", "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        """``fast`` ends every session (their clients see the connection close), as a restart does."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop")
+
+    def remove(self) -> None:
+        subprocess.run(
+            _as_postgres([str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop"]),
             capture_output=True,
             check=False,
         )
-        shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@contextmanager
+def postgres_cluster():
+    """A fresh cluster with its database, running; removed at the end."""
+    cluster = PostgresCluster()
+    try:
+        cluster.create()
+        yield cluster
+    finally:
+        cluster.remove()
+
+
+@contextmanager
+def postgres_server():
+    """Yield the URL of a fresh database on a new PostgreSQL cluster bound to 127.0.0.1."""
+    with postgres_cluster() as cluster:
+        yield cluster.url

@@ -30,6 +30,7 @@ from optimizer.errors import StorageError, StudyError, disk_full, is_disk_full
 from optimizer.model.libraries import gpu_libraries
 from optimizer.serving.base import ServingTarget
 from optimizer.serving.embedded import EmbeddedTriton
+from optimizer.study.reconnect import PatientRDBStorage
 from optimizer.study.settings import SearchSettings, StudySettings
 from optimizer.study.storage import (
     count_finished,
@@ -144,6 +145,8 @@ def drive(
 ):
     """Run (or resume) ``workload``'s study to its budget; its summary. See the module docstring."""
     with study_storage(workload.storage_url, storage) as opened:
+        if isinstance(opened, PatientRDBStorage):
+            opened.set_wait(settings.storage_wait_s, reporter.note)
         study, created = open_study(opened, workload.study_name, settings.search, pruning=settings.pruning)
         if created:  # first thing, so workers joining a moment later find it and do not enqueue another
             enqueue_baseline(study, workload.baseline_params())
@@ -235,6 +238,7 @@ def run_trials(
                 waiting_noted = True
             time.sleep(WAIT_FOR_OTHERS_S)
             fail_stale(study)
+            recover_dead_local_trials(study)  # and orphans no heartbeat will ever fail
             continue
         objective.progress = (done, budget)
         # A worker on this host died: retry its trial now, not after the grace period.
@@ -286,6 +290,10 @@ def study_storage(url: str, storage: optuna.storages.BaseStorage | None = None) 
         database_error = _database_error_in(exc)
         if database_error is None:
             raise
+        said = _found_in_chain(exc, lambda seen: isinstance(seen, StorageError))
+        if said is not None:  # said already: the database stayed away past --storage-wait-s
+            # Python keeps the context chain free of cycles here; ``from exc`` would make one.
+            raise said  # noqa: B904
         if url.startswith("sqlite:///") and _in_chain(exc, is_disk_full):
             raise disk_full(
                 url[len("sqlite:///") :],
@@ -303,12 +311,17 @@ def study_storage(url: str, storage: optuna.storages.BaseStorage | None = None) 
 
 def _in_chain(exc: BaseException, test: Callable[[BaseException], bool]) -> bool:
     """Whether ``exc`` or an exception behind it passes ``test``."""
+    return _found_in_chain(exc, test) is not None
+
+
+def _found_in_chain(exc: BaseException, test: Callable[[BaseException], bool]) -> BaseException | None:
+    """``exc`` or the first exception behind it that passes ``test``."""
     seen: BaseException | None = exc
     while seen is not None:
         if test(seen):
-            return True
+            return seen
         seen = seen.__cause__ or seen.__context__
-    return False
+    return None
 
 
 def _database_error_in(exc: BaseException) -> BaseException | None:

@@ -66,6 +66,7 @@ ROUTES: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "accuracy_metric": ("accuracy_metrics", tuple),
     "accuracy_goal": ("accuracy_goals", tuple),
     "allow_shared_host": ("allow_shared_host", _as_is),
+    "storage_wait_s": ("storage_wait_s", _as_is),
     "cpus": ("cpus", parse_cpus),
     "gpus": ("gpus", _as_is),
     "shape": ("shapes", parse_shape_args),

@@ -105,6 +105,10 @@ JOINT_LEVELS = (1, 2, 4, 8)
 JOINT_WINDOW_FIELDS = ("window_s", "warmup_s")  # what several models take of MeasureSettings
 
 
+# How long a worker waits for a database server that went away (a restart) before it stops.
+DEFAULT_STORAGE_WAIT_S = 300.0
+
+
 @dataclass(frozen=True)
 class StudySettings:
     """Everything ``optimize study`` was asked to do, for one model or for several tuned together.
@@ -136,6 +140,7 @@ class StudySettings:
     accuracy_metrics: tuple[str, ...] = field(default=(), metadata=ONE_MODEL)
     accuracy_goals: tuple[str, ...] = field(default=(), metadata=ONE_MODEL)
     allow_shared_host: bool = False  # let several workers of one study measure on the same machine
+    storage_wait_s: float = DEFAULT_STORAGE_WAIT_S
     cpus: frozenset[int] = frozenset()  # pin this worker (and its server) to these CPU cores
     gpus: str | None = None  # CUDA_VISIBLE_DEVICES for this worker's server
     # A Sampler: tpe (the default), random, or grid (every point of a listed space, once).

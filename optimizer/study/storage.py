@@ -17,6 +17,8 @@ import warnings
 import zlib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from sqlalchemy.exc import ArgumentError
 
 from optimizer.errors import StorageError, StudyError, UsageError
 from optimizer.paths import check_name, studies_dir
+from optimizer.study.reconnect import PatientRDBStorage
 from optimizer.study.records import WORKER_PREFIX, not_measured, workers_of
 
 __all__ = [
@@ -80,6 +83,8 @@ def open_storage(url: str, *, create_dirs: bool = True):  # -> optuna.storages.R
     elif url.startswith("postgresql"):
         given = _url_query(url)  # what the user's URL sets wins: connect_args would override it
         engine_kwargs["connect_args"] = {k: v for k, v in POSTGRES_CONNECT_ARGS.items() if k not in given}
+        # After a server restart the pooled connections are dead: test each before use.
+        engine_kwargs["pool_pre_ping"] = True
     elif "://" not in url:
         raise StorageError(
             f"storage URL {url!r} is malformed: use e.g. sqlite:///studies/name.db or postgresql://user@host/db"
@@ -150,7 +155,9 @@ def _rdb_storage(url: str, engine_kwargs: dict[str, Any]):
     with warnings.catch_warnings():
         # Heartbeats are "experimental" in Optuna 5.0 yet documented as the way to recover trials.
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return RDBStorage(
+        # A database server may restart under a running study: its calls wait it out (reconnect.py).
+        kind = RDBStorage if url.startswith("sqlite") else partial(PatientRDBStorage, where=_redact(url))
+        return kind(
             url,
             engine_kwargs=engine_kwargs,
             heartbeat_interval=HEARTBEAT_INTERVAL_S,
@@ -278,10 +285,11 @@ def recover_dead_local_trials(study) -> list[int]:
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = str(trial.user_attrs.get("worker", ""))
         if not worker:
-            # It never recorded its worker (the database stopped taking writes, or the worker died at once),
-            # so it has no heartbeat either and would run forever: it is an orphan when no other worker
-            # of the study may still be running it.
-            if _another_worker_may_run(study, host):
+            # It never recorded its worker (the database stopped taking writes, the worker died at once, or
+            # a trial created twice over a dropped connection), so it has no heartbeat either and would run
+            # forever: it is an orphan when no other worker of the study may still be running it, or once
+            # it is older than the grace period (a worker records itself in its trial's first second).
+            if _another_worker_may_run(study, host) and not _older_than_grace(trial):
                 continue
         else:
             worker_host, _, pid = worker.rpartition(":")
@@ -291,6 +299,11 @@ def recover_dead_local_trials(study) -> list[int]:
             _retry_callback()(study, study._storage.get_trial(trial._trial_id))
             recovered.append(trial.number)
     return recovered
+
+
+def _older_than_grace(trial) -> bool:
+    started = trial.datetime_start
+    return started is not None and (datetime.now() - started).total_seconds() > GRACE_PERIOD_S
 
 
 def _another_worker_may_run(study, host: str) -> bool:
