@@ -397,6 +397,15 @@ _Target = Annotated[
         rich_help_panel=TARGET,
     ),
 ]
+_MemoryLimitMb = Annotated[
+    Optional[float],
+    typer.Option(
+        "--memory-limit-mb",
+        min=1,
+        help="embedded, local: run the server in a memory cgroup this size, as a pod's limit (root).",
+        rich_help_panel=TARGET,
+    ),
+]
 _TritonBinary = Annotated[
     Optional[Path],
     typer.Option(
@@ -569,6 +578,7 @@ def study(
     gpus: _Gpus = None,
     target: _Target = "embedded",
     triton_binary: _TritonBinary = None,
+    memory_limit_mb: _MemoryLimitMb = None,
     backend_directory: _BackendDirectory = None,
     docker_image_tag: _DockerImageTag = None,
     url: _Url = None,

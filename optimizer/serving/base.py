@@ -133,6 +133,10 @@ class ServingTarget:
         runs, or when it is not a process of ours."""
         return None
 
+    def memory_kills(self) -> int:
+        """Processes of the server the kernel killed for a memory limit optimize set, since the last call."""
+        return 0
+
     def client_options(self) -> dict[str, Any]:
         """tritonclient gRPC options for inference requests (TLS); none for a server on loopback."""
         return {}

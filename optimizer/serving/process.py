@@ -24,11 +24,13 @@ import urllib.error
 import urllib.request
 import weakref
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 
 from optimizer.errors import ConfigRejected, ServerDiedError, ServerStartError
 from optimizer.serving.base import Capabilities, ServingTarget
 from optimizer.serving.control import ModelControl
+from optimizer.serving.memory_limit import MemoryCgroup
 from optimizer.serving.metrics import read_gpus
 
 __all__ = ["STARTUP_TIMEOUT_S", "STOP_TIMEOUT_S", "TritonProcess"]
@@ -109,6 +111,13 @@ def reap_orphaned_stubs() -> list[int]:
     return reaped
 
 
+def _prepare_child(cgroup: MemoryCgroup | None) -> None:
+    """Runs in the server's child between fork and exec: its cgroup first (what it starts stays there)."""
+    if cgroup is not None:
+        cgroup.join()
+    _die_with_parent()
+
+
 def _die_with_parent() -> None:
     # Runs in the child between fork and exec: ask Linux to SIGKILL it when this process dies, so a
     # killed optimizer never leaves a server behind.
@@ -132,6 +141,8 @@ class TritonProcess(ServingTarget):
         model_repository: the server's ``--model-repository`` (default ``workdir/models``).
         startup_timeout: seconds to wait for readiness.
         extra_args: more ``tritonserver`` arguments, appended last.
+        memory_limit_mb: run the server and its backend stubs in a memory cgroup of this size
+            (``--memory-limit-mb``); the kernel kills what goes over, and :meth:`memory_kills` says so.
     """
 
     name = "process"
@@ -151,6 +162,7 @@ class TritonProcess(ServingTarget):
         model_repository: Path | None = None,
         startup_timeout: float = STARTUP_TIMEOUT_S,
         extra_args: tuple[str, ...] = (),
+        memory_limit_mb: float | None = None,
     ) -> None:
         self.binary = Path(binary)
         self.backend_directory = Path(backend_directory)
@@ -164,6 +176,9 @@ class TritonProcess(ServingTarget):
         self._startup_timeout = startup_timeout
         self._extra_args = extra_args
         self._process: subprocess.Popen[bytes] | None = None
+        # Checked now, so a system that cannot limit the server's memory is said before any work.
+        self._cgroup = MemoryCgroup(memory_limit_mb) if memory_limit_mb is not None else None
+        self.memory_limit_mb = memory_limit_mb
         self._control: ModelControl | None = None
         self.ports: dict[str, int] = {}
 
@@ -182,6 +197,8 @@ class TritonProcess(ServingTarget):
         """Start the server and wait until it is ready; raise ServerStartError with its log if not."""
         reap_orphaned_stubs()
         self.model_repository.mkdir(parents=True, exist_ok=True)
+        if self._cgroup is not None:
+            self._cgroup.create()
         for name, port in self._fixed_ports.items():
             if port is not None and _port_taken(self.host, port):
                 raise ServerStartError(
@@ -231,7 +248,7 @@ class TritonProcess(ServingTarget):
                 stderr=subprocess.STDOUT,
                 env={**os.environ, **self.environment},
                 start_new_session=True,  # Ctrl-C in the terminal reaches us, and we stop it cleanly
-                preexec_fn=_die_with_parent,
+                preexec_fn=partial(_prepare_child, self._cgroup),
             )
         except OSError as exc:
             raise ServerStartError(f"cannot run {self.binary}: {exc.strerror or exc}") from exc
@@ -272,6 +289,8 @@ class TritonProcess(ServingTarget):
             except subprocess.TimeoutExpired:
                 pass
         self._kill()
+        if self._cgroup is not None:
+            self._cgroup.remove()  # its processes are gone: the process group was killed and waited for
         _RUNNING.discard(self)
 
     def _kill(self) -> None:
@@ -289,6 +308,10 @@ class TritonProcess(ServingTarget):
         """Kill whatever is left of the server and start a fresh one (new ports)."""
         self.stop()
         self.start()
+
+    def memory_kills(self) -> int:
+        """Processes of the server the kernel killed for its memory limit since the last call (0: no limit)."""
+        return self._cgroup.new_kills() if self._cgroup is not None else 0
 
     def is_alive(self) -> bool:
         return self._process is not None and self._process.poll() is None

@@ -32,6 +32,7 @@ from optimizer.serving.metrics import memory_figure
 from optimizer.study.models_file import ModelEntry
 from optimizer.study.storage import is_surplus, worker_id
 from optimizer.study.trial_rules import (
+    MemoryExhausted,
     TrialFailed,
     gpu_memory_returned,
     memory_exhausted,
@@ -212,8 +213,15 @@ class JointObjective:
             ) from exc
 
     @staticmethod
-    def _fail(trial, failure: TrialFailed) -> TrialFailed:
-        """``failure`` recorded on the trial (its reason; a server fault is transient: retried on resume)."""
+    def _fail(trial, failure: TrialFailed | MemoryExhausted) -> Exception:
+        """``failure`` recorded on the trial (its reason; a server fault is transient: retried on resume);
+        a server killed at its memory limit makes the joint config infeasible instead."""
+        if isinstance(failure, MemoryExhausted):
+            trial.set_user_attr("feasible", False)
+            trial.set_user_attr("reason", f"infeasible: {failure}")
+            if failure.server_log:
+                trial.set_user_attr("server_log", failure.server_log[-6000:])
+            return optuna.TrialPruned(str(failure))
         record_failure(trial, failure)
         return failure
 

@@ -34,6 +34,7 @@ _OPTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
     "ssl_client_cert": ("--ssl-client-cert", ("remote",)),
     "ssl_client_key": ("--ssl-client-key", ("remote",)),
     "headers": ("--header", ("remote",)),
+    "memory_limit_mb": ("--memory-limit-mb", ("embedded", "local")),
 }
 TARGET_OPTIONS = tuple(_OPTIONS)
 
@@ -92,7 +93,8 @@ def make_target(
         gpu_devices: which GPUs the docker target requests (``"0,1"``; default all of them).
         seed: seeds the replay target's draws of recorded repeats.
         **options: triton_binary, backend_directory (local); docker_image_tag (docker); url,
-            metrics_url, ssl_root_cert, ssl_client_cert, ssl_client_key, headers (remote).
+            metrics_url, ssl_root_cert, ssl_client_cert, ssl_client_key, headers (remote);
+            memory_limit_mb (embedded, local: the server runs in a memory cgroup of that size).
 
     Raises:
         UsageError: an unknown kind, an option given to a target it does not apply to, a missing --url.
@@ -103,10 +105,11 @@ def make_target(
         if is_joint_recording(argument):
             return JointReplayTarget(argument, seed=seed)
         return ReplayTarget(argument, seed=seed)
+    limit = {"memory_limit_mb": given["memory_limit_mb"]} if "memory_limit_mb" in given else {}
     if kind == "embedded":
-        return EmbeddedTriton()
+        return EmbeddedTriton(**limit)
     if kind == "local":
-        return LocalTriton(given.get("triton_binary"), given.get("backend_directory"))
+        return LocalTriton(given.get("triton_binary"), given.get("backend_directory"), **limit)
     if kind == "docker":
         return DockerTriton(
             tag=given.get("docker_image_tag", DEFAULT_TAG), gpus=gpu_space, gpu_devices=gpu_devices

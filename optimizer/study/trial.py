@@ -154,7 +154,7 @@ class TrialRunner:
         try:
             self._load(config)
             return [self._load_generator(mode=mode, engine=engine).measure(load) for engine in engines]
-        except TrialFailed as exc:
+        except (TrialFailed, MemoryExhausted) as exc:
             raise RemeasureFailed(str(exc)) from exc
         except (InferenceError, ServerDiedError) as exc:
             raise RemeasureFailed(str(self._server_fault("while confirming", exc))) from exc
@@ -186,10 +186,7 @@ class TrialRunner:
             self._fail(trial, exc)
             raise
         except MemoryExhausted as exc:
-            trial.set_user_attr("feasible", False)
-            trial.set_user_attr("reason", f"infeasible: {exc}")
-            trial.set_constraint(MEMORY_CONSTRAINT, 1.0)
-            raise optuna.TrialPruned(str(exc)) from exc
+            raise _infeasible_for_memory(trial, exc) from exc
         finally:
             trial.set_user_attr("trial_s", round(time.perf_counter() - started, 3))
         self._record(trial, outcome)
@@ -252,6 +249,8 @@ class TrialRunner:
             second = self._load_generator().measure(load_of(first))
         except (InferenceError, ServerDiedError) as exc:
             fault = self._server_fault("while measuring a second load", exc)
+            if isinstance(fault, MemoryExhausted):
+                raise _infeasible_for_memory(trial, fault) from exc
             self._fail(trial, fault)
             raise fault from exc
         except TrialFailed as exc:
@@ -425,7 +424,7 @@ class TrialRunner:
                 f"already hold {used:.0f} MiB; raise the limit"
             )
 
-    def _server_fault(self, when: str, exc: Exception) -> TrialFailed:
+    def _server_fault(self, when: str, exc: Exception) -> TrialFailed | MemoryExhausted:
         self._loaded = False  # a restarted server holds no model to unload
         return server_fault(self.target, when, exc, self.reporter.note)
 
@@ -604,3 +603,14 @@ def _reuse_measurement(trial, earlier) -> float:
     if earlier.state == TrialState.PRUNED:
         raise optuna.TrialPruned(f"same config as trial {earlier.number}")
     raise TrialFailed(earlier.user_attrs.get("reason", f"same config as failed trial {earlier.number}"))
+
+
+def _infeasible_for_memory(trial, exc: MemoryExhausted) -> optuna.TrialPruned:
+    """The config needs more memory than the server has: infeasible with its reason (and the log of a
+    server the kernel killed), a constraint the sampler learns from."""
+    trial.set_user_attr("feasible", False)
+    trial.set_user_attr("reason", f"infeasible: {exc}")
+    if exc.server_log:
+        trial.set_user_attr("server_log", exc.server_log[-6000:])
+    trial.set_constraint(MEMORY_CONSTRAINT, 1.0)
+    return optuna.TrialPruned(str(exc))

@@ -73,13 +73,30 @@ _OUT_OF_MEMORY = (
 class MemoryExhausted(Exception):
     """A config whose load ran the server out of memory: infeasible (what the machine holds), not failed."""
 
+    def __init__(self, reason: str, *, server_log: str = "") -> None:
+        super().__init__(reason)
+        self.server_log = server_log
+
+
+def _killed_for_memory(target: ServingTarget) -> str | None:
+    """What to say when the kernel killed a process of the server for the memory limit optimize set."""
+    kills = target.memory_kills()
+    if not kills:
+        return None
+    limit = getattr(target, "memory_limit_mb", None)
+    return (
+        f"out of memory: the kernel killed {kills} process(es) of the server (the server or a backend stub, "
+        f"which holds a model instance) at its memory limit" + (f" of {limit:g} MiB" if limit else "")
+    )
+
 
 def memory_exhausted(target: ServingTarget, when: str, exc: ConfigRejected, note) -> MemoryExhausted | None:
     """``exc`` as an exhausted memory, the server restarted so the next trial starts with its memory back
     (a failed load can leave it held); None when the load failed for another reason."""
-    if not any(marker in exc.message.lower() for marker in _OUT_OF_MEMORY):
+    killed = _killed_for_memory(target)
+    if killed is None and not any(marker in exc.message.lower() for marker in _OUT_OF_MEMORY):
         return None
-    reason = f"memory exhausted {when}: {first_line(exc.message)}"
+    reason = f"memory exhausted {when}: {killed or first_line(exc.message)}"
     if target.capabilities.can_restart:
         note(f"{reason}: restarting the server so the next trial starts with its memory back")
         target.restart()
@@ -177,9 +194,11 @@ def config_gpus(gpus: str | None, target: ServingTarget) -> tuple[int, ...]:
     return tuple(int(index) for index in gpus.split(","))
 
 
-def server_fault(target: ServingTarget, when: str, exc: Exception, note) -> TrialFailed:
+def server_fault(target: ServingTarget, when: str, exc: Exception, note) -> TrialFailed | MemoryExhausted:
     """A crash or hang of the server (or requests failing ``when``) as a failed trial, the server
-    restarted so later trials are unaffected; the rule of every study's trials.
+    restarted so later trials are unaffected; the rule of every study's trials. When the kernel killed a
+    process of the server at the memory limit optimize set, the config is infeasible instead (it needs
+    more memory than the server is given), the server restarted all the same.
 
     Raises:
         ServerDiedError: the target cannot be restarted by optimize (a remote server): the study ends.
@@ -196,8 +215,13 @@ def server_fault(target: ServingTarget, when: str, exc: Exception, note) -> Tria
         reason += f"; its log ended: {last}"
     if not target.capabilities.can_restart:
         raise ServerDiedError(f"{reason}; the {target.name} server cannot be restarted by optimize") from exc
+    killed = _killed_for_memory(target)
+    if killed is not None:
+        reason = f"memory exhausted {when}: {killed} ({reason})"
     note(f"{reason}: restarting the server")
     target.restart()
+    if killed is not None:
+        return MemoryExhausted(reason, server_log=log)
     return TrialFailed(reason, transient=True, server_log=log)
 
 
