@@ -28,6 +28,7 @@ from optimizer.model.intake import inspect_model, resolve_shapes, synthetic_inpu
 from optimizer.model.variants import variant_path
 from optimizer.paths import cache_dir
 from optimizer.serving.embedded import EmbeddedTriton
+from optimizer.serving.process import STUB_NAME
 from optimizer.study.precisions import int8_recipe_of
 from optimizer.study.run import QuietReporter, run_study
 from optimizer.study.storage import count_finished
@@ -68,6 +69,43 @@ def test_hung_server_fails_its_trial_by_timeout_and_a_fresh_server_takes_over(mo
         not Path(f"/proc/{reporter.stopped_pid}").exists()
         or "Z" in Path(f"/proc/{reporter.stopped_pid}/stat").read_text().split()[2]
     )
+
+
+class KillTheStubsOnTrial(QuietReporter):
+    """SIGKILLs the server's backend stubs (its model instances) in the middle of trial ``number``'s
+    measurement, as the kernel's out-of-memory killer would."""
+
+    def __init__(self, target: EmbeddedTriton, number: int):
+        self.target, self.number = target, number
+        self.killed: list[int] = []
+
+    def trial_started(self, number, summary, done, budget):
+        if number == self.number:
+            threading.Timer(4.0, self._kill_the_stubs).start()
+
+    def _kill_the_stubs(self):
+        for stub in children(self.target.pid, STUB_NAME[:15]):  # /proc cuts a command name at 15 characters
+            os.kill(stub, signal.SIGKILL)
+            self.killed.append(stub)
+
+
+def test_a_killed_backend_stub_fails_its_trial_and_the_server_is_restarted_whole(models, tmp_path):
+    target = EmbeddedTriton()
+    reporter = KillTheStubsOnTrial(target, 1)
+    measure = MeasureSettings(
+        warmup_s=0.3, window_s=2.0, min_requests=10, request_timeout_s=2.0, rule="fixed"
+    )
+    summary = run_study(
+        study_settings(models["mlp"], tmp_path, budget=3, measure=measure), reporter, target=target
+    )
+    assert reporter.killed, "no backend stub to kill"
+    study = load_study(tmp_path)
+    failed = study.trials[1]
+    assert failed.state == optuna.trial.TrialState.FAIL
+    assert "is not healthy" in failed.user_attrs["reason"], failed.user_attrs["reason"]
+    assert failed.user_attrs["transient_fault"] is True
+    assert summary.finished == 3  # the trial after it ran on the restarted server, every instance whole
+    assert study.trials[2].state == optuna.trial.TrialState.COMPLETE
 
 
 @pytest.fixture(scope="module")
