@@ -617,11 +617,17 @@ def study(
             summary = run_study(settings, reporter, target=server)
     except KeyboardInterrupt:
         raise Interrupted("interrupted: finished trials are kept; rerun the same command to resume") from None
-    print_any_summary(summary)
-    _print_config_to_log(summary.best_repository)
-    _write_study_report(summary.study_name, summary.storage_url, summary.best_repository)
-    if mlflow_uri is not None:
-        _log_to_mlflow(summary.study_name, summary.storage_url, summary.best_repository, mlflow_uri)
+    try:
+        print_any_summary(summary)
+        _print_config_to_log(summary.best_repository)
+        _write_study_report(summary.study_name, summary.storage_url, summary.best_repository)
+        if mlflow_uri is not None:
+            _log_to_mlflow(summary.study_name, summary.storage_url, summary.best_repository, mlflow_uri)
+    except KeyboardInterrupt:
+        raise Interrupted(
+            "interrupted after the study finished (it is kept, its best config exported): rerun the same "
+            "command to write the report"
+        ) from None
     if summary.nothing_feasible:
         raise StudyError(summary.nothing_feasible)
 
@@ -1038,6 +1044,8 @@ def main(argv: list[str] | None = None) -> int:
     _state["debug"] = False
     try:
         code = _command().main(args=args, prog_name="optimize", standalone_mode=False)
+        if code == INTERRUPTED_EXIT_CODE:  # Typer's own answer to a Ctrl-C no command caught: say it too
+            typer.echo("Error: interrupted", err=True)
         return code if isinstance(code, int) else 0
     except _ClickException as exc:  # the parser's own usage errors: bad choice, unknown option, ...
         message = exc.format_message()
