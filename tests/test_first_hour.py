@@ -127,7 +127,10 @@ def test_a_study_written_to_a_log_reads_whole_and_a_resume_with_a_smaller_budget
         err,
     )
     trial_lines = [line for line in err.splitlines() if line.startswith("#")]
-    assert [line.split()[0] for line in trial_lines] == ["#0", "#1", "#2"]  # the baseline's line, every trial
+    # The baseline's line and every trial's, in order (a proposal that repeats a measured config has its own
+    # line and does not count toward the budget, so a study of 3 may show more).
+    numbers = [line.split()[0] for line in trial_lines]
+    assert numbers == [f"#{n}" for n in range(len(numbers))] and len(numbers) >= 3, trial_lines
     assert not any("failed: interrupted" in line for line in trial_lines)
     assert "…" not in out + err and not err.startswith("\n")  # a log gets whole lines and tables
     best = next(line for line in out.splitlines() if line.lstrip("│ ").startswith("best"))

@@ -13,6 +13,7 @@ from optimizer.errors import ConfigRejected, StudyError
 from optimizer.measurement.levels import MeasureSettings
 from optimizer.serving.embedded import EmbeddedTriton
 from optimizer.serving.metrics import MIB, resource_usage
+from optimizer.study import trial_rules
 from optimizer.study.run import QuietReporter, run_study
 from studies import load_study, study_settings
 
@@ -180,7 +181,11 @@ class Notes(QuietReporter):
         self.notes.append(message)
 
 
-def test_a_server_whose_gpu_memory_does_not_come_back_is_restarted_before_the_next_trial(models, tmp_path):
+def test_a_server_whose_gpu_memory_does_not_come_back_is_restarted_before_the_next_trial(
+    models, tmp_path, monkeypatch
+):
+    # This fake never gives the memory back: waiting the real 10 s for it before each trial tests nothing more.
+    monkeypatch.setattr(trial_rules, "GPU_MEMORY_RETURN_S", 1.0)
     settings = study_settings(models["mlp"], tmp_path, budget=4, measure=FIXED, concurrency=(1, 2), seed=3)
     reporter = Notes()
     with KeepsMemoryAfterUnload() as server:

@@ -1,9 +1,10 @@
 """Ctrl-C or SIGTERM at every step of `optimize study`: each leaves the study resumable and no output half written.
 
-The real command runs in this process; at the step under test a real signal is sent to the process (at
-once inside a short write, or a second into a longer step), as a user's Ctrl-C or a scheduler's SIGTERM
-would arrive. Then: exit 130, no trial left RUNNING, no half-written variant, repository or report file
-in place; and the same command, run again, finishes the study to its budget with whole outputs.
+The real command runs in this process, once per step; at that step a real signal is sent to the process
+(at once inside a short write, or a moment into a longer step), as a user's Ctrl-C or a scheduler's
+SIGTERM would arrive. After each: exit 130 with its line, no trial left RUNNING, no half-written variant,
+repository or report file in place; the next run resumes the study where the interrupted one left it,
+and the last, uninterrupted, finishes it to its budget with whole outputs.
 """
 
 from __future__ import annotations
@@ -172,41 +173,38 @@ def _check_no_half_outputs(studies: Path, cache: Path) -> None:
     )
 
 
-@pytest.mark.parametrize("step", list(STEPS))
 def test_an_interrupt_at_each_step_leaves_the_study_resumable_and_no_output_half_written(
-    step, tmp_path, monkeypatch, capfd
+    tmp_path, monkeypatch, capfd
 ):
+    """One study interrupted at each step in turn, Ctrl-C and SIGTERM alternating: every run after the first
+    resumes what the one before left, and the last finishes it."""
     # A model of its own: its int8 variant is not in the cache yet, so the study builds it.
-    model = examples.build_mlp(tmp_path / "mlp.onnx", seed=list(STEPS).index(step) + 7)
+    model = examples.build_mlp(tmp_path / "mlp.onnx", seed=11)
     studies, cache = tmp_path / "studies", Path(os.environ["OPTIMIZE_CACHE_DIR"]) / "variants"
     monkeypatch.setenv("OPTIMIZE_STUDIES_DIR", str(studies))
     url = f"sqlite:///{tmp_path / 'i.db'}"
+    # No --latency-budget-ms: the default budget's probes are a step; --confirm 2: so is the confirmation.
     command = ["study", "--model", str(model), "--study-name", "i", "--storage", url, "--budget", str(BUDGET)]
-    command += [*FAST_CLI, "--seed", "3"]
-    if step != "budget-probes":
-        command += ["--latency-budget-ms", "200"]
-    if step == "confirmation":
-        command += ["--confirm", "2"]
-
-    arrange, kind = STEPS[step]
-    with monkeypatch.context() as patched:
-        arrange(patched, kind)
-        try:
-            code = main(command)
-        finally:
-            _disarm()
-    err = capfd.readouterr().err
-    assert code == 130, err
-    assert "interrupted" in err and "Traceback" not in err, err[-2000:]
+    command += [*FAST_CLI, "--seed", "3", "--confirm", "2"]
     storage = open_storage(url)
     try:
-        try:
-            study = optuna.load_study(study_name="i", storage=storage)
-        except KeyError:
-            study = None  # interrupted before the study was created: nothing to resume, nothing lost
-        if study is not None:
-            assert not study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
-        _check_no_half_outputs(studies, cache)
+        for step, (arrange, kind) in STEPS.items():
+            with monkeypatch.context() as patched:
+                arrange(patched, kind)
+                try:
+                    code = main(command)
+                finally:
+                    _disarm()
+            err = capfd.readouterr().err
+            assert code == 130, (step, err[-3000:])
+            assert "interrupted" in err and "Traceback" not in err, (step, err[-3000:])
+            try:
+                study = optuna.load_study(study_name="i", storage=storage)
+            except KeyError:
+                study = None  # interrupted before the study was created: nothing to resume, nothing lost
+            if study is not None:
+                assert not study.get_trials(states=(optuna.trial.TrialState.RUNNING,)), step
+            _check_no_half_outputs(studies, cache)
 
         assert main(command) == 0, capfd.readouterr().err
         study = optuna.load_study(study_name="i", storage=storage)

@@ -38,8 +38,13 @@ __all__ = ["DEFAULT_STORAGE_WAIT_S", "PatientRDBStorage", "is_unreachable"]
 FIRST_RETRY_S = 0.5
 LONGEST_RETRY_S = 5.0
 
-# The storage's calls that reach the database (Optuna's BaseStorage and BaseHeartbeat methods).
+# The storage's calls that reach the database: Optuna's BaseStorage and BaseHeartbeat methods, and the
+# private ones its _CachedStorage calls on the storage it wraps (an RDBStorage given to a study is wrapped).
 _DATABASE_CALLS = (
+    "_create_new_trial",
+    "_get_trials",
+    "_get_best_trial_id",
+    "_set_trial_param",
     "create_new_study",
     "delete_study",
     "set_study_user_attr",
