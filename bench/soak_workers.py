@@ -30,6 +30,9 @@ from optimizer.study.storage import count_finished, open_storage
 STUB = "triton_python_b"  # /proc's command name of triton_python_backend_stub, cut at 15 characters
 SAMPLE_EVERY_S = 5.0
 WARMUP_SHARE = 0.2
+# The last trials are the wind-down: workers leave one by one and write the export and the report
+# (matplotlib alone adds tens of MiB to a worker), which says nothing of a leak across trials.
+WIND_DOWN_SHARE = 0.05
 
 
 def _status(pid: int) -> dict[str, int]:
@@ -84,23 +87,22 @@ def _fit(points: list[tuple[float, float]]) -> float:
 
 
 def _report(rows: list[dict], budget: int) -> None:
-    warm = WARMUP_SHARE * budget
-    print(
-        f"\n{'process (summed per sample)':30}{'figure':>10}{'after warm-up':>15}{'end':>10}{'slope /100 trials':>20}"
-    )
+    warm, wind_down = WARMUP_SHARE * budget, (1 - WIND_DOWN_SHARE) * budget
+    print(f"\nfrom trial {warm:.0f} (after warm-up) to {wind_down:.0f} (before the wind-down) of {budget}:")
+    print(f"{'process':38}{'figure':>10}{'first':>10}{'last':>10}{'slope /100 trials':>20}")
     for kind in ("worker", "tritonserver", "stub"):
         for figure, unit, scale in (("VmRSS", "MiB", 1 / 1024), ("fds", "", 1), ("Threads", "", 1)):
             # Per sample: the mean over the processes of this kind (stubs come and go with instance counts).
             by_sample: dict[tuple[int, float], list[float]] = {}
             for row in rows:
-                if row["kind"] == kind and figure in row and row["finished"] >= warm:
+                if row["kind"] == kind and figure in row and warm <= row["finished"] <= wind_down:
                     by_sample.setdefault((row["sample"], row["finished"]), []).append(row[figure] * scale)
             if not by_sample:
                 continue
             points = sorted((finished, statistics.mean(v)) for (_, finished), v in by_sample.items())
             label = f"{figure} {unit}".strip()
             print(
-                f"{kind + ' (mean of its processes)':30}{label:>10}{points[0][1]:>15.1f}{points[-1][1]:>10.1f}"
+                f"{kind + ' (mean of its processes)':38}{label:>10}{points[0][1]:>15.1f}{points[-1][1]:>10.1f}"
                 f"{_fit(points):>+20.2f}"
             )
 
