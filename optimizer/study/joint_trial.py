@@ -35,6 +35,7 @@ from optimizer.study.trial_rules import (
     MemoryExhausted,
     TrialFailed,
     gpu_memory_returned,
+    infeasible_for_memory,
     memory_exhausted,
     record_failure,
     refuse_unserved,
@@ -200,9 +201,7 @@ class JointObjective:
             exhausted = memory_exhausted(self.server, f"loading {name}", exc, self.note)
             self._loaded = self._loaded and exhausted is None  # a restarted server holds no model
             if exhausted is not None:
-                trial.set_user_attr("feasible", False)
-                trial.set_user_attr("reason", f"infeasible: {exhausted}")
-                raise optuna.TrialPruned(str(exhausted)) from exc
+                raise infeasible_for_memory(trial, exhausted) from exc
             raise self._fail(
                 trial, TrialFailed(f"Triton rejected the config of {name}: {exc.message}")
             ) from exc
@@ -217,11 +216,7 @@ class JointObjective:
         """``failure`` recorded on the trial (its reason; a server fault is transient: retried on resume);
         a server killed at its memory limit makes the joint config infeasible instead."""
         if isinstance(failure, MemoryExhausted):
-            trial.set_user_attr("feasible", False)
-            trial.set_user_attr("reason", f"infeasible: {failure}")
-            if failure.server_log:
-                trial.set_user_attr("server_log", failure.server_log[-6000:])
-            return optuna.TrialPruned(str(failure))
+            return infeasible_for_memory(trial, failure)
         record_failure(trial, failure)
         return failure
 

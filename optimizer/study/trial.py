@@ -61,6 +61,7 @@ from optimizer.study.trial_rules import (
     config_gpus,
     first_line,
     gpu_memory_returned,
+    infeasible_for_memory,
     memory_exhausted,
     record_failure,
     refuse_unserved,
@@ -606,11 +607,6 @@ def _reuse_measurement(trial, earlier) -> float:
 
 
 def _infeasible_for_memory(trial, exc: MemoryExhausted) -> optuna.TrialPruned:
-    """The config needs more memory than the server has: infeasible with its reason (and the log of a
-    server the kernel killed), a constraint the sampler learns from."""
-    trial.set_user_attr("feasible", False)
-    trial.set_user_attr("reason", f"infeasible: {exc}")
-    if exc.server_log:
-        trial.set_user_attr("server_log", exc.server_log[-6000:])
+    """``infeasible_for_memory``, and a constraint the sampler learns from."""
     trial.set_constraint(MEMORY_CONSTRAINT, 1.0)
-    return optuna.TrialPruned(str(exc))
+    return infeasible_for_memory(trial, exc)

@@ -28,6 +28,7 @@ __all__ = [
     "config_gpus",
     "first_line",
     "gpu_memory_returned",
+    "infeasible_for_memory",
     "memory_exhausted",
     "refuse_unserved",
     "render_trial_config",
@@ -76,6 +77,16 @@ class MemoryExhausted(Exception):
     def __init__(self, reason: str, *, server_log: str = "") -> None:
         super().__init__(reason)
         self.server_log = server_log
+
+
+def infeasible_for_memory(trial, exc: MemoryExhausted) -> optuna.TrialPruned:
+    """The config needs more memory than the server has: infeasible with its reason (and the log of a
+    server the kernel killed); every study's rule."""
+    trial.set_user_attr("feasible", False)
+    trial.set_user_attr("reason", f"infeasible: {exc}")
+    if exc.server_log:
+        trial.set_user_attr("server_log", exc.server_log[-6000:])
+    return optuna.TrialPruned(str(exc))
 
 
 def _killed_for_memory(target: ServingTarget) -> str | None:
