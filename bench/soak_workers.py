@@ -102,7 +102,7 @@ def _report(rows: list[dict], budget: int) -> None:
             points = sorted((finished, statistics.mean(v)) for (_, finished), v in by_sample.items())
             label = f"{figure} {unit}".strip()
             print(
-                f"{kind + ' (mean of its processes)':38}{label:>10}{points[0][1]:>15.1f}{points[-1][1]:>10.1f}"
+                f"{kind + ' (mean of its processes)':38}{label:>10}{points[0][1]:>10.1f}{points[-1][1]:>10.1f}"
                 f"{_fit(points):>+20.2f}"
             )
 

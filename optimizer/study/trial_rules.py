@@ -53,13 +53,17 @@ class TrialFailed(Exception):
 SERVER_LOG_LINES = 40  # of the server's log kept with a trial it failed
 
 
+# The end of the server's log kept with a failed trial: its last lines and a crash's stack.
+SERVER_LOG_KEPT_CHARS = 6000
+
+
 def record_failure(trial, failure: TrialFailed) -> None:
     """``failure`` on the trial: its reason, whether it was of the moment, and the server's log tail."""
     trial.set_user_attr("reason", str(failure))
     if failure.transient:
         trial.set_user_attr("transient_fault", True)
     if failure.server_log:
-        trial.set_user_attr("server_log", failure.server_log[-6000:])
+        trial.set_user_attr("server_log", failure.server_log[-SERVER_LOG_KEPT_CHARS:])
 
 
 # How a load that ran out of memory reads: CUDA, ONNX Runtime's arena, TensorRT.
@@ -85,7 +89,7 @@ def infeasible_for_memory(trial, exc: MemoryExhausted) -> optuna.TrialPruned:
     trial.set_user_attr("feasible", False)
     trial.set_user_attr("reason", f"infeasible: {exc}")
     if exc.server_log:
-        trial.set_user_attr("server_log", exc.server_log[-6000:])
+        trial.set_user_attr("server_log", exc.server_log[-SERVER_LOG_KEPT_CHARS:])
     return optuna.TrialPruned(str(exc))
 
 
