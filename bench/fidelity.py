@@ -17,7 +17,11 @@ One embedded Triton, the bundled example encoder (sequence 128), the same 16 req
 3. sweep: the same config swept over --levels the way a trial sweeps them (stopping at a plateau),
    --sweep-repeats times with each rule, interleaved: the seconds a trial spends measuring, and the
    coefficient of variation of the trial's score (its best throughput).
-4. ceiling: a trivial model (Identity, 4 floats) at rising concurrency, one client process: the
+4. api: the stream API against tritonclient's unary calls on real models (the encoder's three configs and
+   the small CNN's two) at the --levels, with perf_analyzer as the reference, alternated, --rounds rounds:
+   what the study's figures would lose if its generator used unary calls (they avoid a server crash seen
+   with streams; bench/reload_crash.py).
+5. ceiling: a trivial model (Identity, 4 floats) at rising concurrency, one client process: the
    requests/s the built-in generator sustains over gRPC streams (its default) and over unary calls
    (tritonclient's, as before), with the client's CPU per request, beside perf_analyzer's (a C++
    client) on the same server; two alternated rounds, medians.
@@ -80,7 +84,7 @@ def main() -> None:
     parser.add_argument("--warmup-s", type=float, default=1.0)
     parser.add_argument("--pa-interval-ms", type=int, default=2000)
     parser.add_argument("--sweep-repeats", type=int, default=3)
-    parser.add_argument("--parts", default="fidelity,open,cnn,repeat,sweep,ceiling")
+    parser.add_argument("--parts", default="fidelity,open,cnn,repeat,sweep,api,ceiling")
     args = parser.parse_args()
     levels = [int(level) for level in args.levels.split(",")]
     parts = args.parts.split(",")
@@ -114,6 +118,8 @@ def main() -> None:
             _repeatability(bench, levels[len(levels) // 2], args.repeats, ci, fixed)
         if "sweep" in parts:
             _sweeps(bench, levels, args.sweep_repeats, ci, fixed)
+        if "api" in parts:
+            _api(bench, levels, args.rounds, ci)
         if "ceiling" in parts:
             _ceiling(bench, ci)
     print(f"\ntotal {time.perf_counter() - started:.0f} s on {os.cpu_count()} cores")
@@ -332,6 +338,52 @@ def _sweep_once(bench: _Bench, levels: list[int], settings: MeasureSettings) -> 
 
     LoadGenerator(bench.server.grpc_url, "enc", bench.samples, settings).run_levels(levels, on_level)
     return max(level.throughput for level in measured), sum(level.measure_s for level in measured)
+
+
+def _api(bench: _Bench, levels: list[int], rounds: int, ci: MeasureSettings) -> None:
+    print(
+        f"\n## stream vs unary calls on real models, perf_analyzer as reference, {rounds} rounds  [{_load()}]"
+    )
+    print(
+        "| model | config | concurrency | stream inf/s | unary inf/s | pa inf/s | unary / stream (rounds) "
+        "| unary / stream median | stream / pa | unary / pa | stream p99 ms | unary p99 ms |"
+    )
+    print("|" + " --- |" * 12)
+    models = [
+        ("encoder", examples.example_model(cache_dir() / "examples"), dict(examples.EXAMPLE_SHAPES), CONFIGS),
+        ("cnn", examples.build_cnn(bench.tmp / "cnn.onnx"), {}, CNN_CONFIGS),
+    ]
+    for model_name, path, shapes, configs in models:
+        bench.use(path, shapes, model_name)
+        for name, candidate in configs.items():
+            bench.load(name, candidate)
+            for level in levels:
+                runs: dict[str, list] = {"stream": [], "unary": [], "pa": []}
+                for round_ in range(rounds):  # who goes first rotates every round
+                    order = ["stream", "unary", "pa"]
+                    order = order[round_ % 3 :] + order[: round_ % 3]
+                    for engine in order:
+                        if engine == "pa":
+                            theirs, _, _ = bench.theirs(level)
+                            if theirs is not None:
+                                runs["pa"].append(theirs.throughput)
+                        else:
+                            result = bench.ours(ci, level, streaming=engine == "stream")
+                            runs[engine].append((result.throughput, result.p99_ms))
+                ratios = [u[0] / s[0] for s, u in zip(runs["stream"], runs["unary"])]
+                stream, unary = (statistics.median(r[0] for r in runs[k]) for k in ("stream", "unary"))
+                stream_p99, unary_p99 = (
+                    statistics.median(r[1] for r in runs[k]) for k in ("stream", "unary")
+                )
+                pa = statistics.median(runs["pa"]) if runs["pa"] else math.nan
+                print(
+                    f"| {model_name} | {name} | {level} | {stream:.1f} | {unary:.1f} | {pa:.1f} | {_fmt(ratios, 3)} "
+                    f"| {statistics.median(ratios):.3f} | {stream / pa:.2f} | {unary / pa:.2f} "
+                    f"| {stream_p99:.1f} | {unary_p99:.1f} |",
+                    flush=True,
+                )
+    bench.use(examples.example_model(cache_dir() / "examples"), dict(examples.EXAMPLE_SHAPES), "enc")
+    print(f"[{_load()}]")
 
 
 def _ceiling(bench: _Bench, ci: MeasureSettings) -> None:

@@ -146,6 +146,10 @@ def test_server_crash_mid_trial_fails_only_that_trial_and_the_study_goes_on(mode
     assert "crashed" in crashed.user_attrs["reason"]
     assert summary.finished == 3
     assert all(t.state != optuna.trial.TrialState.FAIL for t in study.trials[2:])
+    # The crash came under Triton's stream API: the trials after it were measured with unary calls.
+    assert not any("unary_calls" in t.user_attrs for t in study.trials[:2])
+    assert all(t.user_attrs.get("unary_calls") for t in study.trials[2:] if "load_s" in t.user_attrs)
+    assert any("load_s" in t.user_attrs for t in study.trials[2:])
 
 
 def test_sigkill_mid_study_then_rerun_finishes_at_exactly_the_budget(models, tmp_path):

@@ -51,12 +51,14 @@ def make_load_generator(
     client_options: Mapping[str, Any] | None = None,
     headers: Mapping[str, str] | None = None,
     resources: Callable[[], Mapping[str, float]] | None = None,
+    streaming: bool = True,
 ) -> LevelSource:
     """The load generator a study asked for, aimed at ``target``'s endpoint for ``protocol``.
 
     ``engine`` is ``"builtin"`` (:class:`~optimizer.measurement.builtin.LoadGenerator`) or
     ``"perf_analyzer"`` (:class:`~optimizer.measurement.perf_analyzer.PerfAnalyzerLoadGenerator`); a
     replay target answers with its recording (:class:`~optimizer.measurement.replay.ReplayLoadGenerator`).
+    ``streaming`` False: the built-in generator sends unary calls instead of Triton's stream API.
 
     Raises:
         UsageError: the combination needs what this target or engine lacks (HTTP address, TLS).
@@ -95,6 +97,7 @@ def make_load_generator(
         client_options=client_options,
         headers=headers,
         resources=resources,
+        streaming=streaming,
     )
 
 

@@ -41,13 +41,17 @@ class TrialFailed(Exception):
     """A trial-level fault: recorded on the trial with its reason; the study goes on.
 
     ``transient`` marks faults of the moment (a crash, a hang) rather than of the config: another
-    proposal of the same config is measured again instead of inheriting the failure.
+    proposal of the same config is measured again instead of inheriting the failure. ``crashed``: the
+    server died (rather than hung or refused requests).
     """
 
-    def __init__(self, reason: str, *, transient: bool = False, server_log: str = "") -> None:
+    def __init__(
+        self, reason: str, *, transient: bool = False, server_log: str = "", crashed: bool = False
+    ) -> None:
         super().__init__(reason)
         self.transient = transient
         self.server_log = server_log  # the server's log tail when the server crashed or hung
+        self.crashed = crashed
 
 
 SERVER_LOG_LINES = 40  # of the server's log kept with a trial it failed
@@ -237,7 +241,7 @@ def server_fault(target: ServingTarget, when: str, exc: Exception, note) -> Tria
     target.restart()
     if killed is not None:
         return MemoryExhausted(reason, server_log=log)
-    return TrialFailed(reason, transient=True, server_log=log)
+    return TrialFailed(reason, transient=True, server_log=log, crashed=not alive)
 
 
 def _last_words(log: str) -> str:
