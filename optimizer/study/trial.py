@@ -442,8 +442,8 @@ class TrialRunner:
     def _stop_streaming(self) -> None:
         """Measure with unary calls from now on: the bundled server (nvidia-pytriton 0.7.0) crashes now
         and then under the stream API with the dynamic batcher, never seen with unary calls (23 crashes
-        in 100 reloads against 0 in 20, bench/reload_crash.py). Streams' lighter client is worth more
-        than a rare crash, which costs one trial that a later proposal re-measures; a second is not."""
+        in 100 reloads against 0 in 20, bench/reload_crash.py). Streams' lighter client is worth one
+        crash, which costs a trial that a later proposal re-measures; after it, the run risks no other."""
         self.streaming = False
         self.reporter.note(
             "the server crashed under Triton's gRPC stream API: the rest of this run measures with unary "
