@@ -27,6 +27,7 @@ from optimizer.serving.process import STARTUP_TIMEOUT_S, TritonProcess
 __all__ = ["STARTUP_TIMEOUT_S", "EmbeddedTriton", "bundle_environment", "prepare_bundle"]
 
 BACKEND_SOURCE = Path(__file__).parent / "backends" / "onnxruntime" / "model.py"
+AUTO_COMPLETE_OFF = "--disable-auto-complete-config"
 
 
 def _pytriton_dir() -> Path:
@@ -105,6 +106,10 @@ class EmbeddedTriton(TritonProcess):
 
     def __init__(self, **options: Any) -> None:
         bundle = prepare_bundle()
+        # Our onnxruntime backend has no auto_complete_config, yet with auto-complete on, Triton starts a
+        # backend stub at every load only to ask it (the stub imports onnxruntime): 1.2 s of each 1.35-s
+        # load (bench/load_time.py). Every config optimize loads, or exports, is complete without it.
+        options["extra_args"] = (AUTO_COMPLETE_OFF, *options.get("extra_args", ()))
         super().__init__(
             bundle / "bin" / "tritonserver",
             bundle / "backends",
