@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import signal
 import sys
 import threading
 import traceback
@@ -20,6 +19,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from optimizer import interrupts
 from optimizer.errors import OptimizeError, StudyError, UsageError, disk_full, full_path, is_disk_full
 from optimizer.measurement.levels import DEFAULT_MAX_WINDOW_S, Engine, MeasureSettings, Protocol, StopRule
 from optimizer.model.convert import Exporter
@@ -1007,18 +1007,6 @@ def doctor() -> None:
             typer.echo(line)
 
 
-def _install_sigterm_handler() -> None:
-    # SIGTERM (e.g. from a job scheduler) unwinds like Ctrl-C, so servers stop and trials are closed.
-    def handler(signum, frame):  # noqa: ARG001
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, handler)
-    # A shell without job control starts background commands (`optimize study ... &` in a script, a CI
-    # step) with SIGINT ignored, and Python keeps it so: `kill -INT` would then leave the study running.
-    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-
 def _install_thread_excepthook() -> None:
     # A background thread's failure (e.g. Optuna's heartbeat when the database goes away) is reported
     # by the main thread in its own words; without --debug, keep the thread's traceback off the screen.
@@ -1035,7 +1023,8 @@ def _install_thread_excepthook() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI, turning errors into one line and an exit code (see the README's table)."""
-    _install_sigterm_handler()
+    # SIGTERM (e.g. from a job scheduler) unwinds like Ctrl-C, so servers stop and trials are closed.
+    interrupts.install()
     _install_thread_excepthook()
     args = list(sys.argv[1:] if argv is None else argv)
     if "--debug" in args:  # accepted anywhere on the line: move it where the root callback reads it
@@ -1044,6 +1033,7 @@ def main(argv: list[str] | None = None) -> int:
     _state["debug"] = False
     try:
         code = _command().main(args=args, prog_name="optimize", standalone_mode=False)
+        interrupts.raise_if_requested()  # one swallowed where it landed: the command still ends as asked
         if code == INTERRUPTED_EXIT_CODE:  # Typer's own answer to a Ctrl-C no command caught: say it too
             typer.echo("Error: interrupted", err=True)
         return code if isinstance(code, int) else 0

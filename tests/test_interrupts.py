@@ -213,3 +213,38 @@ def test_an_interrupt_at_each_step_leaves_the_study_resumable_and_no_output_half
         assert list(studies.rglob("config.pbtxt")) and list(studies.rglob("report.html"))
     finally:
         storage.engine.dispose()
+
+
+class _Garbage:
+    """An object whose weakref callback sends the signal: Python then runs the handler inside the
+    callback, where the KeyboardInterrupt it raises is printed as "Exception ignored" and dropped."""
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_signal_whose_interrupt_was_swallowed_still_stops_the_study(models, tmp_path, monkeypatch, capfd):
+    import weakref
+
+    original = TrialRunner.measure
+    swallowed = []
+
+    def measure(self, trial, config):
+        if not swallowed:  # the first trial: the signal arrives while the garbage collector runs a callback
+            garbage = _Garbage()
+            swallowed.append(weakref.ref(garbage, lambda _: _signal_now(signal.SIGTERM)))
+            del garbage
+        return original(self, trial, config)
+
+    monkeypatch.setattr(TrialRunner, "measure", measure)
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    command = ["study", "--model", str(models["mlp"]), "--study-name", "w", "--storage", url]
+    code = main([*command, "--budget", "4", "--latency-budget-ms", "200", *FAST_CLI])
+    err = capfd.readouterr().err
+    assert swallowed and code == 130, err[-2000:]
+    assert "interrupted" in err and "Traceback" not in err, err[-2000:]
+    storage = open_storage(url)
+    try:
+        study = optuna.load_study(study_name="w", storage=storage)
+        assert not study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+        assert count_finished(study) < 4  # it stopped, it did not run on to its budget
+    finally:
+        storage.engine.dispose()

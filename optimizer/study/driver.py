@@ -26,6 +26,7 @@ from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.exc import SQLAlchemyError
 
+from optimizer import interrupts
 from optimizer.errors import StorageError, StudyError, disk_full, is_disk_full
 from optimizer.model.libraries import gpu_libraries
 from optimizer.serving.base import ServingTarget
@@ -226,6 +227,7 @@ def run_trials(
     budget = settings.budget
     waiting_noted, repeats = False, 0
     while (done := count_finished(study)) < budget:
+        interrupts.raise_if_requested()
         if repeats >= settings.search.max_repeated_configs:
             reporter.note(
                 f"the last {repeats} proposals repeated measured configs: the space looks exhausted"

@@ -20,6 +20,7 @@ from dataclasses import replace
 import optuna
 from optuna.trial import TrialState
 
+from optimizer import interrupts
 from optimizer.config.render import (
     config_digest,
     config_from_json,
@@ -345,6 +346,7 @@ class TrialRunner:
         budget = self.latency_budget_ms
 
         def on_level(index: int, level: LevelResult) -> bool:
+            interrupts.raise_if_requested()
             levels.append(replace(level, phase=phase))
             best = best_feasible(levels, budget)
             if best is not None:
@@ -435,9 +437,21 @@ class TrialRunner:
         self._loaded = False  # a restarted server holds no model to unload
         fault = server_fault(self.target, when, exc, self.reporter.note)
         under_load = when != LOADING_THE_CONFIG
-        if isinstance(fault, TrialFailed) and fault.crashed and under_load and self.streaming:
+        if isinstance(fault, TrialFailed) and fault.crashed and under_load and self._streams_in_use():
             self._stop_streaming()
         return fault
+
+    def _streams_in_use(self) -> bool:
+        """Whether this run's measurements go over Triton's stream API: the built-in generator's
+        closed-loop gRPC levels without TLS (open loop, HTTP, TLS and perf_analyzer never stream)."""
+        settings = self.settings
+        return (
+            self.streaming
+            and settings.load_generator == "builtin"
+            and settings.protocol == "grpc"
+            and not settings.request_rates
+            and not self.target.client_options()
+        )
 
     def _stop_streaming(self) -> None:
         """Measure with unary calls from now on: the bundled server (nvidia-pytriton 0.7.0) crashes now
