@@ -9,9 +9,9 @@ import optimizer
 
 PACKAGE = Path(optimizer.__file__).parent
 # The pipeline's stages in the order data flows; a stage imports only from stages before it and from the
-# top-level helpers (errors, paths). cli and doctor sit above everything.
+# top-level helpers (errors, paths, interrupts). cli and doctor sit above everything.
 STAGES = ("model", "config", "serving", "measurement", "study", "output", "report")
-HELPERS = ("optimizer.errors", "optimizer.paths")
+HELPERS = ("optimizer.errors", "optimizer.paths", "optimizer.interrupts")
 
 
 def _module_name(path: Path) -> str:
