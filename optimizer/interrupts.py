@@ -10,6 +10,7 @@ loops (between trials, between a sweep's levels, before the outputs) call :func:
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 
 __all__ = ["install", "raise_if_requested", "reset"]
@@ -31,6 +32,16 @@ def install() -> None:
     reset()
     signal.signal(signal.SIGTERM, _handler)
     signal.signal(signal.SIGINT, _handler)
+    if getattr(sys.unraisablehook, "__name__", "") != _quiet_about_latched.__name__:
+        _quiet_about_latched.previous = sys.unraisablehook  # type: ignore[attr-defined]
+        sys.unraisablehook = _quiet_about_latched
+
+
+def _quiet_about_latched(unraisable) -> None:
+    """Python reports a dropped KeyboardInterrupt with a traceback on stderr: the latch answers it."""
+    if isinstance(unraisable.exc_value, KeyboardInterrupt) and _requested.is_set():
+        return
+    _quiet_about_latched.previous(unraisable)  # type: ignore[attr-defined]
 
 
 def reset() -> None:
